@@ -1,0 +1,95 @@
+"""Input checks shared by every entry point.
+
+Each check names the argument and says what it got, so a bad call fails loudly
+instead of broadcasting into a silent wrong answer.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+ScalarLike = Union[torch.Tensor, float, int]
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """Both towers' embeddings: 2-D, same (N, D), N >= 1, same floating dtype and device."""
+    for name, t in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (N, D), got {t.dim()}-D tensor with shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got dtype {t.dtype}"
+            )
+    n_img, d_img = image_features.shape
+    n_txt, d_txt = text_features.shape
+    if n_img != n_txt:
+        raise ValueError(
+            "image_features and text_features must have the same batch size N (row i of one is paired with "
+            f"row i of the other), got image_features {tuple(image_features.shape)} and text_features "
+            f"{tuple(text_features.shape)}"
+        )
+    if d_img != d_txt:
+        raise ValueError(
+            "image_features and text_features must have the same embedding dimension D, got image_features "
+            f"{tuple(image_features.shape)} and text_features {tuple(text_features.shape)}"
+        )
+    if n_img == 0:
+        raise ValueError(
+            f"empty batch: image_features and text_features have N = 0 rows ({tuple(image_features.shape)})"
+        )
+    if d_img == 0:
+        raise ValueError(f"image_features and text_features have D = 0 columns ({tuple(image_features.shape)})")
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features is on {image_features.device} but text_features is on {text_features.device}; "
+            "move both to the same device"
+        )
+    if image_features.dtype != text_features.dtype:
+        raise TypeError(
+            f"image_features has dtype {image_features.dtype} but text_features has dtype {text_features.dtype}; "
+            f"cast one of them, e.g. text_features.to({image_features.dtype}), or run under torch.autocast"
+        )
+
+
+def as_scalar_tensor(name: str, value: Optional[ScalarLike], ref: torch.Tensor) -> Optional[torch.Tensor]:
+    """``logit_scale`` / ``logit_bias``: a Python number, or a 0-d / 1-element floating tensor on ref's device.
+
+    Returns a tensor (the caller's own tensor when one was given, so its gradient flows) or None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a 1-element floating tensor, got bool {value}")
+    if isinstance(value, numbers.Real) and not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=torch.float32, device=ref.device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a 1-element floating tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must hold exactly one element (0-d or shape (1,)), got {_describe(value)}")
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {_describe(value)}")
+    if value.device != ref.device:
+        raise ValueError(
+            f"{name} is on {value.device} but the features are on {ref.device}; move {name} to {ref.device}"
+        )
+    return value
+
+
+def check_inputs(image_features, text_features, logit_scale, logit_bias=None
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Validate everything; return (scale, bias) as tensors (bias may be None)."""
+    check_features(image_features, text_features)
+    if logit_scale is None:
+        raise TypeError("logit_scale is required (a float or a 1-element tensor, already exponentiated)")
+    scale = as_scalar_tensor("logit_scale", logit_scale, image_features)
+    bias = as_scalar_tensor("logit_bias", logit_bias, image_features)
+    return scale, bias

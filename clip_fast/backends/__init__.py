@@ -1,0 +1,123 @@
+"""Backends: the two tiled sweeps behind every clip_fast loss.
+
+Every backend module (``torch_backend``, ``triton_backend``, ``cuda_backend``)
+implements the same two functions on one *block* ``S = scale * img @ txt.T + bias``
+of shape (M, K).  Nothing of size M x K is ever returned or kept.
+
+``lse_forward(img, txt, scale, bias) -> (lse_row, lse_col, diag)``
+    img: (M, D), txt: (K, D), same floating dtype and device, any strides.
+    scale: 0-d float32 tensor on the same device (already exponentiated).
+    bias: 0-d float32 tensor on the same device, or None.
+    lse_row: (M,)  logsumexp_j S_ij
+    lse_col: (K,)  logsumexp_i S_ij
+    diag:    (min(M, K),)  S_ii
+    All three are float32 (float64 when the inputs are float64, torch backend only).
+    S is accumulated in float32 (float64 for float64 inputs) whatever the input dtype.
+
+``grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag)
+        -> (d_img, d_txt, d_scale)``
+    With P_row = exp(S - lse_row[:, None]) and P_col = exp(S - lse_col[None, :]):
+        G = coef_row * P_row + coef_col * P_col - coef_diag * I   (I: ones where i == j)
+        d_img   = scale * G @ txt          (M, D)
+        d_txt   = scale * G.T @ img        (K, D)
+        d_scale = sum_ij G_ij * <img_i, txt_j>   (0-d)
+    coef_* are Python floats; a zero coefficient switches its term off (its lse may
+    then be None).  Outputs are float32 (float64 for float64 inputs).  The caller
+    multiplies by the upstream gradient and casts to the input dtype.
+
+The symmetric CLIP loss on a square batch is one block with
+``coef_row = coef_col = 1 / (2N)`` and ``coef_diag = 1 / N``.  The distributed
+modes compose rectangular blocks from the same two functions.
+
+Each backend module also defines ``unavailable_reason(device, dtype) -> str | None``
+(None when it can run on that device and dtype), and ``NAME``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {
+    "torch": "clip_fast.backends.torch_backend",
+    "triton": "clip_fast.backends.triton_backend",
+    "cuda": "clip_fast.backends.cuda_backend",
+}
+# The order in which ``backend="auto"`` tries backends on a CUDA device.  The CUDA
+# extension is not auto-picked until a committed GPU measurement shows it faster
+# than the Triton kernels (see benchmarks/results/).
+AUTO_ORDER_CUDA = ("triton", "torch")
+_import_errors: Dict[str, str] = {}
+_loaded: Dict[str, ModuleType] = {}
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _import_errors:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # ImportError, or a broken Triton/extension install
+        _import_errors[name] = f"import failed: {type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why backend ``name`` cannot run on this device and dtype, or None if it can."""
+    if name not in _MODULES:
+        return f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}"
+    mod = _load(name)
+    if mod is None:
+        return _import_errors[name]
+    return mod.unavailable_reason(torch.device(device), dtype)
+
+
+def available_backends(device: str | torch.device | None = None,
+                       dtype: torch.dtype = torch.float32) -> Dict[str, Optional[str]]:
+    """Report each backend as ``{name: None}`` when usable, else ``{name: reason}``.
+
+    ``device`` defaults to the current CUDA device when there is one, else CPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {name: unavailable_reason(name, device, dtype) for name in BACKENDS}
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """Pick the backend module for ``name`` ("auto" or a backend name).
+
+    ``auto`` falls back quietly; a backend asked for by name raises when it cannot run.
+    The environment variable ``CLIP_FAST_BACKEND`` replaces ``auto``'s choice.
+    """
+    if name == "auto":
+        forced = os.environ.get("CLIP_FAST_BACKEND", "").strip().lower()
+        if forced and forced != "auto":
+            name = forced
+        else:
+            order = AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
+            for cand in order:
+                if unavailable_reason(cand, device, dtype) is None:
+                    return _loaded[cand]
+            return _loaded["torch"]
+    reason = unavailable_reason(name, device, dtype)
+    if reason is not None:
+        raise RuntimeError(
+            f"clip_fast backend={name!r} cannot run on device={device} with dtype={dtype}: {reason}"
+        )
+    return _loaded[name]
+
+
+def get_loaded(name: str) -> ModuleType:
+    """The module of a backend that ``resolve_backend`` already loaded."""
+    mod = _loaded.get(name) or _load(name)
+    if mod is None:
+        raise RuntimeError(f"clip_fast backend {name!r} failed to load: {_import_errors.get(name)}")
+    return mod

@@ -1,0 +1,63 @@
+"""Functional form of the CLIP loss, mirroring ``torch.nn.functional``."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import backends
+from ._validation import check_inputs
+from .function import ClipLossFunction, LossOptions
+
+ScalarLike = Union[torch.Tensor, float]
+
+
+def _check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: ScalarLike,
+              logit_bias: Optional[ScalarLike] = None, *, backend: str = "auto",
+              chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Symmetric CLIP contrastive loss, without materialising the N x N logits.
+
+    ``S = logit_scale * image_features @ text_features.T + logit_bias`` and the loss is
+    ``(mean_i CE(S[i, :], i) + mean_j CE(S[:, j], j)) / 2``, exactly open_clip's ``ClipLoss``.
+
+    Args:
+        image_features, text_features: (N, D) embeddings (normalised or not) of the same
+            floating dtype and device; row i of one is paired with row i of the other.
+        logit_scale: the multiplier, already exponentiated (open_clip passes
+            ``model.logit_scale.exp()``): a float or a 0-d / 1-element tensor.
+        logit_bias: optional additive bias (SigLIP-style models). It shifts every logit
+            equally, so its gradient is exactly 0 for this loss; it is accepted so a
+            model that has one can use the same call.
+        backend: "auto", "torch", "triton" or "cuda". "auto" (or the environment
+            variable ``CLIP_FAST_BACKEND``) picks the fastest available backend;
+            a backend named explicitly raises if it cannot run.
+        chunk_size: rows per strip for the torch backend (default: from a memory budget).
+
+    Returns:
+        The scalar loss, in the features' dtype (float32 under autocast). Gradients flow
+        to both features, ``logit_scale`` and ``logit_bias``.
+    """
+    scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
+    chunk_size = _check_chunk_size(chunk_size)
+    device_type = image_features.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        # Behave like the matmul the loss replaces: features in the autocast dtype,
+        # the reduction in float32.
+        dtype = torch.get_autocast_dtype(device_type)
+        image_features, text_features = image_features.to(dtype), text_features.to(dtype)
+    impl = backends.resolve_backend(backend, image_features.device, image_features.dtype)
+    opts = LossOptions(backend=impl.NAME, chunk_size=chunk_size,
+                       loss_dtype=torch.float32 if autocast else None)
+    if autocast:
+        with torch.autocast(device_type, enabled=False):
+            return ClipLossFunction.apply(image_features, text_features, scale, bias, opts)
+    return ClipLossFunction.apply(image_features, text_features, scale, bias, opts)

@@ -1,0 +1,84 @@
+"""``FastClipLoss``: a drop-in replacement for open_clip's ``ClipLoss``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import backends
+from .functional import ScalarLike, _check_chunk_size, clip_loss
+
+_MODES = ("gather", "ring")
+
+
+class FastClipLoss(nn.Module):
+    """Symmetric CLIP loss with open_clip's ``ClipLoss`` constructor and call.
+
+    Nothing of size N x N is ever allocated: the loss is computed by a tiled
+    forward sweep (row and column log-sum-exp together) and a tiled backward
+    sweep that recomputes each tile once.
+
+    Args:
+        local_loss, gather_with_grad, rank, world_size: open_clip's meaning, used when
+            ``world_size > 1`` (``torch.distributed`` must be initialised).
+        cache_labels: accepted for compatibility; clip_fast builds no label tensor.
+        use_horovod: not supported (raises NotImplementedError when True).
+        backend: "auto", "torch", "triton" or "cuda" (see ``clip_fast.available_backends``).
+        chunk_size: rows per strip for the torch backend.
+        distributed: "gather" (open_clip's all-gather semantics) or "ring" (blocks passed
+            around the ring; O(N_local * D) memory per rank; equals
+            ``local_loss=True, gather_with_grad=True``).
+
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``
+    returns the scalar loss, or ``{"contrastive_loss": loss}``. ``logit_bias`` is accepted;
+    its gradient is exactly 0 because a shared shift cancels in every softmax.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False, *, backend: str = "auto",
+                 chunk_size: Optional[int] = None, distributed: str = "gather"):
+        super().__init__()
+        if use_horovod:
+            raise NotImplementedError(
+                "FastClipLoss(use_horovod=True) is not supported; use torch.distributed (torchrun) instead"
+            )
+        if backend != "auto" and backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + backends.BACKENDS}, got {backend!r}")
+        if distributed not in _MODES:
+            raise ValueError(f"distributed must be one of {_MODES}, got {distributed!r}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        self.local_loss = bool(local_loss)
+        self.gather_with_grad = bool(gather_with_grad)
+        self.cache_labels = bool(cache_labels)
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = False
+        self.backend = backend
+        self.chunk_size = _check_chunk_size(chunk_size)
+        self.distributed = distributed
+
+    def extra_repr(self) -> str:
+        return (f"backend={self.backend!r}, world_size={self.world_size}, local_loss={self.local_loss}, "
+                f"gather_with_grad={self.gather_with_grad}, distributed={self.distributed!r}")
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: ScalarLike, logit_bias: Optional[ScalarLike] = None,
+                output_dict: bool = False):
+        if self.world_size > 1:
+            from .distributed import distributed_clip_loss
+
+            loss = distributed_clip_loss(
+                image_features, text_features, logit_scale, logit_bias,
+                rank=self.rank, world_size=self.world_size, local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad, mode=self.distributed,
+                backend=self.backend, chunk_size=self.chunk_size,
+            )
+        else:
+            loss = clip_loss(image_features, text_features, logit_scale, logit_bias,
+                             backend=self.backend, chunk_size=self.chunk_size)
+        return {"contrastive_loss": loss} if output_dict else loss
