@@ -1,0 +1,69 @@
+"""The fused Triton backend: kernels in ``clip_fast.kernels`` (the repo's ``kernels/``).
+
+``lse_forward`` is one sweep over the tiles of S giving row lse, column lse and the
+diagonal; ``grad_backward`` recomputes each tile once for G and hands the two gradient
+GEMMs to cuBLAS.  Both go through torch.library ops (``clip_fast::triton_lse_forward``
+is a ``triton_op`` that torch.compile traces through; ``clip_fast::triton_grad_backward``
+is an opaque ``custom_op`` because its block loop grows with N^2 / workspace).
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
+used by CI).  float16, bfloat16 and float32; float64 is the torch backend's job.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+NAME = "triton"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:
+    import triton  # noqa: F401
+    _TRITON_ERROR: Optional[str] = None
+except Exception as exc:  # not installed, or a broken install
+    _TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
+
+if _TRITON_ERROR is None:
+    from ..kernels import config as _config
+    from ..kernels.grad_backward import grad_backward as _grad_backward
+    from ..kernels.lse_forward import lse_forward as _lse_forward
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if _TRITON_ERROR is not None:
+        return _TRITON_ERROR
+    if dtype not in _DTYPES:
+        extra = " (use backend='torch' for float64)" if dtype == torch.float64 else ""
+        return f"dtype {dtype} is not supported by the Triton backend, which takes {_DTYPES}{extra}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+    if device.type == "cpu":
+        if _config.interpreter_active():
+            return None
+        return "needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, the Triton interpreter)"
+    return f"device type {device.type!r} is not supported (CUDA tensors needed)"
+
+
+def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    return t.reshape(()).to(device=like.device, dtype=torch.float32)
+
+
+def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lse_forward(img, txt, _scalar(scale, img), _scalar(bias, img))
+
+
+def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                  bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
+                  lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
+                  coef_diag: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lse_row = lse_row.float() if lse_row is not None and coef_row else None
+    lse_col = lse_col.float() if lse_col is not None and coef_col else None
+    return _grad_backward(img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
+                          float(coef_row), float(coef_col), float(coef_diag))

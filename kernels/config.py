@@ -1,0 +1,131 @@
+"""Block sizes for the clip_fast Triton kernels: a rule, a small table, an override.
+
+The rule: one default configuration per GPU architecture (a short table of
+choices, Liger-style), a slow-but-cheap configuration for the Triton CPU
+interpreter, and a full ``triton.autotune`` sweep only when the environment asks
+for it with ``CLIP_FAST_AUTOTUNE=1`` (cut-cross-entropy style), so that tests stay
+reproducible and first calls stay fast.
+
+Calibration we have (from the issue, measured on an H200 by the lead, not here):
+a plain Triton row-lse tile loop reached 0.71 of the bf16 GEMM rate with
+BM=128, BN=256, BK=64, 8 warps, 3 stages.  Our forward also reduces columns, so
+the sm_90 forward entry may want BN=128 (register pressure); benchmarks/gpu_tests.py
+sweeps a few forward configurations so the table can be corrected from data.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Dict, Iterator, Optional
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    BM: int          # rows of img per tile
+    BN: int          # rows of txt per tile
+    BK: int          # slice of the feature dimension per tl.dot
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Configs:
+    forward: KernelConfig
+    backward: KernelConfig
+    # Programs split the column sweep of the forward into this many ranges when the
+    # row blocks alone cannot fill the GPU (None: derive from the SM count).
+    col_splits: Optional[int] = None
+    # Exponent sharing between the two softmaxes (see the kernels); tests switch it
+    # off to exercise the plain two-exponential path too.
+    share_exp: bool = True
+
+
+# Per-architecture table: (major compute capability) -> configs.
+_TABLE: Dict[int, Configs] = {
+    # Hopper (sm_90): the calibrated row-lse tile; backward writes one G tile per program.
+    9: Configs(forward=KernelConfig(128, 256, 64, 8, 3),
+               backward=KernelConfig(128, 128, 64, 8, 3)),
+    # Ampere (sm_80/86/89): smaller shared memory, keep BN at 128.
+    8: Configs(forward=KernelConfig(128, 128, 64, 8, 3),
+               backward=KernelConfig(128, 128, 32, 8, 3)),
+}
+_DEFAULT_GPU = Configs(forward=KernelConfig(64, 64, 32, 4, 2),
+                       backward=KernelConfig(64, 64, 32, 4, 2))
+# The interpreter runs tiles through numpy: fewer, mid-sized tiles are fastest.
+_INTERPRETER = Configs(forward=KernelConfig(32, 32, 32, 1, 1),
+                       backward=KernelConfig(32, 32, 32, 1, 1), col_splits=1)
+
+_override: Optional[Configs] = None
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("CLIP_FAST_AUTOTUNE", "0") not in ("", "0") and not interpreter_active()
+
+
+def get_configs(device: torch.device) -> Configs:
+    """The configuration used for a launch on ``device`` (override > interpreter > table)."""
+    if _override is not None:
+        return _override
+    if device.type != "cuda":
+        return _INTERPRETER
+    major, _minor = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return _TABLE[9]
+    return _TABLE.get(major, _DEFAULT_GPU)
+
+
+@contextlib.contextmanager
+def override(configs: Configs) -> Iterator[None]:
+    """Test/benchmark hook: use ``configs`` for every launch inside the block."""
+    global _override
+    previous, _override = _override, configs
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def autotune_candidates(kind: str):
+    """Configurations swept by ``CLIP_FAST_AUTOTUNE=1`` (kind: "forward" or "backward")."""
+    import triton
+
+    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+              (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (256, 128, 64, 8, 3)]
+    if kind == "backward":
+        shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 3),
+                  (128, 256, 64, 8, 3), (64, 64, 64, 4, 3)]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def workspace_bytes() -> int:
+    """Budget for the backward's G workspace (env CLIP_FAST_WORKSPACE_MB, default 256 MiB)."""
+    mb = float(os.environ.get("CLIP_FAST_WORKSPACE_MB", "256"))
+    return max(1, int(mb * 2**20))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision for tl.dot, following torch's fp32 matmul convention.
+
+    fp32 uses TF32 when torch allows it (allow_tf32 or matmul precision != "highest"),
+    else exact ("ieee").  For fp16/bf16 operands the argument has no effect; we pass
+    "ieee" so every tl.dot states its precision explicitly.
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        allow = bool(torch.backends.cuda.matmul.allow_tf32)
+    if allow or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"

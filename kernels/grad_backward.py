@@ -1,0 +1,275 @@
+"""Backward: d_img, d_txt, d_scale from ONE recompute of each tile of S.
+
+With P_row = exp(S - lse_row[:, None]) and P_col = exp(S - lse_col[None, :]):
+    G       = coef_row * P_row + coef_col * P_col - coef_diag * I
+    d_img   = s * G @ txt,   d_txt = s * G.T @ img,   d_scale = sum_ij G_ij <img_i, txt_j>
+
+Why not a fully fused kernel: D is 512..1024 for CLIP, so a BM x D fp32 accumulator
+for d_img (or d_txt) does not fit in registers, and fusing both outputs into the tile
+kernel would mean either atomics on N x D fp32 (one per tile per output element) or
+recomputing each tile once per output (what Inf-CL and flash-attention's two backward
+kernels do).  Instead, in blocks of R rows x C columns of S (R * C * itemsize bounded
+by CLIP_FAST_WORKSPACE_MB, default 256 MiB; blocks as square as the budget allows so
+both GEMMs below stay compute-bound):
+1. a Triton kernel recomputes each BM x BN tile once, forms G, reduces d_scale
+   (per-row fp32 partials, relaxed atomics), and writes G * gscale into the workspace
+   in the input dtype (gscale: a power of two putting |G| <= 1, so fp16 keeps range);
+2. cuBLAS: d_img[rows] += ws @ txt[cols] and d_txt[cols] += ws.T @ img[rows], with
+   fp32 accumulation and fp32 output, scaled by s / gscale at the end.
+Total work: one tile recompute plus the two unavoidable gradient GEMMs.
+
+Sharing the exponentials between the two softmaxes (what we found)
+-----------------------------------------------------------------
+P_row and P_col differ only by per-row and per-column factors:
+    P_row = E * 2^(hi - R_i),  P_col = E * 2^(hi - C_j),  E = 2^(S2 - hi)
+(log2 units: R = lse_row * log2 e, C = lse_col * log2 e, hi = the largest R or C of
+the tile).  So G = E * (coef_row * u_i + coef_col * v_j) - coef_diag * I needs ONE exp
+per element (plus BM + BN per tile) instead of two, halving the MUFU load that
+competes with the recompute's MMA.  fp32 range decides when it is safe: if all R_i,
+C_j of the tile lie within 60 (log2 units) of each other, u and v are <= 2^60 and E
+is a normal number for every element whose P is >= 2^-60, so nothing that matters
+is lost.  Tiles with a wider spread (adversarial inputs) take the two-exp path; the
+check is a per-tile branch on values already in registers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import config as _config
+
+
+@triton.jit
+def _grad_tile_kernel(
+    img_ptr, txt_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_col_ptr,
+    ws_ptr, d_scale_ptr,
+    row0, col0, R, C, D,
+    stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
+    coef_row, coef_col, coef_diag, gscale,
+    HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
+    HAS_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    LOG2E_C: tl.constexpr = 1.4426950408889634
+    # Grouped tile order (as in Triton's matmul tutorial) so neighbouring programs
+    # share txt blocks in L2.
+    pid = tl.program_id(0)
+    num_pm = tl.cdiv(R, BM)
+    num_pn = tl.cdiv(C, BN)
+    group = GROUP_M * num_pn
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pm - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the workspace block
+    offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the workspace block
+    row_ok = offs_r < R
+    col_ok = offs_c < C
+    offs_m = row0 + offs_r                      # global row of S
+    offs_n = col0 + offs_c                      # global column of S
+    offs_k = tl.arange(0, BK)
+    img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
+    txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
+
+    # 1. Recompute the tile acc = img_blk @ txt_blk.T (masked loads read 0 outside).
+    acc = tl.zeros((BM, BN), tl.float32)
+    for start_d in range(0, D, BK):
+        d = start_d + offs_k
+        if EVEN_D:
+            a = tl.load(img_rows + d[None, :] * stride_id, mask=row_ok[:, None], other=0.0)
+            b = tl.load(txt_cols + d[:, None] * stride_td, mask=col_ok[None, :], other=0.0)
+        else:
+            a = tl.load(img_rows + d[None, :] * stride_id,
+                        mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+            b = tl.load(txt_cols + d[:, None] * stride_td,
+                        mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
+        if DOT_UPCAST:
+            a = a.to(tl.float32)   # interpreter only: its bf16 tl.dot is broken
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # 2. S in log2 units.
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E_C
+    if HAS_BIAS:
+        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E_C
+    else:
+        bias2 = 0.0
+    s2 = acc * scale2 + bias2
+
+    # 3. G = coef_row * P_row + coef_col * P_col (padded rows/cols: lse reads 0, masked below).
+    g = tl.zeros((BM, BN), tl.float32)
+    if HAS_ROW:
+        r2 = tl.load(lse_row_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E_C
+    if HAS_COL:
+        c2 = tl.load(lse_col_ptr + offs_n, mask=col_ok, other=0.0) * LOG2E_C
+    if SHARE_EXP:
+        # Both terms from one exp when the tile's lse values are within 60 (module doc).
+        hi = tl.maximum(tl.max(tl.where(row_ok, r2, float("-inf")), axis=0),
+                        tl.max(tl.where(col_ok, c2, float("-inf")), axis=0))
+        lo = tl.minimum(tl.min(tl.where(row_ok, r2, float("inf")), axis=0),
+                        tl.min(tl.where(col_ok, c2, float("inf")), axis=0))
+        if hi - lo <= 60.0:
+            u = coef_row * tl.exp2(tl.where(row_ok, hi - r2, 0.0))
+            v = coef_col * tl.exp2(tl.where(col_ok, hi - c2, 0.0))
+            g = tl.exp2(s2 - hi) * (u[:, None] + v[None, :])
+        else:
+            g = coef_row * tl.exp2(s2 - r2[:, None]) + coef_col * tl.exp2(s2 - c2[None, :])
+    else:
+        if HAS_ROW:
+            g += coef_row * tl.exp2(s2 - r2[:, None])
+        if HAS_COL:
+            g += coef_col * tl.exp2(s2 - c2[None, :])
+    if HAS_DIAG:
+        g = tl.where(offs_m[:, None] == offs_n[None, :], g - coef_diag, g)
+    g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+
+    # 4. d_scale partials: sum_j G_ij * <img_i, txt_j>, one fp32 cell per row.
+    tl.atomic_add(d_scale_ptr + offs_m, tl.sum(g * acc, axis=1), mask=row_ok, sem="relaxed")
+    # 5. G (scaled into [-1, 1]) into the workspace, in the workspace's dtype.
+    ws = ws_ptr + offs_r[:, None] * stride_wr + offs_c[None, :] * stride_wc
+    tl.store(ws, (g * gscale).to(ws_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+_autotuned = None
+
+
+def _kernel(autotune: bool):
+    global _autotuned
+    if not autotune:
+        return _grad_tile_kernel
+    if _autotuned is None:
+        _autotuned = triton.autotune(
+            configs=_config.autotune_candidates("backward"),
+            key=["R", "C", "D"],
+            reset_to_zero=["d_scale_ptr"],
+        )(_grad_tile_kernel)
+    return _autotuned
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation and fp32 output (inputs fp16/bf16/fp32)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)   # torch >= 2.8 on CUDA
+        except (TypeError, RuntimeError, NotImplementedError):
+            return torch.mm(a, b).float()
+    # CPU (interpreter tests): upcast, exact for fp16/bf16 values.
+    return torch.mm(a.float(), b.float())
+
+
+def _block_shape(M: int, K: int, itemsize: int, bm: int, bn: int) -> Tuple[int, int]:
+    """Workspace block R x C: everything if it fits the budget, else as square as allowed."""
+    budget = max(_config.workspace_bytes() // itemsize, bm * bn)
+    if M * K <= budget:
+        return M, K
+    side = int(math.isqrt(budget))
+    R = min(M, max(bm, side // bm * bm))
+    C = min(K, max(bn, (budget // R) // bn * bn))
+    if C == K:   # columns all fit: give the rest of the budget to rows
+        R = min(M, max(bm, (budget // K) // bm * bm))
+    return R, C
+
+
+def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
+                        coef_row: float, coef_col: float, coef_diag: float):
+    M, D = img.shape
+    K = txt.shape[0]
+    dev = img.device
+    f32 = torch.float32
+    d_img = torch.zeros((M, D), device=dev, dtype=f32)
+    d_txt = torch.zeros((K, D), device=dev, dtype=f32)
+    d_scale_rows = torch.zeros((M,), device=dev, dtype=f32)
+    has_row = coef_row != 0.0
+    has_col = coef_col != 0.0
+    if M == 0 or K == 0 or D == 0 or not (has_row or has_col or coef_diag != 0.0):
+        return d_img, d_txt, d_scale_rows.sum()
+    if has_row and lse_row is None:
+        raise ValueError("grad_backward: coef_row != 0 needs lse_row, got None")
+    if has_col and lse_col is None:
+        raise ValueError("grad_backward: coef_col != 0 needs lse_col, got None")
+
+    cfg = _config.get_configs(dev)
+    bwd = cfg.backward
+    autotune = _config.autotune_enabled()
+    # gscale: a power of two with |G * gscale| <= 1 (fp16 range; exact for any dtype).
+    gmax = max(abs(coef_row) + abs(coef_col), abs(coef_diag))
+    gscale = 2.0 ** math.floor(-math.log2(gmax))
+    ws_dtype = img.dtype
+    R, C = _block_shape(M, K, img.element_size(), 256, 256)
+    ws = torch.empty((R, C), device=dev, dtype=ws_dtype)
+    dummy = d_scale_rows
+    lse_row_t = lse_row.contiguous() if has_row else dummy
+    lse_col_t = lse_col.contiguous() if has_col else dummy
+    kernel = _kernel(autotune)
+    for r0 in range(0, M, R):
+        r = min(R, M - r0)
+        for c0 in range(0, K, C):
+            c = min(C, K - c0)
+            block = ws[:r, :c]
+            args = dict(
+                row0=r0, col0=c0, R=r, C=c, D=D,
+                stride_im=img.stride(0), stride_id=img.stride(1),
+                stride_tk=txt.stride(0), stride_td=txt.stride(1),
+                stride_wr=block.stride(0), stride_wc=block.stride(1),
+                coef_row=float(coef_row), coef_col=float(coef_col),
+                coef_diag=float(coef_diag), gscale=float(gscale),
+                HAS_BIAS=bias is not None, HAS_ROW=has_row, HAS_COL=has_col,
+                HAS_DIAG=coef_diag != 0.0,
+                SHARE_EXP=bool(cfg.share_exp) and has_row and has_col,
+                DOT_PRECISION=_config.dot_precision(img.dtype),
+                DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
+                GROUP_M=8,
+            )
+            ptrs = (img, txt, scale, bias if bias is not None else scale,
+                    lse_row_t, lse_col_t, block, d_scale_rows)
+            if autotune:
+                grid = lambda meta: (triton.cdiv(r, meta["BM"]) * triton.cdiv(c, meta["BN"]),)  # noqa: E731
+                kernel[grid](*ptrs, **args, EVEN_D=False)
+            else:
+                grid = (triton.cdiv(r, bwd.BM) * triton.cdiv(c, bwd.BN),)
+                kernel[grid](*ptrs, **args, EVEN_D=D % bwd.BK == 0, BM=bwd.BM, BN=bwd.BN,
+                             BK=bwd.BK, num_warps=bwd.num_warps, num_stages=bwd.num_stages)
+            # cuBLAS: both gradient GEMMs from the same workspace block.
+            d_img[r0:r0 + r].add_(_mm_f32(block, txt[c0:c0 + c]))
+            d_txt[c0:c0 + c].add_(_mm_f32(block.t(), img[r0:r0 + r]))
+    factor = scale.to(f32) / gscale
+    d_img.mul_(factor)
+    d_txt.mul_(factor)
+    d_scale = d_scale_rows.sum()
+    return d_img, d_txt, d_scale
+
+
+# The backward is a custom_op (opaque to torch.compile, with a fake implementation),
+# not a triton_op: its block loop runs (M/R) * (K/C) iterations, which tracing through
+# would unroll into a graph whose size grows as N^2 / workspace.  The forward, a fixed
+# handful of launches, is a triton_op that compile sees through.
+@torch.library.custom_op("clip_fast::triton_grad_backward", mutates_args=())
+def triton_grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                         bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
+                         lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
+                         coef_diag: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
+                               coef_row, coef_col, coef_diag)
+
+
+@triton_grad_backward.register_fake
+def _(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag):
+    f32 = torch.float32
+    return (img.new_empty(img.shape, dtype=f32), txt.new_empty(txt.shape, dtype=f32),
+            scale.new_empty((), dtype=f32))
+
+
+def grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag):
+    """(d_img, d_txt, d_scale) for G = coef_row P_row + coef_col P_col - coef_diag I."""
+    return torch.ops.clip_fast.triton_grad_backward(
+        img, txt, scale, bias, lse_row, lse_col,
+        float(coef_row), float(coef_col), float(coef_diag))
