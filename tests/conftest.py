@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is
+# read when a kernel is decorated, so it is set before anything imports clip_fast.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (run by benchmarks/gpu_check.sh)")
