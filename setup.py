@@ -24,6 +24,59 @@ def _say(msg: str) -> None:
     print(f"clip_fast setup: {msg}", file=sys.stderr)
 
 
+_DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _cuda_archs():
+    """Target architectures: CLIP_FAST_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else 8.0;9.0.
+
+    Entries look like "8.0", "9.0", "9.0a" or "8.6+PTX"; the kernels use bf16/tf32 tensor
+    cores, so anything below 8.0 is refused.
+    """
+    raw = (os.environ.get("CLIP_FAST_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+           or _DEFAULT_CUDA_ARCHS)
+    archs = [a.strip() for a in raw.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    for a in archs:
+        base = a.split("+")[0].rstrip("a")
+        try:
+            major, minor = (int(x) for x in base.split("."))
+        except ValueError:
+            raise RuntimeError(f"CLIP_FAST_CUDA_ARCHS: cannot parse {a!r} (expected e.g. '8.0;9.0')")
+        if (major, minor) < (8, 0):
+            raise RuntimeError(f"CLIP_FAST_CUDA_ARCHS: {a!r} is below 8.0; the kernels need sm_80+")
+    if not archs:
+        raise RuntimeError(f"CLIP_FAST_CUDA_ARCHS is empty (got {raw!r})")
+    return archs
+
+
+def _arch_tag(archs):
+    """'8.0;9.0+PTX' -> '80_90p': a macro-safe spelling (no ';' or quotes) of the arch list."""
+    return "_".join(a.split("+")[0].replace(".", "") + ("p" if "+PTX" in a.upper() else "")
+                    for a in archs)
+
+
+def _find_cuda_home():
+    """Point CUDA_HOME at a toolkit that has the headers, before torch guesses it.
+
+    torch guesses CUDA_HOME as the parent of the ``nvcc`` on PATH; when that nvcc is a
+    wrapper script (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) the
+    guess has no include/cuda_runtime.h.  Only fills CUDA_HOME when it is unset.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [os.path.dirname(os.path.dirname(nvcc)),
+                       os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if (os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+                and os.path.exists(os.path.join(home, "bin", "nvcc"))):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def cuda_extension():
     """Return (ext_modules, cmdclass) for clip_fast._C, or ([], {}) with a message why not."""
     flag = os.environ.get("CLIP_FAST_BUILD_CUDA", "").strip()
@@ -33,6 +86,7 @@ def cuda_extension():
     force = flag == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     reason = None
+    _find_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -50,16 +104,21 @@ def cuda_extension():
             raise RuntimeError(f"CLIP_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
         _say(f"installing without the CUDA extension: {reason}")
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("CLIP_FAST_CUDA_ARCHS", "8.0;9.0"))
+    archs = _cuda_archs()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    _say(f"building the CUDA extension clip_fast._C for {archs} "
+         f"(MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')})")
     ext = CUDAExtension(
         name="clip_fast._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                     "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
+            # The arch list is compiled in, so clip_fast can refuse a GPU it has no code for.
+            # No -std=: torch's BuildExtension picks the standard its headers need
+            # (C++20 for torch 2.14; the sources are valid C++17 and C++20).
+            "cxx": ["-O3", f"-DCLIP_FAST_ARCH_LIST={_arch_tag(archs)}"],
+            # No --use_fast_math: the exact float32 path and the log-sum-exp stay IEEE.
+            "nvcc": ["-O3", "-lineinfo"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

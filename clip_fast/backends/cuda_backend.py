@@ -1,0 +1,126 @@
+"""The CUDA C++ backend: hand-written kernels in ``csrc/``, built as ``clip_fast._C``.
+
+``lse_forward`` is one sweep over the tiles of S (WMMA tensor cores for fp16/bf16 and
+tf32, exact FMA for float32 when TF32 is off) giving row lse, column lse and the
+diagonal; ``grad_backward`` recomputes each tile once into a bounded G workspace and
+hands the two gradient GEMMs to cuBLAS.  Both are torch custom ops
+(``torch.ops.clip_fast_cuda.*``, defined in C++ with ``TORCH_LIBRARY``); their fake
+implementations below let torch.compile trace through them without graph breaks.
+
+The extension is optional: without it (no nvcc at install time, CLIP_FAST_BUILD_CUDA=0,
+a CPU-only torch) this module still imports and ``unavailable_reason`` says why.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+
+NAME = "cuda"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:
+    from .. import _C  # noqa: F401  (loading it registers torch.ops.clip_fast_cuda)
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR = (
+        f"the CUDA extension clip_fast._C is not available ({type(exc).__name__}: {exc}); "
+        "reinstall with nvcc on PATH and a CUDA build of torch, e.g. "
+        "CLIP_FAST_BUILD_CUDA=1 pip install -e . --no-build-isolation"
+    )
+
+
+def compiled_archs() -> List[Tuple[int, int, bool]]:
+    """(major, minor, has_ptx) for every architecture the extension was built for."""
+    if _C is None:
+        return []
+    out = []
+    for tok in _C.compiled_archs().split("_"):
+        ptx = tok.endswith("p")
+        digits = tok.rstrip("pa")
+        if len(digits) >= 2 and digits.isdigit():
+            out.append((int(digits[:-1]), int(digits[-1]), ptx))
+    return out
+
+
+def _runs_on(cap: Tuple[int, int]) -> bool:
+    """Whether the build holds code for a GPU of compute capability ``cap``.
+
+    Machine code for sm_XY runs on X.Z for Z >= Y (same major); PTX runs on anything newer.
+    """
+    for major, minor, ptx in compiled_archs():
+        if (major == cap[0] and minor <= cap[1]) or (ptx and (major, minor) <= cap):
+            return True
+    return False
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if dtype not in _DTYPES:
+        extra = " (use backend='torch' for float64)" if dtype == torch.float64 else ""
+        return f"dtype {dtype} is not supported by the CUDA backend, which takes {_DTYPES}{extra}"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"needs CUDA tensors, got device {device}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = torch.cuda.get_device_capability(index)
+    if cap < (8, 0):
+        return f"needs compute capability 8.0 or newer (bf16/tf32 tensor cores), device {index} has {cap[0]}.{cap[1]}"
+    if not _runs_on(cap):
+        built = ", ".join(f"{a}.{b}{'+PTX' if p else ''}" for a, b, p in compiled_archs()) or "none"
+        return (f"the extension was built for [{built}], not for this GPU's {cap[0]}.{cap[1]}; "
+                f"rebuild with CLIP_FAST_CUDA_ARCHS=\"{cap[0]}.{cap[1]}\"")
+    return None
+
+
+def allow_tf32() -> bool:
+    """torch's float32 matmul setting: TF32 when allowed (either switch), else exact fp32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy flag warns on new torch
+        allow = bool(torch.backends.cuda.matmul.allow_tf32)
+    return allow or torch.get_float32_matmul_precision() != "highest"
+
+
+def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    return t.reshape(()).to(device=like.device, dtype=torch.float32)
+
+
+def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.clip_fast_cuda.lse_forward(
+        img, txt, _scalar(scale, img), _scalar(bias, img), allow_tf32())
+
+
+def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                  bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
+                  lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
+                  coef_diag: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lse_row = lse_row.float() if lse_row is not None and coef_row else None
+    lse_col = lse_col.float() if lse_col is not None and coef_col else None
+    return torch.ops.clip_fast_cuda.grad_backward(
+        img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
+        float(coef_row), float(coef_col), float(coef_diag), allow_tf32())
+
+
+# ---- fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor ----
+if _C is not None:
+    @torch.library.register_fake("clip_fast_cuda::lse_forward")
+    def _lse_forward_fake(img, txt, scale, bias, allow_tf32):
+        m, k = img.shape[0], txt.shape[0]
+        return (img.new_empty((m,), dtype=torch.float32),
+                img.new_empty((k,), dtype=torch.float32),
+                img.new_empty((torch.sym_min(m, k),), dtype=torch.float32))
+
+    @torch.library.register_fake("clip_fast_cuda::grad_backward")
+    def _grad_backward_fake(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col,
+                            coef_diag, allow_tf32):
+        return (img.new_empty(img.shape, dtype=torch.float32),
+                txt.new_empty(txt.shape, dtype=torch.float32),
+                img.new_empty((), dtype=torch.float32))

@@ -1,0 +1,276 @@
+// clip_fast._C: input checks, the host side of both sweeps, and the bindings.
+//
+// The two entry points are torch custom ops (namespace clip_fast_cuda), so that
+// torch.compile sees them as single graph nodes; clip_fast/backends/cuda_backend.py
+// registers their fake (meta) implementations.
+//
+//   clip_fast_cuda::lse_forward(img, txt, scale, bias?, allow_tf32) -> (lse_row, lse_col, diag)
+//   clip_fast_cuda::grad_backward(img, txt, scale, bias?, lse_row?, lse_col?,
+//                                 coef_row, coef_col, coef_diag, allow_tf32)
+//                                 -> (d_img, d_txt, d_scale)
+//
+// Semantics are the backend contract in clip_fast/backends/__init__.py.  Inputs may be
+// strided: they are made contiguous here (a copy only when they are not already).
+// The same functions are registered for the CPU dispatch key too, where they stop at the
+// first failed check ("img must be a CUDA tensor ..."): a clear error instead of the
+// dispatcher's "could not run ... with arguments from the 'CPU' backend".
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "launch.h"
+
+#define CLIP_FAST_STR_(x) #x
+#define CLIP_FAST_STR(x) CLIP_FAST_STR_(x)
+#ifndef CLIP_FAST_ARCH_LIST
+#define CLIP_FAST_ARCH_LIST unknown
+#endif
+
+namespace clip_fast {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Elements of the backward workspace W (R x K, input dtype): 2^25 = 64 MiB of bf16.
+// R = as many 64-row blocks as fit, so each strip's GEMMs stay large for cuBLAS.
+constexpr int64_t kWorkspaceElems = int64_t{1} << 25;
+constexpr int64_t kMaxStripBlocks = 16384;  // grid.y limit is 65535
+constexpr int64_t kIntMax = 2147483647;
+
+// ---- input checks: every message names the tensor and says what it got ----
+
+void check_features(const Tensor& img, const Tensor& txt) {
+  TORCH_CHECK(img.dim() == 2, "clip_fast cuda: img must be a 2-D (M, D) tensor, got shape ",
+              img.sizes());
+  TORCH_CHECK(txt.dim() == 2, "clip_fast cuda: txt must be a 2-D (K, D) tensor, got shape ",
+              txt.sizes());
+  TORCH_CHECK(img.size(1) == txt.size(1),
+              "clip_fast cuda: img and txt must have the same feature size D, got img ",
+              img.sizes(), " and txt ", txt.sizes());
+  const auto dt = img.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat,
+              "clip_fast cuda: img must be float16, bfloat16 or float32, got ", dt,
+              " (use backend='torch' for float64)");
+  TORCH_CHECK(txt.scalar_type() == dt, "clip_fast cuda: txt must have img's dtype ", dt,
+              ", got ", txt.scalar_type());
+  TORCH_CHECK(img.size(0) <= kIntMax && txt.size(0) <= kIntMax && img.size(1) <= kIntMax,
+              "clip_fast cuda: sizes must fit in int32 for cuBLAS, got img ", img.sizes(),
+              " and txt ", txt.sizes());
+}
+
+void check_scalar(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 0, "clip_fast cuda: ", name, " must be a 0-d tensor, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "clip_fast cuda: ", name,
+              " must be float32, got ", t.scalar_type());
+}
+
+void check_vector(const Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "clip_fast cuda: ", name,
+              " must have shape (", n, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "clip_fast cuda: ", name,
+              " must be float32, got ", t.scalar_type());
+}
+
+void check_device(const Tensor& img, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == img.device(), "clip_fast cuda: ", name,
+              " must be on img's device ", img.device(), ", got ", t.device());
+}
+
+void check_all_devices(const Tensor& img, const Tensor& txt, const Tensor& scale,
+                       const OptTensor& bias) {
+  TORCH_CHECK(img.is_cuda(), "clip_fast cuda: img must be a CUDA tensor, got device ",
+              img.device());
+  check_device(img, txt, "txt");
+  check_device(img, scale, "scale");
+  if (bias.has_value()) check_device(img, *bias, "bias");
+}
+
+InputKind input_kind(at::ScalarType dt, bool allow_tf32) {
+  switch (dt) {
+    case at::kHalf: return InputKind::kHalf;
+    case at::kBFloat16: return InputKind::kBFloat16;
+    default: return allow_tf32 ? InputKind::kFloat32Tf32 : InputKind::kFloat32Exact;
+  }
+}
+
+const float* bias_ptr(const OptTensor& bias) {
+  return bias.has_value() ? bias->data_ptr<float>() : nullptr;
+}
+
+// out (float32) = a @ b for a, b in the input dtype.  float16/bfloat16 go through
+// aten::mm.dtype_out (cuBLAS with an fp32 output, no rounding of the result to 16 bits);
+// it is looked up at run time so that an older torch without it still works (through an
+// fp32 copy of the operands).  float32 is plain at::mm_out (TF32 per torch's setting).
+Tensor& mm_float_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() == at::kFloat) return at::mm_out(out, a, b);
+  static const std::optional<c10::OperatorHandle> mm_dtype_out =
+      c10::Dispatcher::singleton().findOp(c10::OperatorName("aten::mm", "dtype_out"));
+  if (mm_dtype_out.has_value()) {
+    return mm_dtype_out->typed<Tensor&(const Tensor&, const Tensor&, at::ScalarType, Tensor&)>()
+        .call(a, b, at::kFloat, out);
+  }
+  return at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+}
+
+// ---- the ops ----
+
+std::tuple<Tensor, Tensor, Tensor> lse_forward(const Tensor& img_in, const Tensor& txt_in,
+                                               const Tensor& scale, const OptTensor& bias,
+                                               bool allow_tf32) {
+  check_features(img_in, txt_in);
+  check_scalar(scale, "scale");
+  if (bias.has_value()) check_scalar(*bias, "bias");
+  check_all_devices(img_in, txt_in, scale, bias);
+
+  const c10::cuda::CUDAGuard guard(img_in.device());
+  const Tensor img = img_in.contiguous();
+  const Tensor txt = txt_in.contiguous();
+  const int64_t M = img.size(0), K = txt.size(0), D = img.size(1);
+  const auto f32 = img.options().dtype(at::kFloat);
+  Tensor lse_row = at::empty({M}, f32);
+  Tensor lse_col = at::empty({K}, f32);
+  Tensor diag = at::empty({std::min(M, K)}, f32);
+  if (M == 0 || K == 0) {  // an empty sum: log-sum-exp is -inf
+    lse_row.fill_(-INFINITY);
+    lse_col.fill_(-INFINITY);
+    return {lse_row, lse_col, diag};
+  }
+  // Workspace: K + 1 norms, K column sums (one allocation).
+  Tensor ws = at::empty({2 * K + 1}, f32);
+  float* norm_ws = ws.data_ptr<float>();
+  float* col_sum = norm_ws + (K + 1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(img.device().index()).stream();
+  C10_CUDA_CHECK(launch_lse_forward(input_kind(img.scalar_type(), allow_tf32), img.data_ptr(),
+                                    txt.data_ptr(), M, K, D, scale.data_ptr<float>(),
+                                    bias_ptr(bias), lse_row.data_ptr<float>(),
+                                    lse_col.data_ptr<float>(), diag.data_ptr<float>(), norm_ws,
+                                    col_sum, stream));
+  return {lse_row, lse_col, diag};
+}
+
+std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Tensor& txt_in,
+                                                 const Tensor& scale, const OptTensor& bias,
+                                                 const OptTensor& lse_row,
+                                                 const OptTensor& lse_col, double coef_row,
+                                                 double coef_col, double coef_diag,
+                                                 bool allow_tf32) {
+  check_features(img_in, txt_in);
+  check_scalar(scale, "scale");
+  if (bias.has_value()) check_scalar(*bias, "bias");
+  const int64_t M = img_in.size(0), K = txt_in.size(0), D = img_in.size(1);
+  TORCH_CHECK(std::isfinite(coef_row) && std::isfinite(coef_col) && std::isfinite(coef_diag),
+              "clip_fast cuda: coef_row, coef_col and coef_diag must be finite, got ", coef_row,
+              ", ", coef_col, ", ", coef_diag);
+  TORCH_CHECK(coef_row == 0.0 || lse_row.has_value(),
+              "clip_fast cuda: lse_row is required when coef_row != 0 (got None, coef_row=",
+              coef_row, ")");
+  TORCH_CHECK(coef_col == 0.0 || lse_col.has_value(),
+              "clip_fast cuda: lse_col is required when coef_col != 0 (got None, coef_col=",
+              coef_col, ")");
+  if (lse_row.has_value()) check_vector(*lse_row, "lse_row", M);
+  if (lse_col.has_value()) check_vector(*lse_col, "lse_col", K);
+  check_all_devices(img_in, txt_in, scale, bias);
+  if (lse_row.has_value()) check_device(img_in, *lse_row, "lse_row");
+  if (lse_col.has_value()) check_device(img_in, *lse_col, "lse_col");
+
+  const c10::cuda::CUDAGuard guard(img_in.device());
+  const Tensor img = img_in.contiguous();
+  const Tensor txt = txt_in.contiguous();
+  const auto f32 = img.options().dtype(at::kFloat);
+  Tensor d_img = at::empty({M, D}, f32);
+  Tensor d_txt = at::empty({K, D}, f32);
+  Tensor d_scale = at::zeros({}, f32);
+  const double omega = std::max({std::fabs(coef_row), std::fabs(coef_col), std::fabs(coef_diag)});
+  if (M == 0 || K == 0 || omega == 0.0) {
+    d_img.zero_();
+    d_txt.zero_();
+    return {d_img, d_txt, d_scale};
+  }
+  const Tensor lse_r = lse_row.has_value() ? lse_row->contiguous() : Tensor();
+  const Tensor lse_c = lse_col.has_value() ? lse_col->contiguous() : Tensor();
+  const bool use_row = coef_row != 0.0, use_col = coef_col != 0.0;
+
+  // Strip height R: a multiple of 64 rows with R * K <= kWorkspaceElems (at least 64).
+  int64_t R = std::max<int64_t>(1, kWorkspaceElems / (K * kBlockM)) * kBlockM;
+  R = std::min(R, kMaxStripBlocks * kBlockM);
+  R = std::min(R, M);
+  Tensor W = at::empty({R, K}, img.options());
+  Tensor d_txt_part;  // float16/bfloat16 strips after the first: W.T @ img lands here, then adds
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(img.device().index()).stream();
+  const InputKind kind = input_kind(img.scalar_type(), allow_tf32);
+
+  for (int64_t r0 = 0; r0 < M; r0 += R) {
+    const int64_t r1 = std::min(M, r0 + R);
+    const int64_t rows = r1 - r0;
+    // 1. One fused pass over the strip's tiles: W = G / omega, d_scale += <G, img@txt.T>.
+    C10_CUDA_CHECK(launch_grad_strip(
+        kind, img.data_ptr(), txt.data_ptr(), M, K, D, r0, r1, scale.data_ptr<float>(),
+        bias_ptr(bias), use_row ? lse_r.data_ptr<float>() : nullptr,
+        use_col ? lse_c.data_ptr<float>() : nullptr, static_cast<float>(coef_row),
+        static_cast<float>(coef_col), static_cast<float>(coef_diag),
+        static_cast<float>(1.0 / omega), W.data_ptr(), d_scale.data_ptr<float>(), stream));
+    if (D == 0) continue;
+    // 2. Both products from the same W (cuBLAS, fp32 accumulation and output).
+    const Tensor Ws = W.narrow(0, 0, rows);
+    const Tensor img_s = img.narrow(0, r0, rows);
+    Tensor d_img_s = d_img.narrow(0, r0, rows);
+    mm_float_out(d_img_s, Ws, txt);
+    if (r0 == 0) {
+      mm_float_out(d_txt, Ws.t(), img_s);
+    } else if (img.scalar_type() == at::kFloat) {
+      d_txt.addmm_(Ws.t(), img_s);
+    } else {
+      if (!d_txt_part.defined()) d_txt_part = at::empty({K, D}, f32);
+      mm_float_out(d_txt_part, Ws.t(), img_s);
+      d_txt.add_(d_txt_part);
+    }
+  }
+  // 3. Undo the 1/omega of W and apply the scale: d_img = scale * G @ txt, etc.
+  //    (scale stays on the device: no host synchronisation.)
+  const Tensor mult = scale * omega;
+  d_img.mul_(mult);
+  d_txt.mul_(mult);
+  return {d_img, d_txt, d_scale};
+}
+
+std::string compiled_archs() { return CLIP_FAST_STR(CLIP_FAST_ARCH_LIST); }
+
+}  // namespace
+}  // namespace clip_fast
+
+TORCH_LIBRARY(clip_fast_cuda, m) {
+  m.def("lse_forward(Tensor img, Tensor txt, Tensor scale, Tensor? bias, bool allow_tf32)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("grad_backward(Tensor img, Tensor txt, Tensor scale, Tensor? bias, Tensor? lse_row,"
+        " Tensor? lse_col, float coef_row, float coef_col, float coef_diag, bool allow_tf32)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(clip_fast_cuda, CUDA, m) {
+  m.impl("lse_forward", &clip_fast::lse_forward);
+  m.impl("grad_backward", &clip_fast::grad_backward);
+}
+
+// CPU: the same functions, which stop at a named check (img must be a CUDA tensor ...).
+TORCH_LIBRARY_IMPL(clip_fast_cuda, CPU, m) {
+  m.impl("lse_forward", &clip_fast::lse_forward);
+  m.impl("grad_backward", &clip_fast::grad_backward);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "clip_fast CUDA kernels; the ops live in torch.ops.clip_fast_cuda";
+  m.def("compiled_archs", &clip_fast::compiled_archs,
+        "The CUDA architectures this build targets, e.g. '80_90' (a trailing 'p': also PTX)");
+}
