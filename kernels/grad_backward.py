@@ -204,7 +204,8 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     gmax = max(abs(coef_row) + abs(coef_col), abs(coef_diag))
     gscale = 2.0 ** math.floor(-math.log2(gmax))
     ws_dtype = img.dtype
-    R, C = _block_shape(M, K, img.element_size(), 256, 256)
+    R, C = _block_shape(M, K, img.element_size(), 256 if autotune else bwd.BM,
+                        256 if autotune else bwd.BN)
     ws = torch.empty((R, C), device=dev, dtype=ws_dtype)
     dummy = d_scale_rows
     lse_row_t = lse_row.contiguous() if has_row else dummy

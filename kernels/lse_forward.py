@@ -210,6 +210,12 @@ def _kernel(autotune: bool):
     return _autotuned
 
 
+def _wrap(kernel):
+    """wrap_triton for torch.compile; the interpreter's kernels are launched as they are
+    (older torch rejects an InterpretedFunction in wrap_triton)."""
+    return kernel if _config.interpreter_active() else wrap_triton(kernel)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -262,10 +268,10 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, lse_row, col_sum, diag,
     if autotune:
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), splits)  # noqa: E731
         args["EVEN_D"] = False
-        wrap_triton(_kernel(True))[grid](*ptrs, **args)
+        _wrap(_kernel(True))[grid](*ptrs, **args)
     else:
         args["EVEN_D"] = D % fwd.BK == 0
-        wrap_triton(_kernel(False))[(row_blocks, splits)](
+        _wrap(_kernel(False))[(row_blocks, splits)](
             *ptrs, **args, BM=fwd.BM, BN=fwd.BN, BK=fwd.BK,
             num_warps=fwd.num_warps, num_stages=fwd.num_stages)
     if split:

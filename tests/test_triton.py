@@ -1,0 +1,336 @@
+"""The fused Triton backend against the float64 reference and the torch backend.
+
+Without CUDA these run in the Triton CPU interpreter (TRITON_INTERPRET=1 is set here
+before the kernels are imported), with small test-only blocks (16 x 16 x 16) so odd
+shapes span several tiles and the whole file stays within a few minutes on 2 cores.
+
+bf16 under the interpreter: its tl.dot on bf16 returns garbage, so the kernels take a
+constexpr DOT_UPCAST that converts the bf16 tiles to fp32 just before tl.dot (set only
+under the interpreter).  bf16 values are exact in fp32 and so are bf16 x bf16
+products, so this computes the same sums as the bf16 MMA up to summation order.
+COVERED for bf16 here: the bf16 loads (pointers, strides, masks, padding with 0), the
+fp32 epilogue (exp2, online max, shared shift, atomics, diagonal), the casts of G into
+the bf16 workspace and the cuBLAS-side GEMMs (CPU matmul here).  NOT covered here: the
+bf16 MMA instruction itself (tensor-core tl.dot) and the GPU block configurations --
+the `gpu` tests below cover those; benchmarks/gpu_check.sh runs them on a real GPU.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from reference import reference_block, reference_block_grads, reference_clip_loss  # noqa: E402
+
+from clip_fast.backends import torch_backend, triton_backend  # noqa: E402
+from clip_fast.kernels import config as kconfig  # noqa: E402
+from clip_fast.kernels.lse_forward import _lse_forward_kernel, column_fallback_flags  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEV.type == "cpu" and "Interpreted" not in type(_lse_forward_kernel).__name__:
+    pytest.skip("Triton kernels were imported before TRITON_INTERPRET=1 was set; run this file "
+                "with TRITON_INTERPRET=1 on a machine without CUDA", allow_module_level=True)
+
+SMALL = kconfig.Configs(forward=kconfig.KernelConfig(16, 16, 16, 4, 2),
+                        backward=kconfig.KernelConfig(16, 16, 16, 4, 2), col_splits=1)
+# Worst-case rounding unit of the values each output is built from (see _check_block).
+EPS = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks():
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")   # exact fp32 dots ("ieee")
+    with kconfig.override(SMALL):
+        yield
+    torch.set_float32_matmul_precision(prev)
+
+
+def _features(m, d, dtype=torch.float32, normalise=True, device=DEV):
+    x = torch.randn(m, d, dtype=torch.float64)
+    if normalise:
+        x = torch.nn.functional.normalize(x, dim=1)
+    return x.to(device=device, dtype=dtype)
+
+
+def _magnitudes(img, txt, scale, bias, coef_row, coef_col, coef_diag):
+    """Sizes of the terms each output sums (float64); tolerances scale with these."""
+    x, y = img.double().cpu(), txt.double().cpu()
+    raw = x @ y.T
+    s = float(scale) * raw + (0.0 if bias is None else float(bias))
+    g_abs = (coef_row * torch.softmax(s, 1) + coef_col * torch.softmax(s, 0)
+             + abs(coef_diag) * torch.eye(*s.shape, dtype=torch.float64))
+    return (s.abs().max().item() + 1.0,
+            abs(float(scale)) * (g_abs @ y.abs()).max().item() + 1e-30,
+            abs(float(scale)) * (g_abs.T @ x.abs()).max().item() + 1e-30,
+            (g_abs * raw.abs()).sum().item() + 1e-30)
+
+
+def _close(got, ref, tol, what):
+    err = (got.double().cpu() - ref.double().cpu()).abs().max().item()
+    assert math.isfinite(err) and err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e}"
+
+
+def _check_block(img, txt, scale, bias=None, coefs=None):
+    """Triton forward + backward on one block vs float64 and vs the torch backend.
+
+    Forward: S is accumulated in fp32 from the (exactly converted) inputs, so the lse and
+    diagonal errors are fp32-sized relative to max|S|.  Backward: G is rounded once into
+    the input dtype (workspace) and summed in fp32, so each gradient's error is bounded by
+    a few units of that dtype times the sum of the absolute terms (_magnitudes).
+    """
+    m, k = img.shape[0], txt.shape[0]
+    coefs = coefs or (1.0 / (2 * m), 1.0 / (2 * m), 1.0 / m)
+    sc = torch.tensor(float(scale), device=img.device)
+    bi = None if bias is None else torch.tensor(float(bias), device=img.device)
+    lse_row, lse_col, diag = triton_backend.lse_forward(img, txt, sc, bi)
+    assert lse_row.shape == (m,) and lse_col.shape == (k,) and diag.shape == (min(m, k),)
+    assert lse_row.dtype == lse_col.dtype == diag.dtype == torch.float32
+    r_row, r_col, r_diag = reference_block(img.cpu(), txt.cpu(), scale, bias)
+    mag_s, mag_img, mag_txt, mag_sc = _magnitudes(img, txt, scale, bias, *coefs)
+    ftol = 2e-6 * mag_s * max(1.0, math.sqrt(img.shape[1]) / 4)
+    _close(lse_row, r_row, ftol, "lse_row")
+    _close(lse_col, r_col, ftol, "lse_col")
+    _close(diag, r_diag, ftol, "diag")
+
+    d_img, d_txt, d_scale = triton_backend.grad_backward(img, txt, sc, bi, r_row.float().to(img.device),
+                                                         r_col.float().to(img.device), *coefs)
+    assert d_img.dtype == d_txt.dtype == d_scale.dtype == torch.float32
+    assert d_img.shape == img.shape and d_txt.shape == txt.shape and d_scale.shape == ()
+    g_img, g_txt, g_scale = reference_block_grads(img.cpu(), txt.cpu(), scale, bias, *coefs)
+    # G's entries carry the dtype's rounding plus fp32's relative error of exp(S - lse),
+    # which grows with |S| (2^-24 * max|S| per rounding of S and of the lse).
+    eps = EPS[img.dtype] + 2.0 ** -22 * mag_s
+    _close(d_img, g_img, 4 * eps * mag_img, "d_img")
+    _close(d_txt, g_txt, 4 * eps * mag_txt, "d_txt")
+    _close(d_scale, g_scale, 4 * eps * mag_sc, "d_scale")
+
+    # Same contract as the torch backend (its own fp32 rounding, so a looser tolerance).
+    t_row, t_col, t_diag = torch_backend.lse_forward(img, txt, sc, bi)
+    _close(lse_row, t_row, 2 * ftol, "lse_row vs torch backend")
+    _close(lse_col, t_col, 2 * ftol, "lse_col vs torch backend")
+    t_img, t_txt, t_sc = torch_backend.grad_backward(img, txt, sc, bi, r_row.float().to(img.device),
+                                                     r_col.float().to(img.device), *coefs)
+    _close(d_img, t_img, 8 * eps * mag_img, "d_img vs torch backend")
+    _close(d_txt, t_txt, 8 * eps * mag_txt, "d_txt vs torch backend")
+
+
+@pytest.mark.parametrize("m,k,d", [(1, 1, 1), (2, 2, 33), (77, 77, 33), (77, 77, 1),
+                                   (40, 77, 129), (77, 40, 16), (300, 300, 129)])
+def test_shapes_fp32(m, k, d):
+    _check_block(_features(m, d), _features(k, d), scale=14.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,d", [(77, 77, 33), (50, 33, 129)])
+def test_low_precision(dtype, m, k, d):
+    """fp16 and bf16 (bf16 via DOT_UPCAST under the interpreter, see the module doc)."""
+    _check_block(_features(m, d, dtype), _features(k, d, dtype), scale=30.0, bias=-1.5)
+
+
+@pytest.mark.parametrize("scale,bias", [(100.0, None), (100.0, 2.5), (0.5, -10.0)])
+def test_scale_and_bias(scale, bias):
+    _check_block(_features(77, 33), _features(77, 33), scale, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_inputs(dtype):
+    """Non-contiguous img (every other column) and txt (a transposed view)."""
+    img = _features(77, 66, dtype)[:, ::2]
+    txt = torch.empty(33, 77, dtype=dtype, device=DEV).T  # (77, 33) with strides (1, 77)
+    txt.copy_(_features(77, 33, dtype))
+    assert not img.is_contiguous() and not txt.is_contiguous()
+    _check_block(img, txt, scale=50.0, bias=0.3)
+
+
+def test_near_one_hot_rows_scale_100():
+    """Confident rows: S_ii ~ 100 dominates each row and column (P ~ one-hot)."""
+    img = _features(77, 33)
+    txt = torch.nn.functional.normalize(img + 0.01 * torch.randn_like(img), dim=1)
+    _check_block(img, txt, scale=100.0)
+
+
+def test_identical_embeddings():
+    """All rows equal: every softmax is uniform, G = (1/N^2) - I/N exactly."""
+    img = _features(1, 33).expand(77, 33)
+    txt = _features(1, 33).expand(77, 33)
+    _check_block(img, txt, scale=100.0)
+
+
+def test_zero_vectors():
+    """S = bias everywhere: lse = bias + ln N, and the bounds c_j collapse to the bias."""
+    img = torch.zeros(40, 33, device=DEV)
+    txt = torch.zeros(50, 33, device=DEV)
+    _check_block(img, txt, scale=100.0, bias=1.0)
+
+
+def test_column_underflow_fallback_single():
+    """N = 1, img = -txt, s = 100: S = -100 against the bound +100; the column sum underflows."""
+    img = _features(1, 8)
+    txt = -img
+    sc = torch.tensor(100.0, device=DEV)
+    assert column_fallback_flags(img.cpu(), txt.cpu(), sc.cpu()).all()
+    _check_block(img, txt, scale=100.0)
+
+
+def test_column_underflow_fallback_mixed():
+    """Some columns far below their Cauchy-Schwarz bound (flagged), some not, across blocks.
+
+    A flagged column's shifted sum is ~2^-800: without the exact fallback its lse would be
+    -inf, so matching the reference proves the fallback ran (and left the others alone).
+    """
+    u = torch.nn.functional.normalize(torch.randn(1, 24, dtype=torch.float64), dim=1)
+    img = torch.nn.functional.normalize(u + 0.05 * torch.randn(40, 24, dtype=torch.float64), dim=1)
+    sign = torch.where(torch.arange(50) % 3 == 0, -3.0, 1.0).to(torch.float64)
+    txt = sign[:, None] * torch.nn.functional.normalize(u + 0.05 * torch.randn(50, 24, dtype=torch.float64), dim=1)
+    img, txt = img.float().to(DEV), txt.float().to(DEV)
+    flags = column_fallback_flags(img.cpu(), txt.cpu(), torch.tensor(100.0))
+    assert flags.any() and not flags.all()
+    _check_block(img, txt, scale=100.0, coefs=(0.01, 0.02, 0.03))
+
+
+@pytest.mark.parametrize("share_exp", [True, False])
+@pytest.mark.parametrize("col_splits", [1, 3])
+def test_exp_sharing_and_column_splits(share_exp, col_splits):
+    """Both exponential paths (shared / two exps) and the split column sweep agree."""
+    cfg = kconfig.Configs(forward=SMALL.forward, backward=SMALL.backward,
+                          col_splits=col_splits, share_exp=share_exp)
+    with kconfig.override(cfg):
+        _check_block(_features(77, 33), _features(70, 33), scale=100.0, bias=0.5)
+
+
+def test_wide_lse_spread_takes_two_exp_path():
+    """Rows of very different norms: lse spread > 60 (log2) forces the per-tile fallback."""
+    img = _features(64, 16) * torch.linspace(0.1, 3.0, 64, device=DEV)[:, None]
+    txt = _features(64, 16) * torch.linspace(3.0, 0.1, 64, device=DEV)[:, None]
+    _check_block(img, txt, scale=40.0)
+
+
+@pytest.mark.parametrize("coefs", [(0.3, 0.0, 0.0), (0.0, 0.2, 0.0), (0.1, 0.2, 0.0), (0.0, 0.0, 0.5)])
+def test_single_terms_of_g(coefs):
+    """Each term of G on its own (a zero coefficient switches its term off)."""
+    _check_block(_features(33, 17), _features(45, 17), scale=10.0, coefs=coefs)
+
+
+def test_backward_workspace_blocks(monkeypatch):
+    """A tiny workspace budget splits the backward into many row x column blocks."""
+    monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", str(20 * 30 * 4 / 2**20))
+    _check_block(_features(77, 33), _features(65, 33), scale=20.0)
+
+
+def test_full_loss_through_function():
+    """clip_loss(backend='triton'): loss and every gradient vs the float64 reference."""
+    from clip_fast import clip_loss
+
+    img = _features(77, 33).requires_grad_(True)
+    txt = _features(77, 33).requires_grad_(True)
+    scale = torch.tensor(30.0, device=DEV, requires_grad=True)
+    loss = clip_loss(img, txt, scale, backend="triton")
+    loss.backward()
+    r_loss, r_img, r_txt, r_scale, _ = reference_clip_loss(img.cpu(), txt.cpu(), 30.0)
+    _close(loss, r_loss, 1e-5, "loss")
+    mags = _magnitudes(img.detach(), txt.detach(), 30.0, None, 1 / 154, 1 / 154, 1 / 77)
+    _close(img.grad, r_img, 4 * EPS[torch.float32] * mags[1], "d_img")
+    _close(txt.grad, r_txt, 4 * EPS[torch.float32] * mags[2], "d_txt")
+    _close(scale.grad, r_scale, 1e-5 * mags[3] + 1e-6, "d_scale")
+
+
+def test_unavailable_reasons():
+    assert "float64" in triton_backend.unavailable_reason(DEV, torch.float64)
+    assert triton_backend.unavailable_reason(DEV, torch.bfloat16) is None
+    assert "CUDA" in triton_backend.unavailable_reason(torch.device("meta"), torch.float32)
+
+
+def test_backward_op_fake_impl():
+    """The backward custom_op's fake (meta) implementation gives the right shapes/dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        img, txt = torch.empty(9, 5, dtype=torch.bfloat16), torch.empty(7, 5, dtype=torch.bfloat16)
+        s, r, c = torch.empty(()), torch.empty(9), torch.empty(7)
+        gi, gt, gs = torch.ops.clip_fast.triton_grad_backward(img, txt, s, None, r, c, 0.1, 0.1, 0.2)
+    assert (gi.shape, gt.shape, gs.shape) == ((9, 5), (7, 5), ())
+    assert gi.dtype == gt.dtype == gs.dtype == torch.float32
+
+
+# ---- GPU only: real tensor-core dots, default block table, large N, torch.compile ----
+
+@pytest.fixture
+def default_blocks():
+    """GPU tests use the production configuration table, not the small test blocks."""
+    with kconfig.override(None):
+        yield
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k,d", [(77, 77, 33), (1000, 1000, 129), (4096, 4096, 512), (3000, 5000, 768)])
+def test_gpu_default_configs(default_blocks, dtype, m, k, d):
+    """Tensor-core tl.dot (the bf16 MMA the interpreter cannot run) with the real tile sizes."""
+    _check_block(_features(m, d, dtype), _features(k, d, dtype), scale=100.0, bias=-2.0)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_follows_torch(default_blocks):
+    """fp32 with TF32 allowed: errors at TF32 level (2^-11), not garbage."""
+    torch.set_float32_matmul_precision("high")
+    img, txt = _features(2048, 512), _features(2048, 512)
+    sc = torch.tensor(100.0, device=DEV)
+    r_row, _, _ = reference_block(img.cpu(), txt.cpu(), 100.0)
+    lse_row, _, _ = triton_backend.lse_forward(img, txt, sc)
+    _close(lse_row, r_row, 2.0 ** -9 * 100.0, "lse_row tf32")
+
+
+@pytest.mark.gpu
+def test_gpu_large_n_vs_torch_backend(default_blocks):
+    """N = 65536, D = 512 bf16 against the exact chunked torch backend (fp32 on GPU)."""
+    n, d = 65536, 512
+    img, txt = _features(n, d, torch.bfloat16), _features(n, d, torch.bfloat16)
+    sc = torch.tensor(50.0, device=DEV)
+    got = triton_backend.lse_forward(img, txt, sc)
+    ref = torch_backend.lse_forward(img, txt, sc)
+    for g, r, what in zip(got, ref, ("lse_row", "lse_col", "diag")):
+        _close(g, r, 1e-4 * 50.0, what)
+    coefs = (1 / (2 * n), 1 / (2 * n), 1 / n)
+    gi, gt, gs = triton_backend.grad_backward(img, txt, sc, None, ref[0], ref[1], *coefs)
+    ti, tt, ts = torch_backend.grad_backward(img, txt, sc, None, ref[0], ref[1], *coefs)
+    _close(gi, ti, 2 * EPS[torch.bfloat16] * ti.abs().max().item() + 1e-7, "d_img")
+    _close(gt, tt, 2 * EPS[torch.bfloat16] * tt.abs().max().item() + 1e-7, "d_txt")
+    _close(gs, ts, 1e-2 * abs(ts.item()) + 1e-4, "d_scale")
+
+
+@pytest.mark.gpu
+def test_gpu_forward_traces_into_graph(default_blocks):
+    """make_fx sees the forward's Triton kernels (triton_op + wrap_triton), not an opaque call."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(img, txt, s):
+        return torch.ops.clip_fast.triton_lse_forward(img, txt, s, None)
+
+    img, txt = _features(300, 64, torch.bfloat16), _features(200, 64, torch.bfloat16)
+    gm = make_fx(f, tracing_mode="fake")(img, txt, torch.tensor(10.0, device=DEV))
+    assert "triton_kernel_wrapper" in gm.code, gm.code
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_module(default_blocks):
+    """torch.compile(FastClipLoss(backend='triton')): no graph break, same loss and grads."""
+    from clip_fast import FastClipLoss
+
+    img = _features(1024, 256, torch.bfloat16).requires_grad_(True)
+    txt = _features(1024, 256, torch.bfloat16).requires_grad_(True)
+    scale = torch.tensor(30.0, device=DEV, requires_grad=True)
+    eager = FastClipLoss(backend="triton")
+    compiled = torch.compile(FastClipLoss(backend="triton"), fullgraph=True)
+    l1 = eager(img, txt, scale)
+    g1 = torch.autograd.grad(l1, [img, txt, scale])
+    l2 = compiled(img, txt, scale)
+    g2 = torch.autograd.grad(l2, [img, txt, scale])
+    _close(l2, l1, 1e-3, "loss")
+    for a, b, what in zip(g2, g1, ("d_img", "d_txt", "d_scale")):
+        _close(a, b, 1e-2 * b.abs().max().item() + 1e-6, what)
