@@ -4,10 +4,14 @@
 // torch.compile sees them as single graph nodes; clip_fast/backends/cuda_backend.py
 // registers their fake (meta) implementations.
 //
-//   clip_fast_cuda::lse_forward(img, txt, scale, bias?, allow_tf32) -> (lse_row, lse_col, diag)
+//   clip_fast_cuda::lse_forward(img, txt, scale, bias?, allow_tf32?) -> (lse_row, lse_col, diag)
 //   clip_fast_cuda::grad_backward(img, txt, scale, bias?, lse_row?, lse_col?,
-//                                 coef_row, coef_col, coef_diag, allow_tf32)
+//                                 coef_row, coef_col, coef_diag, allow_tf32?)
 //                                 -> (d_img, d_txt, d_scale)
+//
+// allow_tf32 (float32 inputs only): None follows torch's cuBLAS setting
+// (at::globalContext().allowTF32CuBLAS(), i.e. torch.backends.cuda.matmul.allow_tf32 /
+// torch.set_float32_matmul_precision), read when the op runs; True/False force it.
 //
 // Semantics are the backend contract in clip_fast/backends/__init__.py.  Inputs may be
 // strided: they are made contiguous here (a copy only when they are not already).
@@ -97,11 +101,14 @@ void check_all_devices(const Tensor& img, const Tensor& txt, const Tensor& scale
   if (bias.has_value()) check_device(img, *bias, "bias");
 }
 
-InputKind input_kind(at::ScalarType dt, bool allow_tf32) {
+InputKind input_kind(at::ScalarType dt, std::optional<bool> allow_tf32) {
   switch (dt) {
     case at::kHalf: return InputKind::kHalf;
     case at::kBFloat16: return InputKind::kBFloat16;
-    default: return allow_tf32 ? InputKind::kFloat32Tf32 : InputKind::kFloat32Exact;
+    default: {
+      const bool tf32 = allow_tf32.has_value() ? *allow_tf32 : at::globalContext().allowTF32CuBLAS();
+      return tf32 ? InputKind::kFloat32Tf32 : InputKind::kFloat32Exact;
+    }
   }
 }
 
@@ -128,7 +135,7 @@ Tensor& mm_float_out(Tensor& out, const Tensor& a, const Tensor& b) {
 
 std::tuple<Tensor, Tensor, Tensor> lse_forward(const Tensor& img_in, const Tensor& txt_in,
                                                const Tensor& scale, const OptTensor& bias,
-                                               bool allow_tf32) {
+                                               std::optional<bool> allow_tf32) {
   check_features(img_in, txt_in);
   check_scalar(scale, "scale");
   if (bias.has_value()) check_scalar(*bias, "bias");
@@ -165,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
                                                  const OptTensor& lse_row,
                                                  const OptTensor& lse_col, double coef_row,
                                                  double coef_col, double coef_diag,
-                                                 bool allow_tf32) {
+                                                 std::optional<bool> allow_tf32) {
   check_features(img_in, txt_in);
   check_scalar(scale, "scale");
   if (bias.has_value()) check_scalar(*bias, "bias");
@@ -251,10 +258,10 @@ std::string compiled_archs() { return CLIP_FAST_STR(CLIP_FAST_ARCH_LIST); }
 }  // namespace clip_fast
 
 TORCH_LIBRARY(clip_fast_cuda, m) {
-  m.def("lse_forward(Tensor img, Tensor txt, Tensor scale, Tensor? bias, bool allow_tf32)"
+  m.def("lse_forward(Tensor img, Tensor txt, Tensor scale, Tensor? bias, bool? allow_tf32=None)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("grad_backward(Tensor img, Tensor txt, Tensor scale, Tensor? bias, Tensor? lse_row,"
-        " Tensor? lse_col, float coef_row, float coef_col, float coef_diag, bool allow_tf32)"
+        " Tensor? lse_col, float coef_row, float coef_col, float coef_diag, bool? allow_tf32=None)"
         " -> (Tensor, Tensor, Tensor)");
 }
 

@@ -22,7 +22,7 @@ grad_strip_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t 
                   int64_t row_begin, int64_t row_end, const float* __restrict__ scale_ptr,
                   const float* __restrict__ bias_ptr, const float* __restrict__ lse_row,
                   const float* __restrict__ lse_col, float coef_row, float coef_col,
-                  float coef_diag, float inv_omega, T* __restrict__ W,
+                  float coef_diag, float inv_omega, bool vec, T* __restrict__ W,
                   float* __restrict__ d_scale) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
@@ -54,12 +54,12 @@ grad_strip_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t 
 
   // 2. The one recompute of this tile: acc = img[rows] @ txt[cols].T (rows masked at the
   //    strip end, so the strip's last tile reads no row of the next strip).
-  tile_dot<T, MMA>(sm, img, txt, row_end, K, D, row0, col0);
+  tile_dot<T, MMA>(sm, img, txt, row_end, K, D, row0, col0, vec);
 
   // 3. G_ij = coef_row * P_row + coef_col * P_col - coef_diag * [i == j], written as
   //    G / omega; d_scale partial = sum G_ij * acc_ij.  Thread t handles elements
-  //    t, t + 128, ...: 64 consecutive columns of a row per half warp-pair, so the W
-  //    stores and the sm.s reads are contiguous.
+  //    t, t + 128, ...: a warp covers 32 consecutive columns of one row, so its W stores
+  //    are contiguous and its sm.s reads hit 32 different banks.
   float ds = 0.f;
 #pragma unroll 4
   for (int e = tid; e < kBM * kBN; e += kThreads) {
@@ -102,7 +102,7 @@ cudaError_t run_grad_strip(const T* img, const T* txt, int64_t K, int64_t D, int
                   static_cast<unsigned>((rows + kBM - 1) / kBM));
   grad_strip_kernel<T, MMA><<<grid, kThreads, 0, stream>>>(
       img, txt, K, D, row_begin, row_end, scale, bias, lse_row, lse_col, coef_row, coef_col,
-      coef_diag, inv_omega, W, d_scale);
+      coef_diag, inv_omega, can_vectorize<T>(img, txt, D), W, d_scale);
   return cudaGetLastError();
 }
 

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
 lse_forward_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t M, int64_t K,
                    int64_t D, const float* __restrict__ scale_ptr,
                    const float* __restrict__ bias_ptr, const float* __restrict__ txt_norm,
-                   const float* __restrict__ img_norm_max, float headroom2,
+                   const float* __restrict__ img_norm_max, float headroom2, bool vec,
                    float* __restrict__ lse_row, float* __restrict__ diag,
                    float* __restrict__ col_sum) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -97,7 +97,7 @@ lse_forward_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t
 
   float m_run = -INFINITY, l_run = 0.f;
   for (int64_t col0 = 0; col0 < K; col0 += kBN) {
-    tile_dot<T, MMA>(sm, img, txt, M, K, D, row0, col0);
+    tile_dot<T, MMA>(sm, img, txt, M, K, D, row0, col0, vec);
 
     // a. Online row log-sum-exp (exact).
     online_row_step(sm.s, col0, K, s2, b2, m_run, l_run);
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
 lse_col_finish_kernel(const T* __restrict__ txt, const T* __restrict__ img, int64_t K,
                       int64_t M, int64_t D, const float* __restrict__ scale_ptr,
                       const float* __restrict__ bias_ptr, const float* __restrict__ txt_norm,
-                      const float* __restrict__ img_norm_max, float headroom2,
+                      const float* __restrict__ img_norm_max, float headroom2, bool vec,
                       const float* __restrict__ col_sum, float* __restrict__ lse_col) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
@@ -178,7 +178,7 @@ lse_col_finish_kernel(const T* __restrict__ txt, const T* __restrict__ img, int6
   const int64_t gj = row0 + r;
   float m_run = -INFINITY, l_run = 0.f;
   for (int64_t col0 = 0; col0 < M; col0 += kBN) {
-    tile_dot<T, MMA>(sm, txt, img, K, M, D, row0, col0);
+    tile_dot<T, MMA>(sm, txt, img, K, M, D, row0, col0, vec);
     online_row_step(sm.s, col0, M, s2, b2, m_run, l_run);
   }
   if (h == 0 && gj < K && flagged[r]) lse_col[gj] = (m_run + log2f(l_run)) * kLn2;
@@ -204,15 +204,17 @@ cudaError_t run_forward(const T* img, const T* txt, int64_t M, int64_t K, int64_
 
   // Headroom H = 84 - ln(M) nats, in base 2.
   const float headroom2 = static_cast<float>((84.0 - std::log(static_cast<double>(M))) * 1.4426950408889634);
+  const bool vec = can_vectorize<T>(img, txt, D);
   const int64_t row_blocks = (M + kBM - 1) / kBM;
   lse_forward_kernel<T, MMA><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
-      img, txt, M, K, D, scale, bias, txt_norm, img_norm_max, headroom2, lse_row, diag, col_sum);
+      img, txt, M, K, D, scale, bias, txt_norm, img_norm_max, headroom2, vec, lse_row, diag,
+      col_sum);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
   const int64_t col_blocks = (K + kBM - 1) / kBM;
   lse_col_finish_kernel<T, MMA><<<static_cast<unsigned>(col_blocks), kThreads, 0, stream>>>(
-      txt, img, K, M, D, scale, bias, txt_norm, img_norm_max, headroom2, col_sum, lse_col);
+      txt, img, K, M, D, scale, bias, txt_norm, img_norm_max, headroom2, vec, col_sum, lse_col);
   return cudaGetLastError();
 }
 

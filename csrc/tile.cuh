@@ -21,6 +21,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <cstddef>
 
 #include "launch.h"
 
@@ -69,20 +70,46 @@ struct TileSmem {
   alignas(128) float s[kBM][kSLd];    // raw dot products of the current tile
 };
 
-// 1. Stage one 64 x 32 slab: thread t copies elements t, t + 128, ...; a warp covers one
-//    row's 32 consecutive K positions (coalesced).  Masked loads: a row >= n_rows or a
-//    K position >= D reads nothing and stores 0, so padding adds exact zeros to the dot.
+// 1. Stage one 64 x 32 slab of rows[row0:row0+64, k0:k0+32] into shared memory.
+//    Masked loads: a row >= n_rows or a K position >= D reads nothing and stores 0, so the
+//    padding adds exact zeros to every dot product.
+//    VEC path (host checked: D a multiple of 16 B worth of elements, both base pointers
+//    16-byte aligned): 16-byte loads and stores; since k0 and the vector offset are
+//    multiples of the vector width and so is D, a vector is entirely inside or entirely
+//    outside [0, D).  Shared rows are 80 B (16-bit) or 144 B (fp32): 16-byte aligned.
+//    Scalar path otherwise: a warp covers one row's 32 consecutive K positions.
 template <typename T, int ROWS, int LD>
 __device__ __forceinline__ void load_slab(T (*dst)[LD], const T* __restrict__ src,
                                           int64_t n_rows, int64_t D, int64_t row0,
-                                          int64_t k0) {
-  const T zero = Convert<T>::from_float(0.f);
+                                          int64_t k0, bool vec) {
+  if (vec) {
+    constexpr int kVec = 16 / sizeof(T);    // elements per 16-byte vector
+    constexpr int kVecPerRow = kBK / kVec;  // 4 (16-bit) or 8 (fp32)
+#pragma unroll
+    for (int e = threadIdx.x; e < ROWS * kVecPerRow; e += kThreads) {
+      const int r = e / kVecPerRow, k = (e % kVecPerRow) * kVec;
+      const int64_t gr = row0 + r, gk = k0 + k;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are 0.0 in every dtype
+      if (gr < n_rows && gk < D) v = *reinterpret_cast<const uint4*>(src + gr * D + gk);
+      *reinterpret_cast<uint4*>(&dst[r][k]) = v;
+    }
+  } else {
+    const T zero = Convert<T>::from_float(0.f);
 #pragma unroll 4
-  for (int e = threadIdx.x; e < ROWS * kBK; e += kThreads) {
-    const int r = e / kBK, k = e % kBK;
-    const int64_t gr = row0 + r, gk = k0 + k;
-    dst[r][k] = (gr < n_rows && gk < D) ? src[gr * D + gk] : zero;
+    for (int e = threadIdx.x; e < ROWS * kBK; e += kThreads) {
+      const int r = e / kBK, k = e % kBK;
+      const int64_t gr = row0 + r, gk = k0 + k;
+      dst[r][k] = (gr < n_rows && gk < D) ? src[gr * D + gk] : zero;
+    }
   }
+}
+
+// Whether load_slab may use 16-byte vectors for these operands (host side).
+template <typename T>
+inline bool can_vectorize(const void* a, const void* b, int64_t D) {
+  constexpr int kVec = 16 / sizeof(T);
+  return D % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(b) % 16 == 0;
 }
 
 // WMMA fragment shapes per path.
@@ -103,7 +130,7 @@ template <typename T, Mma MMA>
 __device__ __forceinline__ void tile_dot(TileSmem<T>& sm, const T* __restrict__ rows,
                                          const T* __restrict__ cols, int64_t n_rows,
                                          int64_t n_cols, int64_t D, int64_t row0,
-                                         int64_t col0) {
+                                         int64_t col0, bool vec) {
   constexpr int LD = TileSmem<T>::kLd;
   __syncthreads();
   if constexpr (MMA == Mma::kSimt) {
@@ -117,8 +144,8 @@ __device__ __forceinline__ void tile_dot(TileSmem<T>& sm, const T* __restrict__ 
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
     for (int64_t k0 = 0; k0 < D; k0 += kBK) {
       __syncthreads();  // everyone is done reading the previous slab
-      load_slab<T, kBM, LD>(sm.a, rows, n_rows, D, row0, k0);
-      load_slab<T, kBN, LD>(sm.b, cols, n_cols, D, col0, k0);
+      load_slab<T, kBM, LD>(sm.a, rows, n_rows, D, row0, k0, vec);
+      load_slab<T, kBN, LD>(sm.b, cols, n_cols, D, col0, k0, vec);
       __syncthreads();
 #pragma unroll 4
       for (int k = 0; k < kBK; ++k) {
@@ -154,8 +181,8 @@ __device__ __forceinline__ void tile_dot(TileSmem<T>& sm, const T* __restrict__ 
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
     for (int64_t k0 = 0; k0 < D; k0 += kBK) {
       __syncthreads();
-      load_slab<T, kBM, LD>(sm.a, rows, n_rows, D, row0, k0);
-      load_slab<T, kBN, LD>(sm.b, cols, n_cols, D, col0, k0);
+      load_slab<T, kBM, LD>(sm.a, rows, n_rows, D, row0, k0, vec);
+      load_slab<T, kBN, LD>(sm.b, cols, n_cols, D, col0, k0, vec);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += KS) {

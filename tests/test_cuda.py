@@ -40,6 +40,7 @@ def test_ops_registered_with_schemas():
     fwd = torch.ops.clip_fast_cuda.lse_forward.default._schema
     bwd = torch.ops.clip_fast_cuda.grad_backward.default._schema
     assert [a.name for a in fwd.arguments] == ["img", "txt", "scale", "bias", "allow_tf32"]
+    assert fwd.arguments[-1].default_value is None  # None: follow torch's TF32 setting
     assert [a.name for a in bwd.arguments] == [
         "img", "txt", "scale", "bias", "lse_row", "lse_col", "coef_row", "coef_col", "coef_diag",
         "allow_tf32"]
@@ -294,6 +295,21 @@ def test_strided_inputs(dtype, tf32, tol_f, tol_b):
     txt = torch.cat([base_txt, base_txt], 1)[:, ::2]  # stride 2 along D
     assert not img.is_contiguous() and not txt.is_contiguous()
     _check_block(0, 0, 0, dtype, tf32, tol_f, tol_b, 30.0, None, img=img, txt=txt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tf32,tol_f,tol_b", PRECISIONS)
+def test_misaligned_contiguous_inputs(dtype, tf32, tol_f, tol_b):
+    """Contiguous views starting one element into their storage: the 16-byte vector loads
+    must be refused (scalar path) even though D is a multiple of the vector width."""
+    m, d = 100, 64
+    a, b = _features(m, m, d, dtype)
+    img = torch.empty(m * d + 1, dtype=dtype, device="cuda")[1:].view(m, d)
+    txt = torch.empty(m * d + 1, dtype=dtype, device="cuda")[1:].view(m, d)
+    img.copy_(a)
+    txt.copy_(b)
+    assert img.is_contiguous() and img.data_ptr() % 16 != 0
+    _check_block(0, 0, 0, dtype, tf32, tol_f, tol_b, 30.0, 0.5, img=img, txt=txt)
 
 
 @pytest.mark.gpu

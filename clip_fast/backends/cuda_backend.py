@@ -1,7 +1,9 @@
 """The CUDA C++ backend: hand-written kernels in ``csrc/``, built as ``clip_fast._C``.
 
 ``lse_forward`` is one sweep over the tiles of S (WMMA tensor cores for fp16/bf16 and
-tf32, exact FMA for float32 when TF32 is off) giving row lse, column lse and the
+tf32, exact FMA for float32 when TF32 is off; float32 follows torch's matmul setting,
+``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``, read in
+C++ when the op runs) giving row lse, column lse and the
 diagonal; ``grad_backward`` recomputes each tile once into a bounded G workspace and
 hands the two gradient GEMMs to cuBLAS.  Both are torch custom ops
 (``torch.ops.clip_fast_cuda.*``, defined in C++ with ``TORCH_LIBRARY``); their fake
@@ -12,7 +14,6 @@ a CPU-only torch) this module still imports and ``unavailable_reason`` says why.
 """
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -78,14 +79,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return None
 
 
-def allow_tf32() -> bool:
-    """torch's float32 matmul setting: TF32 when allowed (either switch), else exact fp32."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy flag warns on new torch
-        allow = bool(torch.backends.cuda.matmul.allow_tf32)
-    return allow or torch.get_float32_matmul_precision() != "highest"
-
-
 def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
     if t is None:
         return None
@@ -95,7 +88,7 @@ def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Ten
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.ops.clip_fast_cuda.lse_forward(
-        img, txt, _scalar(scale, img), _scalar(bias, img), allow_tf32())
+        img, txt, _scalar(scale, img), _scalar(bias, img))
 
 
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
@@ -106,13 +99,13 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     lse_col = lse_col.float() if lse_col is not None and coef_col else None
     return torch.ops.clip_fast_cuda.grad_backward(
         img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
-        float(coef_row), float(coef_col), float(coef_diag), allow_tf32())
+        float(coef_row), float(coef_col), float(coef_diag))
 
 
 # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor ----
 if _C is not None:
     @torch.library.register_fake("clip_fast_cuda::lse_forward")
-    def _lse_forward_fake(img, txt, scale, bias, allow_tf32):
+    def _lse_forward_fake(img, txt, scale, bias, allow_tf32=None):
         m, k = img.shape[0], txt.shape[0]
         return (img.new_empty((m,), dtype=torch.float32),
                 img.new_empty((k,), dtype=torch.float32),
@@ -120,7 +113,7 @@ if _C is not None:
 
     @torch.library.register_fake("clip_fast_cuda::grad_backward")
     def _grad_backward_fake(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col,
-                            coef_diag, allow_tf32):
+                            coef_diag, allow_tf32=None):
         return (img.new_empty(img.shape, dtype=torch.float32),
                 txt.new_empty(txt.shape, dtype=torch.float32),
                 img.new_empty((), dtype=torch.float32))
