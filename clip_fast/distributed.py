@@ -298,7 +298,7 @@ def _reduce_scatter_rows(full: torch.Tensor, layout: _Layout) -> torch.Tensor:
         dist.reduce_scatter_tensor(out, padded.view(w * n_max, -1), group=layout.group)
     else:  # gloo and others: all_reduce (twice the traffic, supported everywhere)
         dist.all_reduce(padded, group=layout.group)
-        out = padded[layout.rank]
+        return padded[layout.rank, :layout.n_local].clone()  # a copy: lets the (N, D) buffer go
     return out[:layout.n_local]
 
 
@@ -375,30 +375,37 @@ class _GatherClipLoss(torch.autograd.Function):
         n, o = layout.n_local, layout.offsets[layout.rank]
         if layout.local_loss:
             # loss_r = (mean_i CE(S[o+i, :]) + mean_j CE(S[:, o+j])) / 2 over this rank's rows/columns.
+            # The strips' (N, D) outputs are the gradient of this rank's loss w.r.t. the other
+            # ranks' gathered features; with gather_with_grad they are summed on their owners
+            # (the backward of open_clip's all_gather), else dropped.  One lives at a time.
             c = 1.0 / (2 * n)
-            d_img, d_all_txt, ds_row = impl.grad_backward(img, all_txt, s, b, lse_row, None, c, 0.0, 0.0, **kw)
-            d_all_img, d_txt, ds_col = impl.grad_backward(all_img, txt, s, b, None, lse_col[o:o + n].contiguous(),
-                                                          0.0, c, 0.0, **kw)
+            d_img, d_all, ds_row = impl.grad_backward(img, all_txt, s, b, lse_row, None, c, 0.0, 0.0, **kw)
+            from_others_txt = _reduce_scatter_rows(d_all.mul_(g), layout) if layout.gather_with_grad else None
+            del d_all
+            d_all, d_txt, ds_col = impl.grad_backward(all_img, txt, s, b, None, lse_col[o:o + n].contiguous(),
+                                                      0.0, c, 0.0, **kw)
+            from_others_img = _reduce_scatter_rows(d_all.mul_(g), layout) if layout.gather_with_grad else None
+            del d_all
             d_scale = (ds_row + ds_col - 2 * c * dot.sum()) * g
+            d_img, d_txt = d_img.mul_(g), d_txt.mul_(g)
             if layout.gather_with_grad:
-                # The gradient of this rank's loss w.r.t. the other ranks' (gathered) features,
-                # summed on its owner: the backward of open_clip's all_gather.
-                d_img = d_img * g + _reduce_scatter_rows(d_all_img * g, layout)
-                d_txt = d_txt * g + _reduce_scatter_rows(d_all_txt * g, layout)
+                d_img, d_txt = d_img.add_(from_others_img), d_txt.add_(from_others_txt)
                 label = 2 * c  # both label logits reach both own features
             else:
-                d_img, d_txt = d_img * g, d_txt * g
                 label = c  # the gathered copies are constants: one label logit each
-            d_img = d_img - (label * g) * s * txt.to(acc)
-            d_txt = d_txt - (label * g) * s * img.to(acc)
+            d_img.sub_(txt.to(acc) * (label * g * s))
+            d_txt.sub_(img.to(acc) * (label * g * s))
         else:
             # The global loss L with G = (P_row + P_col - 2I) / (2N): this rank's row and column strips.
+            # Each strip's other (N, D) output belongs to other ranks' rows: dropped at once.
             c = 1.0 / (2 * sum(layout.sizes))
-            d_img, _, ds_part = impl.grad_backward(img, all_txt, s, b, lse_row, lse_col, c, c, 0.0, **kw)
-            _, d_txt, _ = impl.grad_backward(all_img, txt, s, b, lse_row_all, lse_col[o:o + n].contiguous(),
-                                             c, c, 0.0, **kw)
-            d_img = d_img - 2 * c * s * txt.to(acc)
-            d_txt = d_txt - 2 * c * s * img.to(acc)
+            d_img, unused, ds_part = impl.grad_backward(img, all_txt, s, b, lse_row, lse_col, c, c, 0.0, **kw)
+            del unused
+            unused, d_txt, _ = impl.grad_backward(all_img, txt, s, b, lse_row_all, lse_col[o:o + n].contiguous(),
+                                                  c, c, 0.0, **kw)
+            del unused
+            d_img.sub_(txt.to(acc) * (2 * c * s))
+            d_txt.sub_(img.to(acc) * (2 * c * s))
             # Row strips partition the logits: summing them gives dL/dscale; the same
             # all_reduce sums the upstream gradients (gather_with_grad sends every rank's
             # dL_q/dfeatures to the owner).
@@ -406,7 +413,7 @@ class _GatherClipLoss(torch.autograd.Function):
             dist.all_reduce(pair, group=layout.group)
             d_scale = pair[0] * g
             feat = pair[1] if layout.gather_with_grad else g
-            d_img, d_txt = d_img * feat, d_txt * feat
+            d_img, d_txt = d_img.mul_(feat), d_txt.mul_(feat)
         return _finish(d_img, d_txt, d_scale, img, txt, scale, bias, ctx.needs_input_grad)
 
 
