@@ -1,0 +1,113 @@
+"""Gradient caching (GradCache, Gao et al. 2021): a contrastive batch larger than memory.
+
+The contrastive loss couples every pair of the batch, but only through the
+embeddings.  So one step over a batch of N is done in micro-batches of m:
+
+1. embed all N samples in micro-batches without autograd, saving the RNG state
+   before each micro-batch (dropout, stochastic layers);
+2. compute the loss on the (N, D) embeddings as leaf tensors and backpropagate to
+   them (FastClipLoss needs O(N * D) memory here, not O(N^2));
+3. re-run each micro-batch with autograd under its saved RNG state (so dropout
+   draws the same masks) and backpropagate its slice of the cached embedding
+   gradient into the parameters.
+
+Peak activation memory is that of one micro-batch; the parameter gradients equal
+the full-batch step's (tests/test_gradcache.py checks this in float64 with dropout).
+The cost is one extra forward pass.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, List, Optional
+
+import torch
+from torch import nn
+
+
+def capture_rng(device: torch.device) -> dict:
+    """The CPU RNG state and, on a CUDA device, that device's RNG state."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+@contextlib.contextmanager
+def replay_rng(state: dict, device: torch.device):
+    """Run the block with the RNG state ``state``; the global RNG is untouched afterwards."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.set_rng_state(state["cpu"])
+        if cuda:
+            torch.cuda.set_rng_state(state["cuda"], device)
+        yield
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def plain_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, loss_fn: LossFn,
+               autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """One ordinary full-batch forward and backward; returns the detached loss."""
+    with autocast():
+        img, txt, scale = model(images, tokens)
+    loss = loss_fn(img.float(), txt.float(), scale.float())
+    loss.backward()
+    return loss.detach()
+
+
+def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                    loss_fn: LossFn, micro_batch_size: int,
+                    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                    no_sync: Optional[Callable[[], ContextManager]] = None) -> torch.Tensor:
+    """One gradient-cached step: accumulates the full-batch gradients into ``.grad``.
+
+    ``model(images, tokens)`` must return ``(image_emb, text_emb, scale)``.
+    ``loss_fn(image_emb, text_emb, scale)`` is the contrastive loss (e.g. a
+    FastClipLoss).  ``no_sync`` (DistributedDataParallel.no_sync) is entered for every
+    re-run but the last, so gradients are all-reduced once.  Returns the detached loss.
+    """
+    n = images.shape[0]
+    if tokens.shape[0] != n:
+        raise ValueError(f"images and tokens must have the same batch size, got "
+                         f"images {tuple(images.shape)} and tokens {tuple(tokens.shape)}")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    device = images.device
+    img_chunks = images.split(micro_batch_size)
+    tok_chunks = tokens.split(micro_batch_size)
+
+    # 1. Embed everything without autograd, remembering each micro-batch's RNG state.
+    states: List[dict] = []
+    img_embs, txt_embs = [], []
+    with torch.no_grad():
+        for im, tk in zip(img_chunks, tok_chunks):
+            states.append(capture_rng(device))
+            with autocast():
+                img, txt, scale = model(im, tk)
+            img_embs.append(img.float())
+            txt_embs.append(txt.float())
+
+    # 2. Loss and embedding gradients on leaf tensors.
+    img_all = torch.cat(img_embs).requires_grad_(True)
+    txt_all = torch.cat(txt_embs).requires_grad_(True)
+    scale_leaf = scale.detach().float().requires_grad_(True)
+    del img_embs, txt_embs
+    loss = loss_fn(img_all, txt_all, scale_leaf)
+    loss.backward()
+    d_img = img_all.grad.split(micro_batch_size)
+    d_txt = txt_all.grad.split(micro_batch_size)
+    d_scale = scale_leaf.grad
+
+    # 3. Re-run each micro-batch with autograd and push its cached gradient through.
+    last = len(img_chunks) - 1
+    for k, (im, tk) in enumerate(zip(img_chunks, tok_chunks)):
+        sync = no_sync() if (no_sync is not None and k < last) else contextlib.nullcontext()
+        with sync, replay_rng(states[k], device):
+            with autocast():
+                img, txt, scale = model(im, tk)
+            surrogate = (img.float() * d_img[k]).sum() + (txt.float() * d_txt[k]).sum()
+            if k == last:  # the temperature's gradient enters once
+                surrogate = surrogate + scale.float() * d_scale
+            surrogate.backward()
+    return loss.detach()
