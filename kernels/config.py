@@ -45,8 +45,10 @@ class Configs:
 
 # Per-architecture table: (major compute capability) -> configs.
 _TABLE: Dict[int, Configs] = {
-    # Hopper (sm_90): the calibrated row-lse tile; backward writes one G tile per program.
-    9: Configs(forward=KernelConfig(128, 256, 64, 8, 3),
+    # Hopper (sm_90).  The calibrated row-lse tile (128 x 256) spills once the column
+    # sums are added (ptxas: 360 B of spill stores at 255 registers, bf16), 128 x 128
+    # with 8 warps does not (245 registers) -- see `python -m clip_fast.kernels.aot_check`.
+    9: Configs(forward=KernelConfig(128, 128, 64, 8, 3),
                backward=KernelConfig(128, 128, 64, 8, 3)),
     # Ampere (sm_80/86/89): smaller shared memory, keep BN at 128.
     8: Configs(forward=KernelConfig(128, 128, 64, 8, 3),
@@ -70,16 +72,28 @@ def autotune_enabled() -> bool:
     return os.environ.get("CLIP_FAST_AUTOTUNE", "0") not in ("", "0") and not interpreter_active()
 
 
-def get_configs(device: torch.device) -> Configs:
+def table_configs(major: int, dtype: torch.dtype = torch.bfloat16) -> Configs:
+    """The table's entry for compute capability ``major`` and input ``dtype``.
+
+    fp32 tiles take twice the shared memory per stage, so BK is halved for fp32
+    (3 stages of 128x64 + 64x128 fp32 tiles would exceed sm_80's 164 KiB).
+    """
+    cfg = _TABLE[9] if major >= 9 else _TABLE.get(major, _DEFAULT_GPU)
+    if dtype == torch.float32:
+        cfg = dataclasses.replace(
+            cfg, forward=dataclasses.replace(cfg.forward, BK=min(cfg.forward.BK, 32)),
+            backward=dataclasses.replace(cfg.backward, BK=min(cfg.backward.BK, 32)))
+    return cfg
+
+
+def get_configs(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Configs:
     """The configuration used for a launch on ``device`` (override > interpreter > table)."""
     if _override is not None:
         return _override
     if device.type != "cuda":
         return _INTERPRETER
     major, _minor = torch.cuda.get_device_capability(device)
-    if major >= 9:
-        return _TABLE[9]
-    return _TABLE.get(major, _DEFAULT_GPU)
+    return table_configs(major, dtype)
 
 
 @contextlib.contextmanager

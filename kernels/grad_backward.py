@@ -197,7 +197,7 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     if has_col and lse_col is None:
         raise ValueError("grad_backward: coef_col != 0 needs lse_col, got None")
 
-    cfg = _config.get_configs(dev)
+    cfg = _config.get_configs(dev, img.dtype)
     bwd = cfg.backward
     autotune = _config.autotune_enabled()
     # gscale: a power of two with |G * gscale| <= 1 (fp16 range; exact for any dtype).

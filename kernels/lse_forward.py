@@ -77,6 +77,18 @@ COL_UNDERFLOW = 2.0 ** -72
 
 
 @triton.jit
+def _two_exp_sums(s2, c2, m_new, H2, row_ok, col_ok):
+    """Steps 3 and 4 with one exp each (no sharing): column sums and online row sums."""
+    # 4. Column terms with the fixed shift c2_j - H2 (padded rows zeroed, padded
+    #    columns have c2 = +inf) ...
+    e = tl.where(row_ok[:, None], tl.exp2(s2 - c2[None, :] + H2), 0.0)
+    col_part = tl.sum(e, axis=0)
+    # 3. ... and the plain online row sum (padded columns -inf).
+    row_part = tl.sum(tl.exp2(tl.where(col_ok[None, :], s2, float("-inf")) - m_new[:, None]), axis=1)
+    return col_part, row_part
+
+
+@triton.jit
 def _lse_forward_kernel(
     img_ptr, txt_ptr, scale_ptr, bias_ptr, c2_ptr, row_flag_ptr,
     lse_row_ptr, m_part_ptr, l_part_ptr, col_sum_ptr, diag_ptr,
@@ -139,47 +151,49 @@ def _lse_forward_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-        # 2. log2 units; padded columns get -inf for the row max/sum.
-        s2 = acc * scale2 + bias2
-        s2_rows = tl.where(col_ok[None, :], s2, float("-inf"))
-        m_tile = tl.max(s2_rows, axis=1)
-        m_new = tl.maximum(m_i, m_tile)
-        alpha = tl.exp2(m_i - m_new)
-
-        if COMPUTE_COL:
-            # 4. Column sums with the fixed shift c2_j - H2 (padded columns: c2 = +inf
-            #    gives 0; padded rows are zeroed), one relaxed atomic add per column.
-            c2 = tl.load(c2_ptr + offs_n, mask=col_ok, other=float("inf"))
-            e = tl.exp2(s2 - c2[None, :] + H2)
-            e = tl.where(row_ok[:, None], e, 0.0)
-            tl.atomic_add(col_sum_ptr + offs_n, tl.sum(e, axis=0), mask=col_ok, sem="relaxed")
-            # 3. Row sums, sharing e when the tile's ranges allow it (module doc).
-            if SHARE_EXP:
-                mx = tl.max(tl.where(row_ok, m_tile, float("-inf")), axis=0)
-                mn = tl.min(tl.where(row_ok, m_tile, float("inf")), axis=0)
-                c_hi = tl.max(tl.where(col_ok, c2, float("-inf")), axis=0)
-                c_lo = tl.min(c2, axis=0)
-                shared_ok = (mx - mn <= 60.0) & (c_hi - H2 - mn <= 60.0) & (mx - c_lo + H2 <= 120.0)
-                if shared_ok:
-                    w = tl.where(col_ok, tl.exp2(c2 - H2 - mx), 0.0)
-                    row_part = tl.exp2(mx - m_new) * tl.sum(e * w[None, :], axis=1)
-                else:
-                    row_part = tl.sum(tl.exp2(s2_rows - m_new[:, None]), axis=1)
-            else:
-                row_part = tl.sum(tl.exp2(s2_rows - m_new[:, None]), axis=1)
-        else:
-            # 3. Plain online row sum.
-            row_part = tl.sum(tl.exp2(s2_rows - m_new[:, None]), axis=1)
-        l_i = l_i * alpha + row_part
-        m_i = m_new
-
+        # 5. Diagonal first (so acc is dead once s2 exists), only on tiles whose column
+        #    range meets this row block.
         if WRITE_DIAG:
-            # 5. Diagonal, only on tiles whose column range meets this row block.
             if (start_n < pid_m * BM + BM) & (start_n + BN > pid_m * BM):
                 eq = offs_m[:, None] == offs_n[None, :]
                 dg = tl.sum(tl.where(eq, acc, 0.0), axis=1) * scale + bias
                 on_tile = row_ok & (offs_m >= start_n) & (offs_m < start_n + BN) & (offs_m < K)
                 tl.store(diag_ptr + offs_m, dg, mask=on_tile)
+
+        # 2. log2 units; padded columns are excluded from the row max (-inf).
+        s2 = acc * scale2 + bias2
+        m_tile = tl.max(tl.where(col_ok[None, :], s2, float("-inf")), axis=1)
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp2(m_i - m_new)
+
+        if COMPUTE_COL:
+            # Padded columns: c2 = +inf makes their column term 0.
+            c2 = tl.load(c2_ptr + offs_n, mask=col_ok, other=float("inf"))
+            if SHARE_EXP:
+                # Can this tile share one exp between rows and columns? (module doc)
+                mx = tl.max(tl.where(row_ok, m_tile, float("-inf")), axis=0)
+                mn = tl.min(tl.where(row_ok, m_tile, float("inf")), axis=0)
+                c_hi = tl.max(tl.where(col_ok, c2, float("-inf")), axis=0)
+                c_lo = tl.min(c2, axis=0)
+                if (mx - mn <= 60.0) & (c_hi - H2 - mn <= 60.0) & (mx - c_lo + H2 <= 120.0):
+                    # 3+4. One exp per element: e serves the column sum and, weighted by
+                    #      w_j = 2^(c2_j - H2 - mx), the row sum.
+                    e = tl.where(row_ok[:, None], tl.exp2(s2 - c2[None, :] + H2), 0.0)
+                    col_part = tl.sum(e, axis=0)
+                    w = tl.where(col_ok, tl.exp2(c2 - H2 - mx), 0.0)
+                    row_part = tl.exp2(mx - m_new) * tl.sum(e * w[None, :], axis=1)
+                else:
+                    col_part, row_part = _two_exp_sums(s2, c2, m_new, H2, row_ok, col_ok)
+            else:
+                col_part, row_part = _two_exp_sums(s2, c2, m_new, H2, row_ok, col_ok)
+            # 4. One relaxed atomic add per column merges this row block's sums.
+            tl.atomic_add(col_sum_ptr + offs_n, col_part, mask=col_ok, sem="relaxed")
+        else:
+            # 3. Plain online row sum.
+            row_part = tl.sum(tl.exp2(tl.where(col_ok[None, :], s2, float("-inf"))
+                                      - m_new[:, None]), axis=1)
+        l_i = l_i * alpha + row_part
+        m_i = m_new
 
     if SPLIT:
         tl.store(m_part_ptr + pid_s * M + offs_m, m_i, mask=row_ok)
@@ -232,7 +246,7 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, lse_row, col_sum, diag,
     """Launch the sweep of img's rows against txt's rows; returns nothing (writes outputs)."""
     M, D = img.shape
     K = txt.shape[0]
-    cfg = _config.get_configs(img.device)
+    cfg = _config.get_configs(img.device, img.dtype)
     fwd = cfg.forward
     autotune = _config.autotune_enabled()
     bm = 128 if autotune else fwd.BM
