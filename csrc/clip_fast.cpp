@@ -11,7 +11,8 @@
 //
 // allow_tf32 (float32 inputs only): None follows torch's cuBLAS setting
 // (at::globalContext().allowTF32CuBLAS(), i.e. torch.backends.cuda.matmul.allow_tf32 /
-// torch.set_float32_matmul_precision), read when the op runs; True/False force it.
+// torch.set_float32_matmul_precision), read when the op runs; True/False force it for the
+// fused tile products (the backward's two cuBLAS GEMMs always follow torch's setting).
 //
 // Semantics are the backend contract in clip_fast/backends/__init__.py.  Inputs may be
 // strided: they are made contiguous here (a copy only when they are not already).
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -46,10 +48,24 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Elements of the backward workspace W (R x K, input dtype): 2^25 = 64 MiB of bf16.
-// R = as many 64-row blocks as fit, so each strip's GEMMs stay large for cuBLAS.
-constexpr int64_t kWorkspaceElems = int64_t{1} << 25;
+// Bytes of the backward workspace W (R x K, input dtype): CLIP_FAST_WORKSPACE_MB (the
+// Triton backend's variable too), default 256 MiB.  R = as many 64-row blocks as fit (at
+// least one), so each strip's GEMMs stay large for cuBLAS.
+constexpr double kDefaultWorkspaceMB = 256.0;
 constexpr int64_t kMaxStripBlocks = 16384;  // grid.y limit is 65535
+
+double workspace_bytes() {
+  const char* env = std::getenv("CLIP_FAST_WORKSPACE_MB");
+  double mb = kDefaultWorkspaceMB;
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const double v = std::strtod(env, &end);
+    TORCH_CHECK(end != env && *end == '\0' && v > 0.0 && std::isfinite(v),
+                "clip_fast cuda: CLIP_FAST_WORKSPACE_MB must be a positive number, got '", env, "'");
+    mb = v;
+  }
+  return mb * 1048576.0;
+}
 constexpr int64_t kIntMax = 2147483647;
 
 // ---- input checks: every message names the tensor and says what it got ----
@@ -154,16 +170,22 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward(const Tensor& img_in, const Tenso
     lse_col.fill_(-INFINITY);
     return {lse_row, lse_col, diag};
   }
-  // Workspace: K + 1 norms, K column sums (one allocation).
-  Tensor ws = at::empty({2 * K + 1}, f32);
+  // One workspace: K + 1 norms, K column sums, and the partial row statistics of the
+  // column splits (2 * splits * M, only when the grid splits the columns).
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
+                                        img.device().index()));
+  const int64_t splits = forward_column_splits(M, K, num_sms);
+  Tensor ws = at::empty({2 * K + 1 + (splits > 1 ? 2 * splits * M : 0)}, f32);
   float* norm_ws = ws.data_ptr<float>();
   float* col_sum = norm_ws + (K + 1);
+  float* row_part = col_sum + K;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(img.device().index()).stream();
   C10_CUDA_CHECK(launch_lse_forward(input_kind(img.scalar_type(), allow_tf32), img.data_ptr(),
                                     txt.data_ptr(), M, K, D, scale.data_ptr<float>(),
                                     bias_ptr(bias), lse_row.data_ptr<float>(),
                                     lse_col.data_ptr<float>(), diag.data_ptr<float>(), norm_ws,
-                                    col_sum, stream));
+                                    col_sum, row_part, num_sms, stream));
   return {lse_row, lse_col, diag};
 }
 
@@ -209,8 +231,11 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
   const Tensor lse_c = lse_col.has_value() ? lse_col->contiguous() : Tensor();
   const bool use_row = coef_row != 0.0, use_col = coef_col != 0.0;
 
-  // Strip height R: a multiple of 64 rows with R * K <= kWorkspaceElems (at least 64).
-  int64_t R = std::max<int64_t>(1, kWorkspaceElems / (K * kBlockM)) * kBlockM;
+  // Strip height R: a multiple of 64 rows with R * K * itemsize <= the budget (at least 64).
+  const double budget_elems = workspace_bytes() / static_cast<double>(img.element_size());
+  int64_t R = std::max<int64_t>(
+                  1, static_cast<int64_t>(budget_elems / static_cast<double>(K * kBlockM))) *
+              kBlockM;
   R = std::min(R, kMaxStripBlocks * kBlockM);
   R = std::min(R, M);
   Tensor W = at::empty({R, K}, img.options());

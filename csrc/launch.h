@@ -6,6 +6,7 @@
 // and calls these.  Every launcher returns the cudaError_t of its launch(es).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
@@ -20,15 +21,36 @@ enum class InputKind : int {
   kFloat32Exact = 3, // float32 inputs, plain FMA on CUDA cores (exact fp32)
 };
 
+// Tile sizes, shared with the host code that sizes the workspaces.
+constexpr int kBlockM = 64;
+constexpr int kBlockN = 64;
+
+// How many column ranges the forward grid splits K into.  The forward grid is
+// (row blocks) x (splits): with a small M (e.g. a distributed block, M = local batch,
+// K = global batch) one CTA per 64 rows would leave most SMs idle, so the columns are
+// split until there are about 4 CTAs per SM; each split keeps a partial online row
+// log-sum-exp that a small kernel merges.  Always >= 1 and <= the number of column tiles.
+inline int64_t forward_column_splits(int64_t M, int64_t K, int num_sms) {
+  const int64_t row_blocks = (M + kBlockM - 1) / kBlockM;
+  const int64_t col_tiles = (K + kBlockN - 1) / kBlockN;
+  const int64_t target = 4 * static_cast<int64_t>(std::max(num_sms, 1));
+  int64_t splits = (target + row_blocks - 1) / row_blocks;
+  splits = std::min<int64_t>(std::min<int64_t>(splits, col_tiles), 65535);
+  return std::max<int64_t>(splits, 1);
+}
+
 // Forward: the row and column log-sum-exp and the diagonal of S = scale*img@txt.T+bias.
 // img (M, D) and txt (K, D) are contiguous, M, K >= 1.  Workspace (float32, device):
 //   norm_ws: K + 1 floats (txt row norms, then max_i |img_i|), written here;
-//   col_sum: K floats, written here (zeroed inside).
+//   col_sum: K floats, written here (zeroed inside);
+//   row_part: 2 * splits * M floats when splits > 1 (partial row max / sum), else unused,
+//   with splits = forward_column_splits(M, K, num_sms).
 // bias may be nullptr.  Writes lse_row (M), lse_col (K), diag (min(M, K)).
 cudaError_t launch_lse_forward(InputKind kind, const void* img, const void* txt, int64_t M,
                                int64_t K, int64_t D, const float* scale, const float* bias,
                                float* lse_row, float* lse_col, float* diag, float* norm_ws,
-                               float* col_sum, cudaStream_t stream);
+                               float* col_sum, float* row_part, int num_sms,
+                               cudaStream_t stream);
 
 // Backward, one strip of rows [row_begin, row_end): writes
 //   W[i - row_begin, j] = G_ij / omega   (input dtype, row-major, leading dimension K)
@@ -41,9 +63,5 @@ cudaError_t launch_grad_strip(InputKind kind, const void* img, const void* txt, 
                               const float* lse_col, float coef_row, float coef_col,
                               float coef_diag, float inv_omega, void* W, float* d_scale,
                               cudaStream_t stream);
-
-// Tile sizes, shared with the host code that sizes the backward strips.
-constexpr int kBlockM = 64;
-constexpr int kBlockN = 64;
 
 }  // namespace clip_fast

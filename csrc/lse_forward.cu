@@ -77,8 +77,9 @@ lse_forward_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t
                    int64_t D, const float* __restrict__ scale_ptr,
                    const float* __restrict__ bias_ptr, const float* __restrict__ txt_norm,
                    const float* __restrict__ img_norm_max, float headroom2, bool vec,
-                   float* __restrict__ lse_row, float* __restrict__ diag,
-                   float* __restrict__ col_sum) {
+                   int64_t tiles_per_split, float* __restrict__ lse_row,
+                   float* __restrict__ row_part_m, float* __restrict__ row_part_l,
+                   float* __restrict__ diag, float* __restrict__ col_sum) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // built for an older GPU by request; the host refuses to launch there
 #else
@@ -95,8 +96,14 @@ lse_forward_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t
   const int cc = tid & (kBN - 1), ch = tid / kBN;  // column map: column cc, row half ch
   const int64_t gi = row0 + r;
 
+  // This CTA's column range: tiles [y * tiles_per_split, (y + 1) * tiles_per_split), never
+  // empty (the host sizes the grid so), so m_run below is finite for finite inputs.
+  const int64_t col_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split * kBN;
+  const int64_t col_end_unclamped = col_begin + tiles_per_split * kBN;
+  const int64_t col_end = col_end_unclamped < K ? col_end_unclamped : K;
+
   float m_run = -INFINITY, l_run = 0.f;
-  for (int64_t col0 = 0; col0 < K; col0 += kBN) {
+  for (int64_t col0 = col_begin; col0 < col_end; col0 += kBN) {
     tile_dot<T, MMA>(sm, img, txt, M, K, D, row0, col0, vec);
 
     // a. Online row log-sum-exp (exact).
@@ -128,8 +135,29 @@ lse_forward_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t
     }
     // col_part and sm.s are next written after tile_dot's leading __syncthreads().
   }
-  if (h == 0 && gi < M) lse_row[gi] = (m_run + log2f(l_run)) * kLn2;
+  if (h == 0 && gi < M) {
+    if (row_part_m == nullptr) {  // one split: the row is complete
+      lse_row[gi] = (m_run + log2f(l_run)) * kLn2;
+    } else {                      // partial (max, sum) of this column range, merged later
+      row_part_m[static_cast<int64_t>(blockIdx.y) * M + gi] = m_run;
+      row_part_l[static_cast<int64_t>(blockIdx.y) * M + gi] = l_run;
+    }
+  }
 #endif
+}
+
+// 1b. Merge the per-split partial row log-sum-exps (base 2): m = max_s m_s,
+//     l = sum_s l_s * 2^(m_s - m), lse = ln2 * (m + log2 l).
+__global__ void __launch_bounds__(256)
+merge_row_parts_kernel(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                       int64_t M, int64_t splits, float* __restrict__ lse_row) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= M) return;
+  float m = -INFINITY;
+  for (int64_t sp = 0; sp < splits; ++sp) m = fmaxf(m, part_m[sp * M + i]);
+  float l = 0.f;
+  for (int64_t sp = 0; sp < splits; ++sp) l += part_l[sp * M + i] * exp2f(part_m[sp * M + i] - m);
+  lse_row[i] = (m + log2f(l)) * kLn2;
 }
 
 // Step 2, on the transposed problem: "rows" are txt (K of them), "cols" are img (M).
@@ -188,7 +216,8 @@ lse_col_finish_kernel(const T* __restrict__ txt, const T* __restrict__ img, int6
 template <typename T, Mma MMA>
 cudaError_t run_forward(const T* img, const T* txt, int64_t M, int64_t K, int64_t D,
                         const float* scale, const float* bias, float* lse_row, float* lse_col,
-                        float* diag, float* norm_ws, float* col_sum, cudaStream_t stream) {
+                        float* diag, float* norm_ws, float* col_sum, float* row_part,
+                        int num_sms, cudaStream_t stream) {
   float* txt_norm = norm_ws;
   float* img_norm_max = norm_ws + K;
   cudaError_t err = cudaMemsetAsync(img_norm_max, 0, sizeof(float), stream);
@@ -206,11 +235,26 @@ cudaError_t run_forward(const T* img, const T* txt, int64_t M, int64_t K, int64_
   const float headroom2 = static_cast<float>((84.0 - std::log(static_cast<double>(M))) * 1.4426950408889634);
   const bool vec = can_vectorize<T>(img, txt, D);
   const int64_t row_blocks = (M + kBM - 1) / kBM;
-  lse_forward_kernel<T, MMA><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
-      img, txt, M, K, D, scale, bias, txt_norm, img_norm_max, headroom2, vec, lse_row, diag,
-      col_sum);
+  // Column splits: tiles_per_split tiles each, and exactly as many splits as are non-empty
+  // (<= forward_column_splits, which sized row_part).
+  const int64_t col_tiles = (K + kBN - 1) / kBN;
+  const int64_t max_splits = forward_column_splits(M, K, num_sms);
+  const int64_t tiles_per_split = (col_tiles + max_splits - 1) / max_splits;
+  const int64_t splits = (col_tiles + tiles_per_split - 1) / tiles_per_split;
+  float* part_m = splits > 1 ? row_part : nullptr;
+  float* part_l = splits > 1 ? row_part + splits * M : nullptr;
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
+  lse_forward_kernel<T, MMA><<<grid, kThreads, 0, stream>>>(
+      img, txt, M, K, D, scale, bias, txt_norm, img_norm_max, headroom2, vec, tiles_per_split,
+      lse_row, part_m, part_l, diag, col_sum);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (splits > 1) {
+    merge_row_parts_kernel<<<static_cast<unsigned>((M + 255) / 256), 256, 0, stream>>>(
+        part_m, part_l, M, splits, lse_row);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
 
   const int64_t col_blocks = (K + kBM - 1) / kBM;
   lse_col_finish_kernel<T, MMA><<<static_cast<unsigned>(col_blocks), kThreads, 0, stream>>>(
@@ -223,24 +267,25 @@ cudaError_t run_forward(const T* img, const T* txt, int64_t M, int64_t K, int64_
 cudaError_t launch_lse_forward(InputKind kind, const void* img, const void* txt, int64_t M,
                                int64_t K, int64_t D, const float* scale, const float* bias,
                                float* lse_row, float* lse_col, float* diag, float* norm_ws,
-                               float* col_sum, cudaStream_t stream) {
+                               float* col_sum, float* row_part, int num_sms,
+                               cudaStream_t stream) {
   switch (kind) {
     case InputKind::kHalf:
-      return run_forward<__half, Mma::kWmma16>(static_cast<const __half*>(img),
-                                               static_cast<const __half*>(txt), M, K, D, scale,
-                                               bias, lse_row, lse_col, diag, norm_ws, col_sum, stream);
+      return run_forward<__half, Mma::kWmma16>(
+          static_cast<const __half*>(img), static_cast<const __half*>(txt), M, K, D, scale, bias,
+          lse_row, lse_col, diag, norm_ws, col_sum, row_part, num_sms, stream);
     case InputKind::kBFloat16:
       return run_forward<__nv_bfloat16, Mma::kWmma16>(
           static_cast<const __nv_bfloat16*>(img), static_cast<const __nv_bfloat16*>(txt), M, K, D,
-          scale, bias, lse_row, lse_col, diag, norm_ws, col_sum, stream);
+          scale, bias, lse_row, lse_col, diag, norm_ws, col_sum, row_part, num_sms, stream);
     case InputKind::kFloat32Tf32:
-      return run_forward<float, Mma::kWmmaTf32>(static_cast<const float*>(img),
-                                                static_cast<const float*>(txt), M, K, D, scale,
-                                                bias, lse_row, lse_col, diag, norm_ws, col_sum, stream);
+      return run_forward<float, Mma::kWmmaTf32>(
+          static_cast<const float*>(img), static_cast<const float*>(txt), M, K, D, scale, bias,
+          lse_row, lse_col, diag, norm_ws, col_sum, row_part, num_sms, stream);
     case InputKind::kFloat32Exact:
-      return run_forward<float, Mma::kSimt>(static_cast<const float*>(img),
-                                            static_cast<const float*>(txt), M, K, D, scale, bias,
-                                            lse_row, lse_col, diag, norm_ws, col_sum, stream);
+      return run_forward<float, Mma::kSimt>(
+          static_cast<const float*>(img), static_cast<const float*>(txt), M, K, D, scale, bias,
+          lse_row, lse_col, diag, norm_ws, col_sum, row_part, num_sms, stream);
   }
   return cudaErrorInvalidValue;
 }
