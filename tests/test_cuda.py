@@ -80,6 +80,27 @@ def test_fake_tensor_mode_shapes():
     assert d_img.dtype == torch.float32
 
 
+@needs_ext
+def test_export_keeps_ops_whole():
+    """torch.export traces through the fake implementations (no real kernel runs): each op
+    is one node of the graph, with the contract's output shapes."""
+    class Block(torch.nn.Module):
+        def forward(self, img, txt, scale):
+            lse_row, lse_col, diag = torch.ops.clip_fast_cuda.lse_forward(img, txt, scale, None)
+            d_img, d_txt, d_scale = torch.ops.clip_fast_cuda.grad_backward(
+                img, txt, scale, None, lse_row, lse_col, 0.25, 0.25, 0.5)
+            return lse_row.sum() + lse_col.sum() - 2 * diag.sum(), d_img, d_txt, d_scale
+
+    args = (torch.randn(6, 8), torch.randn(6, 8), torch.tensor(3.0))
+    ep = torch.export.export(Block(), args)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert "clip_fast_cuda.lse_forward.default" in targets
+    assert "clip_fast_cuda.grad_backward.default" in targets
+    outs = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
+    shapes = [tuple(o.meta["val"].shape) for o in outs]
+    assert shapes == [(), (6, 8), (6, 8), ()]
+
+
 def _cpu_args(m=4, k=3, d=5, dtype=torch.float32):
     return (torch.randn(m, d, dtype=dtype), torch.randn(k, d, dtype=dtype), torch.tensor(2.0))
 
@@ -400,6 +421,17 @@ def test_loss_and_grads_vs_reference(dtype, tf32, tol_f, tol_b):
         err, terr = _max_err(g.float(), r, mag), _max_err(t.float(), r, mag)
         assert err <= max(tol, 4 * terr), f"{what}: cuda error {err:.3g} (torch backend {terr:.3g}), tol {tol}"
     assert got[4] is not None and got[4].abs().item() == 0.0  # d_bias: a shared bias cancels
+
+
+@pytest.mark.gpu
+def test_opcheck():
+    """torch.library.opcheck: schema, fake implementation and real kernel agree."""
+    img, txt = _features(70, 50, 24, torch.bfloat16)
+    s, b = torch.tensor(12.0, device="cuda"), torch.tensor(0.5, device="cuda")
+    torch.library.opcheck(torch.ops.clip_fast_cuda.lse_forward.default, (img, txt, s, b, None))
+    lse_row, lse_col, _ = cuda_backend.lse_forward(img, txt, s, b)
+    torch.library.opcheck(torch.ops.clip_fast_cuda.grad_backward.default,
+                          (img, txt, s, b, lse_row, lse_col, 0.01, 0.01, 0.02, None))
 
 
 @pytest.mark.gpu
