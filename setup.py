@@ -27,25 +27,41 @@ def _say(msg: str) -> None:
 _DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
+def _parse_arch(a):
+    """'9.0a' / '8.6+PTX' -> (major, minor), or None when it is not a numeric arch."""
+    try:
+        major, minor = (int(x) for x in a.split("+")[0].rstrip("a").split("."))
+    except ValueError:
+        return None
+    return major, minor
+
+
 def _cuda_archs():
     """Target architectures: CLIP_FAST_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else 8.0;9.0.
 
     Entries look like "8.0", "9.0", "9.0a" or "8.6+PTX"; the kernels use bf16/tf32 tensor
-    cores, so anything below 8.0 is refused.
+    cores, so nothing below 8.0.  A bad CLIP_FAST_CUDA_ARCHS is an error; entries of an
+    inherited TORCH_CUDA_ARCH_LIST that do not fit are dropped with a message.
     """
-    raw = (os.environ.get("CLIP_FAST_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
-           or _DEFAULT_CUDA_ARCHS)
-    archs = [a.strip() for a in raw.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
-    for a in archs:
-        base = a.split("+")[0].rstrip("a")
-        try:
-            major, minor = (int(x) for x in base.split("."))
-        except ValueError:
-            raise RuntimeError(f"CLIP_FAST_CUDA_ARCHS: cannot parse {a!r} (expected e.g. '8.0;9.0')")
-        if (major, minor) < (8, 0):
-            raise RuntimeError(f"CLIP_FAST_CUDA_ARCHS: {a!r} is below 8.0; the kernels need sm_80+")
+    ours = os.environ.get("CLIP_FAST_CUDA_ARCHS", "").strip()
+    raw = ours or os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or _DEFAULT_CUDA_ARCHS
+    archs = []
+    for a in (x.strip() for x in raw.replace(",", ";").replace(" ", ";").split(";")):
+        if not a:
+            continue
+        cap = _parse_arch(a)
+        problem = ("cannot be parsed (expected e.g. '8.0;9.0')" if cap is None
+                   else "is below 8.0; the kernels need sm_80+" if cap < (8, 0) else None)
+        if problem is None:
+            archs.append(a)
+        elif ours:
+            raise RuntimeError(f"CLIP_FAST_CUDA_ARCHS: {a!r} {problem}")
+        else:
+            _say(f"TORCH_CUDA_ARCH_LIST: ignoring {a!r}, which {problem}")
     if not archs:
-        raise RuntimeError(f"CLIP_FAST_CUDA_ARCHS is empty (got {raw!r})")
+        if ours:
+            raise RuntimeError(f"CLIP_FAST_CUDA_ARCHS is empty (got {ours!r})")
+        archs = _DEFAULT_CUDA_ARCHS.split(";")
     return archs
 
 
