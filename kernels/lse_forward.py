@@ -295,9 +295,8 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, lse_row, col_sum, diag,
         lse_row.copy_((m + torch.log2(total)) * LN2)
 
 
-@triton_op("clip_fast::triton_lse_forward", mutates_args={})
-def triton_lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
-                       bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lse_forward_impl(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, D = img.shape
     K = txt.shape[0]
     dev = img.device
@@ -328,6 +327,23 @@ def triton_lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor
     _launch(txt, img, scale, bias, c2=None, row_flags=flags, lse_row=lse_col, col_sum=None,
             diag=None, compute_col=False, write_diag=False, H2=H2)
     return lse_row, lse_col, diag
+
+
+if _config.interpreter_active():
+    # The interpreter's kernels cannot run on fake tensors, so under TRITON_INTERPRET=1
+    # the op is an opaque custom_op with a fake implementation (torch.compile still
+    # captures it without a graph break; CI tests that on CPU).
+    triton_lse_forward = torch.library.custom_op(
+        "clip_fast::triton_lse_forward", mutates_args=())(_lse_forward_impl)
+
+    @triton_lse_forward.register_fake
+    def _(img, txt, scale, bias):
+        M, K = img.shape[0], txt.shape[0]
+        return (img.new_empty((M,), dtype=torch.float32), img.new_empty((K,), dtype=torch.float32),
+                img.new_empty((min(M, K),), dtype=torch.float32))
+else:
+    # On GPU: a triton_op, so torch.compile traces through it and sees the kernels.
+    triton_lse_forward = triton_op("clip_fast::triton_lse_forward", mutates_args={})(_lse_forward_impl)
 
 
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,

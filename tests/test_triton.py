@@ -258,6 +258,24 @@ def test_backward_op_fake_impl():
     assert gi.dtype == gt.dtype == gs.dtype == torch.float32
 
 
+def test_torch_compile_module_fullgraph():
+    """torch.compile(FastClipLoss(backend='triton')) captures both ops: no graph break.
+
+    (On CPU the forward op is an opaque custom_op; on GPU it is a triton_op -- see
+    test_gpu_forward_traces_into_graph and test_gpu_torch_compile_module.)
+    """
+    from clip_fast import FastClipLoss
+
+    img, txt = _features(40, 16), _features(40, 16)
+    mod = torch.compile(FastClipLoss(backend="triton"), backend="aot_eager", fullgraph=True)
+    a = img.clone().requires_grad_(True)
+    loss = mod(a, txt, torch.tensor(9.0, device=DEV))
+    loss.backward()
+    ref = reference_clip_loss(img.cpu(), txt.cpu(), 9.0)
+    _close(loss, ref[0], 1e-5, "loss")
+    _close(a.grad, ref[1], 1e-5, "d_img")
+
+
 # ---- GPU only: real tensor-core dots, default block table, large N, torch.compile ----
 
 @pytest.fixture

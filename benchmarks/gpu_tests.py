@@ -1,0 +1,408 @@
+"""The benchmark table of benchmarks/gpu_check.sh (one H100/H200, a few minutes).
+
+    python benchmarks/gpu_tests.py                       # on the GPU machine
+    python benchmarks/gpu_tests.py --dry-run             # CPU, tiny N: exercises every code path
+
+Rows (one CSV, every row carrying card, torch/triton/CUDA versions and date):
+* gemm          the bf16 (and fp32) GEMM rate measured in this run (8192^3, do_bench);
+* config_sweep  the Triton forward alone at N=65536, D=512, bf16 for a few block configs
+                (so the per-architecture table can be corrected from data);
+* loss          forward+backward of the symmetric CLIP loss: clip_fast backends
+                (triton, cuda when built) against open_clip's ClipLoss (imported),
+                torch.compile of the materialised loss, and Inf-CL (``inf_cl``) when
+                installed.  Median time (triton.testing.do_bench; a 3-call median for
+                calls longer than 0.5 s), extra peak memory over the inputs
+                (torch.cuda.max_memory_allocated), and 8*N^2*D/time as a fraction of the
+                measured bf16 GEMM rate (8 N^2 D = forward tile 2 + backward recompute 2
+                + two gradient GEMMs 4).
+A baseline that is missing, would not fit (its N x N logits estimated before trying),
+would exceed the time budget, or fails, gets a row saying so; nothing here raises.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIELDS = ["card", "torch", "triton", "cuda", "date", "commit", "section", "impl", "dtype", "N", "D",
+          "median_ms", "extra_peak_mib", "tflops", "frac_bf16_gemm", "frac_dtype_gemm", "method",
+          "status", "note"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+# ---- environment -----------------------------------------------------------------------------
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_v = triton.__version__
+    except Exception:
+        triton_v = "none"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        commit = "unknown"
+    return {"card": card, "torch": torch.__version__, "triton": triton_v,
+            "cuda": torch.version.cuda or "none",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "commit": commit}
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in s).strip("_")
+
+
+class Table:
+    """Rows written to the CSV as they come, so a timeout keeps what was measured."""
+
+    def __init__(self, env: dict, paths):
+        self.env, self.rows = env, []
+        self.files = []
+        for p in paths:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            f = open(p, "w", newline="")
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            self.files.append((f, w))
+
+    def add(self, **row):
+        full = {k: "" for k in FIELDS}
+        full.update(self.env)
+        full.update({k: ("" if v is None else v) for k, v in row.items()})
+        for k in ("median_ms", "extra_peak_mib", "tflops", "frac_bf16_gemm", "frac_dtype_gemm"):
+            if isinstance(full[k], float):
+                full[k] = f"{full[k]:.4g}"
+        self.rows.append(full)
+        for f, w in self.files:
+            w.writerow(full)
+            f.flush()
+        return full
+
+    def close(self):
+        for f, _ in self.files:
+            f.close()
+
+
+# ---- timing and memory ----------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn, device, long_call_s=0.5, memory=False):
+    """(median ms, method, extra peak MiB or None).
+
+    The first call is the warm-up (it includes any Triton/inductor compile).  A second
+    call gives the estimate: calls shorter than ``long_call_s`` go to
+    triton.testing.do_bench (median); longer ones are timed once more and the median of
+    the two timed calls is kept (3 calls in all for the big cases).  With ``memory``, the
+    extra peak over the memory allocated before the call comes from one warm call (the
+    last timed call for long calls, so they are not rerun).
+    """
+    def timed():
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+
+    def timed_with_peak():
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        t = timed()
+        return t, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+    timed()                      # warm-up / compile
+    second = timed()
+    if device.type == "cuda" and second < long_call_s:
+        import triton.testing
+        ms = triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+        peak = extra_peak_mib(fn, device) if memory else None
+        return float(ms), "do_bench", peak
+    peak = None
+    if memory and device.type == "cuda":
+        third, peak = timed_with_peak()
+    else:
+        third = timed()
+    return 1e3 * statistics.median([second, third]), "median of 2 timed calls", peak
+
+
+def extra_peak_mib(fn, device):
+    """Peak memory of one call above what was allocated before it (inputs excluded)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def gemm_tflops(dtype, device, n):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms, method, _ = bench(lambda: torch.mm(a, b), device)
+    return 2.0 * n ** 3 / (ms * 1e-3) / 1e12, method
+
+
+# ---- the losses -------------------------------------------------------------------------------
+
+def materialised_loss(img, txt, scale):
+    """The plain N x N loss as a user without clip_fast writes it (input to torch.compile)."""
+    logits = scale * img @ txt.T
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+_compiled = {}
+
+
+def build(impl, dry_run):
+    """The loss callable for ``impl``; raises with the reason it cannot be built."""
+    if impl in ("triton", "cuda", "torch"):
+        import clip_fast
+        return clip_fast.FastClipLoss(backend=impl)
+    if impl == "open_clip":
+        from open_clip.loss import ClipLoss
+        return ClipLoss()
+    if impl == "compiled_materialised":
+        if "fn" not in _compiled:
+            # dynamic=True: one compile per dtype serves every N and D (compile time is
+            # budget); the first call (compile) is excluded from the timing.
+            _compiled["fn"] = torch.compile(materialised_loss, dynamic=True,
+                                            backend="aot_eager" if dry_run else "inductor")
+        return _compiled["fn"]
+    if impl == "inf_cl":
+        from inf_cl import cal_inf_loss
+
+        def inf_cl_loss(img, txt, scale):
+            return (cal_inf_loss(img, txt, scale=scale) + cal_inf_loss(txt, img, scale=scale)) / 2
+        return inf_cl_loss
+    raise ValueError(f"unknown impl {impl}")
+
+
+def materialises(impl):
+    return impl in ("open_clip", "compiled_materialised")
+
+
+def make_inputs(n, d, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    img = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype)
+    txt = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype)
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    scale = torch.tensor(30.0, device=device, requires_grad=True)
+    return img, txt, scale
+
+
+def step(loss_fn, img, txt, scale):
+    def run():
+        loss = loss_fn(img, txt, scale)
+        torch.autograd.grad(loss, (img, txt, scale))
+    return run
+
+
+# ---- sections ---------------------------------------------------------------------------------
+
+def run_gemm(table, device, dry_run):
+    n = 256 if dry_run else 8192
+    rates = {}
+    for name in ("bf16", "fp32"):
+        try:
+            rate, method = gemm_tflops(DTYPES[name], device, n)
+            rates[name] = rate
+            table.add(section="gemm", impl="torch.mm", dtype=name, N=n, D=n, tflops=rate,
+                      method=method, status="ok",
+                      note=f"fp32 matmul precision={torch.get_float32_matmul_precision()}")
+        except Exception as exc:
+            table.add(section="gemm", impl="torch.mm", dtype=name, N=n, D=n, status="error",
+                      note=f"{type(exc).__name__}: {exc}"[:300])
+    return rates
+
+
+def run_config_sweep(table, device, dry_run, deadline):
+    from clip_fast.backends import triton_backend
+    from clip_fast.kernels import config as kconfig
+
+    if triton_backend.unavailable_reason(device, torch.bfloat16) is not None:
+        table.add(section="config_sweep", impl="triton", status="skipped",
+                  note=triton_backend.unavailable_reason(device, torch.bfloat16))
+        return
+    n, d = (128, 32) if dry_run else (65536, 512)
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    default = kconfig.get_configs(device, torch.bfloat16)
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3),
+              (64, 128, 64, 4, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
+    if dry_run:
+        shapes = [(16, 16, 16, 1, 1), (32, 16, 16, 1, 1)]
+    img, txt, _ = make_inputs(n, d, torch.bfloat16, device)
+    img, txt = img.detach(), txt.detach()
+    s = torch.tensor(30.0, device=device)
+    for shape in shapes:
+        if time.time() > deadline:
+            table.add(section="config_sweep", impl="triton_forward", dtype="bf16", N=n, D=d,
+                      status="skipped", note=f"time budget; config {shape}")
+            continue
+        cfg = kconfig.Configs(forward=kconfig.KernelConfig(*shape), backward=default.backward,
+                              col_splits=default.col_splits)
+        try:
+            with kconfig.override(cfg):
+                ms, method, _ = bench(lambda: triton_backend.lse_forward(img, txt, s), device)
+            tflops = 2.0 * n * n * d / (ms * 1e-3) / 1e12
+            table.add(section="config_sweep", impl="triton_forward", dtype="bf16", N=n, D=d,
+                      median_ms=ms, tflops=tflops, method=method, status="ok",
+                      note=f"BM,BN,BK,warps,stages={shape} sm_{major}x")
+        except Exception as exc:
+            table.add(section="config_sweep", impl="triton_forward", dtype="bf16", N=n, D=d,
+                      status="error", note=f"{shape}: {type(exc).__name__}: {exc}"[:300])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def cases(dry_run):
+    if dry_run:
+        return [("bf16", 64, 16), ("bf16", 160, 16), ("fp32", 64, 16)]
+    # Largest last: when the time budget runs out, the big cases are the ones skipped
+    # (and say so), not the sweep of D or of dtypes.
+    out = [("bf16", n, 512) for n in (8192, 32768, 65536)]
+    out += [("bf16", 65536, 768), ("bf16", 65536, 1024)]
+    out += [("fp32", n, 512) for n in (8192, 32768, 65536)]
+    out += [("bf16", 262144, 512), ("fp32", 262144, 512), ("bf16", 1048576, 512)]
+    return out
+
+
+def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_s):
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
+    for dname, n, d in cases(dry_run):
+        dtype = DTYPES[dname]
+        inputs = None
+        for impl in impls:
+            row = dict(section="loss", impl=impl, dtype=dname, N=n, D=d)
+            # 1. Would it fit?  The materialising baselines hold several N x N tensors
+            #    (logits, their transpose's softmax and gradients): estimate 4 of them.
+            if materialises(impl):
+                need = 4 * n * n * torch.empty((), dtype=dtype).element_size()
+                if need > 0.8 * free:
+                    table.add(**row, status="skipped",
+                              note=f"needs ~{need / 2**30:.0f} GiB for N x N logits, "
+                                   f"{free / 2**30:.0f} GiB free")
+                    continue
+            # 2. Would it fit the time budget?  Estimate from the measured GEMM rate.
+            rate = rates.get(dname if dname in rates else "bf16") or (1.0 if dry_run else 50.0)
+            eff = 0.35 if impl in ("triton", "cuda") else 0.2
+            est = 3 * 8.0 * n * n * d / (rate * 1e12 * eff)
+            left = deadline - time.time()
+            if not dry_run and (est > min(per_case_cap_s, left)):
+                table.add(**row, status="skipped",
+                          note=f"estimated {est:.0f} s for 3 calls > budget "
+                               f"(cap {per_case_cap_s:.0f} s, {left:.0f} s left)")
+                continue
+            try:
+                fn = build(impl, dry_run)
+            except Exception as exc:
+                table.add(**row, status="skipped", note=f"unavailable: {type(exc).__name__}: {exc}"[:300])
+                continue
+            try:
+                if inputs is None:
+                    inputs = make_inputs(n, d, dtype, device)
+                run = step(fn, *inputs)
+                ms, method, mem = bench(run, device, memory=True)
+                tflops = 8.0 * n * n * d / (ms * 1e-3) / 1e12
+                table.add(**row, median_ms=ms, extra_peak_mib=mem, tflops=tflops,
+                          frac_bf16_gemm=tflops / rates["bf16"] if rates.get("bf16") else None,
+                          frac_dtype_gemm=tflops / rates[dname] if rates.get(dname) else None,
+                          method=method, status="ok")
+            except torch.cuda.OutOfMemoryError as exc:
+                table.add(**row, status="oom", note=str(exc).splitlines()[0][:300])
+            except Exception as exc:
+                table.add(**row, status="error",
+                          note=f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}"[:500])
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        del inputs
+
+
+def summary(table):
+    lines = []
+    gem = {r["dtype"]: r["tflops"] for r in table.rows if r["section"] == "gemm" and r["status"] == "ok"}
+    lines.append(f"card={table.env['card']} torch={table.env['torch']} triton={table.env['triton']} "
+                 f"cuda={table.env['cuda']} GEMM TFLOP/s bf16={gem.get('bf16', '?')} fp32={gem.get('fp32', '?')}")
+    sweep = [r for r in table.rows if r["section"] == "config_sweep" and r["status"] == "ok"]
+    if sweep:
+        best = min(sweep, key=lambda r: float(r["median_ms"]))
+        lines.append(f"forward config sweep (N={best['N']} D={best['D']} bf16): best {best['note']} "
+                     f"{best['median_ms']} ms, {best['tflops']} TFLOP/s")
+    lines.append(f"{'impl':22s} {'dtype':5s} {'N':>8s} {'D':>5s} {'ms':>10s} {'MiB':>9s} {'x bf16 GEMM':>11s}  status")
+    for r in table.rows:
+        if r["section"] != "loss":
+            continue
+        lines.append(f"{r['impl']:22s} {r['dtype']:5s} {r['N']:>8} {r['D']:>5} {r['median_ms']:>10} "
+                     f"{r['extra_peak_mib']:>9} {r['frac_bf16_gemm']:>11}  {r['status']}"
+                     + ("" if r["status"] == "ok" else f" ({r['note'][:70]})"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny N: check the script, not the GPU")
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new cases after this")
+    ap.add_argument("--per-case-cap-s", type=float, default=60.0,
+                    help="skip a case whose 3 calls are estimated to take longer")
+    ap.add_argument("--impls", nargs="+",
+                    default=["triton", "cuda", "open_clip", "compiled_materialised", "inf_cl"])
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"))
+    if device.type == "cpu" and not args.dry_run:
+        print("no CUDA device: use --dry-run to check the script on CPU", file=sys.stderr)
+        return 2
+    start = time.time()
+    deadline = start + args.budget_s
+    env = environment(device)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = (f"{'dryrun_' if args.dry_run else ''}gpu_check_{_slug(env['card'])}_torch{_slug(env['torch'])}"
+            f"_triton{_slug(env['triton'])}_cuda{_slug(env['cuda'])}_{stamp}.csv")
+    paths = [os.path.join(args.out_dir, name)]
+    if os.environ.get("OUT"):
+        paths.append(os.path.join(os.environ["OUT"], name))
+    table = Table(env, paths)
+    try:
+        if args.dry_run:
+            torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        rates = run_gemm(table, device, args.dry_run)
+        try:
+            run_config_sweep(table, device, args.dry_run, deadline=start + 0.25 * args.budget_s)
+        except Exception as exc:
+            table.add(section="config_sweep", status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+        impls = list(args.impls)
+        if args.dry_run:
+            impls = ["torch" if i == "cuda" else i for i in impls]   # no extension on CPU
+        run_loss_table(table, device, args.dry_run, impls, rates, deadline, args.per_case_cap_s)
+    finally:
+        table.close()
+    print(summary(table))
+    print(f"CSV: {paths[0]}" + (f" (and {paths[1]})" if len(paths) > 1 else "")
+          + f"; {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
