@@ -73,6 +73,9 @@ _DTYPE_NAMES = {v: str(k) for k, v in _DTYPE_CODES.items()}
 _DEVICE_CODES = {"cpu": 1, "cuda": 2}
 # P2P tags: gloo matches messages by (peer, tag); NCCL ignores tags and matches in order.
 _TAG_TXT, _TAG_LSE, _TAG_ACC = 11, 12, 13
+# reduce_scatter is used on NCCL; elsewhere an all_reduce (gloo lacks reduce_scatter in older
+# torch).  Tests set this to run the reduce_scatter path on gloo where torch supports it.
+_FORCE_REDUCE_SCATTER = False
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def _reduce_scatter_rows(full: torch.Tensor, layout: _Layout) -> torch.Tensor:
         padded = full.new_zeros(w, n_max, full.shape[1])
         for q, (o, n) in enumerate(zip(layout.offsets, sizes)):
             padded[q, :n] = full[o:o + n]
-    if layout.nccl:
+    if layout.nccl or _FORCE_REDUCE_SCATTER:
         out = padded.new_empty(n_max, padded.shape[2])
         dist.reduce_scatter_tensor(out, padded.view(w * n_max, -1), group=layout.group)
     else:  # gloo and others: all_reduce (twice the traffic, supported everywhere)

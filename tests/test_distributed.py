@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytestmark = pytest.mark.slow  # two process spawns, about a minute on 2 cores
+
 SPAWN_DEADLINE_S = 150
 GLOO_TIMEOUT_S = 30
 FLAGS = [(False, False), (False, True), (True, False), (True, True)]  # (local_loss, gather_with_grad)
@@ -28,10 +30,11 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch
 
 
 def _case(name, sizes, dim, *, mode="gather", local=True, gwg=True, dtype="float64", scale=7.0,
-          bias=None, upstream=None, via="function", chunk_size=None, open_clip=False, error=None):
+          bias=None, upstream=None, via="function", chunk_size=None, open_clip=False, error=None,
+          reduce_scatter=False):
     return dict(name=name, sizes=sizes, dim=dim, mode=mode, local=local, gwg=gwg, dtype=dtype,
                 scale=scale, bias=bias, upstream=upstream, via=via, chunk_size=chunk_size,
-                open_clip=open_clip, error=error)
+                open_clip=open_clip, error=error, reduce_scatter=reduce_scatter)
 
 
 def _cases(world_size):
@@ -49,6 +52,8 @@ def _cases(world_size):
         _case("ring-float32-chunked", [6] * world_size, 129, mode="ring", dtype="float32", chunk_size=2),
         _case("ring-bfloat16", uneven, 64, mode="ring", dtype="bfloat16", scale=20.0),
         _case("gather-float32-local", uneven, 33, dtype="float32"),
+        # The NCCL branch of the gradient reduce-scatter (padded for uneven shards), run on gloo.
+        _case("gather-reduce-scatter-path", uneven, 33, reduce_scatter=True),
         # Upstream gradients that differ per rank (loss * weight_r): exercises the ring's
         # exchange of every rank's upstream gradient and the gather backward's scaling.
         _case("ring-upstream", uneven, 5, mode="ring", upstream=[1.0 + 1.5 * q for q in range(world_size)]),
@@ -136,6 +141,7 @@ def reference_distributed(imgs, txts, scale, bias, local_loss, gather_with_grad,
 def _run_case(case, rank, world_size, seed):
     import torch.distributed as dist
 
+    import clip_fast.distributed as cf_dist
     from clip_fast import FastClipLoss
     from clip_fast.distributed import distributed_clip_loss
 
@@ -157,6 +163,7 @@ def _run_case(case, rank, world_size, seed):
     if err == "scale" and rank == 1:
         scale = torch.tensor(case["scale"] * 1.5, dtype=sdt)
     out = {}
+    cf_dist._FORCE_REDUCE_SCATTER = case["reduce_scatter"]
     try:
         if case["via"] == "module":
             loss_fn = FastClipLoss(**kwargs, backend="torch", distributed=case["mode"], chunk_size=case["chunk_size"])
