@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
 import os
 import re
 import tarfile
@@ -110,7 +111,7 @@ def read_idx(path: str, max_bytes: int = _IDX_MAX_BYTES) -> np.ndarray:
             if any(d == 0 for d in dims):
                 raise DataError(f"{path}: idx file declares an empty dimension {dims}")
             dtype = _IDX_DTYPES[type_code]
-            n_bytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+            n_bytes = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
             if n_bytes > max_bytes:
                 raise DataError(f"{path}: idx dims {dims} declare {n_bytes} bytes "
                                 f"(limit {max_bytes})")

@@ -71,6 +71,7 @@ class ModelConfig:
     in_channels: int = 1
     embed_dim: int = 64                 # width of the shared embedding space
     cnn_widths: Tuple[int, ...] = (32, 64, 128)
+    cnn_stem_stride: int = 2            # stride of the first conv (2 halves the resolution early)
     vit_patch: int = 4
     vit_width: int = 128
     vit_layers: int = 4
@@ -112,14 +113,17 @@ class ModelConfig:
 
 
 class SmallCNN(nn.Module):
-    """Conv stages (3x3 conv, GroupNorm, GELU), stride 2 after the first, global average pool."""
+    """Conv stages (3x3 conv, GroupNorm, GELU), each after the first with stride 2, then
+    global average pooling."""
 
-    def __init__(self, in_channels: int, widths: Sequence[int], dropout: float = 0.0):
+    def __init__(self, in_channels: int, widths: Sequence[int], dropout: float = 0.0,
+                 stem_stride: int = 2):
         super().__init__()
         layers: List[nn.Module] = []
         c_in = in_channels
         for i, c in enumerate(widths):
-            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+            stride = stem_stride if i == 0 else 2
+            layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False),
                        nn.GroupNorm(min(8, c), c), nn.GELU()]
             c_in = c
         self.features = nn.Sequential(*layers)
@@ -212,7 +216,8 @@ class CLIP(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.visual = (SmallCNN(cfg.in_channels, cfg.cnn_widths, cfg.dropout)
+        self.visual = (SmallCNN(cfg.in_channels, cfg.cnn_widths, cfg.dropout,
+                                cfg.cnn_stem_stride)
                        if cfg.image_encoder == "cnn" else SmallViT(cfg))
         self.text = TextTransformer(cfg)
         self.image_projection = nn.Linear(self.visual.out_dim, cfg.embed_dim, bias=False)

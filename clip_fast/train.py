@@ -76,6 +76,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m.add_argument("--model", default="cnn", choices=("cnn", "vit"), help="image encoder")
     m.add_argument("--embed-dim", type=int, default=64)
     m.add_argument("--cnn-widths", default="32,64,128")
+    m.add_argument("--cnn-stem-stride", type=int, default=2, choices=(1, 2))
     m.add_argument("--vit-width", type=int, default=128)
     m.add_argument("--vit-layers", type=int, default=4)
     m.add_argument("--vit-patch", type=int, default=4)
@@ -396,7 +397,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     model_cfg = ModelConfig(
         image_encoder=args.model, image_size=train_ds.image_size, in_channels=train_ds.channels,
-        embed_dim=args.embed_dim, cnn_widths=args.cnn_widths, vit_patch=args.vit_patch,
+        embed_dim=args.embed_dim, cnn_widths=args.cnn_widths,
+        cnn_stem_stride=args.cnn_stem_stride, vit_patch=args.vit_patch,
         vit_width=args.vit_width, vit_layers=args.vit_layers, text_width=args.text_width,
         text_layers=args.text_layers, dropout=args.dropout)
     torch.manual_seed(args.seed)

@@ -1,0 +1,48 @@
+"""Helpers for the trainer tests: tiny idx files and a tiny model's command line."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+
+_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
+          np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+
+
+def write_idx(path: str, arr: np.ndarray, compress: bool = False) -> str:
+    """Write ``arr`` as an idx file (big-endian payload), gzip-compressed if asked."""
+    dtype = arr.dtype if arr.dtype.itemsize == 1 else arr.dtype.newbyteorder(">")
+    head = bytes([0, 0, _CODES[np.dtype(dtype)], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    blob = head + arr.astype(dtype).tobytes()
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as fh:
+        fh.write(blob)
+    return path
+
+
+def make_fake_fashion_mnist(folder: str, n_train: int = 960, n_test: int = 200,
+                            seed: int = 0, compress: bool = True) -> str:
+    """Fashion-MNIST-shaped idx files where each class is a fixed pattern plus noise."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 256, size=(10, 28, 28)).astype(np.float64)
+
+    def split(n):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        imgs = 0.6 * protos[labels] + 0.4 * rng.integers(0, 256, size=(n, 28, 28))
+        return imgs.clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+    ext = ".gz" if compress else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs, labels = split(n)
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}"), imgs, compress)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte{ext}"), labels, compress)
+    return folder
+
+
+# A model small enough for a CPU test step in a few milliseconds.
+TINY_MODEL = ["--cnn-widths", "8,16", "--embed-dim", "16", "--text-width", "32",
+              "--text-layers", "1", "--threads", "1", "--no-progress"]
