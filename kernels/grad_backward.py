@@ -132,7 +132,7 @@ def _grad_tile_kernel(
     # 4. d_scale partials: sum_j G_ij * <img_i, txt_j>, one fp32 cell per row.
     tl.atomic_add(d_scale_ptr + offs_m, tl.sum(g * acc, axis=1), mask=row_ok, sem="relaxed")
     # 5. G (scaled into [-1, 1]) into the workspace, in the workspace's dtype.
-    ws = ws_ptr + offs_r[:, None] * stride_wr + offs_c[None, :] * stride_wc
+    ws = ws_ptr + offs_r.to(tl.int64)[:, None] * stride_wr + offs_c[None, :] * stride_wc
     tl.store(ws, (g * gscale).to(ws_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -148,7 +148,7 @@ def _kernel(autotune: bool):
         _autotuned = triton.autotune(
             configs=_config.autotune_candidates("backward"),
             key=["R", "C", "D"],
-            reset_to_zero=["d_scale_ptr"],
+            restore_value=["d_scale_ptr"],   # accumulated across blocks: undo trial runs
         )(_grad_tile_kernel)
     return _autotuned
 

@@ -219,7 +219,9 @@ def _kernel(autotune: bool):
         _autotuned = triton.autotune(
             configs=_config.autotune_candidates("forward"),
             key=["M", "K", "D", "COMPUTE_COL"],
-            reset_to_zero=["col_sum_ptr"],   # the atomics accumulate across trial runs
+            # The atomics accumulate: restore the column sums after each trial run so the
+            # final launch adds to what was there before tuning.
+            restore_value=["col_sum_ptr"],
         )(_lse_forward_kernel)
     return _autotuned
 

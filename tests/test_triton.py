@@ -240,6 +240,21 @@ def test_full_loss_through_function():
     _close(scale.grad, r_scale, 1e-5 * mags[3] + 1e-6, "d_scale")
 
 
+def test_autocast():
+    """Under autocast the Function hands the kernels bf16 features; the loss is float32."""
+    from clip_fast import clip_loss
+
+    img = _features(50, 33).requires_grad_(True)
+    txt = _features(50, 33)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        loss = clip_loss(img, txt, torch.tensor(20.0, device=DEV), backend="triton")
+    loss.backward()
+    assert loss.dtype == torch.float32 and img.grad.dtype == torch.float32
+    r_loss, r_img, _, _, _ = reference_clip_loss(img.detach().bfloat16().cpu(), txt.bfloat16().cpu(), 20.0)
+    _close(loss, r_loss, 1e-4, "loss")
+    _close(img.grad, r_img, 4 * EPS[torch.bfloat16] * r_img.abs().max().item() * 4, "d_img")
+
+
 def test_unavailable_reasons():
     assert "float64" in triton_backend.unavailable_reason(DEV, torch.float64)
     assert triton_backend.unavailable_reason(DEV, torch.bfloat16) is None
@@ -274,6 +289,28 @@ def test_torch_compile_module_fullgraph():
     ref = reference_clip_loss(img.cpu(), txt.cpu(), 9.0)
     _close(loss, ref[0], 1e-5, "loss")
     _close(a.grad, ref[1], 1e-5, "d_img")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_gpu():
+    """Compiled mode (not the interpreter): every kernel variant compiles for sm_90, no spills.
+
+    Runs `python -m clip_fast.kernels.aot_check` in a subprocess without TRITON_INTERPRET:
+    Triton's real compiler down to PTX plus ptxas, for an explicit target, no GPU needed.
+    """
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.aot_check", "--arch", "90",
+                          "--dtype", "bf16"], env=env, capture_output=True, text=True, timeout=600)
+    report = out.stdout + out.stderr
+    if "ptxas not found" in report:
+        pytest.skip("Triton's bundled ptxas is missing")
+    assert out.returncode == 0, report
+    assert "aot_check: 0 failure(s)" in report, report
+    spills = [int(x) for x in __import__("re").findall(r"spill_stores=(\d+)B", report)]
+    assert spills and max(spills) == 0, report
 
 
 # ---- GPU only: real tensor-core dots, default block table, large N, torch.compile ----
@@ -352,3 +389,11 @@ def test_gpu_torch_compile_module(default_blocks):
     _close(l2, l1, 1e-3, "loss")
     for a, b, what in zip(g2, g1, ("d_img", "d_txt", "d_scale")):
         _close(a, b, 1e-2 * b.abs().max().item() + 1e-6, what)
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_path(default_blocks, monkeypatch):
+    """CLIP_FAST_AUTOTUNE=1: the tuned launches (trial runs undone) give the same values."""
+    monkeypatch.setenv("CLIP_FAST_AUTOTUNE", "1")
+    _check_block(_features(1000, 129, torch.bfloat16), _features(900, 129, torch.bfloat16),
+                 scale=50.0, bias=1.0)
