@@ -435,21 +435,23 @@ def test_opcheck():
 
 
 @pytest.mark.gpu
-def test_torch_compile_no_graph_break():
-    """The custom ops keep a compiled graph whole (fullgraph=True would raise on a break)."""
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_module_fullgraph(compile_backend):
+    """torch.compile(FastClipLoss(backend='cuda')) keeps the custom ops in one graph
+    (fullgraph=True raises on a break); same loss and gradient as eager."""
+    from clip_fast import FastClipLoss
+
     img, txt = _features(64, 64, 32, torch.float32)
-    img.requires_grad_(True)
     scale = torch.tensor(20.0, device="cuda")
-
-    def f(a, b, s):
-        return clip_loss(a, b, s, backend="cuda")
-
-    compiled = torch.compile(f, fullgraph=True)
-    out = compiled(img, txt, scale)
-    out.backward()
-    ref = f(img.detach(), txt, scale)
-    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
-    assert img.grad is not None and torch.isfinite(img.grad).all()
+    mod = torch.compile(FastClipLoss(backend="cuda"), backend=compile_backend, fullgraph=True)
+    a = img.clone().requires_grad_(True)
+    loss = mod(a, txt, scale)
+    loss.backward()
+    b = img.clone().requires_grad_(True)
+    ref = FastClipLoss(backend="cuda")(b, txt, scale)
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu
