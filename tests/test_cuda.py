@@ -285,7 +285,7 @@ SHAPES = [(1, 1, 1), (2, 2, 33), (77, 77, 129), (77, 77, 1), (130, 130, 512)]
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tf32,tol_f,tol_b", PRECISIONS)
 @pytest.mark.parametrize("n,k,d", SHAPES)
-@pytest.mark.parametrize("scale,bias", [(1.0, None), (100.0, -10.0), (14.3, 3.0)])
+@pytest.mark.parametrize("scale,bias", [(1.0, None), (100.0, -10.0)])
 def test_block_square(n, k, d, dtype, tf32, tol_f, tol_b, scale, bias):
     _check_block(n, k, d, dtype, tf32, tol_f, tol_b, scale, bias)
 
@@ -295,13 +295,13 @@ def test_block_square(n, k, d, dtype, tf32, tol_f, tol_b, scale, bias):
 @pytest.mark.parametrize("d", [1, 33, 129, 512])
 def test_block_n1025(d, dtype, tf32, tol_f, tol_b):
     """N = 1025: 17 row and column tiles, the last one holding a single row/column."""
-    _check_block(1025, 1025, d, dtype, tf32, tol_f, tol_b, 100.0, None)
+    _check_block(1025, 1025, d, dtype, tf32, tol_f, tol_b, 100.0, 3.0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tf32,tol_f,tol_b", PRECISIONS)
-@pytest.mark.parametrize("m,k,d", [(77, 200, 33), (200, 77, 129), (1, 65, 64), (65, 1, 64), (300, 129, 7)])
-@pytest.mark.parametrize("coefs", [None, (0.3, 0.0, 0.5), (0.0, 0.7, 0.2), (0.25, 0.125, 0.0)])
+@pytest.mark.parametrize("m,k,d", [(77, 200, 33), (200, 77, 129), (1, 65, 64), (300, 129, 7)])
+@pytest.mark.parametrize("coefs", [None, (0.3, 0.0, 0.5), (0.0, 0.7, 0.2)])
 def test_block_rectangular(m, k, d, dtype, tf32, tol_f, tol_b, coefs):
     """Rectangular blocks (the distributed modes), zero coefficients switching terms off."""
     _check_block(m, k, d, dtype, tf32, tol_f, tol_b, 20.0, 1.5, coefs=coefs)
