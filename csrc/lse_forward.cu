@@ -3,12 +3,15 @@
 //
 // Launches (all on the caller's stream):
 //   0. row_norms_kernel   : |txt_j| for every j, max_i |img_i| (one warp per row), O((M+K)D).
-//   1. lse_forward_kernel : grid over 64-row blocks of img; each CTA loops over every
-//                           64-column block of txt and
+//   1. lse_forward_kernel : grid (64-row blocks of img) x (column splits); each CTA loops
+//                           over the 64-column tiles of its split of txt and
 //                             a. keeps an exact online log-sum-exp of its 64 rows,
 //                             b. writes the diagonal S_ii when the tile holds it,
 //                             c. adds sum_i exp(S_ij - shift_j) of its rows into col_sum[j]
 //                                (one float atomicAdd per column per tile).
+//                           One split (M large) writes lse_row directly; several (M small,
+//                           e.g. a distributed block) write partial (max, sum) pairs that
+//   1b. merge_row_parts_kernel merges into lse_row.
 //   2. lse_col_finish_kernel: grid over 64-row blocks of txt; turns col_sum into lse_col,
 //                           and recomputes exactly (an online row lse of the transposed
 //                           problem, txt against img) the columns whose sum is unreliable.
