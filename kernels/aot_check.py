@@ -75,10 +75,13 @@ def _compile(fn, ptr_types, ints, floats, constexprs, div16, cfg, arch):
 def forward_variants(dtype):
     prec = "tf32" if dtype == torch.float32 else "ieee"
     base = dict(HAS_BIAS=True, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False, SPLIT=False,
-                SHARE_EXP=True, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False)
+                SHARE_EXP=True, EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False)
     yield "sweep", base
-    yield "sweep two-exp split odd-D", dict(base, SHARE_EXP=False, SPLIT=True, EVEN_D=False, HAS_BIAS=False)
-    yield "fallback", dict(base, COMPUTE_COL=False, WRITE_DIAG=False, ROW_FLAGS=True, SHARE_EXP=False)
+    yield "sweep padded", dict(base, EVEN_MK=False)
+    yield "sweep two-exp split odd-D", dict(base, SHARE_EXP=False, SPLIT=True, EVEN_D=False,
+                                            EVEN_MK=False, HAS_BIAS=False)
+    yield "fallback", dict(base, COMPUTE_COL=False, WRITE_DIAG=False, ROW_FLAGS=True, SHARE_EXP=False,
+                           EVEN_MK=False)
     if dtype == torch.float32:
         yield "sweep ieee", dict(base, DOT_PRECISION="ieee")
 

@@ -77,14 +77,19 @@ COL_UNDERFLOW = 2.0 ** -72
 
 
 @triton.jit
-def _two_exp_sums(s2, c2, m_new, H2, row_ok, col_ok):
+def _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK: tl.constexpr):
     """Steps 3 and 4 with one exp each (no sharing): column sums and online row sums."""
-    # 4. Column terms with the fixed shift c2_j - H2 (padded rows zeroed, padded
-    #    columns have c2 = +inf) ...
-    e = tl.where(row_ok[:, None], tl.exp2(s2 - c2[None, :] + H2), 0.0)
+    # 4. Column terms with the fixed shift H2 - c2_j (padded rows zeroed, padded
+    #    columns have c2 = +inf, i.e. shift = -inf) ...
+    e = tl.exp2(s2 + shift[None, :])
+    if not EVEN_MK:
+        e = tl.where(row_ok[:, None], e, 0.0)
     col_part = tl.sum(e, axis=0)
     # 3. ... and the plain online row sum (padded columns -inf).
-    row_part = tl.sum(tl.exp2(tl.where(col_ok[None, :], s2, float("-inf")) - m_new[:, None]), axis=1)
+    if EVEN_MK:
+        row_part = tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
+    else:
+        row_part = tl.sum(tl.exp2(tl.where(col_ok[None, :], s2, float("-inf")) - m_new[:, None]), axis=1)
     return col_part, row_part
 
 
@@ -96,9 +101,12 @@ def _lse_forward_kernel(
     stride_im, stride_id, stride_tk, stride_td,
     HAS_BIAS: tl.constexpr, COMPUTE_COL: tl.constexpr, WRITE_DIAG: tl.constexpr,
     ROW_FLAGS: tl.constexpr, SPLIT: tl.constexpr, SHARE_EXP: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
+    # EVEN_D: D % BK == 0 (no feature masks); EVEN_MK: M % BM == 0 and K % BN == 0 (no
+    # padded rows or columns, so the tile-wide masking selects are compiled out).
     LOG2E_C: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -162,13 +170,17 @@ def _lse_forward_kernel(
 
         # 2. log2 units; padded columns are excluded from the row max (-inf).
         s2 = acc * scale2 + bias2
-        m_tile = tl.max(tl.where(col_ok[None, :], s2, float("-inf")), axis=1)
+        if EVEN_MK:
+            m_tile = tl.max(s2, axis=1)
+        else:
+            m_tile = tl.max(tl.where(col_ok[None, :], s2, float("-inf")), axis=1)
         m_new = tl.maximum(m_i, m_tile)
         alpha = tl.exp2(m_i - m_new)
 
         if COMPUTE_COL:
-            # Padded columns: c2 = +inf makes their column term 0.
+            # Column shift H2 - c2_j; padded columns: c2 = +inf makes their term 0.
             c2 = tl.load(c2_ptr + offs_n, mask=col_ok, other=float("inf"))
+            shift = H2 - c2
             if SHARE_EXP:
                 # Can this tile share one exp between rows and columns? (module doc)
                 mx = tl.max(tl.where(row_ok, m_tile, float("-inf")), axis=0)
@@ -178,20 +190,25 @@ def _lse_forward_kernel(
                 if (mx - mn <= 60.0) & (c_hi - H2 - mn <= 60.0) & (mx - c_lo + H2 <= 120.0):
                     # 3+4. One exp per element: e serves the column sum and, weighted by
                     #      w_j = 2^(c2_j - H2 - mx), the row sum.
-                    e = tl.where(row_ok[:, None], tl.exp2(s2 - c2[None, :] + H2), 0.0)
+                    e = tl.exp2(s2 + shift[None, :])
+                    if not EVEN_MK:
+                        e = tl.where(row_ok[:, None], e, 0.0)
                     col_part = tl.sum(e, axis=0)
-                    w = tl.where(col_ok, tl.exp2(c2 - H2 - mx), 0.0)
+                    w = tl.where(col_ok, tl.exp2(-shift - mx), 0.0)
                     row_part = tl.exp2(mx - m_new) * tl.sum(e * w[None, :], axis=1)
                 else:
-                    col_part, row_part = _two_exp_sums(s2, c2, m_new, H2, row_ok, col_ok)
+                    col_part, row_part = _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK)
             else:
-                col_part, row_part = _two_exp_sums(s2, c2, m_new, H2, row_ok, col_ok)
+                col_part, row_part = _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK)
             # 4. One relaxed atomic add per column merges this row block's sums.
             tl.atomic_add(col_sum_ptr + offs_n, col_part, mask=col_ok, sem="relaxed")
         else:
             # 3. Plain online row sum.
-            row_part = tl.sum(tl.exp2(tl.where(col_ok[None, :], s2, float("-inf"))
-                                      - m_new[:, None]), axis=1)
+            if EVEN_MK:
+                row_part = tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
+            else:
+                row_part = tl.sum(tl.exp2(tl.where(col_ok[None, :], s2, float("-inf"))
+                                          - m_new[:, None]), axis=1)
         l_i = l_i * alpha + row_part
         m_i = m_new
 
@@ -284,9 +301,11 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, lse_row, col_sum, diag,
     if autotune:
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), splits)  # noqa: E731
         args["EVEN_D"] = False
+        args["EVEN_MK"] = False
         _wrap(_kernel(True))[grid](*ptrs, **args)
     else:
         args["EVEN_D"] = D % fwd.BK == 0
+        args["EVEN_MK"] = M % fwd.BM == 0 and K % fwd.BN == 0
         _wrap(_kernel(False))[(row_blocks, splits)](
             *ptrs, **args, BM=fwd.BM, BN=fwd.BN, BK=fwd.BK,
             num_warps=fwd.num_warps, num_stages=fwd.num_stages)

@@ -196,12 +196,14 @@ def test_column_underflow_fallback_mixed():
 
 @pytest.mark.parametrize("share_exp", [True, False])
 @pytest.mark.parametrize("col_splits", [1, 3])
-def test_exp_sharing_and_column_splits(share_exp, col_splits):
-    """Both exponential paths (shared / two exps) and the split column sweep agree."""
+@pytest.mark.parametrize("m,k", [(77, 70), (64, 48)])
+def test_exp_sharing_and_column_splits(share_exp, col_splits, m, k):
+    """Both exponential paths (shared / two exps), the split column sweep, and padded
+    (77 x 70) as well as whole-block (64 x 48: EVEN_MK, masks compiled out) tiles agree."""
     cfg = kconfig.Configs(forward=SMALL.forward, backward=SMALL.backward,
                           col_splits=col_splits, share_exp=share_exp)
     with kconfig.override(cfg):
-        _check_block(_features(77, 33), _features(70, 33), scale=100.0, bias=0.5)
+        _check_block(_features(m, 33), _features(k, 33), scale=100.0, bias=0.5)
 
 
 def test_wide_lse_spread_takes_two_exp_path():
