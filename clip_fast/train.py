@@ -548,6 +548,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         end_of_epoch = done % steps_per_epoch == 0
         row = None
         if done % args.log_every == 0 or end_of_epoch or done == total_steps:
+            if env.world_size > 1:  # log the global loss: the mean of the ranks' local losses
+                loss = loss.clone()
+                dist.all_reduce(loss)
+                loss /= env.world_size
             loss_val = float(loss)
             if not math.isfinite(loss_val):
                 raise SystemExit(f"error: loss became {loss_val} at step {done}; lower --lr")
