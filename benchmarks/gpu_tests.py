@@ -353,13 +353,23 @@ def summary(table):
         best = min(sweep, key=lambda r: float(r["median_ms"]))
         lines.append(f"forward config sweep (N={best['N']} D={best['D']} bf16): best {best['note']} "
                      f"{best['median_ms']} ms, {best['tflops']} TFLOP/s")
-    lines.append(f"{'impl':22s} {'dtype':5s} {'N':>8s} {'D':>5s} {'ms':>10s} {'MiB':>9s} {'x bf16 GEMM':>11s}  status")
+    lines.append("loss fwd+bwd per case: impl median_ms / extra MiB / fraction of bf16 GEMM rate "
+                 "(- = skipped, see CSV note)")
+    cases_seen = []
     for r in table.rows:
-        if r["section"] != "loss":
-            continue
-        lines.append(f"{r['impl']:22s} {r['dtype']:5s} {r['N']:>8} {r['D']:>5} {r['median_ms']:>10} "
-                     f"{r['extra_peak_mib']:>9} {r['frac_bf16_gemm']:>11}  {r['status']}"
-                     + ("" if r["status"] == "ok" else f" ({r['note'][:70]})"))
+        key = (r["dtype"], r["N"], r["D"])
+        if r["section"] == "loss" and key not in cases_seen:
+            cases_seen.append(key)
+    for key in cases_seen:
+        parts = []
+        for r in table.rows:
+            if r["section"] != "loss" or (r["dtype"], r["N"], r["D"]) != key:
+                continue
+            if r["status"] == "ok":
+                parts.append(f"{r['impl']} {r['median_ms']}ms/{r['extra_peak_mib']}MiB/{r['frac_bf16_gemm']}")
+            else:
+                parts.append(f"{r['impl']} -{r['status']}")
+        lines.append(f"{key[0]} N={key[1]} D={key[2]}: " + " | ".join(parts))
     return "\n".join(lines)
 
 
