@@ -46,8 +46,10 @@ class Configs:
 # Per-architecture table: (major compute capability) -> configs.
 _TABLE: Dict[int, Configs] = {
     # Hopper (sm_90).  The calibrated row-lse tile (128 x 256) spills once the column
-    # sums are added (ptxas: 360 B of spill stores at 255 registers, bf16), 128 x 128
-    # with 8 warps does not (245 registers) -- see `python -m clip_fast.kernels.aot_check`.
+    # sums are added when the last blocks are padded (ptxas, bf16: ~370 B of spill
+    # stores at 255 registers; none for whole blocks), 128 x 128 with 8 warps does not
+    # spill either way (240-246 registers) -- `python -m clip_fast.kernels.aot_check`.
+    # Speed is unmeasured: benchmarks/gpu_check.sh sweeps these forward tiles on a GPU.
     9: Configs(forward=KernelConfig(128, 128, 64, 8, 3),
                backward=KernelConfig(128, 128, 64, 8, 3)),
     # Ampere (sm_80/86/89): smaller shared memory, keep BN at 128.

@@ -278,12 +278,16 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, lse_row, col_sum, diag,
     if row_flags is not None:
         splits = 1
     split = splits > 1
+    # Unused pointer arguments get their own 1-element dummies: no tensor is passed twice,
+    # which keeps torch.compile's mutation analysis of the launch simple.
+    def dummy(dtype=torch.float32):
+        return torch.empty((1,), device=img.device, dtype=dtype)
+
     if split:
         m_part = torch.empty((splits, M), device=img.device, dtype=torch.float32)
         l_part = torch.empty((splits, M), device=img.device, dtype=torch.float32)
     else:
-        m_part = l_part = lse_row
-    dummy = lse_row
+        m_part, l_part = dummy(), dummy()
     args = dict(
         M=M, K=K, D=D, H2=H2, num_splits=splits,
         stride_im=img.stride(0), stride_id=img.stride(1),
@@ -294,10 +298,11 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, lse_row, col_sum, diag,
         DOT_PRECISION=_config.dot_precision(img.dtype),
         DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
     )
-    ptrs = (img, txt, scale, bias if bias is not None else scale,
-            c2 if c2 is not None else dummy, row_flags if row_flags is not None else dummy,
-            lse_row, m_part, l_part, col_sum if col_sum is not None else dummy,
-            diag if diag is not None else dummy)
+    ptrs = (img, txt, scale, bias if bias is not None else dummy(),
+            c2 if c2 is not None else dummy(),
+            row_flags if row_flags is not None else dummy(torch.int32),
+            lse_row, m_part, l_part, col_sum if col_sum is not None else dummy(),
+            diag if diag is not None else dummy())
     if autotune:
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), splits)  # noqa: E731
         args["EVEN_D"] = False
