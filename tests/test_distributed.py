@@ -31,10 +31,10 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch
 
 def _case(name, sizes, dim, *, mode="gather", local=True, gwg=True, dtype="float64", scale=7.0,
           bias=None, upstream=None, via="function", chunk_size=None, open_clip=False, error=None,
-          reduce_scatter=False):
+          reduce_scatter=False, autocast=False):
     return dict(name=name, sizes=sizes, dim=dim, mode=mode, local=local, gwg=gwg, dtype=dtype,
                 scale=scale, bias=bias, upstream=upstream, via=via, chunk_size=chunk_size,
-                open_clip=open_clip, error=error, reduce_scatter=reduce_scatter)
+                open_clip=open_clip, error=error, reduce_scatter=reduce_scatter, autocast=autocast)
 
 
 def _cases(world_size):
@@ -51,7 +51,11 @@ def _cases(world_size):
         _case("ring-even-openclip", even, 16, mode="ring", open_clip=True),
         _case("ring-float32-chunked", [6] * world_size, 129, mode="ring", dtype="float32", chunk_size=2),
         _case("ring-bfloat16", uneven, 64, mode="ring", dtype="bfloat16", scale=20.0),
+        # Confident rows (scale 100): the lse partials merged across ranks differ by tens.
+        _case("ring-scale-100", uneven, 33, mode="ring", scale=100.0, bias=-10.0),
         _case("gather-float32-local", uneven, 33, dtype="float32"),
+        # float32 features under CPU autocast: the loss runs on their bfloat16 copies.
+        _case("ring-autocast-bf16", uneven, 64, mode="ring", dtype="float32", autocast=True),
         # The NCCL branch of the gradient reduce-scatter (padded for uneven shards), run on gloo.
         _case("gather-reduce-scatter-path", uneven, 33, reduce_scatter=True),
         # Upstream gradients that differ per rank (loss * weight_r): exercises the ring's
@@ -165,12 +169,16 @@ def _run_case(case, rank, world_size, seed):
     out = {}
     cf_dist._FORCE_REDUCE_SCATTER = case["reduce_scatter"]
     try:
-        if case["via"] == "module":
-            loss_fn = FastClipLoss(**kwargs, backend="torch", distributed=case["mode"], chunk_size=case["chunk_size"])
-            loss = loss_fn(img, txt, scale, bias)
-        else:
-            loss = distributed_clip_loss(img, txt, scale, bias, **kwargs, mode=case["mode"], backend="torch",
-                                         chunk_size=case["chunk_size"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["autocast"]):
+            if case["via"] == "module":
+                loss_fn = FastClipLoss(**kwargs, backend="torch", distributed=case["mode"],
+                                       chunk_size=case["chunk_size"])
+                loss = loss_fn(img, txt, scale, bias)
+            else:
+                loss = distributed_clip_loss(img, txt, scale, bias, **kwargs, mode=case["mode"], backend="torch",
+                                             chunk_size=case["chunk_size"])
+        if case["autocast"]:
+            assert loss.dtype == torch.float32, loss.dtype
         up = 1.0 if case["upstream"] is None else case["upstream"][rank]
         (loss * up).backward()
         out.update(loss=loss.detach(), d_img=img.grad, d_txt=txt.grad, d_scale=scale.grad)
@@ -268,9 +276,12 @@ def test_matches_float64_reference(spawned, world_size, case):
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r} raised: {res['error']}"
     imgs, txts = _global_features(case, 1234 + [c["name"] for c in _cases(world_size)].index(case["name"]))
+    dt = case["dtype"]
+    if case["autocast"]:  # the loss saw the bfloat16-rounded features
+        imgs, txts = [x.bfloat16() for x in imgs], [x.bfloat16() for x in txts]
+        dt = "bfloat16"
     ref = reference_distributed(imgs, txts, case["scale"], case["bias"], case["local"], case["gwg"],
                                 case["upstream"])
-    dt = case["dtype"]
     ring_scale = sum(x[3] for x in ref) / world_size  # ring: the rank-average of d loss_r / d scale
     for r, res in enumerate(results):
         loss, d_img, d_txt, d_scale, d_bias = ref[r]
