@@ -42,6 +42,9 @@ import triton.language as tl
 
 from . import config as _config
 
+# log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
+_LOG2E_K = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def _grad_tile_kernel(
@@ -55,7 +58,6 @@ def _grad_tile_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    LOG2E_C: tl.constexpr = 1.4426950408889634
     # Grouped tile order (as in Triton's matmul tutorial) so neighbouring programs
     # share txt blocks in L2.
     pid = tl.program_id(0)
@@ -95,9 +97,9 @@ def _grad_tile_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # 2. S in log2 units.
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E_C
+    scale2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E_K
     if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * LOG2E_C
+        bias2 = tl.load(bias_ptr).to(tl.float32) * _LOG2E_K
     else:
         bias2 = 0.0
     s2 = acc * scale2 + bias2
@@ -105,9 +107,9 @@ def _grad_tile_kernel(
     # 3. G = coef_row * P_row + coef_col * P_col (padded rows/cols: lse reads 0, masked below).
     g = tl.zeros((BM, BN), tl.float32)
     if HAS_ROW:
-        r2 = tl.load(lse_row_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E_C
+        r2 = tl.load(lse_row_ptr + offs_m, mask=row_ok, other=0.0) * _LOG2E_K
     if HAS_COL:
-        c2 = tl.load(lse_col_ptr + offs_n, mask=col_ok, other=0.0) * LOG2E_C
+        c2 = tl.load(lse_col_ptr + offs_n, mask=col_ok, other=0.0) * _LOG2E_K
     if SHARE_EXP:
         # Both terms from one exp when the tile's lse values are within 60 (module doc).
         hi = tl.maximum(tl.max(tl.where(row_ok, r2, float("-inf")), axis=0),

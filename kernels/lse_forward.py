@@ -70,6 +70,9 @@ from torch.library import triton_op, wrap_triton
 
 from . import config as _config
 
+# log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
+_LOG2E_K = tl.constexpr(1.4426950408889634)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # A column whose shifted sum ends below this is recomputed exactly (see module doc).
@@ -107,7 +110,6 @@ def _lse_forward_kernel(
 ):
     # EVEN_D: D % BK == 0 (no feature masks); EVEN_MK: M % BM == 0 and K % BN == 0 (no
     # padded rows or columns, so the tile-wide masking selects are compiled out).
-    LOG2E_C: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -116,12 +118,12 @@ def _lse_forward_kernel(
     # 64-bit row offsets: N * D can exceed 2^31 elements.
     img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
     scale = tl.load(scale_ptr).to(tl.float32)
-    scale2 = scale * LOG2E_C
+    scale2 = scale * _LOG2E_K
     if HAS_BIAS:
         bias = tl.load(bias_ptr).to(tl.float32)
     else:
         bias = 0.0
-    bias2 = bias * LOG2E_C
+    bias2 = bias * _LOG2E_K
 
     # This program's column range: split pid_s of num_splits, in whole BN blocks.
     n_blocks = tl.cdiv(K, BN)
