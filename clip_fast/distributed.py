@@ -164,7 +164,7 @@ def _f64_bits(t: Optional[torch.Tensor]) -> int:
 
 def _check_across_ranks(img, txt, logit_scale, logit_bias, *, rank, world_size, local_loss,
                         gather_with_grad, mode, backend, chunk_size, group):
-    group_rank, group_size = dist.get_rank(group), dist.get_world_size(group)
+    group_size = dist.get_world_size(group)
     comm_name = str(dist.get_backend(group)).lower()
     local_error = None
     scale = bias = None
@@ -260,8 +260,6 @@ def _check_across_ranks(img, txt, logit_scale, logit_bias, *, rank, world_size, 
             "clip_fast distributed loss: mode='ring' computes the local_loss=True, gather_with_grad=True "
             f"semantics; got local_loss={bool(local_loss)}, gather_with_grad={bool(gather_with_grad)}. "
             "Pass both as True, or use mode='gather'")
-    if group_rank != rank:  # unreachable after the column(9) check; kept as a guard
-        raise ValueError(f"rank={rank} but torch.distributed.get_rank(group)={group_rank}")
 
     layout = _Layout(rank=rank, world_size=group_size, sizes=tuple(column(1)),
                      local_loss=bool(local_loss), gather_with_grad=bool(gather_with_grad),
