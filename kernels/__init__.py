@@ -7,8 +7,11 @@
 
 Both are registered as torch.library ops (``clip_fast::triton_lse_forward``,
 ``clip_fast::triton_grad_backward``) so torch.compile keeps them in its graph.
-"""
-from .lse_forward import lse_forward
-from .grad_backward import grad_backward
 
-__all__ = ["lse_forward", "grad_backward"]
+Modules (not re-exported as functions, so ``clip_fast.kernels.lse_forward`` stays the
+module): ``lse_forward``, ``grad_backward``, ``config`` (block sizes), ``aot_check``
+(``python -m clip_fast.kernels.aot_check``: compile every variant for sm_80/sm_90, no GPU).
+"""
+from . import config, grad_backward, lse_forward  # noqa: F401  (registers the torch.library ops)
+
+__all__ = ["config", "grad_backward", "lse_forward"]
