@@ -365,6 +365,29 @@ def test_gpu_large_n_vs_torch_backend(default_blocks):
 
 
 @pytest.mark.gpu
+def test_gpu_extra_memory_is_o_n_d(default_blocks, monkeypatch):
+    """Nothing N x N: forward extra peak is O(N), backward's is the bounded workspace + O(N*D)."""
+    monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", "64")
+    n, d = 65536, 512
+    img, txt = _features(n, d, torch.bfloat16), _features(n, d, torch.bfloat16)
+    sc = torch.tensor(30.0, device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lse_row, lse_col, _ = triton_backend.lse_forward(img, txt, sc)
+    torch.cuda.synchronize()
+    fwd_extra = torch.cuda.max_memory_allocated() - base
+    assert fwd_extra < 64 * n * 4 + 2**20, f"forward extra peak {fwd_extra} B (N x N bf16 = {2 * n * n} B)"
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    triton_backend.grad_backward(img, txt, sc, None, lse_row, lse_col, 1 / (2 * n), 1 / (2 * n), 1 / n)
+    torch.cuda.synchronize()
+    bwd_extra = torch.cuda.max_memory_allocated() - base
+    bound = 64 * 2**20 + 4 * (2 * n * d * 4) + 64 * n * 4
+    assert bwd_extra < bound, f"backward extra peak {bwd_extra} B > {bound} B"
+
+
+@pytest.mark.gpu
 def test_gpu_forward_op_compiles_fullgraph(default_blocks):
     """The forward triton_op under torch.compile (inductor, fullgraph): it traces into the
     op and launches our kernels itself; values match eager."""
