@@ -366,7 +366,8 @@ def test_gpu_large_n_vs_torch_backend(default_blocks):
 
 @pytest.mark.gpu
 def test_gpu_extra_memory_is_o_n_d(default_blocks, monkeypatch):
-    """Nothing N x N: forward extra peak is O(N), backward's is the bounded workspace + O(N*D)."""
+    """Nothing N x N: the extra peak is O(N*D) (norm pre-pass, fp32 gradients) plus the
+    backward's bounded workspace, far below one N x N bf16 matrix (8 GiB here)."""
     monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", "64")
     n, d = 65536, 512
     img, txt = _features(n, d, torch.bfloat16), _features(n, d, torch.bfloat16)
@@ -377,7 +378,7 @@ def test_gpu_extra_memory_is_o_n_d(default_blocks, monkeypatch):
     lse_row, lse_col, _ = triton_backend.lse_forward(img, txt, sc)
     torch.cuda.synchronize()
     fwd_extra = torch.cuda.max_memory_allocated() - base
-    assert fwd_extra < 64 * n * 4 + 2**20, f"forward extra peak {fwd_extra} B (N x N bf16 = {2 * n * n} B)"
+    assert fwd_extra < 4 * n * d + 64 * n * 4 + 2**20, f"forward extra peak {fwd_extra} B"
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     triton_backend.grad_backward(img, txt, sc, None, lse_row, lse_col, 1 / (2 * n), 1 / (2 * n), 1 / n)
