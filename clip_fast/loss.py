@@ -28,7 +28,8 @@ class FastClipLoss(nn.Module):
         chunk_size: rows per strip for the torch backend.
         distributed: "gather" (open_clip's all-gather semantics) or "ring" (blocks passed
             around the ring; O(N_local * D) memory per rank; equals
-            ``local_loss=True, gather_with_grad=True``).
+            ``local_loss=True, gather_with_grad=True``, which it requires).
+        group: the ``torch.distributed`` process group (default: the world).
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``
     returns the scalar loss, or ``{"contrastive_loss": loss}``. ``logit_bias`` is accepted;
@@ -38,7 +39,7 @@ class FastClipLoss(nn.Module):
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  use_horovod: bool = False, *, backend: str = "auto",
-                 chunk_size: Optional[int] = None, distributed: str = "gather"):
+                 chunk_size: Optional[int] = None, distributed: str = "gather", group=None):
         super().__init__()
         if use_horovod:
             raise NotImplementedError(
@@ -48,6 +49,11 @@ class FastClipLoss(nn.Module):
             raise ValueError(f"backend must be one of {('auto',) + backends.BACKENDS}, got {backend!r}")
         if distributed not in _MODES:
             raise ValueError(f"distributed must be one of {_MODES}, got {distributed!r}")
+        if distributed == "ring" and not (local_loss and gather_with_grad):
+            raise ValueError(
+                "distributed='ring' computes the local_loss=True, gather_with_grad=True semantics; "
+                f"pass both, got local_loss={local_loss}, gather_with_grad={gather_with_grad}"
+            )
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -59,8 +65,10 @@ class FastClipLoss(nn.Module):
         self.world_size = world_size
         self.use_horovod = False
         self.backend = backend
+        backends.preload(backend)  # import now: torch.compile cannot trace an import
         self.chunk_size = _check_chunk_size(chunk_size)
         self.distributed = distributed
+        self.group = group
 
     def extra_repr(self) -> str:
         return (f"backend={self.backend!r}, world_size={self.world_size}, local_loss={self.local_loss}, "
@@ -76,7 +84,7 @@ class FastClipLoss(nn.Module):
                 image_features, text_features, logit_scale, logit_bias,
                 rank=self.rank, world_size=self.world_size, local_loss=self.local_loss,
                 gather_with_grad=self.gather_with_grad, mode=self.distributed,
-                backend=self.backend, chunk_size=self.chunk_size,
+                backend=self.backend, chunk_size=self.chunk_size, group=self.group,
             )
         else:
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias,

@@ -339,6 +339,7 @@ def test_mixed_devices():
     ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
     ({"rank": 2, "world_size": 2}, ValueError, r"rank must be an int in \[0, world_size=2\)"),
     ({"world_size": 0}, ValueError, "world_size must be an int >= 1"),
+    ({"distributed": "ring"}, ValueError, r"distributed='ring' computes the local_loss=True"),
 ])
 def test_bad_module_arguments(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):

@@ -69,6 +69,18 @@ def _load(name: str) -> Optional[ModuleType]:
     return mod
 
 
+def preload(name: str = "auto") -> None:
+    """Import backend ``name`` (all of them for "auto") now, outside any compiled region.
+
+    Backends are imported lazily; ``torch.compile(fullgraph=True)`` cannot trace an import,
+    so ``FastClipLoss`` preloads in its constructor. Users of the functional form who compile
+    it call this (or ``available_backends()``) once first.
+    """
+    for cand in (BACKENDS if name == "auto" else (name,)):
+        if cand in _MODULES:
+            _load(cand)
+
+
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Why backend ``name`` cannot run on this device and dtype, or None if it can."""
     if name not in _MODULES:
