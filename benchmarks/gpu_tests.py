@@ -33,9 +33,11 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_loss import build_loss, make_case, materialised_loss  # noqa: E402  (shared setup)
+
 FIELDS = ["card", "torch", "triton", "cuda", "date", "commit", "section", "impl", "dtype", "N", "D",
           "median_ms", "extra_peak_mib", "tflops", "frac_bf16_gemm", "frac_dtype_gemm", "method",
           "status", "note"]
@@ -163,13 +165,6 @@ def gemm_tflops(dtype, device, n):
 
 # ---- the losses -------------------------------------------------------------------------------
 
-def materialised_loss(img, txt, scale):
-    """The plain N x N loss as a user without clip_fast writes it (input to torch.compile)."""
-    logits = scale * img @ txt.T
-    labels = torch.arange(img.shape[0], device=img.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
 _compiled = {}
 _compiled_dtypes = set()
 
@@ -177,11 +172,7 @@ _compiled_dtypes = set()
 def build(impl, dry_run):
     """The loss callable for ``impl``; raises with the reason it cannot be built."""
     if impl in ("triton", "cuda", "torch"):
-        import clip_fast
-        return clip_fast.FastClipLoss(backend=impl)
-    if impl == "open_clip":
-        from open_clip.loss import ClipLoss
-        return ClipLoss()
+        return build_loss(f"clip_fast:{impl}")
     if impl == "compiled_materialised":
         if "fn" not in _compiled:
             # dynamic=True: one compile per dtype serves every N and D (compile time is
@@ -189,27 +180,11 @@ def build(impl, dry_run):
             _compiled["fn"] = torch.compile(materialised_loss, dynamic=True,
                                             backend="aot_eager" if dry_run else "inductor")
         return _compiled["fn"]
-    if impl == "inf_cl":
-        from inf_cl import cal_inf_loss
-
-        def inf_cl_loss(img, txt, scale):
-            return (cal_inf_loss(img, txt, scale=scale) + cal_inf_loss(txt, img, scale=scale)) / 2
-        return inf_cl_loss
-    raise ValueError(f"unknown impl {impl}")
+    return build_loss(impl)  # open_clip, inf_cl: imported, skipped by name when missing
 
 
 def materialises(impl):
     return impl in ("open_clip", "compiled_materialised")
-
-
-def make_inputs(n, d, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    img = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype)
-    txt = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype)
-    img.requires_grad_(True)
-    txt.requires_grad_(True)
-    scale = torch.tensor(30.0, device=device, requires_grad=True)
-    return img, txt, scale
 
 
 def step(loss_fn, img, txt, scale):
@@ -252,7 +227,7 @@ def run_config_sweep(table, device, dry_run, deadline):
               (64, 128, 64, 4, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
     if dry_run:
         shapes = [(16, 16, 16, 1, 1), (32, 16, 16, 1, 1)]
-    img, txt, _ = make_inputs(n, d, torch.bfloat16, device)
+    img, txt, _ = make_case(n, d, torch.bfloat16, device)
     img, txt = img.detach(), txt.detach()
     s = torch.tensor(30.0, device=device)
     for shape in shapes:
@@ -322,7 +297,7 @@ def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_
                 continue
             try:
                 if inputs is None:
-                    inputs = make_inputs(n, d, dtype, device)
+                    inputs = make_case(n, d, dtype, device)
                 run = step(fn, *inputs)
                 if impl == "compiled_materialised":
                     _compiled_dtypes.add(dname)
