@@ -362,7 +362,8 @@ def build_dataset(args):
 # ------------------------------------------------------------------------------ main
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
+def run(argv: Optional[List[str]] = None) -> Dict:
+    """Train with command-line arguments ``argv``; return the run's summary dict."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -611,8 +612,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     return summary
 
 
-def cli() -> None:
-    main()
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console-script entry point (``clip-fast-train``); returns None so the exit status is 0."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from clip_fast import data as D
-from clip_fast.train import CheckpointError, load_checkpoint, main
+from clip_fast.train import CheckpointError, load_checkpoint, run as main
 from train_helpers import TINY_MODEL, make_fake_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
