@@ -259,6 +259,10 @@ def restore_from_checkpoint(ckpt: dict, path: str, model, optimizer, args, model
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path!r}: weights do not fit the model: {exc}") from exc
     rngs = ckpt["rng"]
+    if len(rngs) != world_size and rank == 0:
+        print(f"warning: checkpoint {path!r} holds RNG states for {len(rngs)} process(es), this "
+              f"run has {world_size}; dropout draws will differ from an uninterrupted run",
+              file=sys.stderr)
     if len(rngs) == world_size:
         state = rngs[rank]
         if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
