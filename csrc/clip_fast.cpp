@@ -236,11 +236,11 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
   const bool use_row = coef_row != 0.0, use_col = coef_col != 0.0;
 
   // Strip height R: a multiple of 64 rows with R * K * itemsize <= the budget (at least 64).
+  // (Clamped while still a double: a huge CLIP_FAST_WORKSPACE_MB must not overflow the cast.)
   const double budget_elems = workspace_bytes() / static_cast<double>(img.element_size());
-  int64_t R = std::max<int64_t>(
-                  1, static_cast<int64_t>(budget_elems / static_cast<double>(K * kBlockM))) *
-              kBlockM;
-  R = std::min(R, kMaxStripBlocks * kBlockM);
+  const double budget_blocks = std::min(budget_elems / static_cast<double>(K * kBlockM),
+                                        static_cast<double>(kMaxStripBlocks));
+  int64_t R = std::max<int64_t>(1, static_cast<int64_t>(budget_blocks)) * kBlockM;
   R = std::min(R, M);
   Tensor W = at::empty({R, K}, img.options());
   Tensor d_txt_part;  // float16/bfloat16 strips after the first: W.T @ img lands here, then adds
