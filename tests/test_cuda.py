@@ -327,6 +327,13 @@ def test_backward_many_strips(monkeypatch, dtype, tf32, tol_f, tol_b):
 
 
 @pytest.mark.gpu
+def test_backward_huge_workspace_setting(monkeypatch):
+    """A workspace budget far beyond int64 rows is clamped (one strip), not overflowed."""
+    monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", "1e300")
+    _check_block(130, 70, 24, torch.float32, False, 2e-5, 5e-5, 25.0, None)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tf32,tol_f,tol_b", PRECISIONS)
 def test_strided_inputs(dtype, tf32, tol_f, tol_b):
     """Non-contiguous img/txt (a transposed view and a column slice) give the same result."""
