@@ -56,9 +56,11 @@ def test_train_writes_run_dir_and_learns(fake_dir, tmp_path):
     assert ckpt["step"] == 90
 
 
-def test_gradient_cached_run_equals_plain_run(fake_dir, tmp_path):
+@pytest.mark.parametrize("model", ["cnn", "vit"])
+def test_gradient_cached_run_equals_plain_run(fake_dir, tmp_path, model):
     """Same seeds, no dropout: micro-batches of 16 give the plain run's weights."""
-    common = ["--epochs", "1", "--batch-size", "96", "--train-limit", "384", "--augment", "flip"]
+    common = ["--epochs", "1", "--batch-size", "96", "--train-limit", "384", "--augment", "flip",
+              "--model", model, "--vit-width", "16", "--vit-layers", "1", "--vit-patch", "7"]
     main(_args(fake_dir, tmp_path, "plain", *common))
     main(_args(fake_dir, tmp_path, "cached", *common, "--micro-batch-size", "16"))
     a = load_checkpoint(str(tmp_path / "plain" / "checkpoints" / "last.pt"))["model"]
@@ -168,6 +170,28 @@ def test_csv_training_runs(tmp_path):
                     "--batch-size", "8", *TINY_MODEL])
     assert summary["steps"] == 6 and "zs_top1" not in summary
     assert len(_rows(tmp_path / "csv")) == 6
+
+
+def test_tar_shard_training_runs(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    for s in range(2):
+        with tarfile.open(tmp_path / f"train-{s:03d}.tar", "w") as tf:
+            for k in range(8):
+                buf = io.BytesIO()
+                Image.new("L", (20, 20), color=30 * (k % 3)).save(buf, "PNG")
+                for ext, blob in (("png", buf.getvalue()), ("txt", f"grey level {k % 3}".encode())):
+                    info = tarfile.TarInfo(f"{s}{k:03d}.{ext}")
+                    info.size = len(blob)
+                    tf.addfile(info, io.BytesIO(blob))
+    summary = main(["--train-data", str(tmp_path / "train-{000..001}.tar"), "--image-size", "12",
+                    "--channels", "1", "--logs-dir", str(tmp_path), "--name", "wds",
+                    "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "3", *TINY_MODEL])
+    assert summary["steps"] == 4 and summary["micro_batch_size"] == 3
+    assert "webdataset" in (tmp_path / "wds" / "log.txt").read_text()
 
 
 @pytest.mark.skipif(not os.path.isdir(D.DEFAULT_FASHION_MNIST_DIR),
