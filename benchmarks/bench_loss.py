@@ -118,13 +118,13 @@ def materialised_bytes(n: int, dtype: torch.dtype) -> int:
 
 # --- measuring ------------------------------------------------------------------------------
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss_bytes() -> int:
-    """VmHWM: this process's peak RSS since start or since the last ``_reset_peak_rss``."""
+def peak_rss_bytes() -> int:
+    """VmHWM: this process's peak RSS since start or since the last ``reset_peak_rss``."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -132,7 +132,7 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """Linux resets VmHWM to the current RSS when "5" is written to clear_refs."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -177,11 +177,11 @@ def cpu_memory_worker(impl, n, d, dtype_name, mode) -> Dict:
     loss_fn = build_loss(impl)
     img, txt, scale = make_case(n, d, DTYPES[dtype_name], "cpu")
     fn = step_fn(loss_fn, img, txt, scale, mode)
-    _reset_peak_rss()  # forget the import-time peak
-    base = _rss_bytes()
-    assert _peak_rss_bytes() <= base + (16 << 20), "could not reset the peak RSS"
+    reset_peak_rss()  # forget the import-time peak
+    base = rss_bytes()
+    assert peak_rss_bytes() <= base + (16 << 20), "could not reset the peak RSS"
     fn()
-    return {"extra_mib": max(0, _peak_rss_bytes() - base) / 2**20}
+    return {"extra_mib": max(0, peak_rss_bytes() - base) / 2**20}
 
 
 def cpu_memory(impl, n, d, dtype_name, mode) -> Dict:

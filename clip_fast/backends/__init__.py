@@ -69,6 +69,13 @@ def _load(name: str) -> Optional[ModuleType]:
     return mod
 
 
+def f32_scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``scale``/``bias`` as the 0-d float32 tensor on ``like``'s device the kernels read."""
+    if t is None:
+        return None
+    return t.reshape(()).to(device=like.device, dtype=torch.float32)
+
+
 def preload(name: str = "auto") -> None:
     """Import backend ``name`` (all of them for "auto") now, outside any compiled region.
 

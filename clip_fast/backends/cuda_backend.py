@@ -18,6 +18,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import f32_scalar as _scalar
+
 NAME = "cuda"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -77,12 +79,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
         return (f"the extension was built for [{built}], not for this GPU's {cap[0]}.{cap[1]}; "
                 f"rebuild with CLIP_FAST_CUDA_ARCHS=\"{cap[0]}.{cap[1]}\"")
     return None
-
-
-def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    return t.reshape(()).to(device=like.device, dtype=torch.float32)
 
 
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,

@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import f32_scalar as _scalar
+
 NAME = "triton"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -46,12 +48,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
             return None
         return "needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, the Triton interpreter)"
     return f"device type {device.type!r} is not supported (CUDA tensors needed)"
-
-
-def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    return t.reshape(()).to(device=like.device, dtype=torch.float32)
 
 
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
