@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import config as _config
+from .tile import tile_dot
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -75,26 +76,12 @@ def _grad_tile_kernel(
     col_ok = offs_c < C
     offs_m = row0 + offs_r                      # global row of S
     offs_n = col0 + offs_c                      # global column of S
-    offs_k = tl.arange(0, BK)
     img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
     txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
 
     # 1. Recompute the tile acc = img_blk @ txt_blk.T (masked loads read 0 outside).
-    acc = tl.zeros((BM, BN), tl.float32)
-    for start_d in range(0, D, BK):
-        d = start_d + offs_k
-        if EVEN_D:
-            a = tl.load(img_rows + d[None, :] * stride_id, mask=row_ok[:, None], other=0.0)
-            b = tl.load(txt_cols + d[:, None] * stride_td, mask=col_ok[None, :], other=0.0)
-        else:
-            a = tl.load(img_rows + d[None, :] * stride_id,
-                        mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            b = tl.load(txt_cols + d[:, None] * stride_td,
-                        mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
-        if DOT_UPCAST:
-            a = a.to(tl.float32)   # interpreter only: its bf16 tl.dot is broken
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                   EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
     # 2. S in log2 units.
     scale2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E_K

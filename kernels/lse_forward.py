@@ -69,6 +69,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import config as _config
+from .tile import tile_dot
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -114,7 +115,6 @@ def _lse_forward_kernel(
     pid_s = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
     row_ok = offs_m < M
-    offs_k = tl.arange(0, BK)
     # 64-bit row offsets: N * D can exceed 2^31 elements.
     img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -144,22 +144,8 @@ def _lse_forward_kernel(
         txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
         # 1. acc = img_blk @ txt_blk.T over D.  Masked loads: rows >= M and columns >= K
         #    read 0 (their S is then excluded below); features >= D read 0, adding nothing.
-        acc = tl.zeros((BM, BN), tl.float32)
-        for start_d in range(0, D, BK):
-            d = start_d + offs_k
-            if EVEN_D:
-                a = tl.load(img_rows + d[None, :] * stride_id, mask=row_ok[:, None], other=0.0)
-                b = tl.load(txt_cols + d[:, None] * stride_td, mask=col_ok[None, :], other=0.0)
-            else:
-                a = tl.load(img_rows + d[None, :] * stride_id,
-                            mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-                b = tl.load(txt_cols + d[:, None] * stride_td,
-                            mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
-            if DOT_UPCAST:
-                # Interpreter only: its bf16 tl.dot is broken; bf16 -> fp32 is exact.
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                       EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
         # 5. Diagonal first (so acc is dead once s2 exists), only on tiles whose column
         #    range meets this row block.
