@@ -76,6 +76,22 @@ def f32_scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.
     return t.reshape(()).to(device=like.device, dtype=torch.float32)
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_dtype_reason(dtype: torch.dtype, label: str) -> Optional[str]:
+    """Why the fused-kernel backend ``label`` cannot take ``dtype``, or None if it can."""
+    if dtype in KERNEL_DTYPES:
+        return None
+    extra = " (use backend='torch' for float64)" if dtype == torch.float64 else ""
+    return f"dtype {dtype} is not supported by the {label} backend, which takes {KERNEL_DTYPES}{extra}"
+
+
+def kernel_lse(lse: Optional[torch.Tensor], coef: float) -> Optional[torch.Tensor]:
+    """The float32 lse a kernel backward reads, or None when its coefficient switches it off."""
+    return lse.float() if lse is not None and coef else None
+
+
 def preload(name: str = "auto") -> None:
     """Import backend ``name`` (all of them for "auto") now, outside any compiled region.
 

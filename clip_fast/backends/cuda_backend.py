@@ -18,10 +18,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import f32_scalar as _scalar
+from . import f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
 
 NAME = "cuda"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.clip_fast_cuda)
@@ -62,9 +61,9 @@ def _runs_on(cap: Tuple[int, int]) -> bool:
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
-    if dtype not in _DTYPES:
-        extra = " (use backend='torch' for float64)" if dtype == torch.float64 else ""
-        return f"dtype {dtype} is not supported by the CUDA backend, which takes {_DTYPES}{extra}"
+    dtype_reason = kernel_dtype_reason(dtype, "CUDA")
+    if dtype_reason is not None:
+        return dtype_reason
     device = torch.device(device)
     if device.type != "cuda":
         return f"needs CUDA tensors, got device {device}"
@@ -91,8 +90,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                   lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
                   coef_diag: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse_row = lse_row.float() if lse_row is not None and coef_row else None
-    lse_col = lse_col.float() if lse_col is not None and coef_col else None
+    lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
     return torch.ops.clip_fast_cuda.grad_backward(
         img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
         float(coef_row), float(coef_col), float(coef_diag))

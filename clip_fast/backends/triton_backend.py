@@ -15,10 +15,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import f32_scalar as _scalar
+from . import f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
 
 NAME = "triton"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 try:
     import triton  # noqa: F401
@@ -35,9 +34,9 @@ if _TRITON_ERROR is None:
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if _TRITON_ERROR is not None:
         return _TRITON_ERROR
-    if dtype not in _DTYPES:
-        extra = " (use backend='torch' for float64)" if dtype == torch.float64 else ""
-        return f"dtype {dtype} is not supported by the Triton backend, which takes {_DTYPES}{extra}"
+    dtype_reason = kernel_dtype_reason(dtype, "Triton")
+    if dtype_reason is not None:
+        return dtype_reason
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -59,7 +58,6 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                   lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
                   coef_diag: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse_row = lse_row.float() if lse_row is not None and coef_row else None
-    lse_col = lse_col.float() if lse_col is not None and coef_col else None
+    lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
     return _grad_backward(img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
                           float(coef_row), float(coef_col), float(coef_diag))
