@@ -28,7 +28,6 @@ distributed part being compared.  The chunk size is written to the CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -39,7 +38,7 @@ import time
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402  (shared RSS probes)
+from bench_loss import cpu_name, peak_rss_bytes, reset_peak_rss, rss_bytes, write_csv  # noqa: E402  (shared)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IMPLS = ("clip_fast:ring", "clip_fast:gather", "open_clip")
@@ -133,14 +132,8 @@ def _worker(rank, world_size, store, out_dir, configs, reps, chunk):
 def environment() -> Dict[str, str]:
     import torch
 
-    name = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except Exception:
-        pass
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": f"{name} ({os.cpu_count()} cores, CPU)", "torch": torch.__version__,
+            "device": f"{cpu_name()} ({os.cpu_count()} cores, CPU)", "torch": torch.__version__,
             "python": platform.python_version(), "comm": "gloo"}
 
 
@@ -181,17 +174,6 @@ def run(args) -> List[Dict]:
     return rows
 
 
-def write_csv(rows, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world-size", type=int, default=4)
@@ -206,7 +188,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     rows = run(args)
     path = args.csv or os.path.join(RESULTS, f"distributed_memory_cpu_{datetime.date.today().isoformat()}.csv")
-    write_csv(rows, path)
+    write_csv(rows, path, FIELDS, float_format=".2f")
     print(f"wrote {path}")
 
 

@@ -195,6 +195,17 @@ def cpu_memory(impl, n, d, dtype_name, mode) -> Dict:
 
 # --- the table ------------------------------------------------------------------------------
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except Exception:
+        pass
+    return name
+
+
 def environment(device: str) -> Dict[str, str]:
     try:
         import triton
@@ -204,13 +215,7 @@ def environment(device: str) -> Dict[str, str]:
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-        except Exception:
-            pass
-        name = f"{name} ({os.cpu_count()} cores)"
+        name = f"{cpu_name()} ({os.cpu_count()} cores)"
     return {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__,
             "triton": triton_version, "cuda": str(torch.version.cuda), "python": platform.python_version()}
 
@@ -275,15 +280,16 @@ def _fmt(row) -> str:
             f"{row['median_ms']:10.2f} ms  extra {row['extra_mib']:9.1f} MiB")
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, fields=FIELDS, float_format=".4f"):
+    """Append ``rows`` to the CSV at ``path`` (header first when the file is new)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         for row in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+            w.writerow({k: (format(v, float_format) if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def main(argv: Optional[List[str]] = None):
