@@ -182,8 +182,10 @@ def _lse_forward_kernel(
                     if not EVEN_MK:
                         e = tl.where(row_ok[:, None], e, 0.0)
                     col_part = tl.sum(e, axis=0)
-                    w = tl.where(col_ok, tl.exp2(-shift - mx), 0.0)
-                    row_part = tl.exp2(mx - m_new) * tl.sum(e * w[None, :], axis=1)
+                    # Padded lanes take exponents that give 0 and 1 (not inf, then NaN
+                    # from inf * 0); their results are never stored.
+                    w = tl.exp2(tl.where(col_ok, -shift - mx, float("-inf")))
+                    row_part = tl.exp2(tl.where(row_ok, mx - m_new, 0.0)) * tl.sum(e * w[None, :], axis=1)
                 else:
                     col_part, row_part = _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK)
             else:
