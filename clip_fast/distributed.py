@@ -325,6 +325,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _backend_args(layout: _Layout, scale, bias, acc: torch.dtype):
+    """The backend module, its keyword arguments, and scale/bias as 0-d ``acc`` tensors."""
+    return backends.get_loaded(layout.backend), layout.kwargs(), _scalar(scale, acc), _scalar(bias, acc)
+
+
 def _finish(d_img, d_txt, d_scale, img, txt, scale, bias, needs):
     """Cast the float32/64 gradients back to the inputs' dtypes and shapes."""
     return (d_img.to(img.dtype) if needs[0] else None,
@@ -341,10 +346,9 @@ def _finish(d_img, d_txt, d_scale, img, txt, scale, bias, needs):
 class _GatherClipLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, scale, bias, layout: _Layout):
-        impl, kw = backends.get_loaded(layout.backend), layout.kwargs()
         acc = _acc_dtype(img.dtype)
-        s, b = _scalar(scale, acc), _scalar(bias, acc)
-        r, n, o = layout.rank, layout.n_local, layout.offsets[layout.rank]
+        impl, kw, s, b = _backend_args(layout, scale, bias, acc)
+        n, o = layout.n_local, layout.offsets[layout.rank]
         img, txt = img.contiguous(), txt.contiguous()
         # 1. Everyone's features (the no-grad copies of open_clip's gather).
         all_img, all_txt = _all_gather_rows(img, layout), _all_gather_rows(txt, layout)
@@ -369,9 +373,8 @@ class _GatherClipLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         img, txt, scale, bias, all_img, all_txt, lse_row, lse_col, lse_row_all, dot = ctx.saved_tensors
         layout: _Layout = ctx.layout
-        impl, kw = backends.get_loaded(layout.backend), layout.kwargs()
         acc = lse_row.dtype
-        s, b = _scalar(scale, acc), _scalar(bias, acc)
+        impl, kw, s, b = _backend_args(layout, scale, bias, acc)
         g = grad_loss.detach().reshape(()).to(acc)
         n, o = layout.n_local, layout.offsets[layout.rank]
         if layout.local_loss:
@@ -447,9 +450,8 @@ def _wait(works: list) -> None:
 class _RingClipLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, scale, bias, layout: _Layout):
-        impl, kw = backends.get_loaded(layout.backend), layout.kwargs()
         acc = _acc_dtype(img.dtype)
-        s, b = _scalar(scale, acc), _scalar(bias, acc)
+        impl, kw, s, b = _backend_args(layout, scale, bias, acc)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
         n_max, dim = max(sizes), img.shape[1]
         img, txt = img.contiguous(), txt.contiguous()
@@ -489,9 +491,8 @@ class _RingClipLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         img, txt, scale, bias, lse_row, lse_col = ctx.saved_tensors
         layout: _Layout = ctx.layout
-        impl, kw = backends.get_loaded(layout.backend), layout.kwargs()
         acc = lse_row.dtype
-        s, b = _scalar(scale, acc), _scalar(bias, acc)
+        impl, kw, s, b = _backend_args(layout, scale, bias, acc)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
         n_max, dim = max(sizes), img.shape[1]
         # Every rank's upstream gradient: the column term of block (r, q) belongs to loss_q.
