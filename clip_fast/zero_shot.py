@@ -9,6 +9,7 @@ Works with any model offering ``encode_image(images)`` and ``encode_text(tokens)
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -70,6 +71,7 @@ def zero_shot_eval(model, classifier: Union[torch.Tensor, Dict[str, torch.Tensor
     """
     device = device if device is not None else _model_device(model)
     classifiers = classifier if isinstance(classifier, dict) else {"": classifier}
+    classifiers = {name: clf.to(device) for name, clf in classifiers.items()}  # once, not per batch
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         images, labels = data
         if images.shape[0] != labels.shape[0]:
@@ -80,14 +82,11 @@ def zero_shot_eval(model, classifier: Union[torch.Tensor, Dict[str, torch.Tensor
     total = 0
     for images, labels in data:
         images, labels = images.to(device), labels.to(device)
-        if autocast is not None:
-            with autocast():
-                feats = model.encode_image(images)
-        else:
+        with autocast() if autocast is not None else contextlib.nullcontext():
             feats = model.encode_image(images)
         feats = F.normalize(feats.float(), dim=-1)
         for name, clf in classifiers.items():
-            for k, c in topk_correct(feats @ clf.to(device), labels, topk).items():
+            for k, c in topk_correct(feats @ clf, labels, topk).items():
                 correct[name][k] += c
         total += labels.shape[0]
     if total == 0:
