@@ -102,12 +102,10 @@ class FrozenSentenceEncoder:
                 emb = self.model.encode(todo, convert_to_tensor=True, batch_size=256,
                                         show_progress_bar=False).float().cpu()
             if len(self._cache) + len(todo) > self.cache_size:
-                self._cache.clear()
+                # Full: keep only this batch's cached captions (clearing all lost them).
+                self._cache = {t: self._cache[t] for t in set(texts) if t in self._cache}
             self._cache.update(zip(todo, emb))
-            lookup = dict(zip(todo, emb))
-        else:
-            lookup = {}
-        return torch.stack([lookup[t] if t in lookup else self._cache[t] for t in texts])
+        return torch.stack([self._cache[t] for t in texts])
 
 
 @dataclass

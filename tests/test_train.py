@@ -235,3 +235,19 @@ def test_lit_frozen_text_tower(fake_dir, tmp_path):
     assert not any(k.startswith("text.") for k in ckpt["model"])
     assert ckpt["model"]["text_projection.weight"].shape == (16, 384)
     assert summary["zs_top1"] > 0.3  # chance is 0.1
+
+
+def test_frozen_text_cache_overflow_keeps_the_batchs_captions():
+    """A full caption cache must still return every caption of the batch, each its own embedding."""
+    from clip_fast.models import FrozenSentenceEncoder
+
+    class Encoder:  # stands in for MiniLM: a caption's embedding is its length, repeated
+        def encode(self, texts, **kw):
+            return torch.tensor([[float(len(t))] * FrozenSentenceEncoder.dim for t in texts])
+
+    enc = FrozenSentenceEncoder.__new__(FrozenSentenceEncoder)  # no [lit] extra needed
+    enc.model, enc.cache_size, enc._cache = Encoder(), 2, {}
+    enc(["a", "bb"])
+    out = enc(["a", "ccc", "a"])  # "a" is cached, "ccc" overflows the cache
+    assert out[:, 0].tolist() == [1.0, 3.0, 1.0]
+    assert set(enc._cache) <= {"a", "ccc"}
