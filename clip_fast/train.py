@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import data as data_mod
-from .gradcache import grad_cache_step, plain_step
+from .gradcache import capture_rng, grad_cache_step, plain_step
 from .models import CLIP, ModelConfig
 from .zero_shot import zero_shot_classifier, zero_shot_eval
 
@@ -275,13 +275,6 @@ def restore_from_checkpoint(ckpt: dict, path: str, model, optimizer, args, model
     return int(ckpt["step"])
 
 
-def _rng_state(device: torch.device) -> dict:
-    st = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
 class MetricsLog:
     """metrics.csv (one row per logged step) and log.txt, written by rank 0 only."""
 
@@ -355,14 +348,12 @@ def plot_metrics(rows: List[dict], path: str) -> Optional[str]:
 def build_dataset(args):
     if args.dataset_type == "fashion-mnist":
         return data_mod.FashionMNIST(args.data_dir, "train", limit=args.train_limit)
-    if args.dataset_type == "csv":
-        ds = data_mod.CsvDataset(args.train_data, args.csv_img_key, args.csv_caption_key,
-                                 args.csv_separator, args.image_size, args.channels)
-    else:
-        ds = data_mod.TarDataset(args.train_data, args.image_size, args.channels)
-    if args.train_limit is not None:
+    if args.train_limit is not None:  # before reading the CSV or indexing the shards
         raise SystemExit("--train-limit only applies to Fashion-MNIST")
-    return ds
+    if args.dataset_type == "csv":
+        return data_mod.CsvDataset(args.train_data, args.csv_img_key, args.csv_caption_key,
+                                   args.csv_separator, args.image_size, args.channels)
+    return data_mod.TarDataset(args.train_data, args.image_size, args.channels)
 
 
 # ------------------------------------------------------------------------------ main
@@ -492,7 +483,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
                 "zs_heldout_top1": res["heldout_top1"]}
 
     def save(step: int) -> None:
-        rng = _rng_state(device)
+        rng = capture_rng(device)
         if env.world_size > 1:
             gathered: List = [None] * env.world_size
             dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
