@@ -59,11 +59,9 @@ def _runs_on(cap: Tuple[int, int]) -> bool:
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    dtype_reason = kernel_dtype_reason(dtype, "CUDA")
-    if dtype_reason is not None:
-        return dtype_reason
+    reason = _IMPORT_ERROR or kernel_dtype_reason(dtype, "CUDA")
+    if reason is not None:
+        return reason
     device = torch.device(device)
     if device.type != "cuda":
         return f"needs CUDA tensors, got device {device}"

@@ -32,11 +32,9 @@ if _TRITON_ERROR is None:
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if _TRITON_ERROR is not None:
-        return _TRITON_ERROR
-    dtype_reason = kernel_dtype_reason(dtype, "Triton")
-    if dtype_reason is not None:
-        return dtype_reason
+    reason = _TRITON_ERROR or kernel_dtype_reason(dtype, "Triton")
+    if reason is not None:
+        return reason
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
