@@ -236,14 +236,20 @@ def _spawn(world_size, tmp_path, seed):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
+SEED = 1234
 _CACHE = {}
+
+
+def _case_seed(world_size, case):
+    """The seed the workers drew this case's features from (SEED + its index)."""
+    return SEED + [c["name"] for c in _cases(world_size)].index(case["name"])
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     def get(world_size):
         if world_size not in _CACHE:
-            _CACHE[world_size] = _spawn(world_size, tmp_path_factory.mktemp(f"dist{world_size}"), 1234)
+            _CACHE[world_size] = _spawn(world_size, tmp_path_factory.mktemp(f"dist{world_size}"), SEED)
         return _CACHE[world_size]
     yield get
     _CACHE.clear()
@@ -275,7 +281,7 @@ def test_matches_float64_reference(spawned, world_size, case):
     results = [res[case["name"]] for res in spawned(world_size)]
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r} raised: {res['error']}"
-    imgs, txts = _global_features(case, 1234 + [c["name"] for c in _cases(world_size)].index(case["name"]))
+    imgs, txts = _global_features(case, _case_seed(world_size, case))
     dt = case["dtype"]
     if case["autocast"]:  # the loss saw the bfloat16-rounded features
         imgs, txts = [x.bfloat16() for x in imgs], [x.bfloat16() for x in txts]
@@ -302,7 +308,7 @@ def test_matches_float64_reference(spawned, world_size, case):
 def test_reference_agrees_with_open_clip(spawned, world_size, case):
     """open_clip's own ClipLoss, run in the same processes, matches the float64 reference."""
     results = [res[case["name"]] for res in spawned(world_size)]
-    imgs, txts = _global_features(case, 1234 + [c["name"] for c in _cases(world_size)].index(case["name"]))
+    imgs, txts = _global_features(case, _case_seed(world_size, case))
     ref = reference_distributed(imgs, txts, case["scale"], None, case["local"], case["gwg"])
     for r, res in enumerate(results):
         for key, want in zip(("oc_loss", "oc_d_img", "oc_d_txt", "oc_d_scale"), ref[r][:4]):
