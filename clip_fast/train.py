@@ -547,9 +547,9 @@ def run(argv: Optional[List[str]] = None) -> Dict:
         done = step + 1
         samples_since += args.batch_size
 
-        end_of_epoch = done % steps_per_epoch == 0
+        end_of_epoch = done % steps_per_epoch == 0  # the last step is one (whole epochs)
         row = None
-        if done % args.log_every == 0 or end_of_epoch or done == total_steps:
+        if done % args.log_every == 0 or end_of_epoch:
             if env.world_size > 1:  # log the global loss: the mean of the ranks' local losses
                 loss = loss.clone()
                 dist.all_reduce(loss)
@@ -566,7 +566,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
                    "peak_mem_mb": f"{peak_memory_mb(device):.1f}",
                    "elapsed_s": f"{now - t_start:.2f}"}
             t_last, samples_since = now, 0
-        if classifiers is not None and (end_of_epoch or done == total_steps or (
+        if classifiers is not None and (end_of_epoch or (
                 args.zeroshot_every and done % args.zeroshot_every == 0)):
             if env.main:
                 last_eval = evaluate()
@@ -581,9 +581,9 @@ def run(argv: Optional[List[str]] = None) -> Dict:
             env.barrier()
         if row is not None:
             metrics.write(row)
-        if end_of_epoch or done == total_steps or (args.save_every and done % args.save_every == 0):
+        if end_of_epoch or (args.save_every and done % args.save_every == 0):
             save(done)
-            if env.main and classifiers is not None and (end_of_epoch or done == total_steps):
+            if env.main and classifiers is not None and end_of_epoch and done < total_steps:
                 plot_metrics(metrics.rows, os.path.join(run_dir, "metrics.png"))
         if pbar is not None:
             pbar.update(1)
@@ -601,7 +601,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
                "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if env.main:
-        if classifiers is not None:
+        if classifiers is not None:  # the last epoch's plot (the loop plots the earlier ones)
             plot_metrics(metrics.rows, os.path.join(run_dir, "metrics.png"))
         with open(os.path.join(run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
