@@ -88,6 +88,12 @@ def _build(impl, rank, world_size, chunk):
                         backend="torch", chunk_size=chunk, distributed=impl.split(":", 1)[1])
 
 
+def _step(loss_fn, img, txt, scale):
+    """One forward+backward; the previous step's gradients are freed first."""
+    img.grad = txt.grad = scale.grad = None
+    loss_fn(img, txt, scale).backward()
+
+
 def _worker(rank, world_size, store, out_dir, configs, reps, chunk):
     import torch
     import torch.distributed as dist
@@ -101,29 +107,21 @@ def _worker(rank, world_size, store, out_dir, configs, reps, chunk):
         n_local = n_global // world_size
         loss_fn = _build(impl, rank, world_size, chunk)
         # Warm-up on a small batch: gloo pairs, allocator, lazy imports.
-        wi, wt, ws = _make_inputs(rank, 64, d, dtype, 3)
-        loss_fn(wi, wt, ws).backward()
-        del wi, wt, ws
-        img, txt, scale = _make_inputs(rank, n_local, d, dtype, 7)
-
-        def step():
-            img.grad = txt.grad = scale.grad = None
-            loss_fn(img, txt, scale).backward()
-
-        img.grad = txt.grad = scale.grad = None
+        _step(loss_fn, *_make_inputs(rank, 64, d, dtype, 3))
+        inputs = _make_inputs(rank, n_local, d, dtype, 7)
         dist.barrier()
         reset_peak_rss()
         base = rss_bytes()
-        step()
+        _step(loss_fn, *inputs)
         extra = max(0, peak_rss_bytes() - base)
         times = []
         for _ in range(reps):
             dist.barrier()
             t0 = time.perf_counter()
-            step()
+            _step(loss_fn, *inputs)
             times.append((time.perf_counter() - t0) * 1e3)
         lines.append(f"{impl},{n_global},{d},{dtype_name},{extra},{statistics.median(times) if times else ''}")
-        del img, txt, scale, loss_fn
+        del inputs, loss_fn
     with open(os.path.join(out_dir, f"rank{rank}.csv"), "w") as f:
         f.write("\n".join(lines) + "\n")
     dist.destroy_process_group()
