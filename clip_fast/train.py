@@ -463,19 +463,14 @@ def run(argv: Optional[List[str]] = None) -> Dict:
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
         f"{os.getloadavg()[0]:.2f}" + (f"; resumed at step {start_step}" if resume_path else ""))
 
-    classifiers = None
-    if test is not None:
-        def make_classifiers():
-            model.eval()
-            clf = {"all": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
-                                               data_mod.TRAIN_TEMPLATES + data_mod.HELDOUT_TEMPLATES),
-                   "heldout": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
-                                                   data_mod.HELDOUT_TEMPLATES)}
-            return clf
-        classifiers = make_classifiers
+    eval_zero_shot = test is not None  # Fashion-MNIST: class names to build classifiers from
 
     def evaluate() -> Dict[str, float]:
-        clf = classifiers()
+        model.eval()
+        clf = {"all": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
+                                           data_mod.TRAIN_TEMPLATES + data_mod.HELDOUT_TEMPLATES),
+               "heldout": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
+                                               data_mod.HELDOUT_TEMPLATES)}
         res = zero_shot_eval(model, clf, test, batch_size=1000, device=device, autocast=(
             autocast if use_bf16 else None))
         model.train()
@@ -566,7 +561,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
                    "peak_mem_mb": f"{peak_memory_mb(device):.1f}",
                    "elapsed_s": f"{now - t_start:.2f}"}
             t_last, samples_since = now, 0
-        if classifiers is not None and (end_of_epoch or (
+        if eval_zero_shot and (end_of_epoch or (
                 args.zeroshot_every and done % args.zeroshot_every == 0)):
             if env.main:
                 last_eval = evaluate()
@@ -583,7 +578,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
             metrics.write(row)
         if end_of_epoch or (args.save_every and done % args.save_every == 0):
             save(done)
-            if env.main and classifiers is not None and end_of_epoch and done < total_steps:
+            if env.main and eval_zero_shot and end_of_epoch and done < total_steps:
                 plot_metrics(metrics.rows, os.path.join(run_dir, "metrics.png"))
         if pbar is not None:
             pbar.update(1)
@@ -601,7 +596,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
                "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if env.main:
-        if classifiers is not None:  # the last epoch's plot (the loop plots the earlier ones)
+        if eval_zero_shot:  # the last epoch's plot (the loop plots the earlier ones)
             plot_metrics(metrics.rows, os.path.join(run_dir, "metrics.png"))
         with open(os.path.join(run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
