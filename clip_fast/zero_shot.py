@@ -47,6 +47,11 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[s
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor,
                  topk: Sequence[int] = (1, 5)) -> Dict[int, int]:
     """Number of samples whose label is among the ``k`` largest logits, for each ``k``."""
+    if logits.dim() != 2 or tuple(labels.shape) != (logits.shape[0],):
+        raise ValueError(f"topk_correct needs logits (N, C) and labels (N,), got logits "
+                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+    if not topk or any(k < 1 for k in topk):
+        raise ValueError(f"topk must be a non-empty list of ks >= 1, got {tuple(topk)}")
     kmax = min(max(topk), logits.shape[1])
     pred = logits.topk(kmax, dim=1).indices
     hit = pred == labels[:, None]

@@ -97,3 +97,8 @@ def test_bad_arguments():
     clf = zero_shot_classifier(model, CLASSES, TEMPLATES)
     with pytest.raises(ValueError, match="differ in length"):
         zero_shot_eval(model, clf, (torch.zeros(3, 6), torch.zeros(2, dtype=torch.long)))
+    # (N, 1) labels broadcast against the (N, k) predictions: a wrong count, not an error.
+    with pytest.raises(ValueError, match=r"labels \(N,\), got logits \(3, 4\) and labels \(3, 1\)"):
+        zero_shot_eval(model, clf, (torch.zeros(3, 6), torch.zeros(3, 1, dtype=torch.long)))
+    with pytest.raises(ValueError, match="ks >= 1"):
+        topk_correct(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), (0, 1))
