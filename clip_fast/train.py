@@ -117,8 +117,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.micro_batch_size is not None and args.micro_batch_size < 1:
-        p.error(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
+    for name in ("micro_batch_size", "train_limit", "test_limit"):  # None: not given
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup", "save_every", "zeroshot_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.dataset_type == "auto":
         if args.train_data is None:
             args.dataset_type = "fashion-mnist"

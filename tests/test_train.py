@@ -156,6 +156,18 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("flag, value", [("--test-limit", "0"), ("--train-limit", "-5"),
+                                         ("--micro-batch-size", "0"), ("--warmup", "-1"),
+                                         ("--save-every", "-2"), ("--zeroshot-every", "-3")])
+def test_bad_counts_are_refused_before_training(flag, value, capsys):
+    """A negative limit would silently slice off the tail; a zero test limit would fail after an epoch."""
+    from clip_fast.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([flag, value])
+    assert f"{flag} must be >=" in capsys.readouterr().err
+
+
 def test_csv_training_runs(tmp_path):
     from PIL import Image
 
