@@ -183,6 +183,8 @@ class FashionMNIST:
 
     def __init__(self, data_dir: str = DEFAULT_FASHION_MNIST_DIR, split: str = "train",
                  templates: Sequence[str] = TRAIN_TEMPLATES, limit: Optional[int] = None):
+        if limit is not None and limit < 1:  # a negative slice would drop the tail silently
+            raise ValueError(f"limit must be None or >= 1, got {limit}")
         self.images, self.labels = load_fashion_mnist(data_dir, split)
         if limit is not None:
             self.images, self.labels = self.images[:limit], self.labels[:limit]

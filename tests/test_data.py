@@ -77,6 +77,13 @@ def test_fashion_mnist_from_data_dir(tmp_path):
         assert any(t.format(D.FASHION_MNIST_CAPTION_NAMES[lab]) == cap for t in D.TRAIN_TEMPLATES)
 
 
+def test_fashion_mnist_limit_must_be_positive(tmp_path):
+    make_fake_fashion_mnist(str(tmp_path), n_train=50, n_test=20, compress=False)
+    assert len(D.FashionMNIST(str(tmp_path), "train", limit=7)) == 7
+    with pytest.raises(ValueError, match="limit must be None or >= 1, got -5"):
+        D.FashionMNIST(str(tmp_path), "train", limit=-5)
+
+
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         D.load_fashion_mnist(str(tmp_path), "train")
