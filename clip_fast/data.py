@@ -254,14 +254,15 @@ class CsvDataset:
         return len(self.paths)
 
     def get(self, indices: torch.Tensor, generator: torch.Generator):
+        idx = indices.tolist()
         imgs = []
-        for i in indices.tolist():
+        for i in idx:
             with open(self.paths[i], "rb") as fh:
                 data = fh.read(_MAX_MEMBER_BYTES + 1)
             if len(data) > _MAX_MEMBER_BYTES:
                 raise DataError(f"{self.paths[i]}: image larger than {_MAX_MEMBER_BYTES} bytes")
             imgs.append(decode_image(data, self.image_size, self.channels, self.paths[i]))
-        return torch.stack(imgs), [self.captions[i] for i in indices.tolist()]
+        return torch.stack(imgs), [self.captions[i] for i in idx]
 
 
 def expand_shards(spec: str) -> List[str]:
