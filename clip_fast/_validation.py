@@ -23,6 +23,10 @@ def check_features(image_features: torch.Tensor, text_features: torch.Tensor) ->
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"{name} must be a dense (strided) tensor, got layout {t.layout} with {_describe(t)}; "
+                f"call {name}.to_dense() first")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (N, D), got {t.dim()}-D tensor with shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
@@ -77,6 +81,8 @@ def as_scalar_tensor(name: str, value: Optional[ScalarLike], ref: torch.Tensor) 
         raise ValueError(f"{name} must hold exactly one element (0-d or shape (1,)), got {_describe(value)}")
     if value.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor, got {_describe(value)}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout} with {_describe(value)}")
     if value.device != ref.device:
         raise ValueError(
             f"{name} is on {value.device} but the features are on {ref.device}; move {name} to {ref.device}"

@@ -326,8 +326,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _backend_args(layout: _Layout, scale, bias, acc: torch.dtype):
-    """The backend module, its keyword arguments, and scale/bias as 0-d ``acc`` tensors."""
-    return backends.get_loaded(layout.backend), layout.kwargs(), _scalar(scale, acc), _scalar(bias, acc)
+    """The backend module, its keyword arguments, and scale as a 0-d ``acc`` tensor.
+
+    The bias is returned as None: it shifts every logit equally, so it cancels from every
+    softmax of this loss and is kept out of the arithmetic.
+    """
+    return backends.get_loaded(layout.backend), layout.kwargs(), _scalar(scale, acc), None
 
 
 def _finish(d_img, d_txt, d_scale, img, txt, scale, bias, needs):
@@ -373,7 +377,7 @@ class _GatherClipLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         img, txt, scale, bias, all_img, all_txt, lse_row, lse_col, lse_row_all, dot = ctx.saved_tensors
         layout: _Layout = ctx.layout
-        acc = lse_row.dtype
+        acc = _acc_dtype(img.dtype)
         impl, kw, s, b = _backend_args(layout, scale, bias, acc)
         g = grad_loss.detach().reshape(()).to(acc)
         n, o = layout.n_local, layout.offsets[layout.rank]
@@ -457,7 +461,7 @@ class _RingClipLoss(torch.autograd.Function):
         img, txt = img.contiguous(), txt.contiguous()
         ring = _Ring(layout)
         txt_buf = [txt.new_empty(n_max, dim) for _ in range(2)]
-        lse_buf = [torch.empty(n_max, dtype=acc, device=img.device) for _ in range(2)]
+        lse_buf = [torch.empty(n_max, dtype=torch.float64, device=img.device) for _ in range(2)]
         cur_txt, lse_row, col_acc, col_in, col_works = txt, None, None, None, []
         for k in range(w):
             q_next = (r - k - 1) % w  # the block this rank holds at step k + 1
@@ -491,7 +495,7 @@ class _RingClipLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         img, txt, scale, bias, lse_row, lse_col = ctx.saved_tensors
         layout: _Layout = ctx.layout
-        acc = lse_row.dtype
+        acc = _acc_dtype(img.dtype)
         impl, kw, s, b = _backend_args(layout, scale, bias, acc)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
         n_max, dim = max(sizes), img.shape[1]
@@ -502,7 +506,7 @@ class _RingClipLoss(torch.autograd.Function):
         coef = [gq / (2 * nq) for gq, nq in zip(g_all.reshape(-1).tolist(), sizes)]
         ring = _Ring(layout)
         txt_buf = [txt.new_empty(n_max, dim) for _ in range(2)]
-        lse_buf = [torch.empty(n_max, dtype=acc, device=img.device) for _ in range(2)]
+        lse_buf = [torch.empty(n_max, dtype=torch.float64, device=img.device) for _ in range(2)]
         acc_buf = [torch.empty(n_max, dim, dtype=acc, device=img.device) for _ in range(2)]
         d_img = torch.zeros(img.shape, dtype=acc, device=img.device)
         d_scale = torch.zeros((), dtype=acc, device=img.device)

@@ -1,10 +1,17 @@
 """The one autograd.Function behind ``clip_loss`` and ``FastClipLoss`` (single process).
 
-forward:  backend.lse_forward  -> row/column log-sum-exp and the diagonal, O(N) each
-          loss = (sum lse_row + sum lse_col - 2 * sum diag) / (2N)
+forward:  backend.lse_forward  -> row/column log-sum-exp and the diagonal (float64, O(N))
+          loss = (sum_i (lse_row_i - S_ii) + sum_i (lse_col_i - S_ii)) / (2N)
+          formed from the per-pair terms, each >= 0 and accurate on its own, so a small
+          loss is not the difference of two large sums.
 backward: backend.grad_backward -> d_img, d_txt, d_scale from one recompute of each tile,
-          with G = (P_row + P_col - 2I) / (2N).
-Saved for backward: the inputs and the two O(N) log-sum-exp vectors, nothing N x N.
+          with G = (P_row + P_col - 2I) / (2N) and G's diagonal taken from the forward's
+          float64 terms (see ``clip_fast.backends.diag_grad``).
+Saved for backward: the inputs and three O(N) float64 vectors, nothing N x N.
+
+``logit_bias`` shifts every logit of every softmax equally and so cancels from the loss
+exactly: it never enters the arithmetic (a bias of 1e3 would otherwise cost fp32 digits
+of S), and its gradient is exactly 0.
 """
 from __future__ import annotations
 
@@ -29,41 +36,73 @@ class LossOptions:
         return {}
 
 
-def _as_f32_scalar(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    return t.detach().reshape(()).to(torch.float64 if dtype == torch.float64 else torch.float32)
+def backend_scalar(t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``logit_scale`` as the 0-d tensor a backend reads: float64 for float64 features, else float32."""
+    return t.detach().reshape(()).to(torch.float64 if features.dtype == torch.float64 else torch.float32)
+
+
+def fresh_output(loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The loss in ``dtype`` as a new tensor, never an alias of an intermediate."""
+    return loss.to(dtype=dtype, copy=True)
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise when a backward runs with create_graph=True (grad mode on, so a graph would be built).
+
+    The backward is a fused kernel sweep with no derivative of its own; returning its
+    result as if it were differentiable would silently drop the second-order terms.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what} does not support double backward (torch.autograd.grad(..., create_graph=True) "
+            "or a second .backward() through the gradient): its backward is a fused kernel sweep. "
+            "Compute higher-order gradients with a materialised loss, e.g. open_clip's ClipLoss")
 
 
 class ClipLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+    def forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor], opts: LossOptions) -> torch.Tensor:
         impl = backends.get_loaded(opts.backend)
-        s = _as_f32_scalar(scale, img.dtype)
-        b = _as_f32_scalar(bias, img.dtype)
-        lse_row, lse_col, diag = impl.lse_forward(img, txt, s, b, **opts.kwargs())
-        n = img.shape[0]
-        loss = (lse_row.sum() + lse_col.sum() - 2.0 * diag.sum()) / (2.0 * n)
-        ctx.save_for_backward(img, txt, scale, bias, lse_row, lse_col)
-        ctx.opts = opts
-        return loss.to(opts.loss_dtype or img.dtype)
+        lse_row, lse_col, diag = impl.lse_forward(img, txt, backend_scalar(scale, img), None,
+                                                  **opts.kwargs())
+        loss = ((lse_row - diag).sum() + (lse_col - diag).sum()) / (2.0 * img.shape[0])
+        return fresh_output(loss, opts.loss_dtype or img.dtype), lse_row, lse_col, diag
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        img, txt, scale, bias, lse_row, lse_col = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        img, txt, scale, bias, opts = inputs
+        _, lse_row, lse_col, diag = output
+        ctx.save_for_backward(img, txt, scale, lse_row, lse_col, diag)
+        ctx.opts = opts
+        ctx.has_bias = bias is not None
+        ctx.bias_meta = (bias.shape, bias.dtype, bias.device) if bias is not None else None
+        ctx.mark_non_differentiable(lse_row, lse_col, diag)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, *unused):
+        refuse_double_backward("clip_fast's CLIP loss")
+        img, txt, scale, lse_row, lse_col, diag = ctx.saved_tensors
         opts: LossOptions = ctx.opts
         impl = backends.get_loaded(opts.backend)
-        n = img.shape[0]
-        s = _as_f32_scalar(scale, img.dtype)
-        b = _as_f32_scalar(bias, img.dtype)
+        c = 1.0 / (2 * img.shape[0])
         d_img, d_txt, d_scale = impl.grad_backward(
-            img, txt, s, b, lse_row, lse_col, 1.0 / (2 * n), 1.0 / (2 * n), 1.0 / n, **opts.kwargs()
-        )
+            img, txt, backend_scalar(scale, img), None, lse_row, lse_col, c, c, 2 * c,
+            diag=diag, **opts.kwargs())
         g = grad_loss.to(d_img.dtype)
-        d_img = (d_img * g).to(img.dtype) if ctx.needs_input_grad[0] else None
-        d_txt = (d_txt * g).to(txt.dtype) if ctx.needs_input_grad[1] else None
-        d_scale = (d_scale * g).to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
+        needs = ctx.needs_input_grad
+        d_img = (d_img * g).to(img.dtype) if needs[0] else None
+        d_txt = (d_txt * g).to(txt.dtype) if needs[1] else None
+        d_scale = (d_scale * g).to(scale.dtype).reshape(scale.shape) if needs[2] else None
         # Every row of a softmax sums to one, so the loss does not depend on a shared bias.
-        d_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
+        d_bias = None
+        if ctx.has_bias and needs[3]:
+            shape, dtype, device = ctx.bias_meta
+            d_bias = torch.zeros(shape, dtype=dtype, device=device)
         return d_img, d_txt, d_scale, d_bias, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(
+            "clip_fast's CLIP loss does not support torch.func.vmap (a batch of losses); "
+            "call it once per batch element, or stack the batches along N")

@@ -50,17 +50,29 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     """
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
     chunk_size = _check_chunk_size(chunk_size)
-    device_type = image_features.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
-        # Behave like the matmul the loss replaces: features in the autocast dtype,
-        # the reduction in float32.
-        dtype = torch.get_autocast_dtype(device_type)
-        image_features, text_features = image_features.to(dtype), text_features.to(dtype)
+    image_features, text_features, loss_dtype = autocast_features(image_features, text_features)
     impl = backends.resolve_backend(backend, image_features.device, image_features.dtype)
-    opts = LossOptions(backend=impl.NAME, chunk_size=chunk_size,
-                       loss_dtype=torch.float32 if autocast else None)
-    if autocast:
-        with torch.autocast(device_type, enabled=False):
-            return ClipLossFunction.apply(image_features, text_features, scale, bias, opts)
-    return ClipLossFunction.apply(image_features, text_features, scale, bias, opts)
+    opts = LossOptions(backend=impl.NAME, chunk_size=chunk_size, loss_dtype=loss_dtype)
+    if loss_dtype is not None:
+        with torch.autocast(image_features.device.type, enabled=False):
+            return ClipLossFunction.apply(image_features, text_features, scale, bias, opts)[0]
+    return ClipLossFunction.apply(image_features, text_features, scale, bias, opts)[0]
+
+
+def autocast_features(image_features: torch.Tensor, text_features: torch.Tensor):
+    """Apply autocast's policy for a matmul to the features: ``(img, txt, loss_dtype)``.
+
+    Under ``torch.autocast`` a matmul runs floating inputs other than float64 in the
+    autocast dtype and leaves float64 alone; the loss the fused sweep returns is then
+    float32, as autocast's softmax/cross-entropy would give.  ``loss_dtype`` is None
+    when autocast is off (or leaves these features alone): the loss takes the features' dtype.
+    """
+    device_type = image_features.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...): never cast
+        return image_features, text_features, None
+    if not enabled or image_features.dtype == torch.float64:
+        return image_features, text_features, None
+    dtype = torch.get_autocast_dtype(device_type)
+    return image_features.to(dtype), text_features.to(dtype), torch.float32

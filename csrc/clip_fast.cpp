@@ -5,9 +5,11 @@
 // registers their fake (meta) implementations.
 //
 //   clip_fast_cuda::lse_forward(img, txt, scale, bias?, allow_tf32?) -> (lse_row, lse_col, diag)
+//                                 (float64 vectors, the diagonal added back: see launch.h)
 //   clip_fast_cuda::grad_backward(img, txt, scale, bias?, lse_row?, lse_col?,
-//                                 coef_row, coef_col, coef_diag, allow_tf32?)
+//                                 coef_row, coef_col, coef_diag, g_diag?, allow_tf32?)
 //                                 -> (d_img, d_txt, d_scale)
+//                                 (lse in log2 units, float32; d_scale reduced in float64)
 //
 // allow_tf32 (float32 inputs only): None follows torch's cuBLAS setting
 // (at::globalContext().allowTF32CuBLAS(), i.e. torch.backends.cuda.matmul.allow_tf32 /
@@ -107,6 +109,14 @@ void check_vector(const Tensor& t, const char* name, int64_t n) {
               " must be float32, got ", t.scalar_type());
 }
 
+// An lse as the kernels read it: a (2, n) float32 float-float pair (hi, lo) in log2 units.
+void check_pair(const Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == 2 && t.size(1) == n, "clip_fast cuda: ", name,
+              " must have shape (2, ", n, ") (hi and lo in log2 units), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "clip_fast cuda: ", name,
+              " must be float32, got ", t.scalar_type());
+}
+
 void check_device(const Tensor& img, const Tensor& t, const char* name) {
   TORCH_CHECK(t.device() == img.device(), "clip_fast cuda: ", name,
               " must be on img's device ", img.device(), ", got ", t.device());
@@ -153,6 +163,13 @@ Tensor& mm_float_out(Tensor& out, const Tensor& a, const Tensor& b) {
 
 // ---- the ops ----
 
+// float64 logaddexp(lse_off, diag) over the first diag.size(0) entries (the contract's
+// "diagonal added back"), in place on lse_off.
+void add_back_diagonal(Tensor& lse_off, const Tensor& diag) {
+  Tensor head = lse_off.narrow(0, 0, diag.size(0));
+  head.copy_(at::logaddexp(head, diag));
+}
+
 std::tuple<Tensor, Tensor, Tensor> lse_forward(const Tensor& img_in, const Tensor& txt_in,
                                                const Tensor& scale, const OptTensor& bias,
                                                std::optional<bool> allow_tf32) {
@@ -164,32 +181,43 @@ std::tuple<Tensor, Tensor, Tensor> lse_forward(const Tensor& img_in, const Tenso
   const c10::cuda::CUDAGuard guard(img_in.device());
   const Tensor img = img_in.contiguous();
   const Tensor txt = txt_in.contiguous();
-  const int64_t M = img.size(0), K = txt.size(0), D = img.size(1);
+  const int64_t M = img.size(0), K = txt.size(0), D = img.size(1), n = std::min(M, K);
   const auto f32 = img.options().dtype(at::kFloat);
-  Tensor lse_row = at::empty({M}, f32);
-  Tensor lse_col = at::empty({K}, f32);
-  Tensor diag = at::empty({std::min(M, K)}, f32);
+  const auto f64 = img.options().dtype(at::kDouble);
   if (M == 0 || K == 0) {  // an empty sum: log-sum-exp is -inf
-    lse_row.fill_(-INFINITY);
-    lse_col.fill_(-INFINITY);
-    return {lse_row, lse_col, diag};
+    return {at::full({M}, -INFINITY, f64), at::full({K}, -INFINITY, f64), at::empty({0}, f64)};
   }
-  // One workspace: K + 1 norms, K column sums, and the partial row statistics of the
-  // column splits (2 * splits * M, only when the grid splits the columns).
+  // One workspace: K + 1 norms, K column sums and K column maxima; the row partials of the
+  // column splits, filled with (-inf, 0) so splits the grid leaves empty add nothing.
   int num_sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
                                         img.device().index()));
   const int64_t splits = forward_column_splits(M, K, num_sms);
-  Tensor ws = at::empty({2 * K + 1 + (splits > 1 ? 2 * splits * M : 0)}, f32);
+  Tensor ws = at::empty({3 * K + 1}, f32);
+  Tensor row_part = at::empty({2, splits, M}, f32);
+  row_part[0].fill_(-INFINITY);
+  row_part[1].zero_();
+  Tensor col_off2 = at::empty({K}, f64);
+  Tensor diag2 = at::empty({n}, f32);
   float* norm_ws = ws.data_ptr<float>();
   float* col_sum = norm_ws + (K + 1);
-  float* row_part = col_sum + K;
+  float* col_max = col_sum + K;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(img.device().index()).stream();
   C10_CUDA_CHECK(launch_lse_forward(input_kind(img.scalar_type(), allow_tf32), img.data_ptr(),
                                     txt.data_ptr(), M, K, D, scale.data_ptr<float>(),
-                                    bias_ptr(bias), lse_row.data_ptr<float>(),
-                                    lse_col.data_ptr<float>(), diag.data_ptr<float>(), norm_ws,
-                                    col_sum, row_part, num_sms, stream));
+                                    bias_ptr(bias), row_part.data_ptr<float>(),
+                                    col_off2.data_ptr<double>(), diag2.data_ptr<float>(), norm_ws,
+                                    col_sum, col_max, num_sms, stream));
+  // Merge the splits in float64: log2 sum_s l_s 2^m_s (m = -inf rows give -inf).
+  const Tensor m_part = row_part[0].to(at::kDouble), l_part = row_part[1].to(at::kDouble);
+  const Tensor m_max = m_part.amax(0);
+  const Tensor ref = at::where(m_max == -INFINITY, at::zeros_like(m_max), m_max);
+  const double ln2 = 0.6931471805599453;
+  Tensor lse_row = (ref + at::log2((l_part * at::exp2(m_part - ref)).sum(0))) * ln2;
+  Tensor lse_col = col_off2 * ln2;
+  const Tensor diag = diag2.to(at::kDouble) * ln2;
+  add_back_diagonal(lse_row, diag);
+  add_back_diagonal(lse_col, diag);
   return {lse_row, lse_col, diag};
 }
 
@@ -198,6 +226,7 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
                                                  const OptTensor& lse_row,
                                                  const OptTensor& lse_col, double coef_row,
                                                  double coef_col, double coef_diag,
+                                                 const OptTensor& g_diag,
                                                  std::optional<bool> allow_tf32) {
   check_features(img_in, txt_in);
   check_scalar(scale, "scale");
@@ -212,9 +241,11 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
   TORCH_CHECK(coef_col == 0.0 || lse_col.has_value(),
               "clip_fast cuda: lse_col is required when coef_col != 0 (got None, coef_col=",
               coef_col, ")");
-  if (lse_row.has_value()) check_vector(*lse_row, "lse_row", M);
-  if (lse_col.has_value()) check_vector(*lse_col, "lse_col", K);
+  if (lse_row.has_value()) check_pair(*lse_row, "lse_row", M);
+  if (lse_col.has_value()) check_pair(*lse_col, "lse_col", K);
+  if (g_diag.has_value()) check_vector(*g_diag, "g_diag", std::min(M, K));
   check_all_devices(img_in, txt_in, scale, bias);
+  if (g_diag.has_value()) check_device(img_in, *g_diag, "g_diag");
   if (lse_row.has_value()) check_device(img_in, *lse_row, "lse_row");
   if (lse_col.has_value()) check_device(img_in, *lse_col, "lse_col");
 
@@ -224,13 +255,14 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
   const auto f32 = img.options().dtype(at::kFloat);
   Tensor d_img = at::empty({M, D}, f32);
   Tensor d_txt = at::empty({K, D}, f32);
-  Tensor d_scale = at::zeros({}, f32);
+  Tensor d_scale = at::zeros({}, img.options().dtype(at::kDouble));
   const double omega = std::max({std::fabs(coef_row), std::fabs(coef_col), std::fabs(coef_diag)});
   if (M == 0 || K == 0 || omega == 0.0) {
     d_img.zero_();
     d_txt.zero_();
-    return {d_img, d_txt, d_scale};
+    return {d_img, d_txt, d_scale.to(at::kFloat)};
   }
+  const Tensor g_d = g_diag.has_value() ? g_diag->contiguous() : Tensor();
   const Tensor lse_r = lse_row.has_value() ? lse_row->contiguous() : Tensor();
   const Tensor lse_c = lse_col.has_value() ? lse_col->contiguous() : Tensor();
   const bool use_row = coef_row != 0.0, use_col = coef_col != 0.0;
@@ -254,9 +286,12 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
     C10_CUDA_CHECK(launch_grad_strip(
         kind, img.data_ptr(), txt.data_ptr(), M, K, D, r0, r1, scale.data_ptr<float>(),
         bias_ptr(bias), use_row ? lse_r.data_ptr<float>() : nullptr,
-        use_col ? lse_c.data_ptr<float>() : nullptr, static_cast<float>(coef_row),
+        use_row ? lse_r.data_ptr<float>() + M : nullptr,
+        use_col ? lse_c.data_ptr<float>() : nullptr,
+        use_col ? lse_c.data_ptr<float>() + K : nullptr,
+        g_d.defined() ? g_d.data_ptr<float>() : nullptr, static_cast<float>(coef_row),
         static_cast<float>(coef_col), static_cast<float>(coef_diag),
-        static_cast<float>(1.0 / omega), W.data_ptr(), d_scale.data_ptr<float>(), stream));
+        static_cast<float>(1.0 / omega), W.data_ptr(), d_scale.data_ptr<double>(), stream));
     if (D == 0) continue;
     // 2. Both products from the same W (cuBLAS, fp32 accumulation and output).
     const Tensor Ws = W.narrow(0, 0, rows);
@@ -278,7 +313,7 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
   const Tensor mult = scale * omega;
   d_img.mul_(mult);
   d_txt.mul_(mult);
-  return {d_img, d_txt, d_scale};
+  return {d_img, d_txt, d_scale.to(at::kFloat)};
 }
 
 std::string compiled_archs() { return CLIP_FAST_STR(CLIP_FAST_ARCH_LIST); }
@@ -290,7 +325,8 @@ TORCH_LIBRARY(clip_fast_cuda, m) {
   m.def("lse_forward(Tensor img, Tensor txt, Tensor scale, Tensor? bias, bool? allow_tf32=None)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("grad_backward(Tensor img, Tensor txt, Tensor scale, Tensor? bias, Tensor? lse_row,"
-        " Tensor? lse_col, float coef_row, float coef_col, float coef_diag, bool? allow_tf32=None)"
+        " Tensor? lse_col, float coef_row, float coef_col, float coef_diag, Tensor? g_diag=None,"
+        " bool? allow_tf32=None)"
         " -> (Tensor, Tensor, Tensor)");
 }
 

@@ -21,15 +21,18 @@ __global__ void __launch_bounds__(kThreads)
 grad_strip_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t K, int64_t D,
                   int64_t row_begin, int64_t row_end, const float* __restrict__ scale_ptr,
                   const float* __restrict__ bias_ptr, const float* __restrict__ lse_row,
-                  const float* __restrict__ lse_col, float coef_row, float coef_col,
-                  float coef_diag, float inv_omega, bool vec, T* __restrict__ W,
-                  float* __restrict__ d_scale) {
+                  const float* __restrict__ lse_row_lo, const float* __restrict__ lse_col,
+                  const float* __restrict__ lse_col_lo, const float* __restrict__ g_diag,
+                  float coef_row, float coef_col, float coef_diag, float inv_omega, bool vec,
+                  T* __restrict__ W, double* __restrict__ d_scale) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
   __shared__ TileSmem<T> sm;
-  __shared__ float lse_r2[kBM];  // log2(e) * lse_row of the tile's rows
-  __shared__ float lse_c2[kBN];  // log2(e) * lse_col of the tile's columns
+  // The tile's lse pairs (log2 units, hi + lo): P = 2^((S2 - hi) - lo) keeps a dominant
+  // entry's P = 2^-(small lo) exact, as a materialised softmax does (S2 - hi is exact).
+  __shared__ float lse_r2[kBM], lse_r2_lo[kBM];
+  __shared__ float lse_c2[kBN], lse_c2_lo[kBN];
   __shared__ float warp_sums[kThreads / 32];
 
   const float s = *scale_ptr;
@@ -44,11 +47,13 @@ grad_strip_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t 
   // 1. The tile's log-sum-exps (masked: out-of-range entries are never used).
   if (tid < kBM) {
     const int64_t i = row0 + tid;
-    lse_r2[tid] = (has_row && i < row_end) ? lse_row[i] * kLog2e : 0.f;
+    lse_r2[tid] = (has_row && i < row_end) ? lse_row[i] : 0.f;
+    lse_r2_lo[tid] = (has_row && i < row_end) ? lse_row_lo[i] : 0.f;
   } else {
     const int c = tid - kBM;
     const int64_t j = col0 + c;
-    lse_c2[c] = (has_col && j < K) ? lse_col[j] * kLog2e : 0.f;
+    lse_c2[c] = (has_col && j < K) ? lse_col[j] : 0.f;
+    lse_c2_lo[c] = (has_col && j < K) ? lse_col_lo[j] : 0.f;
   }
   // (tile_dot starts and ends with __syncthreads(): lse_r2 / lse_c2 are visible after it.)
 
@@ -57,7 +62,9 @@ grad_strip_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t 
   tile_dot<T, MMA>(sm, img, txt, row_end, K, D, row0, col0, vec);
 
   // 3. G_ij = coef_row * P_row + coef_col * P_col - coef_diag * [i == j], written as
-  //    G / omega; d_scale partial = sum G_ij * acc_ij.  Thread t handles elements
+  //    G / omega; d_scale partial = sum G_ij * acc_ij.  With g_diag (the host's float64
+  //    diagonal from the forward's loss terms), G_ii = g_diag[i]: on a confident row
+  //    coef * (P_ii - 1) cancels, and this tile's S_ii need not match the forward's.  Thread t handles elements
   //    t, t + 128, ...: a warp covers 32 consecutive columns of one row, so its W stores
   //    are contiguous and its sm.s reads hit 32 different banks.
   float ds = 0.f;
@@ -69,15 +76,16 @@ grad_strip_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t 
       const float acc = sm.s[r][c];
       const float v2 = fmaf(s2, acc, b2);
       float g = 0.f;
-      if (has_row) g = coef_row * exp2f(v2 - lse_r2[r]);
-      if (has_col) g = fmaf(coef_col, exp2f(v2 - lse_c2[c]), g);
-      if (gi == gj) g -= coef_diag;
+      if (has_row) g = coef_row * exp2f((v2 - lse_r2[r]) - lse_r2_lo[r]);
+      if (has_col) g = fmaf(coef_col, exp2f((v2 - lse_c2[c]) - lse_c2_lo[c]), g);
+      if (gi == gj) g = g_diag != nullptr ? g_diag[gi] : g - coef_diag;
       W[(gi - row_begin) * K + gj] = Convert<T>::from_float(g * inv_omega);
       ds = fmaf(g, acc, ds);
     }
   }
 
-  // 4. One atomicAdd per CTA for d_scale: warp shuffle, then the 4 warp sums.
+  // 4. One atomicAdd per CTA for d_scale: warp shuffle, then the 4 warp sums, added in
+  //    float64 (millions of CTA partials at large N).
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) ds += __shfl_xor_sync(0xffffffffu, ds, off);
   if ((tid & 31) == 0) warp_sums[tid >> 5] = ds;
@@ -86,7 +94,7 @@ grad_strip_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t 
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-    atomicAdd(d_scale, total);
+    atomicAdd(d_scale, static_cast<double>(total));
   }
 #endif
 }
@@ -94,15 +102,17 @@ grad_strip_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t 
 template <typename T, Mma MMA>
 cudaError_t run_grad_strip(const T* img, const T* txt, int64_t K, int64_t D, int64_t row_begin,
                            int64_t row_end, const float* scale, const float* bias,
-                           const float* lse_row, const float* lse_col, float coef_row,
-                           float coef_col, float coef_diag, float inv_omega, T* W,
-                           float* d_scale, cudaStream_t stream) {
+                           const float* lse_row, const float* lse_row_lo, const float* lse_col,
+                           const float* lse_col_lo, const float* g_diag,
+                           float coef_row, float coef_col, float coef_diag, float inv_omega,
+                           T* W, double* d_scale, cudaStream_t stream) {
   const int64_t rows = row_end - row_begin;
   const dim3 grid(static_cast<unsigned>((K + kBN - 1) / kBN),
                   static_cast<unsigned>((rows + kBM - 1) / kBM));
   grad_strip_kernel<T, MMA><<<grid, kThreads, 0, stream>>>(
-      img, txt, K, D, row_begin, row_end, scale, bias, lse_row, lse_col, coef_row, coef_col,
-      coef_diag, inv_omega, can_vectorize<T>(img, txt, D), W, d_scale);
+      img, txt, K, D, row_begin, row_end, scale, bias, lse_row, lse_row_lo, lse_col, lse_col_lo,
+      g_diag, coef_row, coef_col, coef_diag, inv_omega, can_vectorize<T>(img, txt, D), W,
+      d_scale);
   return cudaGetLastError();
 }
 
@@ -111,31 +121,33 @@ cudaError_t run_grad_strip(const T* img, const T* txt, int64_t K, int64_t D, int
 cudaError_t launch_grad_strip(InputKind kind, const void* img, const void* txt, int64_t M,
                               int64_t K, int64_t D, int64_t row_begin, int64_t row_end,
                               const float* scale, const float* bias, const float* lse_row,
-                              const float* lse_col, float coef_row, float coef_col,
-                              float coef_diag, float inv_omega, void* W, float* d_scale,
-                              cudaStream_t stream) {
+                              const float* lse_row_lo, const float* lse_col,
+                              const float* lse_col_lo, const float* g_diag, float coef_row,
+                              float coef_col, float coef_diag, float inv_omega, void* W,
+                              double* d_scale, cudaStream_t stream) {
   if (row_begin < 0 || row_end > M || row_end <= row_begin || K <= 0) return cudaErrorInvalidValue;
   switch (kind) {
     case InputKind::kHalf:
       return run_grad_strip<__half, Mma::kWmma16>(
           static_cast<const __half*>(img), static_cast<const __half*>(txt), K, D, row_begin,
-          row_end, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag, inv_omega,
-          static_cast<__half*>(W), d_scale, stream);
+          row_end, scale, bias, lse_row, lse_row_lo, lse_col, lse_col_lo, g_diag, coef_row,
+          coef_col, coef_diag, inv_omega, static_cast<__half*>(W), d_scale, stream);
     case InputKind::kBFloat16:
       return run_grad_strip<__nv_bfloat16, Mma::kWmma16>(
           static_cast<const __nv_bfloat16*>(img), static_cast<const __nv_bfloat16*>(txt), K, D,
-          row_begin, row_end, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag,
-          inv_omega, static_cast<__nv_bfloat16*>(W), d_scale, stream);
+          row_begin, row_end, scale, bias, lse_row, lse_row_lo, lse_col, lse_col_lo, g_diag,
+          coef_row, coef_col, coef_diag, inv_omega, static_cast<__nv_bfloat16*>(W), d_scale,
+          stream);
     case InputKind::kFloat32Tf32:
       return run_grad_strip<float, Mma::kWmmaTf32>(
           static_cast<const float*>(img), static_cast<const float*>(txt), K, D, row_begin,
-          row_end, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag, inv_omega,
-          static_cast<float*>(W), d_scale, stream);
+          row_end, scale, bias, lse_row, lse_row_lo, lse_col, lse_col_lo, g_diag, coef_row,
+          coef_col, coef_diag, inv_omega, static_cast<float*>(W), d_scale, stream);
     case InputKind::kFloat32Exact:
       return run_grad_strip<float, Mma::kSimt>(
           static_cast<const float*>(img), static_cast<const float*>(txt), K, D, row_begin,
-          row_end, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag, inv_omega,
-          static_cast<float*>(W), d_scale, stream);
+          row_end, scale, bias, lse_row, lse_row_lo, lse_col, lse_col_lo, g_diag, coef_row,
+          coef_col, coef_diag, inv_omega, static_cast<float*>(W), d_scale, stream);
   }
   return cudaErrorInvalidValue;
 }

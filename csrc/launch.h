@@ -39,29 +39,36 @@ inline int64_t forward_column_splits(int64_t M, int64_t K, int num_sms) {
   return std::max<int64_t>(splits, 1);
 }
 
-// Forward: the row and column log-sum-exp and the diagonal of S = scale*img@txt.T+bias.
+// Forward: the off-diagonal row and column log-sum-exp and the diagonal of
+// S = scale*img@txt.T+bias, all in log2 units (the host adds the diagonal back in float64).
 // img (M, D) and txt (K, D) are contiguous, M, K >= 1.  Workspace (float32, device):
 //   norm_ws: K + 1 floats (txt row norms, then max_i |img_i|), written here;
-//   col_sum: K floats, written here (zeroed inside);
-//   row_part: 2 * splits * M floats when splits > 1 (partial row max / sum), else unused,
-//   with splits = forward_column_splits(M, K, num_sms).
-// bias may be nullptr.  Writes lse_row (M), lse_col (K), diag (min(M, K)).
+//   col_sum, col_max: K floats each, written here (set to 0 and -inf inside).
+// Outputs (float32, device):
+//   row_part: 2 * splits * M floats, splits = forward_column_splits(M, K, num_sms): the
+//             partial row maxima (splits x M), then the partial sums exp2(S2 - max); the
+//             caller fills them with (-inf, 0) first, so splits left empty merge as nothing;
+//   col_off2: K doubles, the off-diagonal column lse;
+//   diag2:    min(M, K) floats, S2_ii.
+// bias may be nullptr.
 cudaError_t launch_lse_forward(InputKind kind, const void* img, const void* txt, int64_t M,
                                int64_t K, int64_t D, const float* scale, const float* bias,
-                               float* lse_row, float* lse_col, float* diag, float* norm_ws,
-                               float* col_sum, float* row_part, int num_sms,
-                               cudaStream_t stream);
+                               float* row_part, double* col_off2, float* diag2, float* norm_ws,
+                               float* col_sum, float* col_max, int num_sms, cudaStream_t stream);
 
 // Backward, one strip of rows [row_begin, row_end): writes
 //   W[i - row_begin, j] = G_ij / omega   (input dtype, row-major, leading dimension K)
 // for every i in the strip and every j < K, and adds sum_ij G_ij * <img_i, txt_j> over
-// the strip into *d_scale (float32, device).  lse_row / lse_col may be nullptr when the
-// matching coefficient is zero.
+// the strip into *d_scale (float64, device).  Each lse is a float-float pair in log2 units,
+// lse = hi + lo (clip_fast.backends.kernel_lse), and P = 2^((S2 - hi) - lo); a pair's
+// pointers may be nullptr when the matching coefficient is zero.  g_diag (min(M, K) floats, or nullptr)
+// replaces G's diagonal when given; otherwise G_ii gets - coef_diag.
 cudaError_t launch_grad_strip(InputKind kind, const void* img, const void* txt, int64_t M,
                               int64_t K, int64_t D, int64_t row_begin, int64_t row_end,
                               const float* scale, const float* bias, const float* lse_row,
-                              const float* lse_col, float coef_row, float coef_col,
-                              float coef_diag, float inv_omega, void* W, float* d_scale,
-                              cudaStream_t stream);
+                              const float* lse_row_lo, const float* lse_col,
+                              const float* lse_col_lo, const float* g_diag, float coef_row,
+                              float coef_col, float coef_diag, float inv_omega, void* W,
+                              double* d_scale, cudaStream_t stream);
 
 }  // namespace clip_fast

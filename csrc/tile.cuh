@@ -222,12 +222,13 @@ __device__ __forceinline__ void tile_dot(TileSmem<T>& sm, const T* __restrict__ 
 // 3. One online log-sum-exp step for the 64 rows of the current tile (base 2).
 //    Thread t owns row r = t / 2 and half h = t % 2 of the 64 columns; the pair combines
 //    through one shuffle, so both threads keep identical (m_run, l_run).
-//    v = log2(e) * (scale * acc + bias) = fma(s2, acc, b2).  Only columns < n_cols count;
-//    every tile holds at least one valid column (col0 < n_cols), so m_new is finite for
-//    finite inputs and exp2(-inf - m_new) = 0 handles the first tile.
+//    v = log2(e) * (scale * acc + bias) = fma(s2, acc, b2).  Only columns < n_cols count,
+//    and column skip_col (this row's diagonal, kept out of the sums: docs/numerics.md) is
+//    left out.  A row whose entries so far are all left out keeps m_run = -inf; m_ref = 0
+//    then keeps every exponent finite (exp2(-inf - -inf) would be NaN).
 __device__ __forceinline__ void online_row_step(const float (*s)[kSLd], int64_t col0,
-                                                int64_t n_cols, float s2, float b2,
-                                                float& m_run, float& l_run) {
+                                                int64_t n_cols, int64_t skip_col, float s2,
+                                                float b2, float& m_run, float& l_run) {
   const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
   // Skewed column order (c = h*32 + (it + r) % 32): the 16 rows a warp touches at one
   // step fall in 16 different banks.
@@ -235,18 +236,19 @@ __device__ __forceinline__ void online_row_step(const float (*s)[kSLd], int64_t 
 #pragma unroll 8
   for (int it = 0; it < 32; ++it) {
     const int c = h * 32 + ((it + r) & 31);
-    if (col0 + c < n_cols) tmax = fmaxf(tmax, fmaf(s2, s[r][c], b2));
+    if (col0 + c < n_cols && col0 + c != skip_col) tmax = fmaxf(tmax, fmaf(s2, s[r][c], b2));
   }
   tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
   const float m_new = fmaxf(m_run, tmax);
+  const float m_ref = m_new == -INFINITY ? 0.f : m_new;
   float psum = 0.f;
 #pragma unroll 8
   for (int it = 0; it < 32; ++it) {
     const int c = h * 32 + ((it + r) & 31);
-    if (col0 + c < n_cols) psum += exp2f(fmaf(s2, s[r][c], b2) - m_new);
+    if (col0 + c < n_cols && col0 + c != skip_col) psum += exp2f(fmaf(s2, s[r][c], b2) - m_ref);
   }
   psum += __shfl_xor_sync(0xffffffffu, psum, 1);
-  l_run = l_run * exp2f(m_run - m_new) + psum;
+  l_run = l_run * exp2f(m_run - m_ref) + psum;
   m_run = m_new;
 }
 

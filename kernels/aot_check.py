@@ -74,12 +74,12 @@ def _compile(fn, ptr_types, ints, floats, constexprs, div16, cfg, arch):
 
 def forward_variants(dtype):
     prec = "tf32" if dtype == torch.float32 else "ieee"
-    base = dict(HAS_BIAS=True, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False, SPLIT=False,
-                SHARE_EXP=True, EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False)
+    # The production default: two exponentials per element (config.Configs.share_exp).
+    base = dict(HAS_BIAS=False, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False,
+                SHARE_EXP=False, EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False)
     yield "sweep", base
-    yield "sweep padded", dict(base, EVEN_MK=False)
-    yield "sweep two-exp split odd-D", dict(base, SHARE_EXP=False, SPLIT=True, EVEN_D=False,
-                                            EVEN_MK=False, HAS_BIAS=False)
+    yield "sweep padded odd-D bias", dict(base, EVEN_MK=False, EVEN_D=False, HAS_BIAS=True)
+    yield "sweep shared-exp", dict(base, SHARE_EXP=True)
     yield "fallback", dict(base, COMPUTE_COL=False, WRITE_DIAG=False, ROW_FLAGS=True, SHARE_EXP=False,
                            EVEN_MK=False)
     if dtype == torch.float32:
@@ -88,11 +88,12 @@ def forward_variants(dtype):
 
 def backward_variants(dtype):
     prec = "tf32" if dtype == torch.float32 else "ieee"
-    base = dict(HAS_BIAS=True, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True, SHARE_EXP=True,
-                EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False, GROUP_M=8)
+    base = dict(HAS_BIAS=False, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True, G_DIAG=True,
+                SHARE_EXP=False, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False, GROUP_M=8)
     yield "tile", base
-    yield "tile two-exp odd-D", dict(base, SHARE_EXP=False, EVEN_D=False, HAS_BIAS=False)
-    yield "tile row-only", dict(base, SHARE_EXP=False, HAS_COL=False)
+    yield "tile coef-diag bias odd-D", dict(base, G_DIAG=False, HAS_BIAS=True, EVEN_D=False)
+    yield "tile shared-exp", dict(base, SHARE_EXP=True)
+    yield "tile row-only", dict(base, HAS_COL=False)
 
 
 def check(arch: int, dtype: torch.dtype, fwd_cfg, bwd_cfg) -> int:
@@ -120,7 +121,7 @@ def check(arch: int, dtype: torch.dtype, fwd_cfg, bwd_cfg) -> int:
             print(f"sm_{arch} {_TRITON_DTYPE[dtype]} forward {name}: FAILED {type(exc).__name__}: {exc}")
     # Backward.
     ptrs = {n: "*fp32" for n in _grad_tile_kernel.arg_names if n.endswith("_ptr")}
-    ptrs.update(img_ptr=tdt, txt_ptr=tdt, ws_ptr=tdt)
+    ptrs.update(img_ptr=tdt, txt_ptr=tdt, ws_ptr=tdt, d_scale_ptr="*fp64")
     for name, ce in backward_variants(dtype):
         ce = dict(ce, stride_id=1, stride_td=1, stride_wc=1)
         t0 = time.time()

@@ -49,13 +49,14 @@ _LOG2E_K = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _grad_tile_kernel(
-    img_ptr, txt_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_col_ptr,
+    img_ptr, txt_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_row_lo_ptr, lse_col_ptr,
+    lse_col_lo_ptr, g_diag_ptr,
     ws_ptr, d_scale_ptr,
     row0, col0, R, C, D,
     stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
     coef_row, coef_col, coef_diag, gscale,
     HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
-    HAS_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_DIAG: tl.constexpr, G_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -92,34 +93,51 @@ def _grad_tile_kernel(
     s2 = acc * scale2 + bias2
 
     # 3. G = coef_row * P_row + coef_col * P_col (padded rows/cols: lse reads 0, masked below).
+    #    Each lse arrives as a float-float pair in log2 units, lse2 = hi + lo with hi its
+    #    float32 rounding (split on the host from the float64 lse).  P = 2^((S2 - hi) - lo):
+    #    S2 - hi is exact near the top of a row (Sterbenz), so a dominant entry gets
+    #    P = 2^-(small lo) to full precision, as a materialised softmax gives it, instead of
+    #    2^(rounding of lse2 to float32).
     g = tl.zeros((BM, BN), tl.float32)
     if HAS_ROW:
-        r2 = tl.load(lse_row_ptr + offs_m, mask=row_ok, other=0.0) * _LOG2E_K
+        r_hi = tl.load(lse_row_ptr + offs_m, mask=row_ok, other=0.0)
+        r_lo = tl.load(lse_row_lo_ptr + offs_m, mask=row_ok, other=0.0)
     if HAS_COL:
-        c2 = tl.load(lse_col_ptr + offs_n, mask=col_ok, other=0.0) * _LOG2E_K
+        c_hi = tl.load(lse_col_ptr + offs_n, mask=col_ok, other=0.0)
+        c_lo = tl.load(lse_col_lo_ptr + offs_n, mask=col_ok, other=0.0)
     if SHARE_EXP:
         # Both terms from one exp when the tile's lse values are within 60 (module doc).
-        hi = tl.maximum(tl.max(tl.where(row_ok, r2, float("-inf")), axis=0),
-                        tl.max(tl.where(col_ok, c2, float("-inf")), axis=0))
-        lo = tl.minimum(tl.min(tl.where(row_ok, r2, float("inf")), axis=0),
-                        tl.min(tl.where(col_ok, c2, float("inf")), axis=0))
+        hi = tl.maximum(tl.max(tl.where(row_ok, r_hi, float("-inf")), axis=0),
+                        tl.max(tl.where(col_ok, c_hi, float("-inf")), axis=0))
+        lo = tl.minimum(tl.min(tl.where(row_ok, r_hi, float("inf")), axis=0),
+                        tl.min(tl.where(col_ok, c_hi, float("inf")), axis=0))
         if hi - lo <= 60.0:
-            u = coef_row * tl.exp2(tl.where(row_ok, hi - r2, 0.0))
-            v = coef_col * tl.exp2(tl.where(col_ok, hi - c2, 0.0))
+            u = coef_row * tl.exp2(tl.where(row_ok, (hi - r_hi) - r_lo, 0.0))
+            v = coef_col * tl.exp2(tl.where(col_ok, (hi - c_hi) - c_lo, 0.0))
             g = tl.exp2(s2 - hi) * (u[:, None] + v[None, :])
         else:
-            g = coef_row * tl.exp2(s2 - r2[:, None]) + coef_col * tl.exp2(s2 - c2[None, :])
+            g = (coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
+                 + coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :]))
     else:
         if HAS_ROW:
-            g += coef_row * tl.exp2(s2 - r2[:, None])
+            g += coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
         if HAS_COL:
-            g += coef_col * tl.exp2(s2 - c2[None, :])
-    if HAS_DIAG:
+            g += coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :])
+    if G_DIAG:
+        # The diagonal from the forward's float64 loss terms (precomputed on the host):
+        # on a confident row coef * (P_ii - 1) cancels, and this tile's S_ii need not
+        # match the forward's to the last bit.
+        eq = offs_m[:, None] == offs_n[None, :]
+        g_ii = tl.load(g_diag_ptr + offs_m, mask=row_ok & (offs_m < col0 + C), other=0.0)
+        g = tl.where(eq, g_ii[:, None], g)
+    elif HAS_DIAG:
         g = tl.where(offs_m[:, None] == offs_n[None, :], g - coef_diag, g)
     g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
 
-    # 4. d_scale partials: sum_j G_ij * <img_i, txt_j>, one fp32 cell per row.
-    tl.atomic_add(d_scale_ptr + offs_m, tl.sum(g * acc, axis=1), mask=row_ok, sem="relaxed")
+    # 4. d_scale partials: sum_j G_ij * <img_i, txt_j>, summed over the tile in fp32 and
+    #    across tiles in one float64 cell per row (millions of terms per row otherwise).
+    tl.atomic_add(d_scale_ptr + offs_m, tl.sum(g * acc, axis=1).to(tl.float64), mask=row_ok,
+                  sem="relaxed")
     # 5. G (scaled into [-1, 1]) into the workspace, in the workspace's dtype.
     ws = ws_ptr + offs_r.to(tl.int64)[:, None] * stride_wr + offs_c[None, :] * stride_wc
     tl.store(ws, (g * gscale).to(ws_ptr.dtype.element_ty),
@@ -169,18 +187,18 @@ def _block_shape(M: int, K: int, itemsize: int, bm: int, bn: int) -> Tuple[int, 
 
 
 def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
-                        coef_row: float, coef_col: float, coef_diag: float):
+                        coef_row: float, coef_col: float, coef_diag: float, g_diag=None):
     M, D = img.shape
     K = txt.shape[0]
     dev = img.device
     f32 = torch.float32
     d_img = torch.zeros((M, D), device=dev, dtype=f32)
     d_txt = torch.zeros((K, D), device=dev, dtype=f32)
-    d_scale_rows = torch.zeros((M,), device=dev, dtype=f32)
+    d_scale_rows = torch.zeros((M,), device=dev, dtype=torch.float64)
     has_row = coef_row != 0.0
     has_col = coef_col != 0.0
     if M == 0 or K == 0 or D == 0 or not (has_row or has_col or coef_diag != 0.0):
-        return d_img, d_txt, d_scale_rows.sum()
+        return d_img, d_txt, d_scale_rows.sum().to(f32)
     if has_row and lse_row is None:
         raise ValueError("grad_backward: coef_row != 0 needs lse_row, got None")
     if has_col and lse_col is None:
@@ -196,9 +214,10 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     R, C = _block_shape(M, K, img.element_size(), 256 if autotune else bwd.BM,
                         256 if autotune else bwd.BN)
     ws = torch.empty((R, C), device=dev, dtype=ws_dtype)
-    dummy = d_scale_rows
-    lse_row_t = lse_row.contiguous() if has_row else dummy
-    lse_col_t = lse_col.contiguous() if has_col else dummy
+    dummy = d_img
+    lse_row_t = lse_row.contiguous() if has_row else dummy.new_zeros((2, 1))
+    lse_col_t = lse_col.contiguous() if has_col else dummy.new_zeros((2, 1))
+    g_diag_t = g_diag.to(f32).contiguous() if g_diag is not None else dummy
     kernel = _kernel(autotune)
     for r0 in range(0, M, R):
         r = min(R, M - r0)
@@ -213,14 +232,15 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                 coef_row=float(coef_row), coef_col=float(coef_col),
                 coef_diag=float(coef_diag), gscale=float(gscale),
                 HAS_BIAS=bias is not None, HAS_ROW=has_row, HAS_COL=has_col,
-                HAS_DIAG=coef_diag != 0.0,
+                HAS_DIAG=coef_diag != 0.0, G_DIAG=g_diag is not None,
                 SHARE_EXP=bool(cfg.share_exp) and has_row and has_col,
                 DOT_PRECISION=_config.dot_precision(img.dtype),
                 DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
                 GROUP_M=8,
             )
             ptrs = (img, txt, scale, bias if bias is not None else scale,
-                    lse_row_t, lse_col_t, block, d_scale_rows)
+                    lse_row_t[0], lse_row_t[1], lse_col_t[0], lse_col_t[1], g_diag_t, block,
+                    d_scale_rows)
             if autotune:
                 grid = lambda meta: (triton.cdiv(r, meta["BM"]) * triton.cdiv(c, meta["BN"]),)  # noqa: E731
                 kernel[grid](*ptrs, **args, EVEN_D=False)
@@ -234,7 +254,7 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     factor = scale.to(f32) / gscale
     d_img.mul_(factor)
     d_txt.mul_(factor)
-    d_scale = d_scale_rows.sum()
+    d_scale = d_scale_rows.sum().to(f32)
     return d_img, d_txt, d_scale
 
 
@@ -246,20 +266,25 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
 def triton_grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                          bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                          lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
-                         coef_diag: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         coef_diag: float, g_diag: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
-                               coef_row, coef_col, coef_diag)
+                               coef_row, coef_col, coef_diag, g_diag)
 
 
 @triton_grad_backward.register_fake
-def _(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag):
+def _(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag, g_diag=None):
     f32 = torch.float32
     return (img.new_empty(img.shape, dtype=f32), txt.new_empty(txt.shape, dtype=f32),
             scale.new_empty((), dtype=f32))
 
 
-def grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag):
-    """(d_img, d_txt, d_scale) for G = coef_row P_row + coef_col P_col - coef_diag I."""
+def grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag,
+                  g_diag=None):
+    """(d_img, d_txt, d_scale) for G = coef_row P_row + coef_col P_col - coef_diag I.
+
+    ``g_diag`` (min(M, K),), when given, replaces G's diagonal (``clip_fast.backends.diag_grad``).
+    """
     return torch.ops.clip_fast.triton_grad_backward(
         img, txt, scale, bias, lse_row, lse_col,
-        float(coef_row), float(coef_col), float(coef_diag))
+        float(coef_row), float(coef_col), float(coef_diag), g_diag)

@@ -43,7 +43,7 @@ def test_ops_registered_with_schemas():
     assert fwd.arguments[-1].default_value is None  # None: follow torch's TF32 setting
     assert [a.name for a in bwd.arguments] == [
         "img", "txt", "scale", "bias", "lse_row", "lse_col", "coef_row", "coef_col", "coef_diag",
-        "allow_tf32"]
+        "g_diag", "allow_tf32"]
     assert len(fwd.returns) == 3 and len(bwd.returns) == 3
 
 
@@ -51,15 +51,15 @@ def test_ops_registered_with_schemas():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m,k,d", [(5, 5, 3), (7, 4, 33), (3, 9, 1)])
 def test_meta_shapes(m, k, d, dtype):
-    """The registered fake implementations give the contract's shapes and float32 outputs."""
+    """The registered fake implementations give the contract's shapes and dtypes (float64 lse)."""
     img = torch.empty(m, d, dtype=dtype, device="meta")
     txt = torch.empty(k, d, dtype=dtype, device="meta")
     scale = torch.empty((), device="meta")
     lse_row, lse_col, diag = OPS.lse_forward(img, txt, scale, None, True)
     assert (lse_row.shape, lse_col.shape, diag.shape) == ((m,), (k,), (min(m, k),))
-    assert lse_row.dtype == lse_col.dtype == diag.dtype == torch.float32
+    assert lse_row.dtype == lse_col.dtype == diag.dtype == torch.float64
     d_img, d_txt, d_scale = OPS.grad_backward(img, txt, scale, scale, lse_row, lse_col,
-                                              0.5, 0.5, 1.0, False)
+                                              0.5, 0.5, 1.0, None, False)
     assert (d_img.shape, d_txt.shape, d_scale.shape) == ((m, d), (k, d), ())
     assert d_img.dtype == d_txt.dtype == d_scale.dtype == torch.float32
 
@@ -74,7 +74,7 @@ def test_fake_tensor_mode_shapes():
         scale = torch.empty(())
         lse_row, lse_col, diag = OPS.lse_forward(img, txt, scale, None, False)
         d_img, d_txt, d_scale = OPS.grad_backward(img, txt, scale, None, lse_row, None,
-                                                  1.0, 0.0, 1.0, False)
+                                                  1.0, 0.0, 1.0, None, False)
     assert (tuple(lse_row.shape), tuple(lse_col.shape), tuple(diag.shape)) == ((6,), (4,), (4,))
     assert (tuple(d_img.shape), tuple(d_txt.shape), d_scale.dim()) == ((6, 8), (4, 8), 0)
     assert d_img.dtype == torch.float32
@@ -125,22 +125,24 @@ def test_forward_checks_name_the_tensor(mutate, match):
 @needs_ext
 def test_backward_checks_name_the_tensor():
     img, txt, scale = _cpu_args()
-    lse_row, lse_col = torch.zeros(4), torch.zeros(3)
+    lse_row, lse_col = torch.zeros(2, 4), torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match=r"lse_row is required when coef_row != 0"):
-        OPS.grad_backward(img, txt, scale, None, None, lse_col, 0.5, 0.5, 1.0, False)
+        OPS.grad_backward(img, txt, scale, None, None, lse_col, 0.5, 0.5, 1.0, None, False)
     with pytest.raises(RuntimeError, match=r"lse_col is required when coef_col != 0"):
-        OPS.grad_backward(img, txt, scale, None, lse_row, None, 0.5, 0.5, 1.0, False)
-    with pytest.raises(RuntimeError, match=r"lse_row must have shape \(4\), got \[3\]"):
-        OPS.grad_backward(img, txt, scale, None, torch.zeros(3), lse_col, 0.5, 0.5, 1.0, False)
+        OPS.grad_backward(img, txt, scale, None, lse_row, None, 0.5, 0.5, 1.0, None, False)
+    with pytest.raises(RuntimeError, match=r"lse_row must have shape \(2, 4\) \(hi and lo in log2 units\), got \[3\]"):
+        OPS.grad_backward(img, txt, scale, None, torch.zeros(3), lse_col, 0.5, 0.5, 1.0, None, False)
     with pytest.raises(RuntimeError, match=r"lse_col must be float32, got Double"):
-        OPS.grad_backward(img, txt, scale, None, lse_row, lse_col.double(), 0.5, 0.5, 1.0, False)
+        OPS.grad_backward(img, txt, scale, None, lse_row, lse_col.double(), 0.5, 0.5, 1.0, None, False)
+    with pytest.raises(RuntimeError, match=r"g_diag must have shape \(3\), got \[4\]"):
+        OPS.grad_backward(img, txt, scale, None, lse_row, lse_col, 0.5, 0.5, 1.0, torch.zeros(4), False)
     with pytest.raises(RuntimeError, match=r"coef_row, coef_col and coef_diag must be finite"):
-        OPS.grad_backward(img, txt, scale, None, lse_row, lse_col, math.inf, 0.5, 1.0, False)
+        OPS.grad_backward(img, txt, scale, None, lse_row, lse_col, math.inf, 0.5, 1.0, None, False)
     with pytest.raises(RuntimeError, match=r"img must be a CUDA tensor, got device cpu"):
-        OPS.grad_backward(img, txt, scale, None, lse_row, lse_col, 0.5, 0.5, 1.0, False)
+        OPS.grad_backward(img, txt, scale, None, lse_row, lse_col, 0.5, 0.5, 1.0, None, False)
     # A zero coefficient switches its term off, so its lse may be None: only the device fails.
     with pytest.raises(RuntimeError, match=r"img must be a CUDA tensor"):
-        OPS.grad_backward(img, txt, scale, None, None, None, 0.0, 0.0, 1.0, False)
+        OPS.grad_backward(img, txt, scale, None, None, None, 0.0, 0.0, 1.0, None, False)
 
 
 def test_unavailable_reason_messages():

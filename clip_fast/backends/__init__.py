@@ -11,19 +11,31 @@ of shape (M, K).  Nothing of size M x K is ever returned or kept.
     lse_row: (M,)  logsumexp_j S_ij
     lse_col: (K,)  logsumexp_i S_ij
     diag:    (min(M, K),)  S_ii
-    All three are float32 (float64 when the inputs are float64, torch backend only).
-    S is accumulated in float32 (float64 for float64 inputs) whatever the input dtype.
+    All three are float64.  S is accumulated in float32 (float64 for float64 inputs)
+    whatever the input dtype; the float64 outputs carry one guarantee beyond that:
+    ``lse_row[i] - diag[i]`` and ``lse_col[i] - diag[i]`` (the per-pair loss terms) are
+    accurate to the rounding of the loss term itself, not to the rounding of |S|.  A
+    confident row at scale 100 has S_ii ~ 100 and lse_i - S_ii ~ 1e-9; in float32 that
+    difference would be lost.  Every backend gets it the same way: the diagonal element
+    is kept out of the row and column sums (which then only carry the off-diagonal mass,
+    where fp32 rounding of S is harmless) and added back in float64,
+    ``lse = logaddexp(lse_offdiag, S_ii)``.
 
-``grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag)
-        -> (d_img, d_txt, d_scale)``
+``grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag,
+                diag=None) -> (d_img, d_txt, d_scale)``
     With P_row = exp(S - lse_row[:, None]) and P_col = exp(S - lse_col[None, :]):
         G = coef_row * P_row + coef_col * P_col - coef_diag * I   (I: ones where i == j)
         d_img   = scale * G @ txt          (M, D)
         d_txt   = scale * G.T @ img        (K, D)
         d_scale = sum_ij G_ij * <img_i, txt_j>   (0-d)
     coef_* are Python floats; a zero coefficient switches its term off (its lse may
-    then be None).  Outputs are float32 (float64 for float64 inputs).  The caller
-    multiplies by the upstream gradient and casts to the input dtype.
+    then be None).  ``diag``, the forward's diag, makes G's diagonal come from the
+    forward's float64 loss terms (:func:`diag_grad`) instead of the recomputed tile:
+    on a confident row G_ii = coef_row * (P_ii - 1) + ... cancels, and a recomputed S_ii
+    that differs from the forward's by one fp32 rounding of |S| would leave an error of
+    |S| * 2^-24 in it.  d_scale is reduced in float64.  Outputs are float32 (float64
+    for float64 inputs).  The caller multiplies by the upstream gradient and casts to
+    the input dtype.
 
 The symmetric CLIP loss on a square batch is one block with
 ``coef_row = coef_col = 1 / (2N)`` and ``coef_diag = 1 / N``.  The distributed
@@ -37,7 +49,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -87,9 +99,57 @@ def kernel_dtype_reason(dtype: torch.dtype, label: str) -> Optional[str]:
     return f"dtype {dtype} is not supported by the {label} backend, which takes {KERNEL_DTYPES}{extra}"
 
 
+LOG2E = 1.4426950408889634
+
+
 def kernel_lse(lse: Optional[torch.Tensor], coef: float) -> Optional[torch.Tensor]:
-    """The float32 lse a kernel backward reads, or None when its coefficient switches it off."""
-    return lse.float() if lse is not None and coef else None
+    """The lse a kernel backward reads: a (2, n) float32 float-float pair in log2 units.
+
+    Row 0 is ``hi``, the float32 rounding of lse * log2(e) (taken in float64), row 1 is
+    ``lo``, the float32 rounding of the rest.  A kernel forms P = 2^((S2 - hi) - lo): on a
+    row whose largest entry carries almost all the mass, S2 - hi is exactly 0 and P
+    keeps the tiny 2^-lo a materialised softmax gives, which one float32 lse would round
+    away.  None when the coefficient switches the term off.
+    """
+    if lse is None or not coef:
+        return None
+    return torch.stack(split_float(lse.to(torch.float64) * LOG2E))
+
+
+def split_float(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``x`` as float32 ``(hi, lo)`` with hi + lo = x to ~2^-48 (lo = 0 where x is not finite)."""
+    hi = x.float()
+    lo = torch.where(torch.isfinite(hi), x - hi.to(torch.float64), 0.0).float()
+    return hi, lo
+
+
+def diag_grad(lse_row: Optional[torch.Tensor], lse_col: Optional[torch.Tensor],
+              diag: torch.Tensor, coef_row: float, coef_col: float, coef_diag: float) -> torch.Tensor:
+    """G's diagonal, ``coef_row * P_row_ii + coef_col * P_col_ii - coef_diag``, in float64.
+
+    Formed from the forward's float64 loss terms ``lse - diag`` as
+    ``coef_row * expm1(diag - lse_row) + coef_col * expm1(diag - lse_col)
+    + (coef_row + coef_col - coef_diag)``: for the CLIP loss the constant is 0 and the
+    two expm1 terms are small and accurate on a confident row, where ``P_ii - 1`` in
+    float32 would be pure rounding.
+    """
+    n = diag.shape[0]
+    out = torch.full((n,), float(coef_row) + float(coef_col) - float(coef_diag),
+                     dtype=torch.float64, device=diag.device)
+    d = diag.to(torch.float64)
+    if coef_row:
+        out += float(coef_row) * torch.expm1(d - lse_row[:n].to(torch.float64))
+    if coef_col:
+        out += float(coef_col) * torch.expm1(d - lse_col[:n].to(torch.float64))
+    return out
+
+
+def combine_diag(lse_off: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """float64 ``logaddexp(lse_off, diag)`` over the first len(diag) entries (see the contract)."""
+    out = lse_off.to(torch.float64, copy=True)
+    n = diag.shape[0]
+    out[:n] = torch.logaddexp(out[:n], diag.to(torch.float64))
+    return out
 
 
 def preload(name: str = "auto") -> None:

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
+from . import diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
 
 NAME = "cuda"
 
@@ -87,11 +87,14 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                   lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
-                  coef_diag: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  coef_diag: float, diag: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g_diag = None if diag is None else diag_grad(
+        lse_row, lse_col, diag, coef_row, coef_col, coef_diag).float()
     lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
     return torch.ops.clip_fast_cuda.grad_backward(
         img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
-        float(coef_row), float(coef_col), float(coef_diag))
+        float(coef_row), float(coef_col), float(coef_diag), g_diag)
 
 
 # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor ----
@@ -99,13 +102,13 @@ if _C is not None:
     @torch.library.register_fake("clip_fast_cuda::lse_forward")
     def _lse_forward_fake(img, txt, scale, bias, allow_tf32=None):
         m, k = img.shape[0], txt.shape[0]
-        return (img.new_empty((m,), dtype=torch.float32),
-                img.new_empty((k,), dtype=torch.float32),
-                img.new_empty((torch.sym_min(m, k),), dtype=torch.float32))
+        return (img.new_empty((m,), dtype=torch.float64),
+                img.new_empty((k,), dtype=torch.float64),
+                img.new_empty((torch.sym_min(m, k),), dtype=torch.float64))
 
     @torch.library.register_fake("clip_fast_cuda::grad_backward")
     def _grad_backward_fake(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col,
-                            coef_diag, allow_tf32=None):
+                            coef_diag, g_diag=None, allow_tf32=None):
         return (img.new_empty(img.shape, dtype=torch.float32),
                 txt.new_empty(txt.shape, dtype=torch.float32),
                 img.new_empty((), dtype=torch.float32))

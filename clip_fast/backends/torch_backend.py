@@ -8,12 +8,16 @@ and the backend the fused kernels are checked against.
 Precision: half and bfloat16 inputs are upcast to float32 for the strip GEMMs, so S
 is accumulated and rounded in float32 exactly as in the fused kernels; float64
 inputs stay float64 (this is what makes ``torch.autograd.gradcheck`` possible).
+As the contract in ``clip_fast.backends`` asks, the diagonal is kept out of the row
+and column sums and added back in float64, and d_scale is reduced in float64.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+
+from . import combine_diag, diag_grad, split_float
 
 NAME = "torch"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,9 +51,9 @@ def _prepare(img, txt, scale, bias):
     return cd, x, y, s, b
 
 
-def _diag_len(r0: int, r1: int, k: int) -> int:
-    """How many of rows r0..r1 have their diagonal element S[i, i] inside a K-column block."""
-    return max(0, min(r1, k) - r0)
+def _strip_diag(strip: torch.Tensor, r0: int, k: int) -> torch.Tensor:
+    """The view of a strip's diagonal entries S[i, i] (rows r0.. of the strip, i < K)."""
+    return torch.diagonal(strip, offset=r0)[:max(0, min(strip.shape[0] + r0, k) - r0)]
 
 
 @torch.no_grad()
@@ -59,9 +63,10 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     cd, x, y, s, b = _prepare(img, txt, scale, bias)
     m, k = x.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
-    lse_row = torch.empty(m, dtype=cd, device=x.device)
+    lse_row = torch.empty(m, dtype=torch.float64, device=x.device)
     diag = torch.empty(min(m, k), dtype=cd, device=x.device)
-    # Running column statistics: max and sum of exp(S - max), merged strip by strip.
+    # Running column statistics of the off-diagonal entries: max and sum of exp(S - max),
+    # merged strip by strip.
     col_max = torch.full((k,), float("-inf"), dtype=cd, device=x.device)
     col_sum = torch.zeros(k, dtype=cd, device=x.device)
     for r0 in range(0, m, c):
@@ -70,34 +75,58 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         strip = torch.mm(x[r0:r1], y.T).mul_(s)
         if b is not None:
             strip.add_(b)
-        # 2. Rows are complete inside the strip: exact row log-sum-exp.
-        lse_row[r0:r1] = torch.logsumexp(strip, dim=1)
-        # 3. The diagonal S[i, i] for the rows of this strip.
-        n_diag = _diag_len(r0, r1, k)
-        if n_diag:
-            diag[r0:r0 + n_diag] = torch.diagonal(strip, offset=r0)[:n_diag]
-        # 4. Columns: online merge, rescaling the old sum to the new running max.
+        # 2. The diagonal S[i, i] of this strip's rows, then out of the sums (-inf).
+        on_diag = _strip_diag(strip, r0, k)
+        diag[r0:r0 + on_diag.shape[0]] = on_diag
+        on_diag.fill_(float("-inf"))
+        # 3. Rows are complete inside the strip: row log-sum-exp of the off-diagonal part,
+        #    as max + log(sum exp(S - max)) with the sum's log taken in float64 (one fp32
+        #    lse would round away a dominated row's small log(sum)).
+        row_max = strip.amax(dim=1, keepdim=True)
+        ref = torch.where(row_max == float("-inf"), 0.0, row_max)
+        row_sum = torch.sub(strip, ref).exp_().sum(dim=1)
+        lse_row[r0:r1] = ref.squeeze(1).to(torch.float64) + torch.log(row_sum.to(torch.float64))
+        # 4. Columns: online merge, rescaling the old sum to the new running max (a
+        #    column with no finite entry yet keeps max -inf and sum 0).
         new_max = torch.maximum(col_max, strip.amax(dim=0))
-        col_sum.mul_(torch.exp(col_max - new_max))
-        col_sum.add_(strip.sub_(new_max).exp_().sum(dim=0))
+        ref = torch.where(new_max == float("-inf"), 0.0, new_max)
+        col_sum.mul_(torch.exp(col_max - ref))
+        col_sum.add_(strip.sub_(ref).exp_().sum(dim=0))
         col_max = new_max
         del strip
-    lse_col = col_max + torch.log(col_sum)
-    return lse_row, lse_col, diag
+    lse_col = torch.where(col_max == float("-inf"), col_max,
+                          col_max.to(torch.float64) + torch.log(col_sum.to(torch.float64)))
+    return combine_diag(lse_row, diag), combine_diag(lse_col, diag), diag.to(torch.float64)
+
+
+def _hi_lo(lse: Optional[torch.Tensor], cd: torch.dtype):
+    """float64 lse as (hi, lo) in the compute dtype; hi alone (lo = 0) for float64."""
+    if lse is None:
+        return None
+    if cd == torch.float64:
+        return lse.to(cd), torch.zeros_like(lse, dtype=cd)
+    return split_float(lse.to(torch.float64))
 
 
 @torch.no_grad()
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                   lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
-                  coef_diag: float, chunk_size: Optional[int] = None
+                  coef_diag: float, diag: Optional[torch.Tensor] = None,
+                  chunk_size: Optional[int] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cd, x, y, s, b = _prepare(img, txt, scale, bias)
     m, k = x.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
     d_img = torch.empty_like(x)
     d_txt = torch.zeros_like(y)
-    d_scale = torch.zeros((), dtype=cd, device=x.device)
+    d_scale = torch.zeros((), dtype=torch.float64, device=x.device)
+    g_diag = None if diag is None else diag_grad(lse_row, lse_col, diag, coef_row, coef_col,
+                                                 coef_diag).to(cd)
+    # Each lse as (hi, lo) in the compute dtype: P = exp((S - hi) - lo) keeps a dominant
+    # entry's P = exp(-small) exact (S - hi is exact near the top), see kernel_lse.
+    rows = _hi_lo(lse_row, cd)
+    cols = _hi_lo(lse_col, cd)
     for r0 in range(0, m, c):
         r1 = min(r0 + c, m)
         # 1. Recompute the strip once: raw = img @ txt.T, S = scale * raw + bias.
@@ -107,23 +136,27 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
             logits.add_(b)
         # 2. G = coef_row * P_row + coef_col * P_col - coef_diag * I, built in place.
         if coef_row:
-            grad = torch.sub(logits, lse_row[r0:r1, None].to(cd)).exp_().mul_(coef_row)
+            grad = (torch.sub(logits, rows[0][r0:r1, None]).sub_(rows[1][r0:r1, None])
+                    .exp_().mul_(coef_row))
             if coef_col:
-                grad.add_(logits.sub_(lse_col[None, :].to(cd)).exp_(), alpha=coef_col)
+                grad.add_(logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_(), alpha=coef_col)
         elif coef_col:
-            grad = logits.sub_(lse_col[None, :].to(cd)).exp_().mul_(coef_col)
+            grad = logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_().mul_(coef_col)
         else:
             grad = torch.zeros_like(logits)
-        n_diag = _diag_len(r0, r1, k)
-        if n_diag and coef_diag:
-            torch.diagonal(grad, offset=r0)[:n_diag] -= coef_diag
         del logits
-        # 3. Both directions' gradients from the same G; d_scale = <G, raw>.
-        d_scale += torch.dot(grad.reshape(-1), raw.reshape(-1))
+        on_diag = _strip_diag(grad, r0, k)
+        if g_diag is not None:
+            on_diag.copy_(g_diag[r0:r0 + on_diag.shape[0]])
+        elif coef_diag:
+            on_diag -= coef_diag
+        # 3. Both directions' gradients from the same G; d_scale = <G, raw>, summed per
+        #    row (pairwise) and over rows in float64.
+        d_scale += torch.mul(grad, raw).sum(dim=1).sum(dtype=torch.float64)
         del raw
         d_img[r0:r1] = torch.mm(grad, y)
         d_txt.addmm_(grad.T, x[r0:r1])
         del grad
     d_img.mul_(s)
     d_txt.mul_(s)
-    return d_img, d_txt, d_scale
+    return d_img, d_txt, d_scale.to(cd)
