@@ -66,6 +66,8 @@ import torch.distributed as dist
 
 from . import backends
 from ._validation import check_inputs
+from .function import first_order_only
+from .functional import autocast_features
 
 MODES = ("gather", "ring")
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -187,10 +189,9 @@ def _check_across_ranks(img, txt, logit_scale, logit_bias, *, rank, world_size, 
         elif comm_name == "gloo" and img.device.type != "cpu":
             raise ValueError(f"the gloo process group needs CPU features, got image_features on {img.device}; "
                              "use the nccl backend for CUDA tensors")
-        if torch.is_autocast_enabled(img.device.type):
-            cast = torch.get_autocast_dtype(img.device.type)
-            img, txt = img.to(cast), txt.to(cast)
-            loss_dtype = torch.float32
+        img, txt, loss_dtype = autocast_features(img, txt)
+        if txt is img:  # one tensor for both towers: two distinct Function inputs (compile)
+            txt = txt.view_as(txt)
         backend_name = backends.resolve_backend(backend, img.device, img.dtype).NAME
     except Exception as exc:  # anything raised here alone would leave the other ranks hanging
         local_error = f"{type(exc).__name__}: {exc}"
@@ -422,7 +423,8 @@ class _GatherClipLoss(torch.autograd.Function):
             d_scale = pair[0] * g
             feat = pair[1] if layout.gather_with_grad else g
             d_img, d_txt = d_img.mul_(feat), d_txt.mul_(feat)
-        return _finish(d_img, d_txt, d_scale, img, txt, scale, bias, ctx.needs_input_grad)
+        return first_order_only("clip_fast's distributed CLIP loss",
+                                _finish(d_img, d_txt, d_scale, img, txt, scale, bias, ctx.needs_input_grad))
 
 
 # --------------------------------------------------------------------------------------
@@ -538,4 +540,5 @@ class _RingClipLoss(torch.autograd.Function):
         # d_scale: the average over ranks of d loss_q / d scale (see the module docstring).
         dist.all_reduce(d_scale, group=layout.group)
         d_scale = d_scale / w
-        return _finish(d_img, d_txt, d_scale, img, txt, scale, bias, ctx.needs_input_grad)
+        return first_order_only("clip_fast's distributed CLIP loss",
+                                _finish(d_img, d_txt, d_scale, img, txt, scale, bias, ctx.needs_input_grad))

@@ -51,6 +51,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
     chunk_size = _check_chunk_size(chunk_size)
     image_features, text_features, loss_dtype = autocast_features(image_features, text_features)
+    if text_features is image_features:
+        # One tensor for both towers (a self-similarity loss): a view gives the Function two
+        # distinct inputs, which torch.compile requires; both gradients reach the tensor.
+        text_features = text_features.view_as(text_features)
     impl = backends.resolve_backend(backend, image_features.device, image_features.dtype)
     opts = LossOptions(backend=impl.NAME, chunk_size=chunk_size, loss_dtype=loss_dtype)
     if loss_dtype is not None:

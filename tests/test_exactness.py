@@ -93,8 +93,8 @@ def large_bias(bias=1e3):
 
 
 def small_loss(n=1025):
-    """A nearly solved batch: the loss (1e-7 here) is far smaller than any single logit."""
-    x, t = _correlated(n, 64, 0.5, seed=6)
+    """A nearly solved batch: the loss (2.8e-7 here) is far smaller than the logits (~50)."""
+    x, t = _correlated(n, 64, 1.0, seed=6)
     return x, t, 50.0, None
 
 
@@ -200,9 +200,9 @@ def test_small_loss(backend, dtype, kernel_blocks):
 
 
 @pytest.fixture
-def kernel_blocks():
+def kernel_blocks(backend):
     """Large tiles under the Triton interpreter (it pays per tile, not per element)."""
-    if DEV.type == "cuda":
+    if DEV.type == "cuda" or backend != "triton":
         yield
         return
     from clip_fast.kernels import config as kconfig
