@@ -50,7 +50,7 @@ PY="${PYTHON:-$(command -v python || command -v python3)}"
 TOTAL_S="${GPU_CHECK_TOTAL_S:-360}"
 VERSIONS_S=20; WHEELS_S=20; BUILD_S=100; BUILD_RETRY_S=30
 TEST_S="${GPU_CHECK_TEST_S:-75}"
-END_RESERVE_S=15            # the kill delay of the last step, the summary, the copy
+END_RESERVE_S=15            # the bench's kill delay and the closing lines
 KILL_S=5
 START=$(date +%s)
 STAMP=$(date -u +%Y%m%d-%H%M%S)
