@@ -66,13 +66,53 @@ def build_loss(impl: str) -> Callable:
 
         return ClipLoss()
     if impl == "inf_cl":
-        from inf_cl import cal_inf_loss  # one direction per call
-
-        def inf_cl_loss(img, txt, scale):
-            return (cal_inf_loss(img, txt, scale=scale) + cal_inf_loss(txt, img, scale=scale)) / 2
-
-        return inf_cl_loss
+        return inf_cl_loss()
     raise ValueError(f"unknown impl {impl!r}; choose from {ALL_IMPLS}")
+
+
+INF_CL_HEAD_DIMS = (256, 128, 64, 32, 16)
+
+
+def inf_cl_head_dim(d: int) -> Optional[int]:
+    """The head_dim Inf-CL's kernels can split D into, or None.
+
+    Inf-CL views each (B, D) input as (B, D / head_dim, head_dim) and loads whole
+    head_dim-wide blocks without a column mask, so head_dim must be a power of two in
+    16..256 that divides D.  256 (its default) is taken when it divides D.
+    """
+    return next((h for h in INF_CL_HEAD_DIMS if d % h == 0), None)
+
+
+def inf_cl_unsupported(n: int, d: int, device) -> Optional[str]:
+    """Why Inf-CL cannot take this case, or None."""
+    if inf_cl_head_dim(d) is None:
+        return f"Inf-CL needs D divisible by a power of two in 16..256 (head_dim); D={d}"
+    if torch.device(device).type != "cuda":
+        return "Inf-CL's launchers assert CUDA tensors (q.is_cuda); it cannot run on CPU"
+    return None
+
+
+def inf_cl_loss() -> Callable:
+    """Inf-CL's symmetric CLIP loss on one process.
+
+    ``inf_cl.cal_flash_loss(q, k, labels=None, scale=None, head_dim=256)`` is its
+    single-GPU entry: per-row losses ``lse_j(scale q_i . k_j) - scale q_i . k_i``
+    (take the mean).  ``cal_inf_loss`` is the distributed (ring) one: it wraps
+    ``scale`` in a function whose backward calls ``dist.all_reduce``, which raises
+    without a process group.  Inf-CL upcasts both inputs to float32 and computes in
+    float32 whatever the input dtype.
+    """
+    from inf_cl import cal_flash_loss
+
+    def loss(img, txt, scale):
+        head_dim = inf_cl_head_dim(img.shape[1])
+        if head_dim is None:
+            raise ValueError(inf_cl_unsupported(img.shape[0], img.shape[1], img.device))
+        i2t = cal_flash_loss(img, txt, scale=scale, head_dim=head_dim).mean()
+        t2i = cal_flash_loss(txt, img, scale=scale, head_dim=head_dim).mean()
+        return (i2t + t2i) / 2
+
+    return loss
 
 
 def materialises(impl: str) -> bool:
@@ -239,6 +279,8 @@ def run_table(args) -> List[Dict]:
                     if materialises(impl) and materialised_bytes(n, dtype) > 0.8 * free:
                         row["status"] = (f"skipped: N x N logits need ~{materialised_bytes(n, dtype) / 2**30:.0f} GiB, "
                                          f"{free / 2**30:.0f} GiB available")
+                    elif impl == "inf_cl" and inf_cl_unsupported(n, d, args.device):
+                        row["status"] = f"skipped: {inf_cl_unsupported(n, d, args.device)}"
                     else:
                         try:
                             if args.device == "cuda":

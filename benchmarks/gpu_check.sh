@@ -1,83 +1,192 @@
 #!/usr/bin/env bash
-# GPU check for clip_fast: ONE command, <= 8 minutes on one H100/H200.
+# GPU check for clip_fast: ONE command, at most 6 minutes (360 s) on one H100/H200, so that
+# a second run fits in the same 15-minute lease after a 1-2 minute machine start.
 #
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/fetch_wheels.sh          # once, on a machine with internet: baselines -> .whl/
+#   bash benchmarks/gpu_check.sh             # on the GPU machine (device tool: carry [".whl"])
 #
-# 1. build:  pip install -e . --no-build-isolation (the CUDA extension when it builds;
-#            if the build fails, reinstall without it so the rest still runs);
-# 2. tests:  the GPU test subset (pytest -m gpu tests/);
-# 3. bench:  benchmarks/gpu_tests.py -- CSV in benchmarks/results/ (and $OUT when set),
-#            named and stamped with card, torch/triton/CUDA versions and date.
-# Every step has its own time limit; a failing step is reported and the next one runs.
-# Logs: benchmarks/results/gpu_check_*.log (copied to $OUT too).
-# Checking the script itself on a CPU machine (no build, tiny CPU benchmark):
-#   GPU_CHECK_SKIP_BUILD=1 GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh
+# .whl/ is gitignored, so the device tool sends it only when the call names it in `carry`.
+#
+# Steps (each one logs to $LOGDIR as it runs, so a run stopped at its limit still returns
+# the logs of every step it reached):
+# 0. versions: python, torch, triton, CUDA (torch's, nvcc's), driver, GPU name;
+# 1. wheels:   .whl/*.whl installed with --no-index --no-deps into a private directory on
+#              PYTHONPATH; the baselines that stay missing are named;
+# 2. build:    pip install -e . --no-build-isolation (the CUDA extension for sm_90; if the
+#              build fails or overruns, reinstall without it so the rest still runs);
+# 3. tests:    the GPU test subset (pytest -m gpu), stopped with SIGINT at its limit so
+#              pytest still prints its summary (FAILED/ERROR lines);
+# 4. bench:    benchmarks/gpu_tests.py -- the full table as CSV in $LOGDIR; sizes a backend
+#              cannot finish in the time left are skipped with the estimate in the row.
+#
+# Budget (seconds, GPU_CHECK_TOTAL_S=360 by default).  Every command runs under
+# `timeout -k KILL LIMIT` (KILL = 5 s, 10 s for pytest), so it ends by LIMIT + KILL:
+#     versions 20 | wheels 20 + baseline imports 20 | build 100 + retry without the
+#     extension 30 + backend report 20 | tests 75 | bench: what is left - 15 | end 15
+# Each limit is the step's cap, cut to what is left after a reserve for the steps behind
+# it (build: 150 s, its retry: 120 s, tests: 90 s), and the bench's is computed from the
+# clock after the tests: left - 15.  So a step that ends early gives its time to the
+# bench, one that overruns takes it from the bench, and the run ends by
+#     START + TOTAL_S - 15 + 5 (the bench's kill delay) = 350 s,
+# 360 s at most with the closing lines.  The caps plus kill delays of the steps before the
+# bench sum to 25 + 25 + 25 + 105 + 35 + 25 + 85 = 325 s; the reserves cut the later ones
+# so that the tests always leave the bench 65 s or more (90 - 10 kill - 15 end).
+# With a 1-2 minute machine start, a first run ends by minute 8 of the 15-minute lease,
+# and a rerun on the still-warm machine by minute 14.
+#
+# Output: stdout stays short (versions, one line per step, the summary).  $LOGDIR is $OUT
+# when set (the device tool returns it: at most 8 files; this script writes 5), else
+# benchmarks/results/gpu_check_<stamp>/:
+#     gpu_check.log  what stdout shows        build.log  wheels + pip install
+#     tests.log      pytest -v -rfE           bench.log  every row as written, the summary
+#     *.csv          the full benchmark table
+#
+# Rehearsal on a CPU machine with the card's versions (no GPU: tiny sizes, Triton's
+# interpreter, the build without the extension unless GPU_CHECK_DRY_BUILD_CUDA=1):
+#   PYTHON=/path/to/venv/bin/python GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-TOTAL_S="${GPU_CHECK_TOTAL_S:-470}"          # whole run, leaves margin under 8 min
+TOTAL_S="${GPU_CHECK_TOTAL_S:-360}"
+VERSIONS_S=20; WHEELS_S=20; BUILD_S=100; BUILD_RETRY_S=30
+TEST_S="${GPU_CHECK_TEST_S:-75}"
+END_RESERVE_S=15            # the bench's kill delay and the closing lines
+KILL_S=5
 START=$(date +%s)
-RES=benchmarks/results
-mkdir -p "$RES"
 STAMP=$(date -u +%Y%m%d-%H%M%S)
-LOG="$RES/gpu_check_${STAMP}"
+if [ -n "${OUT:-}" ]; then LOGDIR="$OUT"; else LOGDIR="benchmarks/results/gpu_check_${STAMP}"; fi
+mkdir -p "$LOGDIR"
+MAIN_LOG="$LOGDIR/gpu_check.log"
+: > "$MAIN_LOG"
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL_S - $(date +%s) + START )); }
-# The target machine is H100/H200 only: build for sm_90 alone (halves nvcc time).
-export CLIP_FAST_CUDA_ARCHS="${CLIP_FAST_CUDA_ARCHS:-9.0}"
+# The step's limit: its cap, or what is left after reserving `after` seconds for the rest.
+# (At least 1: `timeout 0` would mean no limit at all.)
+limit() { local cap=$1 after=$2 l; l=$(( $(left) - after )); [ "$l" -lt "$cap" ] && cap=$l; [ "$cap" -lt 1 ] && cap=1; echo "$cap"; }
+say() { echo "$@" | tee -a "$MAIN_LOG"; }
+indent() { sed 's/^/   /' | tee -a "$MAIN_LOG"; }
+
+export CLIP_FAST_CUDA_ARCHS="${CLIP_FAST_CUDA_ARCHS:-9.0}"   # H100/H200 only: one arch
 export MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHONUNBUFFERED=1
 DRY=""
-if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then DRY="--dry-run"; export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
-
-echo "== gpu_check: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")' 2>&1 | tail -1)"
-
-echo "== 1/3 build ($(elapsed) s)"
-if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
-  echo "   skipped (GPU_CHECK_SKIP_BUILD=1)"; rc=0; : > "$LOG.build.log"
+if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+  DRY="--dry-run"; export TRITON_INTERPRET=1
 else
-timeout 200 "$PY" -m pip install -e . --no-build-isolation --no-deps -q > "$LOG.build.log" 2>&1
+  unset TRITON_INTERPRET
+fi
+
+say "== 0/4 versions (budget ${TOTAL_S} s: versions ${VERSIONS_S} + wheels ${WHEELS_S} + build ${BUILD_S}+${BUILD_RETRY_S} + tests ${TEST_S} + bench rest + end ${END_RESERVE_S})"
+timeout -k $KILL_S $VERSIONS_S "$PY" - <<'PYEOF' 2>&1 | indent
+import platform, subprocess
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| torch CUDA", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: not importable:", type(exc).__name__, exc)
+def first_line(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.splitlines()[-1] if out else "none"
+    except Exception as exc:
+        return f"none ({type(exc).__name__})"
+print("nvcc:", first_line(["bash", "-c", "nvcc --version | grep release"]))
+print("driver, GPU:", first_line(["nvidia-smi", "--query-gpu=driver_version,name,memory.total",
+                                  "--format=csv,noheader"]))
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"torch sees: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.0f} GiB")
+else:
+    print("torch sees: NO CUDA DEVICE")
+PYEOF
+
+say "== 1/4 wheels ($(elapsed) s)"
+BUILD_LOG="$LOGDIR/build.log"
+: > "$BUILD_LOG"
+WHL_SITE="${GPU_CHECK_WHL_SITE:-/tmp/clip_fast_gpu_check_site}"
+if ls .whl/*.whl > /dev/null 2>&1; then
+  echo "-- pip install --no-index --no-deps --target $WHL_SITE .whl/*.whl" >> "$BUILD_LOG"
+  timeout -k $KILL_S "$(limit $WHEELS_S 200)" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target "$WHL_SITE" .whl/*.whl >> "$BUILD_LOG" 2>&1 \
+    && export PYTHONPATH="$WHL_SITE${PYTHONPATH:+:$PYTHONPATH}" \
+    || say "   installing .whl/ failed (see build.log)"
+  say "   $(ls .whl/*.whl | wc -l) wheel(s) from .whl/: $(ls .whl/*.whl | xargs -n1 basename | cut -d- -f1 | tr '\n' ' ')"
+else
+  say "   no .whl/ here: run benchmarks/fetch_wheels.sh where pip reaches PyPI, and carry .whl"
+fi
+timeout -k $KILL_S 20 "$PY" - <<'PYEOF' 2>&1 | indent
+missing = []
+for name, mod in (("open_clip", "open_clip.loss"), ("inf_cl", "inf_cl")):
+    try:
+        __import__(mod)
+    except Exception as exc:
+        missing.append(f"{name} ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
+print("baselines missing: " + ("; ".join(missing) if missing else "none"))
+PYEOF
+
+say "== 2/4 build ($(elapsed) s)"
+BUILD_CUDA=1
+if [ -n "$DRY" ] && [ "${GPU_CHECK_DRY_BUILD_CUDA:-0}" != 1 ]; then
+  BUILD_CUDA=0; say "   dry run: installing without the CUDA extension (GPU_CHECK_DRY_BUILD_CUDA=1 builds it)"
+fi
+t=$(limit $BUILD_S 150)
+echo "-- pip install -e . (CLIP_FAST_BUILD_CUDA=$BUILD_CUDA, limit ${t} s)" >> "$BUILD_LOG"
+CLIP_FAST_BUILD_CUDA=$BUILD_CUDA timeout -k $KILL_S "$t" "$PY" -m pip install -e . --no-build-isolation \
+  --no-deps -q >> "$BUILD_LOG" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then
-  echo "   build with the CUDA extension failed (rc=$rc; see $LOG.build.log):"
-  tail -5 "$LOG.build.log" | sed 's/^/   | /'
-  echo "   retrying without it (CLIP_FAST_BUILD_CUDA=0)"
-  CLIP_FAST_BUILD_CUDA=0 timeout 90 "$PY" -m pip install -e . --no-build-isolation --no-deps -q \
-    >> "$LOG.build.log" 2>&1 || echo "   install without the extension failed too"
+  say "   build failed (rc=$rc; 124: stopped at its ${t} s limit); last lines of build.log:"
+  tail -5 "$BUILD_LOG" | indent
+  say "   retrying without the extension (CLIP_FAST_BUILD_CUDA=0)"
+  CLIP_FAST_BUILD_CUDA=0 timeout -k $KILL_S "$(limit $BUILD_RETRY_S 120)" "$PY" -m pip install -e . \
+    --no-build-isolation --no-deps -q >> "$BUILD_LOG" 2>&1 || say "   install without the extension failed too"
 fi
-fi
-"$PY" - <<'PYEOF' 2>&1 | sed 's/^/   /'
+timeout -k $KILL_S 20 "$PY" - <<'PYEOF' 2>&1 | indent
 import torch
 try:
     import clip_fast.backends as b
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     for dt in (torch.bfloat16, torch.float32):
-        print(f"backends for {dt}:", b.available_backends("cuda", dt))
+        print(f"backends on {dev} for {dt}:", b.available_backends(dev, dt))
 except Exception as exc:
     print("clip_fast import failed:", type(exc).__name__, exc)
 PYEOF
 
-echo "== 2/3 GPU tests ($(elapsed) s)"
-TEST_S=$(( $(left) / 2 > 180 ? 180 : $(left) / 2 ))
+say "== 3/4 GPU tests ($(elapsed) s)"
+TESTS_LOG="$LOGDIR/tests.log"
+t=$(limit $TEST_S 90)
+if [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for the tests (under 10 s)"; : > "$LOGDIR/tests.log"; else
 # The Triton file first (this check's own subject), then every other test file's gpu tests.
 FILES="tests/test_triton.py"
 for f in tests/test_*.py; do [ "$f" != tests/test_triton.py ] && FILES="$FILES $f"; done
-timeout "$TEST_S" "$PY" -m pytest -v -m gpu $FILES -p no:cacheprovider --durations=8 \
-  > "$LOG.tests.log" 2>&1
+# SIGINT, not SIGTERM: pytest treats it as KeyboardInterrupt and still prints the short
+# summary (-rfE: one FAILED/ERROR line per failure) that the grep below reads.
+timeout -s INT -k 10 "$t" "$PY" -m pytest -v -rfE -m gpu $FILES -p no:cacheprovider --durations=8 \
+  > "$TESTS_LOG" 2>&1
 rc=$?
-[ $rc -eq 124 ] && echo "   pytest stopped at its ${TEST_S} s limit"
-grep -E "^(FAILED|ERROR)" "$LOG.tests.log" | head -15 | sed 's/^/   /'
-echo "   $(grep -c ' PASSED' "$LOG.tests.log") passed, $(grep -c ' FAILED' "$LOG.tests.log") failed, $(grep -c ' SKIPPED' "$LOG.tests.log") skipped so far"
-tail -1 "$LOG.tests.log" | sed 's/^/   pytest: /'
-
-echo "== 3/3 benchmark table ($(elapsed) s)"
-BENCH_S=$(( $(left) - 15 ))
-[ "$BENCH_S" -lt 30 ] && BENCH_S=30
-timeout $(( BENCH_S + 10 )) "$PY" benchmarks/gpu_tests.py $DRY --budget-s $(( BENCH_S - 60 > 20 ? BENCH_S - 60 : 20 )) \
-  > "$LOG.bench.log" 2>&1
-rc=$?
-[ $rc -ne 0 ] && echo "   gpu_tests.py rc=$rc (124: stopped at its time limit; rows so far are in the CSV)"
-tail -25 "$LOG.bench.log" | sed 's/^/   /'
-
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT" && cp "$LOG".*.log "$OUT"/ 2>/dev/null
+[ $rc -eq 124 ] && say "   pytest stopped (SIGINT) at its ${t} s limit"
+grep -E "^(FAILED|ERROR)" "$TESTS_LOG" | head -15 | indent
+say "   $(grep -c ' PASSED' "$TESTS_LOG") passed, $(grep -c ' FAILED' "$TESTS_LOG") failed, $(grep -c ' SKIPPED' "$TESTS_LOG") skipped"
+grep -E "^=+ .*(passed|failed|skipped|error|no tests ran).* =+$" "$TESTS_LOG" | tail -1 | sed 's/^/pytest: /' | indent
 fi
-echo "== done in $(elapsed) s; logs: $LOG.{build,tests,bench}.log"
+
+say "== 4/4 benchmark table ($(elapsed) s)"
+BENCH_LOG="$LOGDIR/bench.log"
+t=$(( $(left) - END_RESERVE_S ))
+if [ "$t" -lt 20 ]; then
+  say "   skipped: ${t} s left for it (under 20 s)" | tee "$BENCH_LOG"
+else
+  # The script stops starting cases 20 s before its limit (its last case's calls were
+  # estimated to fit); SIGINT then makes it print the summary of the rows so far.
+  timeout -s INT -k $KILL_S "$t" "$PY" benchmarks/gpu_tests.py $DRY --budget-s $(( t - 20 )) \
+    --out-dir "$LOGDIR" > "$BENCH_LOG" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && say "   gpu_tests.py rc=$rc (124/130: stopped at its ${t} s limit; the rows so far are in the CSV)"
+  say "   rows not run, with the reason (all in bench.log and the CSV's note column):"
+  grep -E "^\[[a-z_]+\] .* (skipped|not_runnable|error|oom) " "$BENCH_LOG" | head -12 | cut -c1-220 | indent
+  sed -n '/^== summary/,$p' "$BENCH_LOG" | tail -n +2 | cut -c1-400 | indent
+fi
+say "== done in $(elapsed) s (budget ${TOTAL_S} s); logs in $LOGDIR"

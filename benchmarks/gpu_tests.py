@@ -3,20 +3,36 @@
     python benchmarks/gpu_tests.py                       # on the GPU machine
     python benchmarks/gpu_tests.py --dry-run             # CPU, tiny N: exercises every code path
 
-Rows (one CSV, every row carrying card, torch/triton/CUDA versions and date):
+Rows (one CSV, every row carrying card, python/torch/triton/CUDA/driver versions and date):
 * gemm          the bf16 (and fp32) GEMM rate measured in this run (8192^3, do_bench);
 * config_sweep  the Triton forward alone at N=65536, D=512, bf16 for a few block configs
                 (so the per-architecture table can be corrected from data);
 * loss          forward+backward of the symmetric CLIP loss: clip_fast backends
                 (triton, cuda when built) against open_clip's ClipLoss (imported),
-                torch.compile of the materialised loss, and Inf-CL (``inf_cl``) when
-                installed.  Median time (triton.testing.do_bench; a 3-call median for
-                calls longer than 0.5 s), extra peak memory over the inputs
-                (torch.cuda.max_memory_allocated), and 8*N^2*D/time as a fraction of the
-                measured bf16 GEMM rate (8 N^2 D = forward tile 2 + backward recompute 2
-                + two gradient GEMMs 4).
+                torch.compile of the materialised loss, and Inf-CL (``inf_cl``, its
+                single-process ``cal_flash_loss``) when installed.  Median time
+                (triton.testing.do_bench; a 3-call median for calls longer than 0.5 s),
+                extra peak memory over the inputs (torch.cuda.max_memory_allocated), and
+                8*N^2*D/time as a fraction of the measured bf16 GEMM rate (8 N^2 D =
+                forward tile 2 + backward recompute 2 + two gradient GEMMs 4).
+
+Time budget (``--budget-s``): no case starts after the deadline, and a case is skipped,
+with the estimate in its row, when its three timed calls are estimated to overrun the
+time left or the per-case cap.  The estimate for an implementation is its measured call
+time at the previous size scaled by N^2 * D (the work of every implementation here);
+before its first measurement, the work at a conservative fraction of the measured GEMM
+rate.  For the cuda backend the estimate is at least the time to stream its backward's
+bytes (``cuda_backward_bytes``).
 A baseline that is missing, would not fit (its N x N logits estimated before trying),
 would exceed the time budget, or fails, gets a row saying so; nothing here raises.
+Every row is printed as it is written; SIGINT (``timeout -s INT``) ends the run with the
+summary of the rows so far.
+
+With ``--dry-run`` (CPU, tiny sizes, Triton's interpreter) every section and every
+implementation's row runs, and the last case is one every implementation must skip; the
+torch backend's row stands beside the cuda backend's (unavailable on CPU), and a
+Triton kernel the installed Triton's interpreter cannot run gets a ``not_runnable`` row
+naming the error.
 """
 from __future__ import annotations
 
@@ -35,9 +51,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_loss import build_loss, make_case, materialised_loss  # noqa: E402  (shared setup)
+from bench_loss import (build_loss, inf_cl_head_dim, inf_cl_unsupported, make_case,  # noqa: E402
+                        materialised_loss)
 
-FIELDS = ["card", "torch", "triton", "cuda", "date", "commit", "section", "impl", "dtype", "N", "D",
+FIELDS = ["card", "python", "torch", "triton", "cuda", "driver", "date", "commit", "section", "impl", "dtype", "N", "D",
           "median_ms", "extra_peak_mib", "tflops", "frac_bf16_gemm", "frac_dtype_gemm", "method",
           "status", "note"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -57,10 +74,20 @@ def environment(device: torch.device) -> dict:
                                 text=True, timeout=10).stdout.strip() or "unknown"
     except Exception:
         commit = "unknown"
-    return {"card": card, "torch": torch.__version__, "triton": triton_v,
-            "cuda": torch.version.cuda or "none",
+    return {"card": card, "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton_v, "cuda": torch.version.cuda or "none", "driver": driver_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "commit": commit}
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version from nvidia-smi, or 'none'."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0].strip() if out else "none"
+    except Exception:
+        return "none"
 
 
 def _slug(s: str) -> str:
@@ -91,6 +118,11 @@ class Table:
         for f, w in self.files:
             w.writerow(full)
             f.flush()
+        shape = f"{full['dtype']} N={full['N']} D={full['D']}" if full["N"] != "" else ""
+        figures = [f"{full[k]} {unit}" for k, unit in (("median_ms", "ms"), ("extra_peak_mib", "MiB"),
+                                                        ("tflops", "TFLOP/s")) if full[k] != ""]
+        print(f"[{full['section']}] {full['impl']} {shape} {full['status']} {', '.join(figures)} "
+              f"{full['note']}".rstrip(), flush=True)
         return full
 
     def close(self):
@@ -211,6 +243,18 @@ def run_gemm(table, device, dry_run):
     return rates
 
 
+def interpreter_note(exc: BaseException) -> str:
+    """The row note for a Triton kernel that the CPU interpreter could not run."""
+    try:
+        import triton
+        version = triton.__version__
+    except Exception:
+        version = "?"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return (f"Triton {version}'s interpreter cannot run this kernel ({type(exc).__name__}: {first})"[:300]
+            + "; it runs compiled on a GPU")
+
+
 def run_config_sweep(table, device, dry_run, deadline):
     from clip_fast.backends import triton_backend
     from clip_fast.kernels import config as kconfig
@@ -232,7 +276,7 @@ def run_config_sweep(table, device, dry_run, deadline):
     for shape in shapes:
         if time.time() > deadline:
             table.add(section="config_sweep", impl="triton_forward", dtype="bf16", N=n, D=d,
-                      status="skipped", note=f"time budget; config {shape}")
+                      status="skipped", note=f"the sweep's share of the time budget is spent; config {shape}")
             continue
         cfg = kconfig.Configs(forward=kconfig.KernelConfig(*shape), backward=default.backward,
                               col_splits=default.col_splits)
@@ -244,15 +288,21 @@ def run_config_sweep(table, device, dry_run, deadline):
                       median_ms=ms, tflops=tflops, method=method, status="ok",
                       note=f"BM,BN,BK,warps,stages={shape} sm_{major}x")
         except Exception as exc:
-            table.add(section="config_sweep", impl="triton_forward", dtype="bf16", N=n, D=d,
-                      status="error", note=f"{shape}: {type(exc).__name__}: {exc}"[:300])
+            if dry_run and kconfig.interpreter_active():
+                table.add(section="config_sweep", impl="triton_forward", dtype="bf16", N=n, D=d,
+                          status="not_runnable", note=f"{shape}: {interpreter_note(exc)}")
+            else:
+                table.add(section="config_sweep", impl="triton_forward", dtype="bf16", N=n, D=d,
+                          status="error", note=f"{shape}: {type(exc).__name__}: {exc}"[:300])
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
 def cases(dry_run):
     if dry_run:
-        return [("bf16", 64, 16), ("bf16", 160, 16), ("fp32", 64, 16)]
+        # D=256 so that Inf-CL's head_dim path runs too; D=24 is a D Inf-CL cannot take.
+        # N=262,144 runs the skip path: every implementation's estimate exceeds the budget.
+        return [("bf16", 64, 16), ("bf16", 96, 256), ("fp32", 64, 24), ("bf16", 262144, 512)]
     # Largest last: when the time budget runs out, the big cases are the ones skipped
     # (and say so), not the sweep of D or of dtypes.
     out = [("bf16", n, 512) for n in (8192, 32768, 65536)]
@@ -262,13 +312,93 @@ def cases(dry_run):
     return out
 
 
-def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_s):
+# Bytes per second the streaming estimate assumes: under the ~4.3 TB/s (read + write) a
+# device-to-device copy reaches on an H200, since add_ and the GEMM epilogue do not.
+STREAM_BYTES_PER_S = 3.0e12
+WORKSPACE_BYTES = 256 * 2**20   # clip_fast's default backward workspace (CLIP_FAST_WORKSPACE_MB)
+
+
+def cuda_backward_bytes(n: int, d: int, dtype: torch.dtype) -> float:
+    """Bytes the cuda backend's backward streams through device memory, beyond its tiles.
+
+    The backward walks S in strips of R = workspace / (N * itemsize) rows (512 rows for
+    bf16 at N = 262,144).  Each strip writes its R x N workspace W and reads it twice
+    (the two products), and adds its (N x D, fp32) share of d_txt: for 16-bit inputs a
+    W.T @ img product into a separate buffer plus ``d_txt.add_`` (4 passes over N x D x 4
+    bytes), for fp32 an in-place ``addmm_`` (2 passes).  At N = 262,144, D = 512, bf16:
+    512 strips x (2 GiB + 0.75 GiB) ~ 1.4 TiB per call, growing as N^3 at a fixed
+    workspace.  The estimate divides it by ``STREAM_BYTES_PER_S``: a floor, since the
+    strips' launches and GEMM shapes are not modelled.
+    """
+    item = torch.empty((), dtype=dtype).element_size()
+    rows = max(64, int(WORKSPACE_BYTES / (n * item)) // 64 * 64)
+    strips = -(-n // rows)
+    passes = 2 if dtype == torch.float32 else 4
+    return strips * (passes * n * d * 4 + 3 * min(rows, n) * n * item)
+
+
+class Estimator:
+    """Seconds that the three timed calls of a case will take, per implementation.
+
+    After an implementation has been measured at some (N, D) of a dtype, its call time is
+    scaled by N^2 * D to the new case; before that, the case's 8 N^2 D flops at ``eff`` of
+    the measured GEMM rate.  The cuda backend is never estimated below the time to stream
+    its backward's bytes.
+    """
+
+    def __init__(self, rates, dry_run):
+        self.rates, self.dry_run = rates, dry_run
+        self.measured = {}   # (impl, dtype name) -> (N, D, seconds per call)
+
+    def record(self, impl, dname, n, d, ms):
+        self.measured[(impl, dname)] = (n, d, ms * 1e-3)
+
+    def calls_s(self, impl, dname, n, d):
+        """(seconds for 3 calls, how it was estimated)."""
+        prev = self.measured.get((impl, dname))
+        if prev is not None:
+            n0, d0, t0 = prev
+            per_call = t0 * (n / n0) ** 2 * (d / d0)
+            how = f"{t0 * 1e3:.4g} ms/call at N={n0} D={d0} scaled by N^2*D"
+        else:
+            rate = self.rates.get(dname) or self.rates.get("bf16") or (1.0 if self.dry_run else 50.0)
+            eff = 0.35 if impl in ("triton", "cuda") else 0.2
+            per_call = 8.0 * n * n * d / (rate * 1e12 * eff)
+            how = f"8*N^2*D flops at {eff:.2f} of the {rate:.3g} TFLOP/s GEMM rate"
+        if impl == "cuda":
+            stream = cuda_backward_bytes(n, d, DTYPES[dname]) / STREAM_BYTES_PER_S
+            if stream > per_call:
+                per_call = stream
+                how = (f"backward streams ~{cuda_backward_bytes(n, d, DTYPES[dname]) / 2**40:.2f} TiB "
+                       f"(d_txt products plus add_ per strip) at {STREAM_BYTES_PER_S / 1e12:.0f} TB/s")
+        return 3 * per_call, how
+
+
+def cuda_strip_reason(n: int, d: int, dtype: torch.dtype, max_n: int):
+    """Why the cuda backend is not timed at this N (``--cuda-max-n``), or None."""
+    if n <= max_n:
+        return None
+    item = torch.empty((), dtype=dtype).element_size()
+    rows = max(64, int(WORKSPACE_BYTES / (n * item)) // 64 * 64)
+    return (f"N > --cuda-max-n {max_n}: the cuda backward streams ~"
+            f"{cuda_backward_bytes(n, d, dtype) / 2**40:.2f} TiB per call ({-(-n // rows)} strips of "
+            f"{rows} rows, each a {n * d * 4 / 2**20:.0f} MiB d_txt product plus add_); its time "
+            f"is unmeasured, so it is not risked inside this check's budget")
+
+
+def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_s,
+                   cuda_max_n=131072):
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
+    est = Estimator(rates, dry_run)
     for dname, n, d in cases(dry_run):
         dtype = DTYPES[dname]
         inputs = None
         for impl in impls:
             row = dict(section="loss", impl=impl, dtype=dname, N=n, D=d)
+            left = deadline - time.time()
+            if left <= 0:
+                table.add(**row, status="skipped", note="time budget spent before this case started")
+                continue
             # 1. Would it fit?  The materialising baselines hold several N x N tensors
             #    (logits, their transpose's softmax and gradients): estimate 4 of them.
             if materialises(impl):
@@ -278,17 +408,28 @@ def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_
                               note=f"needs ~{need / 2**30:.0f} GiB for N x N logits, "
                                    f"{free / 2**30:.0f} GiB free")
                     continue
-            # 2. Would it fit the time budget?  Estimate from the measured GEMM rate.
-            rate = rates.get(dname if dname in rates else "bf16") or (1.0 if dry_run else 50.0)
-            eff = 0.35 if impl in ("triton", "cuda") else 0.2
-            est = 3 * 8.0 * n * n * d / (rate * 1e12 * eff)
-            compile_s = 60.0 if impl == "compiled_materialised" and dname not in _compiled_dtypes else 0.0
-            left = deadline - time.time()
-            if not dry_run and (est > per_case_cap_s or est + compile_s > left):
-                table.add(**row, status="skipped",
-                          note=f"estimated {est:.0f} s for 3 calls (+{compile_s:.0f} s compile) > budget "
-                               f"(cap {per_case_cap_s:.0f} s per case, {left:.0f} s left)")
+            if impl == "inf_cl":
+                reason = inf_cl_unsupported(n, d, device) if not dry_run or inf_cl_head_dim(d) is None else None
+                if reason:
+                    table.add(**row, status="skipped", note=reason)
+                    continue
+            if impl == "cuda" and cuda_strip_reason(n, d, dtype, cuda_max_n):
+                table.add(**row, status="skipped", note=cuda_strip_reason(n, d, dtype, cuda_max_n))
                 continue
+            # 2. Would it finish in the time left?
+            calls_s, how = est.calls_s(impl, dname, n, d)
+            compile_s = 60.0 if impl == "compiled_materialised" and dname not in _compiled_dtypes else 0.0
+            if calls_s > per_case_cap_s or calls_s + compile_s > left:
+                table.add(**row, status="skipped",
+                          note=f"estimated {calls_s:.0f} s for 3 calls (+{compile_s:.0f} s compile) > budget "
+                               f"(cap {per_case_cap_s:.0f} s per case, {left:.0f} s left); estimate: {how}")
+                continue
+            if impl in ("triton", "cuda", "torch"):
+                from clip_fast.backends import available_backends
+                reason = available_backends(device, dtype).get(impl)
+                if reason:
+                    table.add(**row, status="skipped", note=f"unavailable: {reason}"[:300])
+                    continue
             try:
                 fn = build(impl, dry_run)
             except Exception as exc:
@@ -301,16 +442,29 @@ def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_
                 if impl == "compiled_materialised":
                     _compiled_dtypes.add(dname)
                 ms, method, mem = bench(run, device, memory=True)
+                est.record(impl, dname, n, d, ms)
                 tflops = 8.0 * n * n * d / (ms * 1e-3) / 1e12
+                note = ""
+                if impl == "inf_cl":
+                    note = f"head_dim={inf_cl_head_dim(d)}; computes in fp32"
+                if dry_run and impl == "torch":
+                    note = "torch backend, standing in for cuda on CPU"
                 table.add(**row, median_ms=ms, extra_peak_mib=mem, tflops=tflops,
                           frac_bf16_gemm=tflops / rates["bf16"] if rates.get("bf16") else None,
                           frac_dtype_gemm=tflops / rates[dname] if rates.get(dname) else None,
-                          method=method, status="ok")
+                          method=method, status="ok", note=note)
             except torch.cuda.OutOfMemoryError as exc:
                 table.add(**row, status="oom", note=str(exc).splitlines()[0][:300])
             except Exception as exc:
-                table.add(**row, status="error",
-                          note=f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}"[:500])
+                if dry_run and impl == "triton":
+                    table.add(**row, status="not_runnable", note=interpreter_note(exc))
+                elif dry_run and impl == "inf_cl" and device.type != "cuda":
+                    table.add(**row, status="not_runnable",
+                              note=f"called cal_flash_loss(head_dim={inf_cl_head_dim(d)}); "
+                                   f"{inf_cl_unsupported(n, d, device)}")
+                else:
+                    table.add(**row, status="error",
+                              note=f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}"[:500])
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -319,16 +473,18 @@ def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_
 
 def summary(table):
     lines = []
+    env = table.env
     gem = {r["dtype"]: r["tflops"] for r in table.rows if r["section"] == "gemm" and r["status"] == "ok"}
-    lines.append(f"card={table.env['card']} torch={table.env['torch']} triton={table.env['triton']} "
-                 f"cuda={table.env['cuda']} GEMM TFLOP/s bf16={gem.get('bf16', '?')} fp32={gem.get('fp32', '?')}")
+    lines.append(f"card={env['card']} python={env['python']} torch={env['torch']} triton={env['triton']} "
+                 f"cuda={env['cuda']} driver={env['driver']} GEMM TFLOP/s bf16={gem.get('bf16', '?')} "
+                 f"fp32={gem.get('fp32', '?')}")
     sweep = [r for r in table.rows if r["section"] == "config_sweep" and r["status"] == "ok"]
     if sweep:
         best = min(sweep, key=lambda r: float(r["median_ms"]))
         lines.append(f"forward config sweep (N={best['N']} D={best['D']} bf16): best {best['note']} "
                      f"{best['median_ms']} ms, {best['tflops']} TFLOP/s")
-    lines.append("loss fwd+bwd per case: impl median_ms / extra MiB / fraction of bf16 GEMM rate "
-                 "(- = skipped, see CSV note)")
+    lines.append("loss fwd+bwd per case: impl median_ms/extra MiB/fraction of bf16 GEMM rate "
+                 "(-status: reason in the CSV note and the log)")
     cases_seen = []
     for r in table.rows:
         key = (r["dtype"], r["N"], r["D"])
@@ -340,7 +496,7 @@ def summary(table):
             if r["section"] != "loss" or (r["dtype"], r["N"], r["D"]) != key:
                 continue
             if r["status"] == "ok":
-                parts.append(f"{r['impl']} {r['median_ms']}ms/{r['extra_peak_mib']}MiB/{r['frac_bf16_gemm']}")
+                parts.append(f"{r['impl']} {r['median_ms']}/{r['extra_peak_mib'] or '-'}/{r['frac_bf16_gemm'] or '-'}")
             else:
                 parts.append(f"{r['impl']} -{r['status']}")
         lines.append(f"{key[0]} N={key[1]} D={key[2]}: " + " | ".join(parts))
@@ -354,6 +510,8 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new cases after this")
     ap.add_argument("--per-case-cap-s", type=float, default=60.0,
                     help="skip a case whose 3 calls are estimated to take longer")
+    ap.add_argument("--cuda-max-n", type=int, default=131072,
+                    help="largest N timed for the cuda backend (its backward streams ~N^3 bytes)")
     ap.add_argument("--impls", nargs="+",
                     default=["triton", "cuda", "open_clip", "compiled_materialised", "inf_cl"])
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
@@ -369,9 +527,10 @@ def main(argv=None):
     name = (f"{'dryrun_' if args.dry_run else ''}gpu_check_{_slug(env['card'])}_torch{_slug(env['torch'])}"
             f"_triton{_slug(env['triton'])}_cuda{_slug(env['cuda'])}_{stamp}.csv")
     paths = [os.path.join(args.out_dir, name)]
-    if os.environ.get("OUT"):
+    if os.environ.get("OUT") and os.path.realpath(os.environ["OUT"]) != os.path.realpath(args.out_dir):
         paths.append(os.path.join(os.environ["OUT"], name))
     table = Table(env, paths)
+    interrupted = False
     try:
         if args.dry_run:
             torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -381,15 +540,19 @@ def main(argv=None):
         except Exception as exc:
             table.add(section="config_sweep", status="error", note=f"{type(exc).__name__}: {exc}"[:300])
         impls = list(args.impls)
-        if args.dry_run:
-            impls = ["torch" if i == "cuda" else i for i in impls]   # no extension on CPU
-        run_loss_table(table, device, args.dry_run, impls, rates, deadline, args.per_case_cap_s)
+        if args.dry_run and "cuda" in impls:   # the extension does not run on CPU: torch stands in
+            impls.insert(impls.index("cuda") + 1, "torch")
+        run_loss_table(table, device, args.dry_run, impls, rates, deadline,
+                       min(args.per_case_cap_s, max(10.0, args.budget_s / 3)), args.cuda_max_n)
+    except KeyboardInterrupt:   # timeout -s INT: keep the rows so far and print the summary
+        interrupted = True
+        print("interrupted (SIGINT): the table holds the rows written so far", flush=True)
     finally:
         table.close()
+    print("== summary")
     print(summary(table))
-    print(f"CSV: {paths[0]}" + (f" (and {paths[1]})" if len(paths) > 1 else "")
-          + f"; {time.time() - start:.0f} s")
-    return 0
+    print(f"CSV: {paths[-1]}; {len(table.rows)} rows; {time.time() - start:.0f} s")
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
