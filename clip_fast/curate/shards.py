@@ -147,8 +147,9 @@ def _filter_csv(path: str, out_path: Optional[str], layout: Layout, decide: Deci
                 except csv.Error as exc:
                     raise CurateError(f"{where(path, reader.line_num)}: malformed CSV: {exc}") from exc
                 place = where(path, reader.line_num)
-                if None in row or any(v is None for v in row.values()):
-                    got = len(fields) + len(row.get(None) or []) - sum(v is None for v in row.values())
+                extra = row.pop(None, None)  # DictReader files surplus fields under None
+                if extra is not None or any(v is None for v in row.values()):
+                    got = len(fields) + len(extra) if extra else sum(v is not None for v in row.values())
                     raise CurateError(f"{place}: expected {len(fields)} fields, got {got}")
                 matches = _parse_matches(row.get(MATCHES_COLUMN), place) if want_matches else None
                 keep = decide(n_in, row[layout.caption_key], matches)
