@@ -18,8 +18,8 @@ What is measured:
   ``--reps`` runs; with 2 workers the captions are split between two forked processes
   that share the parent's automaton (copy-on-write), as ``multiprocessing`` gives;
 * ``peak_rss_mib``: the parent's VmHWM from just before the build (it holds torch, imported by ``clip_fast``, the
-  list and the captions) and ``worker_peak_rss_mib``, the largest child's (shared pages
-  counted in full);
+  list and the captions) and ``worker_peak_rss_mib``, the largest worker's VmHWM
+  (pages shared with the parent counted in full);
 * ``load_avg_1m``: the machine's load after the run; above the core count, other jobs
   were sharing the cores and the 2-worker figure is low.
 
@@ -33,7 +33,6 @@ import datetime
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -72,28 +71,29 @@ def synthetic_captions(n: int, seed: int = 0) -> List[str]:
 
 
 def _match_chunk(bounds):
+    """Match captions[lo:hi]; returns this process's peak RSS in bytes."""
     lo, hi = bounds
-    m = _MATCHER
-    n = 0
+    match = _MATCHER.match
     for cap in _CAPTIONS[lo:hi]:
-        n += len(m.match(cap))
-    return n
+        match(cap)
+    return peak_rss_bytes()
 
 
 _CAPTIONS: List[str] = []
 
 
-def run(workers: int, n: int) -> float:
-    """Seconds to match all captions with ``workers`` processes (1: in this process)."""
+def run(workers: int, n: int):
+    """(seconds, largest worker peak RSS in bytes or None) to match all captions with
+    ``workers`` processes (1: in this process)."""
     t0 = time.perf_counter()
     if workers == 1:
         _match_chunk((0, n))
-    else:
-        step = -(-n // (workers * 8))  # 8 chunks per worker balance the two cores
-        chunks = [(i, min(i + step, n)) for i in range(0, n, step)]
-        with mp.get_context("fork").Pool(workers) as pool:
-            pool.map(_match_chunk, chunks)
-    return time.perf_counter() - t0
+        return time.perf_counter() - t0, None
+    step = -(-n // (workers * 8))  # 8 chunks per worker balance the two cores
+    chunks = [(i, min(i + step, n)) for i in range(0, n, step)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        peaks = pool.map(_match_chunk, chunks)
+    return time.perf_counter() - t0, max(peaks)
 
 
 def main(argv=None):
@@ -137,11 +137,11 @@ def main(argv=None):
     }
     rows = []
     for w in args.workers:
-        times = [run(w, args.captions) for _ in range(args.reps)]
-        child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB
+        runs = [run(w, args.captions) for _ in range(args.reps)]
+        times = [t for t, _ in runs]
+        child = max(p for _, p in runs) / 2**20 if w > 1 else ""
         rows.append(dict(row0, workers=w, captions_per_s=args.captions / statistics.median(times),
-                         peak_rss_mib=peak_rss_bytes() / 2**20,
-                         worker_peak_rss_mib=child if w > 1 else "",
+                         peak_rss_mib=peak_rss_bytes() / 2**20, worker_peak_rss_mib=child,
                          load_avg_1m=os.getloadavg()[0]))
         print(f"workers={w}: {rows[-1]['captions_per_s']:.0f} captions/s "
               f"(entries {len(_MATCHER)}, build {build_s:.1f}s, matcher {matcher_mib:.0f} MiB, "
