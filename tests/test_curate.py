@@ -319,6 +319,7 @@ def test_balance_expected_counts_by_hand(tmp_path):
     assert res.kept_counts["b"] == 10 and res.kept_counts["c"] == 5
     assert 10 <= res.kept_counts["a"] <= 50
     assert res.read == 55 and res.kept == len(_rows(res.outputs[-1]))
+    assert os.listdir(tmp_path / "out") == ["balanced.csv"]  # the per-shard parts are merged
 
 
 def test_balance_caps_each_entry_at_t_in_expectation(tmp_path):

@@ -8,7 +8,8 @@
 
       p(pair) = max over its entries e of min(1, t / count(e))
 
-  which is MetaCLIP's rule as the issue states it: a pair is kept for sure when any of
+  MetaCLIP's per-entry probability min(1, t / count), combined over a pair's entries by
+  the maximum: a pair is kept for sure when any of
   its entries is in the tail (count <= t); a pair whose entries are all in the head is
   kept with the chance of its rarest entry.  An entry whose pairs hold no other entry
   keeps t pairs in expectation; pairs it shares with rarer entries are kept more often,
@@ -185,7 +186,7 @@ class BalanceResult:
     expected: Dict[str, float]
     read: int
     kept: int
-    outputs: List[str]        # balanced shards (and, for CSV, the concatenated file last)
+    outputs: List[str]        # the balanced tar shards, or [balanced.csv]
 
 
 def run_balance(spec: str, out_dir: str, t: int = DEFAULT_MAX_PER_QUERY, seed: int = 0,
@@ -193,9 +194,9 @@ def run_balance(spec: str, out_dir: str, t: int = DEFAULT_MAX_PER_QUERY, seed: i
                 count_mapper: Optional[Mapper] = None) -> BalanceResult:
     """Count, then sample, every matched shard of ``spec`` into ``out_dir``.
 
-    Tar shards are written as ``out_dir/<name>.tar``; CSV shards as
-    ``out_dir/shards/<name>.csv`` and concatenated into ``out_dir/balanced.csv``, with
-    image paths relative to ``out_dir`` (the trainer reads one CSV).
+    Tar shards are written as ``out_dir/<name>.tar``.  CSV shards are written to
+    ``out_dir/shards/`` with image paths relative to ``out_dir``, then concatenated into
+    ``out_dir/balanced.csv`` (the trainer reads one CSV) and removed.
     """
     if t < 1:
         raise ValueError(f"max per query must be >= 1, got {t}")
@@ -224,7 +225,11 @@ def run_balance(spec: str, out_dir: str, t: int = DEFAULT_MAX_PER_QUERY, seed: i
     if fmt == "csv":
         merged = os.path.join(out_dir, "balanced.csv")
         concat_csv(outs, merged, layout.separator)
-        outputs.append(merged)
+        for o in outs:
+            os.remove(o)
+        if not os.listdir(shard_dir):
+            os.rmdir(shard_dir)
+        outputs = [merged]
     return BalanceResult(counts, kept_counts, expected, sum(r.read for r in results),
                          sum(r.kept for r in results), outputs)
 

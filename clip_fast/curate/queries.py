@@ -295,8 +295,8 @@ def wordnet_reader(root: str = DEFAULT_WORDNET_DIR):
     import nltk.data
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    # nltk (3.9+) reads only below the folders on nltk.data.path; adding the WordNet
-    # folder is its documented way to authorise one.
+    # Recent nltk releases read only below the folders on nltk.data.path; adding the
+    # WordNet folder there is nltk's own way to authorise it.
     if os.path.abspath(root) not in map(os.path.abspath, nltk.data.path):
         nltk.data.path.append(os.path.abspath(root))
 
