@@ -496,3 +496,22 @@ def test_caption_file_errors(tmp_path, capsys):
     assert cli.main(["match", "--queries", q, "--input", pool, "--out", str(tmp_path / "m5"),
                      "--csv-caption-key", "caption"]) == 2
     assert "no column 'caption'" in capsys.readouterr().err
+
+
+def test_cli_queries_sources_and_switches(tmp_path, capsys):
+    corpus = _write(tmp_path / "c.txt", CORPUS)
+    titles = _write(tmp_path / "t.tsv", "Mona_Lisa\t50\nParis\t5\n")
+    out = str(tmp_path / "q.tsv")
+    assert cli.main(["queries", "--out", out, "--words", "corpus", "--corpus", corpus, "--min-count", "2",
+                     "--bigrams", "corpus", "--bigram-top-k", "1", "--titles", titles,
+                     "--title-min-volume", "10", "--no-wordnet"]) == 0
+    assert [(r["entry"], r["source"]) for r in _rows(out)] == [
+        ("cat", "words"), ("sat", "words"), ("the", "words"), ("a dog", "bigrams"), ("mona lisa", "titles")]
+    # Every source off: an empty list is an error, and no file is written.
+    empty = str(tmp_path / "none.tsv")
+    assert cli.main(["queries", "--out", empty, "--words", "off", "--bigrams", "off", "--no-wordnet"]) == 2
+    assert "query list is empty" in capsys.readouterr().err and not os.path.exists(empty)
+    # A missing corpus names the file.
+    assert cli.main(["queries", "--out", empty, "--words", "corpus", "--corpus", str(tmp_path / "x.txt"),
+                     "--bigrams", "off", "--no-wordnet"]) == 2
+    assert str(tmp_path / "x.txt") in capsys.readouterr().err
