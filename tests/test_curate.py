@@ -401,6 +401,11 @@ def test_dask_run_equals_single_process(tmp_path):
     # counts: cat 200, dog 200 + 200 (hot dog), hot dog 200, bird 200, number 800.
     assert dict(r1.counts) == {"cat": 200, "dog": 400, "hot dog": 200, "bird": 200, "number": 800}
     assert r1.counts == r2.counts and r1.kept_counts == r2.kept_counts and r1.kept == r2.kept
+    # The CLI's --dask local runs the same passes on its own LocalCluster.
+    assert cli.main(["balance", "--input", str(tmp_path / "m1"), "--out", str(tmp_path / "b3"),
+                     "--max-per-query", "60", "--seed", "5", "--no-plot", "--dask", "local"]) == 0
+    with open(r1.outputs[-1], "rb") as f1, open(tmp_path / "b3" / "balanced.csv", "rb") as f3:
+        assert f1.read() == f3.read()
 
 
 # --------------------------------------------------------------- into the trainer

@@ -80,14 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _mapper(args, desc):
+    """(mapper or None for the local default, a function that releases it or None)."""
     from .pipeline import dask_mapper
 
     if args.dask is None:
         return None, None  # each pass then runs here with its own progress bar
     from dask.distributed import Client, LocalCluster
 
-    client = Client(LocalCluster(processes=False)) if args.dask == "local" else Client(args.dask)
-    return dask_mapper(client, progress=True), client
+    if args.dask != "local":
+        client = Client(args.dask)
+        return dask_mapper(client, progress=True), client.close
+    cluster = LocalCluster(processes=False, dashboard_address=None)
+    client = Client(cluster)
+
+    def close():
+        client.close()
+        cluster.close()
+
+    return dask_mapper(client, progress=True), close
 
 
 def main(argv=None) -> int:
@@ -112,24 +122,24 @@ def main(argv=None) -> int:
         elif args.command == "match":
             from .pipeline import run_match
 
-            mapper, client = _mapper(args, "match")
+            mapper, close = _mapper(args, "match")
             try:
                 r = run_match(args.input, args.queries, args.out, _layout(args), mapper)
             finally:
-                if client is not None:
-                    client.close()
+                if close is not None:
+                    close()
             print(f"match: {r['read']} captions in {r['shards']} shards, {r['kept']} matched "
                   f"({r['read'] - r['kept']} without a match dropped) -> {args.out}")
         else:
             from .pipeline import run_balance, write_report
 
-            mapper, client = _mapper(args, "balance")
+            mapper, close = _mapper(args, "balance")
             try:
                 res = run_balance(args.input, args.out, args.max_per_query, args.seed,
                                   _layout(args), mapper)
             finally:
-                if client is not None:
-                    client.close()
+                if close is not None:
+                    close()
             report = os.path.join(args.out, "report.csv")
             png = None if args.no_plot else os.path.join(args.out, "report.png")
             write_report(res, args.max_per_query, report, png)
