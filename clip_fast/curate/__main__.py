@@ -143,8 +143,9 @@ def main(argv=None) -> int:
             report = os.path.join(args.out, "report.csv")
             png = None if args.no_plot else os.path.join(args.out, "report.png")
             write_report(res, args.max_per_query, report, png)
+            dest = res.outputs[0] if res.outputs[0].endswith(".csv") else args.out
             print(f"balance: kept {res.kept} of {res.read} pairs over {len(res.counts)} entries "
-                  f"(t={args.max_per_query}, seed={args.seed}) -> {res.outputs[-1] if res.outputs[-1].endswith('.csv') else args.out}; "
+                  f"(t={args.max_per_query}, seed={args.seed}) -> {dest}; "
                   f"report {report}" + ("" if png is None else f", {png}"))
     except CurateError as exc:
         print(f"curate {args.command}: error: {exc}", file=sys.stderr)
