@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
+from ._autograd import fresh_output
 from ._validation import check_inputs
 
 MODES = ("gather", "ring")
@@ -367,7 +368,7 @@ class _GatherClipLoss(torch.autograd.Function):
             loss = ((lse_row_all - diag_all).mean() + (lse_col - diag_all).mean()) / 2
         ctx.save_for_backward(img, txt, scale, bias, all_img, all_txt, lse_row, lse_col, lse_row_all, dot)
         ctx.layout = layout
-        return loss.to(layout.loss_dtype or img.dtype)
+        return fresh_output(loss, layout.loss_dtype or img.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -485,7 +486,7 @@ class _RingClipLoss(torch.autograd.Function):
         loss = ((lse_row - diag).mean() + (lse_col - diag).mean()) / 2
         ctx.save_for_backward(img, txt, scale, bias, lse_row, lse_col)
         ctx.layout = layout
-        return loss.to(layout.loss_dtype or img.dtype)
+        return fresh_output(loss, layout.loss_dtype or img.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import backends
+from ._autograd import fresh_output
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ClipLossFunction(torch.autograd.Function):
         loss = (lse_row.sum() + lse_col.sum() - 2.0 * diag.sum()) / (2.0 * n)
         ctx.save_for_backward(img, txt, scale, bias, lse_row, lse_col)
         ctx.opts = opts
-        return loss.to(opts.loss_dtype or img.dtype)
+        return fresh_output(loss, opts.loss_dtype or img.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):

@@ -262,6 +262,34 @@ def test_torch_compile_module_fullgraph():
     _assert_close(a.grad, ref[1], 1e-4, 1e-4, "d_img")
 
 
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("dtype,autocast", [
+    pytest.param(torch.float32, False, id="fp32"), pytest.param(torch.float64, False, id="fp64"),
+    pytest.param(torch.bfloat16, False, id="bf16"), pytest.param(torch.float16, False, id="fp16")])
+def test_torch_compile_gradients_equal_eager(compile_backend, dtype, autocast):
+    """Compiled and eager agree on the loss and every gradient, in each dtype.
+
+    A loss already in the output dtype is where torch 2.11's compile gave all-zero gradients
+    (see clip_fast/_autograd.py): fp32 and fp64.
+    """
+    torch._dynamo.reset()  # a fresh cache: no case may fall back to eager past the recompile limit
+    img, txt = _features(24, 16, dtype)
+
+    def run(fn):
+        leaves = [img.clone().requires_grad_(True), txt.clone().requires_grad_(True),
+                  torch.tensor(9.0, requires_grad=True), torch.tensor(-0.5, requires_grad=True)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(*leaves)
+        return [loss] + list(torch.autograd.grad(loss, leaves))
+
+    eager = run(FastClipLoss(backend="torch"))
+    compiled = run(torch.compile(FastClipLoss(backend="torch"), backend=compile_backend, fullgraph=True))
+    for what, got, want in zip(("loss", "d_img", "d_txt", "d_scale", "d_bias"), compiled, eager):
+        assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+        torch.testing.assert_close(got, want, msg=lambda m: f"{what}: {m}")
+    assert all(g.abs().max() > 0 for g in eager[1:4]), "the eager gradients must not be zero themselves"
+
+
 def test_available_backends_reports_reasons():
     report = clip_fast.available_backends("cpu")
     assert set(report) == {"torch", "triton", "cuda"}
