@@ -1,5 +1,9 @@
-"""What every clip_fast ``autograd.Function`` returns from its forward."""
+"""Rules every clip_fast ``autograd.Function`` follows: a fresh forward output, a backward
+without autocast."""
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 
@@ -18,3 +22,19 @@ def fresh_output(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     return t.to(dtype, copy=True)
 
+
+def autocast_off(backward: Callable) -> Callable:
+    """Decorate a Function's ``backward`` to run with autocast off on the gradient's device.
+
+    The forward already runs with autocast off (the callers cast the features to the
+    autocast dtype first), but a backward runs under whatever autocast state is active
+    where it runs: ``loss.backward()`` inside the ``torch.autocast`` region, or a
+    ``torch.compile`` graph, which traces the backward inside the forward's region.
+    There autocast would run the backends' float32 matmuls in the autocast dtype, and the
+    torch backend's ``d_scale`` dot would fail on mixed dtypes.
+    """
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.autocast(grads[0].device.type, enabled=False):
+            return backward(ctx, *grads)
+    return run

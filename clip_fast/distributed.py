@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._autograd import fresh_output
+from ._autograd import autocast_off, fresh_output
 from ._validation import check_inputs
 
 MODES = ("gather", "ring")
@@ -371,6 +371,7 @@ class _GatherClipLoss(torch.autograd.Function):
         return fresh_output(loss, layout.loss_dtype or img.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
         img, txt, scale, bias, all_img, all_txt, lse_row, lse_col, lse_row_all, dot = ctx.saved_tensors
         layout: _Layout = ctx.layout
@@ -489,6 +490,7 @@ class _RingClipLoss(torch.autograd.Function):
         return fresh_output(loss, layout.loss_dtype or img.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
         img, txt, scale, bias, lse_row, lse_col = ctx.saved_tensors
         layout: _Layout = ctx.layout

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from ._autograd import fresh_output
+from ._autograd import autocast_off, fresh_output
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class ClipLossFunction(torch.autograd.Function):
         return fresh_output(loss, opts.loss_dtype or img.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss: torch.Tensor):
         img, txt, scale, bias, lse_row, lse_col = ctx.saved_tensors
         opts: LossOptions = ctx.opts
