@@ -3,9 +3,8 @@
 #   scripts/setup.sh               ./.venv: the package, the trainer's extras, the Fashion-MNIST files
 #   scripts/setup.sh --test        also the test and benchmark extras (open_clip, pytest-benchmark)
 #                                  and the CUDA extension clip_fast._C, built for sm_90 (needs nvcc)
-#   scripts/setup.sh --test --old  ./.venv-old instead: the oldest supported versions, those of the GPU
-#                                  card (Python 3.12, torch 2.11.0, triton 3.6.0), with the test extras;
-#                                  no CUDA extension (CLIP_FAST_BUILD_CUDA=1 builds it there too)
+#   scripts/setup.sh --test --old  the same in ./.venv-old, with the oldest supported versions, those of
+#                                  the GPU card: Python 3.12, torch 2.11.0, triton 3.6.0
 # Python: $PYTHON for ./.venv (default python3); $PYTHON_OLD for ./.venv-old (default: the first
 # Python 3.12 among python3.12 and pyenv's versions).
 set -euo pipefail
@@ -50,7 +49,6 @@ if [ "$old" = 1 ]; then
   # The GPU card's versions. triton 3.6's interpreter converts loop bounds with int() of a
   # 1-element numpy array, which numpy 2.4 refuses: numpy < 2.4 lets it run the kernels on CPU.
   TORCH_PKGS=(torch==2.11.0 torchvision==0.26.0 triton==3.6.0 'numpy<2.4')
-  BUILD_CUDA=${CLIP_FAST_BUILD_CUDA:-0}
 else
   VENV=.venv
   PY=${PYTHON:-python3}
@@ -58,8 +56,8 @@ else
   # torchvision); its CUDA 13.0 build runs on CPU and lets nvcc build the extension. torch pins
   # the newest triton that installs beside it (3.8).
   TORCH_PKGS=(torch==2.14.1 torchvision==0.29.1)
-  BUILD_CUDA=${CLIP_FAST_BUILD_CUDA:-$want_test}
 fi
+BUILD_CUDA=${CLIP_FAST_BUILD_CUDA:-$want_test}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
