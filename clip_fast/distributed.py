@@ -65,8 +65,8 @@ import torch
 import torch.distributed as dist
 
 from . import backends
+from ._autograd import autocast_off, first_order_only, fresh_output
 from ._validation import check_inputs
-from .function import first_order_only
 from .functional import autocast_features
 
 MODES = ("gather", "ring")
@@ -372,9 +372,10 @@ class _GatherClipLoss(torch.autograd.Function):
             loss = ((lse_row_all - diag_all).mean() + (lse_col - diag_all).mean()) / 2
         ctx.save_for_backward(img, txt, scale, bias, all_img, all_txt, lse_row, lse_col, lse_row_all, dot)
         ctx.layout = layout
-        return loss.to(layout.loss_dtype or img.dtype)
+        return fresh_output(loss, layout.loss_dtype or img.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
         img, txt, scale, bias, all_img, all_txt, lse_row, lse_col, lse_row_all, dot = ctx.saved_tensors
         layout: _Layout = ctx.layout
@@ -491,9 +492,10 @@ class _RingClipLoss(torch.autograd.Function):
         loss = ((lse_row - diag).mean() + (lse_col - diag).mean()) / 2
         ctx.save_for_backward(img, txt, scale, bias, lse_row, lse_col)
         ctx.layout = layout
-        return loss.to(layout.loss_dtype or img.dtype)
+        return fresh_output(loss, layout.loss_dtype or img.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
         img, txt, scale, bias, lse_row, lse_col = ctx.saved_tensors
         layout: _Layout = ctx.layout

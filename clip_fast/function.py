@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import backends
+from ._autograd import autocast_off, first_order_only, fresh_output
 
 
 @dataclass(frozen=True)
@@ -39,49 +40,6 @@ class LossOptions:
 def backend_scalar(t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """``logit_scale`` as the 0-d tensor a backend reads: float64 for float64 features, else float32."""
     return t.detach().reshape(()).to(torch.float64 if features.dtype == torch.float64 else torch.float32)
-
-
-def fresh_output(loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The loss in ``dtype`` as a new tensor, never an alias of an intermediate."""
-    return loss.to(dtype=dtype, copy=True)
-
-
-def first_order_only(what: str, grads: tuple) -> tuple:
-    """Gradients that raise if anything differentiates through them again.
-
-    The backward is a fused kernel sweep with no derivative of its own.  Under
-    ``create_graph=True`` (grad mode on in the backward; ``torch.func.grad`` runs it so
-    too) the gradients are returned through a node that raises a clear error on a second
-    backward, like ``torch.autograd.function.once_differentiable`` but also when the
-    upstream gradient itself needs no grad: a gradient penalty built on them must fail,
-    not silently lose its second-order terms.  First-order use is unaffected.
-    """
-    if not torch.is_grad_enabled():
-        return grads
-    if torch._C._are_functorch_transforms_active():
-        # torch.func: one grad level is a first-order gradient (functorch runs every
-        # backward with grad mode on); a deeper stack (grad of grad, jacrev of grad, vmap
-        # over grad) would differentiate this backward, which has no derivative.
-        level = torch._C._functorch.maybe_current_level()
-        if level is not None and level > 1:
-            raise RuntimeError(f"{what} supports one torch.func.grad level, not nested torch.func "
-                               "transforms (grad of grad, jacrev, vmap over grad): its backward is "
-                               "a fused kernel sweep with no derivative of its own")
-        return grads
-    live = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
-    if not live:
-        return grads
-    message = (f"{what} does not support double backward (a gradient of its gradient, e.g. "
-               "torch.autograd.grad(..., create_graph=True) then backward through the result): "
-               "its backward is a fused kernel sweep. Use a materialised loss, e.g. open_clip's "
-               "ClipLoss, for higher-order gradients").encode()
-    err_fn = torch._C._functions.DelayedError(message, len(live))
-    wrapped = err_fn(*[grads[i].detach().requires_grad_(True) for i in live])
-    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
-    out = list(grads)
-    for i, w in zip(live, wrapped):
-        out[i] = w
-    return tuple(out)
 
 
 class ClipLossFunction(torch.autograd.Function):
@@ -105,6 +63,7 @@ class ClipLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse_row, lse_col, diag)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss: torch.Tensor, *unused):
         with torch.no_grad():
             grads = ClipLossFunction._grads(ctx, grad_loss)
