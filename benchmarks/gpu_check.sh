@@ -160,8 +160,10 @@ TESTS_LOG="$LOGDIR/tests.log"
 t=$(limit $TEST_S 90)
 if [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for the tests (under 10 s)"; : > "$LOGDIR/tests.log"; else
 # The Triton file first (this check's own subject), then every other test file's gpu tests.
-FILES="tests/test_triton.py"
-for f in tests/test_*.py; do [ "$f" != tests/test_triton.py ] && FILES="$FILES $f"; done
+FILES="tests/loss/test_triton.py"
+for f in tests/loss/test_*.py tests/*/test_*.py; do
+  case " $FILES " in *" $f "*) ;; *) [ -f "$f" ] && FILES="$FILES $f" ;; esac
+done
 # SIGINT, not SIGTERM: pytest treats it as KeyboardInterrupt and still prints the short
 # summary (-rfE: one FAILED/ERROR line per failure) that the grep below reads.
 timeout -s INT -k 10 "$t" "$PY" -m pytest -v -rfE -m gpu $FILES -p no:cacheprovider --durations=8 \

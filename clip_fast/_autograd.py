@@ -37,12 +37,12 @@ def autocast_off(backward: Callable) -> Callable:
     def run(ctx, *grads):
         device_type = grads[0].device.type
         try:
-            active = torch.is_autocast_enabled(device_type)
+            # Always entered, not only when autocast is on now: torch.compile traces the
+            # backward before it runs inside the caller's autocast region.
+            off = torch.autocast(device_type, enabled=False)
         except RuntimeError:  # a device type autocast does not know (meta): nothing to turn off
-            active = False
-        if not active:
             return backward(ctx, *grads)
-        with torch.autocast(device_type, enabled=False):
+        with off:
             return backward(ctx, *grads)
     return run
 

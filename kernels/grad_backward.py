@@ -46,6 +46,8 @@ from .tile import tile_dot
 _LOG2E_K = tl.constexpr(1.4426950408889634)
 
 
+# One kernel body, longer than a screen on purpose: the recompute, G and its two reductions
+# are one tile's epilogue, read top to bottom in the module doc's numbered steps.
 @triton.jit
 def _grad_tile_kernel(
     img_ptr, txt_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_row_lo_ptr, lse_col_ptr,

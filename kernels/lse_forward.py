@@ -71,6 +71,9 @@ def _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK: tl.constexpr):
     return col_part, row_part
 
 
+# One kernel body, longer than a screen on purpose: the tile loop is the whole sweep, and
+# its numbered steps (module doc) read in order with every register's lifetime visible;
+# the pieces that stand alone (tile_dot, _two_exp_sums) are separate jit functions.
 @triton.jit
 def _lse_forward_kernel(
     img_ptr, txt_ptr, scale_ptr, bias_ptr, c2_ptr, row_flag_ptr,
@@ -372,12 +375,3 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None):
     """(lse_row, lse_col, diag) of S = scale * img @ txt.T + bias; see the module doc."""
     return torch.ops.clip_fast.triton_lse_forward(img, txt, scale, bias)
-
-
-def column_fallback_flags(img, txt, scale, bias=None) -> torch.Tensor:
-    """Test helper: which columns the sweep would hand to the exact fallback (float64 maths)."""
-    M, K = img.shape[0], txt.shape[0]
-    c2 = column_bounds_log2(img, txt, scale, bias).double()
-    s2 = (scale.to(torch.float64) * (img.double() @ txt.double().T)
-          + (0.0 if bias is None else bias.double())) * LOG2E
-    return torch.exp2(s2 - c2 + headroom_log2(M)).sum(dim=0) < COL_UNDERFLOW

@@ -1,4 +1,5 @@
-"""The one autograd.Function behind ``clip_loss`` and ``FastClipLoss`` (single process).
+"""The autograd.Function behind ``clip_loss`` and ``FastClipLoss`` (single process), and the
+backward tail it shares with the distributed Functions.
 
 forward:  backend.lse_forward  -> row/column log-sum-exp and the diagonal (float64, O(N))
           loss = (sum_i (lse_row_i - S_ii) + sum_i (lse_col_i - S_ii)) / (2N)
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 
 from . import backends
+from .backends import compute_dtype, compute_scalar
 from ._autograd import autocast_off, first_order_only, fresh_output
 
 
@@ -37,9 +39,31 @@ class LossOptions:
         return {}
 
 
-def backend_scalar(t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """``logit_scale`` as the 0-d tensor a backend reads: float64 for float64 features, else float32."""
-    return t.detach().reshape(()).to(torch.float64 if features.dtype == torch.float64 else torch.float32)
+def finish_grads(d_img, d_txt, d_scale, grad_loss, img, txt, scale, bias_meta, needs) -> tuple:
+    """The backward tail every loss Function shares.
+
+    Multiplies the backend's float32/64 gradients by the upstream gradient ``grad_loss``
+    (None: already applied), casts them to the inputs' dtypes and shapes, and gives a
+    ``logit_bias`` (``bias_meta = (shape, dtype, device)``, or None) an exact zero
+    gradient: every row and column of a softmax sums to one, so a shared bias cancels.
+    Returns the Function's gradient tuple, None for the non-tensor options argument.
+    """
+    if grad_loss is not None:
+        g = grad_loss.to(d_img.dtype)
+        d_img, d_txt, d_scale = d_img * g, d_txt * g, d_scale * g
+    d_bias = None
+    if bias_meta is not None and needs[3]:
+        shape, dtype, device = bias_meta
+        d_bias = torch.zeros(shape, dtype=dtype, device=device)
+    return (d_img.to(img.dtype) if needs[0] else None,
+            d_txt.to(txt.dtype) if needs[1] else None,
+            d_scale.to(scale.dtype).reshape(scale.shape) if needs[2] else None,
+            d_bias, None)
+
+
+def bias_meta(bias: Optional[torch.Tensor]):
+    """What the backward needs of ``logit_bias`` to give it a zero gradient (no saved tensor)."""
+    return None if bias is None else (bias.shape, bias.dtype, bias.device)
 
 
 class ClipLossFunction(torch.autograd.Function):
@@ -47,8 +71,8 @@ class ClipLossFunction(torch.autograd.Function):
     def forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor], opts: LossOptions) -> torch.Tensor:
         impl = backends.get_loaded(opts.backend)
-        lse_row, lse_col, diag = impl.lse_forward(img, txt, backend_scalar(scale, img), None,
-                                                  **opts.kwargs())
+        s = compute_scalar(scale, compute_dtype(img.dtype))
+        lse_row, lse_col, diag = impl.lse_forward(img, txt, s, None, **opts.kwargs())
         loss = ((lse_row - diag).sum() + (lse_col - diag).sum()) / (2.0 * img.shape[0])
         return fresh_output(loss, opts.loss_dtype or img.dtype), lse_row, lse_col, diag
 
@@ -58,8 +82,7 @@ class ClipLossFunction(torch.autograd.Function):
         _, lse_row, lse_col, diag = output
         ctx.save_for_backward(img, txt, scale, lse_row, lse_col, diag)
         ctx.opts = opts
-        ctx.has_bias = bias is not None
-        ctx.bias_meta = (bias.shape, bias.dtype, bias.device) if bias is not None else None
+        ctx.bias_meta = bias_meta(bias)
         ctx.mark_non_differentiable(lse_row, lse_col, diag)
 
     @staticmethod
@@ -76,19 +99,10 @@ class ClipLossFunction(torch.autograd.Function):
         impl = backends.get_loaded(opts.backend)
         c = 1.0 / (2 * img.shape[0])
         d_img, d_txt, d_scale = impl.grad_backward(
-            img, txt, backend_scalar(scale, img), None, lse_row, lse_col, c, c, 2 * c,
-            diag=diag, **opts.kwargs())
-        g = grad_loss.to(d_img.dtype)
-        needs = ctx.needs_input_grad
-        d_img = (d_img * g).to(img.dtype) if needs[0] else None
-        d_txt = (d_txt * g).to(txt.dtype) if needs[1] else None
-        d_scale = (d_scale * g).to(scale.dtype).reshape(scale.shape) if needs[2] else None
-        # Every row of a softmax sums to one, so the loss does not depend on a shared bias.
-        d_bias = None
-        if ctx.has_bias and needs[3]:
-            shape, dtype, device = ctx.bias_meta
-            d_bias = torch.zeros(shape, dtype=dtype, device=device)
-        return d_img, d_txt, d_scale, d_bias, None
+            img, txt, compute_scalar(scale, compute_dtype(img.dtype)), None, lse_row, lse_col,
+            c, c, 2 * c, diag=diag, **opts.kwargs())
+        return finish_grads(d_img, d_txt, d_scale, grad_loss, img, txt, scale, ctx.bias_meta,
+                            ctx.needs_input_grad)
 
     @staticmethod
     def vmap(info, in_dims, *args):
