@@ -16,7 +16,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.curate", "clip_fast.kernels"]
+PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.curate", "clip_fast.kernels", "clip_fast.train"]
 PACKAGE_DIR = {"clip_fast": "clip_fast", "clip_fast.kernels": "kernels"}
 
 

@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 from . import data as data_mod
-from .gradcache import capture_rng, grad_cache_step, plain_step
+from ..gradcache import capture_rng, grad_cache_step, plain_step
 from .models import CLIP, ModelConfig
-from .zero_shot import zero_shot_classifier, zero_shot_eval
+from ..zero_shot import zero_shot_classifier, zero_shot_eval
 
 CHECKPOINT_FORMAT = "clip_fast.train/1"
 METRIC_FIELDS = ("step", "epoch", "loss", "logit_scale", "temperature", "lr", "samples_per_s",
@@ -412,7 +412,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     torch.manual_seed(args.seed * 1000 + 1 + env.rank)  # per-rank dropout stream
     optimizer = make_optimizer(model, args.lr, args.wd)
 
-    from .loss import FastClipLoss
+    from ..loss import FastClipLoss
     loss_fn = FastClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank,
                            world_size=env.world_size, backend=args.backend,
                            chunk_size=args.chunk_size)
@@ -616,6 +616,3 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point (``clip-fast-train``); returns None so the exit status is 0."""
     run(argv)
 
-
-if __name__ == "__main__":
-    main()
