@@ -18,163 +18,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import math
 import os
 import platform
-import resource
-import sys
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from . import data as data_mod
-from ..gradcache import capture_rng, grad_cache_step, plain_step
-from .models import CLIP, ModelConfig
+from ..gradcache import grad_cache_step, plain_step
+from ..loss import FastClipLoss
 from ..zero_shot import zero_shot_classifier, zero_shot_eval
+from . import data as data_mod
+from .checkpoint import (CheckpointError, load_checkpoint, restore_from_checkpoint,
+                         save_checkpoint)
+from .cli import parse_args
+from .metrics import MetricsLog, peak_memory_mb, plot_metrics
+from .models import CLIP, ModelConfig
+from .process_group import Dist
 
-CHECKPOINT_FORMAT = "clip_fast.train/1"
-METRIC_FIELDS = ("step", "epoch", "loss", "logit_scale", "temperature", "lr", "samples_per_s",
-                 "peak_mem_mb", "elapsed_s", "zs_top1", "zs_top5", "zs_heldout_top1")
-# Arguments that must match for --resume to continue the same run (data order, schedule).
-RESUME_KEYS = ("dataset_type", "train_data", "train_limit", "batch_size", "epochs", "seed",
-               "lr", "warmup", "wd", "augment")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is corrupt, not ours, or does not match this run."""
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m clip_fast.train",
-        description="Train a small CLIP with clip_fast.FastClipLoss (default: Fashion-MNIST, "
-                    "zero-shot evaluation on its test split).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset-type", default="auto",
-                   choices=("auto", "fashion-mnist", "csv", "webdataset"),
-                   help="auto: csv for a .csv/.tsv --train-data, webdataset for tar shards, "
-                        "else fashion-mnist")
-    g.add_argument("--data-dir", default=data_mod.DEFAULT_FASHION_MNIST_DIR,
-                   help="folder with the Fashion-MNIST idx files (.gz or not)")
-    g.add_argument("--train-data", default=None,
-                   help="CSV file, or tar shards ('a.tar::b.tar', a folder, 'shard-{000..009}.tar')")
-    g.add_argument("--csv-img-key", default="filepath")
-    g.add_argument("--csv-caption-key", default="title")
-    g.add_argument("--csv-separator", default="\t")
-    g.add_argument("--image-size", type=int, default=64, help="resize size for CSV/tar images")
-    g.add_argument("--channels", type=int, default=3, choices=(1, 3),
-                   help="image channels for CSV/tar images")
-    g.add_argument("--train-limit", type=int, default=None, help="use the first N training samples")
-    g.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
-    g.add_argument("--augment", default="flip", choices=("none", "flip", "shift", "flip-shift"))
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="cnn", choices=("cnn", "vit"), help="image encoder")
-    m.add_argument("--embed-dim", type=int, default=64)
-    m.add_argument("--cnn-widths", default="32,64,128")
-    m.add_argument("--cnn-stem-stride", type=int, default=2, choices=(1, 2))
-    m.add_argument("--vit-width", type=int, default=128)
-    m.add_argument("--vit-layers", type=int, default=4)
-    m.add_argument("--vit-patch", type=int, default=4)
-    m.add_argument("--text-tower", default="transformer", choices=("transformer", "minilm"),
-                   help="minilm: frozen pretrained all-MiniLM-L6-v2 (LiT-style), needs the [lit] extra")
-    m.add_argument("--text-width", type=int, default=128)
-    m.add_argument("--text-layers", type=int, default=2)
-    m.add_argument("--dropout", type=float, default=0.0)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=2)
-    o.add_argument("--batch-size", type=int, default=512,
-                   help="contrastive batch size, over all processes")
-    o.add_argument("--micro-batch-size", type=int, default=None,
-                   help="encoder chunk per process; smaller than the per-process batch turns on "
-                        "gradient caching (default: no caching)")
-    o.add_argument("--lr", type=float, default=2e-3)
-    o.add_argument("--wd", type=float, default=0.1)
-    o.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--backend", default="auto", help="FastClipLoss backend")
-    o.add_argument("--chunk-size", type=int, default=None, help="FastClipLoss chunk size")
-    o.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")
-    o.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    r = p.add_argument_group("run")
-    r.add_argument("--logs-dir", default="./runs")
-    r.add_argument("--name", default=None, help="run name (default: <dataset>-<model>-<time>)")
-    r.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="checkpoint to resume from; bare --resume: <run dir>/checkpoints/last.pt")
-    r.add_argument("--save-every", type=int, default=0,
-                   help="also checkpoint every N steps (always at epoch ends)")
-    r.add_argument("--zeroshot-every", type=int, default=0,
-                   help="also evaluate every N steps (always at epoch ends)")
-    r.add_argument("--log-every", type=int, default=1, help="metrics.csv row every N steps")
-    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("micro_batch_size", "train_limit", "test_limit"):  # None: not given
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup", "save_every", "zeroshot_every"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.dataset_type == "auto":
-        if args.train_data is None:
-            args.dataset_type = "fashion-mnist"
-        elif args.train_data.lower().endswith((".csv", ".tsv")):
-            args.dataset_type = "csv"
-        else:
-            args.dataset_type = "webdataset"
-    if args.dataset_type in ("csv", "webdataset") and args.train_data is None:
-        p.error(f"--dataset-type {args.dataset_type} needs --train-data")
-    try:
-        args.cnn_widths = tuple(int(w) for w in args.cnn_widths.split(","))
-    except ValueError:
-        p.error(f"--cnn-widths must be comma-separated ints, got {args.cnn_widths!r}")
-    return args
-
-
-# ----------------------------------------------------------------------------- utils
-
-
-class Dist:
-    """Process-group facts; world_size 1 when not launched by torchrun."""
-
-    def __init__(self, device_arg: str):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want_cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
-        if want_cuda:
-            idx = self.local_rank if self.world_size > 1 else torch.cuda.current_device()
-            if device_arg.startswith("cuda:") and self.world_size == 1:
-                idx = int(device_arg.split(":")[1])
-            torch.cuda.set_device(idx)
-            self.device = torch.device("cuda", idx)
-        else:
-            self.device = torch.device(device_arg if device_arg not in ("auto",) else "cpu")
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+__all__ = ["run", "main", "parse_args", "CheckpointError", "load_checkpoint"]
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -204,149 +70,55 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+# ------------------------------------------------------------------------------ setup
 
 
-def load_checkpoint(path: str) -> dict:
-    """torch.load(weights_only=True) and structural validation; CheckpointError if bad."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle garbage, disallowed globals ...
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a clip_fast checkpoint "
-                              f"({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"checkpoint {path!r} is not a {CHECKPOINT_FORMAT} checkpoint "
-                              f"(format: {got!r})")
-    expected = {"step": int, "model_config": dict, "run_config": dict, "model": dict,
-                "optimizer": dict, "rng": list}
-    for key, typ in expected.items():
-        if not isinstance(ckpt.get(key), typ):
-            raise CheckpointError(f"checkpoint {path!r}: entry {key!r} missing or not a "
-                                  f"{typ.__name__} (got {type(ckpt.get(key)).__name__})")
-    if ckpt["step"] < 0:
-        raise CheckpointError(f"checkpoint {path!r}: negative step {ckpt['step']}")
-    return ckpt
+@dataclass
+class Schedule:
+    """How the training set is cut into steps, and each process's share of a step."""
+
+    n_train: int
+    steps_per_epoch: int
+    total_steps: int
+    local_batch: int  # this process's share of the contrastive batch
+    micro_batch: int  # encoder chunk; smaller than local_batch turns on gradient caching
+
+    @property
+    def cached(self) -> bool:
+        return self.micro_batch < self.local_batch
 
 
-def run_config(args: argparse.Namespace) -> Dict:
-    return {k: getattr(args, k) for k in RESUME_KEYS}
+@dataclass
+class Trainer:
+    """Everything one run needs, built by :func:`setup` before the first step."""
 
+    args: argparse.Namespace
+    env: Dist
+    use_bf16: bool
+    autocast: Callable[[], ContextManager]
+    train_ds: object
+    test: Optional[Tuple[torch.Tensor, torch.Tensor]]  # Fashion-MNIST only: zero-shot eval
+    sched: Schedule
+    model_cfg: ModelConfig
+    model: CLIP
+    optimizer: torch.optim.Optimizer
+    loss_fn: FastClipLoss
+    run_dir: str
+    ckpt_path: str
+    start_step: int
+    resumed: bool
+    metrics: Optional[MetricsLog] = None
+    ddp: Optional[torch.nn.Module] = None
 
-def restore_from_checkpoint(ckpt: dict, path: str, model, optimizer, args, model_cfg,
-                            world_size: int, rank: int) -> int:
-    """Check the checkpoint matches this run, load it, return its step."""
-    if ckpt["model_config"] != model_cfg.to_dict():
-        diff = sorted(k for k in set(ckpt["model_config"]) | set(model_cfg.to_dict())
-                      if ckpt["model_config"].get(k) != model_cfg.to_dict().get(k))
-        raise CheckpointError(f"checkpoint {path!r} was written for a different model; "
-                              f"differing settings: " + ", ".join(
-                                  f"{k}={ckpt['model_config'].get(k)!r} (this run: "
-                                  f"{model_cfg.to_dict().get(k)!r})" for k in diff))
-    mine = run_config(args)
-    diff = [k for k in RESUME_KEYS if ckpt["run_config"].get(k) != mine[k]]
-    if diff:
-        raise CheckpointError(f"checkpoint {path!r} belongs to a run with other arguments; "
-                              "resume with the same ones: " + ", ".join(
-                                  f"{k}={ckpt['run_config'].get(k)!r} (this run: {mine[k]!r})"
-                                  for k in diff))
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path!r}: weights do not fit the model: {exc}") from exc
-    rngs = ckpt["rng"]
-    if len(rngs) != world_size and rank == 0:
-        print(f"warning: checkpoint {path!r} holds RNG states for {len(rngs)} process(es), this "
-              f"run has {world_size}; dropout draws will differ from an uninterrupted run",
-              file=sys.stderr)
-    if len(rngs) == world_size:
-        state = rngs[rank]
-        if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
-            raise CheckpointError(f"checkpoint {path!r}: bad RNG state")
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-    return int(ckpt["step"])
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
 
-
-class MetricsLog:
-    """metrics.csv (one row per logged step) and log.txt, written by rank 0 only."""
-
-    def __init__(self, run_dir: str, resume_step: Optional[int], enabled: bool):
-        self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.csv")
-        self.log_path = os.path.join(run_dir, "log.txt")
-        self.rows: List[dict] = []
-        if not enabled:
-            return
-        if resume_step is not None and os.path.isfile(self.path):
-            # Keep the rows up to the checkpoint; later ones are redone after the resume.
-            with open(self.path, newline="") as fh:
-                self.rows = [r for r in csv.DictReader(fh)
-                             if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
-            w.writeheader()
-            w.writerows(self.rows)
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        row = {k: row.get(k, "") for k in METRIC_FIELDS}
-        self.rows.append(row)
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=METRIC_FIELDS).writerow(row)
-
-    def log(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        print(msg, flush=True)
-        with open(self.log_path, "a") as fh:
-            fh.write(msg + "\n")
-
-
-def plot_metrics(rows: List[dict], path: str) -> Optional[str]:
-    """Loss, temperature and zero-shot accuracy against step, as a PNG (matplotlib Agg)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # matplotlib is optional
-        return f"no plot ({type(exc).__name__}: {exc})"
-
-    def series(key):
-        pts = [(int(r["step"]), float(r[key])) for r in rows if str(r.get(key, "")) != ""]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(*series("loss"))
-    axes[0].set_title("contrastive loss")
-    axes[1].plot(*series("temperature"))
-    axes[1].set_title("temperature (1 / logit scale)")
-    for key, label in (("zs_top1", "top-1"), ("zs_top5", "top-5"),
-                       ("zs_heldout_top1", "top-1, held-out templates")):
-        axes[2].plot(*series(key), marker="o", label=label)
-    axes[2].set_title("zero-shot accuracy (test)")
-    axes[2].legend(loc="lower right")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return None
+    @property
+    def fwd(self) -> torch.nn.Module:
+        """The module the steps call: the DDP wrapper under torchrun, else the model."""
+        return self.ddp if self.ddp is not None else self.model
 
 
 def build_dataset(args):
@@ -360,21 +132,9 @@ def build_dataset(args):
     return data_mod.TarDataset(args.train_data, args.image_size, args.channels)
 
 
-# ------------------------------------------------------------------------------ main
 
-
-def run(argv: Optional[List[str]] = None) -> Dict:
-    """Train with command-line arguments ``argv``; return the run's summary dict."""
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = Dist(args.device)
-    device = env.device
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16
-                else contextlib.nullcontext)
-
-    # Data first: a missing dataset should fail before anything is written.
+def load_data(args: argparse.Namespace):
+    """The training set and, for Fashion-MNIST, the (normalised) test split; errors exit."""
     try:
         train_ds = build_dataset(args)
         test = None
@@ -385,18 +145,27 @@ def run(argv: Optional[List[str]] = None) -> Dict:
             test = (data_mod.normalize_fashion_mnist(imgs), labels)
     except (FileNotFoundError, data_mod.DataError) as exc:
         raise SystemExit(f"error: {exc}")
-    n_train = len(train_ds)
-    if args.batch_size % env.world_size:
+    return train_ds, test
+
+
+def plan_schedule(args: argparse.Namespace, n_train: int, world_size: int) -> Schedule:
+    """Whole steps only: the last partial batch of each epoch is dropped."""
+    if args.batch_size % world_size:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of "
-                         f"processes ({env.world_size})")
+                         f"processes ({world_size})")
     steps_per_epoch = n_train // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({n_train} samples)")
-    total_steps = steps_per_epoch * args.epochs
-    local_bs = args.batch_size // env.world_size
-    micro = args.micro_batch_size or local_bs
+    local_batch = args.batch_size // world_size
+    return Schedule(n_train=n_train, steps_per_epoch=steps_per_epoch,
+                    total_steps=steps_per_epoch * args.epochs, local_batch=local_batch,
+                    micro_batch=args.micro_batch_size or local_batch)
 
+
+def build_model(args: argparse.Namespace, train_ds, device: torch.device,
+                rank: int) -> Tuple[CLIP, ModelConfig]:
+    """The CLIP of ``args``, initialised from ``--seed`` alone, then each rank's dropout seed."""
     model_cfg = ModelConfig(
         image_encoder=args.model, image_size=train_ds.image_size, in_channels=train_ds.channels,
         embed_dim=args.embed_dim, cnn_widths=args.cnn_widths,
@@ -409,10 +178,48 @@ def run(argv: Optional[List[str]] = None) -> Dict:
         model = CLIP(model_cfg).to(device)
     except ImportError as exc:
         raise SystemExit(f"error: {exc}")
-    torch.manual_seed(args.seed * 1000 + 1 + env.rank)  # per-rank dropout stream
-    optimizer = make_optimizer(model, args.lr, args.wd)
+    torch.manual_seed(args.seed * 1000 + 1 + rank)  # per-rank dropout stream
+    return model, model_cfg
 
-    from ..loss import FastClipLoss
+
+def resume_or_start(args: argparse.Namespace, env: Dist, run_dir: str, ckpt_path: str,
+                    model, optimizer, model_cfg: ModelConfig, total_steps: int) -> int:
+    """The step to start from: the checkpoint's under ``--resume``, else 0 in a fresh folder."""
+    if args.resume is None:
+        if env.main and os.path.exists(os.path.join(run_dir, "metrics.csv")):
+            raise SystemExit(f"error: run folder {run_dir!r} already has a run; pick another "
+                             f"--name or continue it with --resume")
+        return 0
+    resume_path = ckpt_path if args.resume == "auto" else args.resume
+    try:
+        ckpt = load_checkpoint(resume_path)
+        start_step = restore_from_checkpoint(ckpt, resume_path, model, optimizer, args,
+                                             model_cfg, env.world_size, env.rank)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}")
+    if start_step > total_steps:
+        raise SystemExit(f"error: checkpoint step {start_step} is past the end of this run "
+                         f"({total_steps} steps)")
+    return start_step
+
+
+def setup(argv: Optional[List[str]] = None) -> Trainer:
+    """Parse ``argv`` and build the run: data, model, optimizer, loss, run folder, resume.
+
+    Data comes first, so a missing dataset fails before anything is written.
+    """
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = Dist(args.device)
+    device = env.device
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16
+                else contextlib.nullcontext)
+    train_ds, test = load_data(args)
+    sched = plan_schedule(args, len(train_ds), env.world_size)
+    model, model_cfg = build_model(args, train_ds, device, env.rank)
+    optimizer = make_optimizer(model, args.lr, args.wd)
     loss_fn = FastClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank,
                            world_size=env.world_size, backend=args.backend,
                            chunk_size=args.chunk_size)
@@ -420,199 +227,244 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     name = args.name or time.strftime(
         f"{args.dataset_type}-{args.model}-%Y%m%d-%H%M%S", time.gmtime())
     run_dir = os.path.join(args.logs_dir, name)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    ckpt_path = os.path.join(ckpt_dir, "last.pt")
-
-    start_step = 0
-    resume_path = None
-    if args.resume is not None:
-        resume_path = ckpt_path if args.resume == "auto" else args.resume
-        try:
-            ckpt = load_checkpoint(resume_path)
-            start_step = restore_from_checkpoint(ckpt, resume_path, model, optimizer, args,
-                                                 model_cfg, env.world_size, env.rank)
-        except CheckpointError as exc:
-            raise SystemExit(f"error: {exc}")
-        if start_step > total_steps:
-            raise SystemExit(f"error: checkpoint step {start_step} is past the end of this run "
-                             f"({total_steps} steps)")
-        del ckpt
-    elif env.main and os.path.exists(os.path.join(run_dir, "metrics.csv")):
-        raise SystemExit(f"error: run folder {run_dir!r} already has a run; pick another --name "
-                         f"or continue it with --resume")
+    ckpt_path = os.path.join(run_dir, "checkpoints", "last.pt")
+    start_step = resume_or_start(args, env, run_dir, ckpt_path, model, optimizer, model_cfg,
+                                 sched.total_steps)
+    t = Trainer(args=args, env=env, use_bf16=use_bf16, autocast=autocast, train_ds=train_ds,
+                test=test, sched=sched, model_cfg=model_cfg, model=model, optimizer=optimizer,
+                loss_fn=loss_fn, run_dir=run_dir, ckpt_path=ckpt_path, start_step=start_step,
+                resumed=args.resume is not None)
     if env.main:
-        os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
     env.barrier()
-    metrics = MetricsLog(run_dir, start_step if resume_path else None, env.main)
-    if env.main and not resume_path:
+    t.metrics = MetricsLog(run_dir, start_step if t.resumed else None, env.main)
+    if env.main and not t.resumed:
         with open(os.path.join(run_dir, "args.json"), "w") as fh:
             json.dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                       fh, indent=1)
-
-    ddp = None
     if env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                      else None, broadcast_buffers=False)
-    fwd = ddp if ddp is not None else model
+        t.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                        else None, broadcast_buffers=False)
+    t.metrics.log(describe(t))
+    return t
 
-    n_params = sum(p.numel() for p in model.parameters())
-    metrics.log(
-        f"run {run_dir}: {args.dataset_type} ({n_train} train samples), model {args.model} "
-        f"({n_params / 1e6:.2f} M params), contrastive batch {args.batch_size} over "
-        f"{env.world_size} process(es), micro-batch {micro}"
-        f"{' (gradient caching)' if micro < local_bs else ''}, {total_steps} steps, "
-        f"device {device}, {'bf16 autocast' if use_bf16 else 'fp32'}, loss {loss_fn!r}; "
+
+def describe(t: Trainer) -> str:
+    """The run's first log line: data, model, batch, device, precision, loss and machine."""
+    args, env, sched = t.args, t.env, t.sched
+    n_params = sum(p.numel() for p in t.model.parameters())
+    return (
+        f"run {t.run_dir}: {args.dataset_type} ({sched.n_train} train samples), model "
+        f"{args.model} ({n_params / 1e6:.2f} M params), contrastive batch {args.batch_size} over "
+        f"{env.world_size} process(es), micro-batch {sched.micro_batch}"
+        f"{' (gradient caching)' if sched.cached else ''}, {sched.total_steps} steps, "
+        f"device {t.device}, {'bf16 autocast' if t.use_bf16 else 'fp32'}, loss {t.loss_fn!r}; "
         f"torch {torch.__version__}, python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
-        f"{os.getloadavg()[0]:.2f}" + (f"; resumed at step {start_step}" if resume_path else ""))
+        f"{os.getloadavg()[0]:.2f}" + (f"; resumed at step {t.start_step}" if t.resumed else ""))
 
-    eval_zero_shot = test is not None  # Fashion-MNIST: class names to build classifiers from
 
-    def evaluate() -> Dict[str, float]:
-        model.eval()
-        clf = {"all": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
-                                           data_mod.TRAIN_TEMPLATES + data_mod.HELDOUT_TEMPLATES),
-               "heldout": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
-                                               data_mod.HELDOUT_TEMPLATES)}
-        res = zero_shot_eval(model, clf, test, batch_size=1000, device=device, autocast=(
-            autocast if use_bf16 else None))
-        model.train()
-        return {"zs_top1": res["all_top1"], "zs_top5": res["all_top5"],
-                "zs_heldout_top1": res["heldout_top1"]}
+# ------------------------------------------------------------------------------ steps
 
-    def save(step: int) -> None:
-        rng = capture_rng(device)
-        if env.world_size > 1:
-            gathered: List = [None] * env.world_size
-            dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
-            rngs = gathered
-        else:
-            rngs = [rng]
-        if env.main:
-            atomic_torch_save({
-                "format": CHECKPOINT_FORMAT, "step": step, "epoch": step // steps_per_epoch,
-                "model_config": model_cfg.to_dict(), "run_config": run_config(args),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rngs,
-                "world_size": env.world_size,
-            }, ckpt_path)
 
-    pbar = None
-    if env.main and not args.no_progress:
-        try:
-            from tqdm import tqdm
-            pbar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
-        except ImportError:
-            pbar = None
+def evaluate(t: Trainer) -> Dict[str, float]:
+    """Zero-shot top-1/top-5 on the test split, with all templates and held-out ones alone."""
+    model = t.model
+    model.eval()
+    clf = {"all": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
+                                       data_mod.TRAIN_TEMPLATES + data_mod.HELDOUT_TEMPLATES),
+           "heldout": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
+                                           data_mod.HELDOUT_TEMPLATES)}
+    res = zero_shot_eval(model, clf, t.test, batch_size=1000, device=t.device, autocast=(
+        t.autocast if t.use_bf16 else None))
+    model.train()
+    return {"zs_top1": res["all_top1"], "zs_top5": res["all_top5"],
+            "zs_heldout_top1": res["heldout_top1"]}
 
+
+def load_batch(t: Trainer, step: int, gidx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This process's images and tokens for global batch indices ``gidx``, on the device.
+
+    In-memory data draws captions and augmentation for the whole global batch from the
+    step's generator, then keeps this rank's slice, so the result does not depend on the
+    world size; streamed data (CSV, tar) reads only this rank's slice.
+    """
+    args, rank, local = t.args, t.env.rank, t.sched.local_batch
     flip = args.augment in ("flip", "flip-shift")
     shift = 2 if args.augment in ("shift", "flip-shift") else 0
-    in_memory = isinstance(train_ds, data_mod.FashionMNIST)
-    model.train()
-    t_start = time.perf_counter()
-    t_last, samples_since = t_start, 0
+    lo, hi = rank * local, (rank + 1) * local
+    if isinstance(t.train_ds, data_mod.FashionMNIST):
+        gen = step_generator(args.seed, step)
+        images, captions = t.train_ds.get(gidx, gen)
+        images = data_mod.augment(images, gen, shift=shift, flip=flip)[lo:hi]
+        captions = captions[lo:hi]
+    else:
+        gen = step_generator(args.seed, step, rank)
+        images, captions = t.train_ds.get(gidx[lo:hi], gen)
+        images = data_mod.augment(images, gen, shift=shift, flip=flip)
+    images = images.to(t.device, non_blocking=True)
+    tokens = t.model.tokenizer(captions).to(t.device, non_blocking=True)
+    return images, tokens
+
+
+def train_step(t: Trainer, step: int, images: torch.Tensor,
+               tokens: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """One optimizer step (gradient-cached when the micro-batch is smaller); (loss, lr)."""
+    lr = lr_at(step, t.sched.total_steps, t.args.lr, t.args.warmup)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.sched.cached:
+        loss = grad_cache_step(t.fwd, images, tokens, t.loss_fn, t.sched.micro_batch,
+                               autocast=t.autocast,
+                               no_sync=t.ddp.no_sync if t.ddp is not None else None)
+    else:
+        loss = plain_step(t.fwd, images, tokens, t.loss_fn, autocast=t.autocast)
+    t.optimizer.step()
+    t.model.clamp_logit_scale()
+    return loss, lr
+
+
+@dataclass
+class Progress:
+    """What the loop carries between steps: timers, the last loss and the last evaluation."""
+
+    t_start: float = field(default_factory=time.perf_counter)
+    t_last: float = 0.0
+    samples_since: int = 0
+    loss_val: float = float("nan")
+    last_eval: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.t_last = self.t_start
+
+
+def loss_row(t: Trainer, p: Progress, done: int, loss: torch.Tensor, lr: float) -> dict:
+    """The metrics row of step ``done``: the global loss (mean over ranks) and the speed."""
+    if t.env.world_size > 1:  # the mean of the ranks' local losses
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= t.env.world_size
+    p.loss_val = float(loss)
+    if not math.isfinite(p.loss_val):
+        raise SystemExit(f"error: loss became {p.loss_val} at step {done}; lower --lr")
+    now = time.perf_counter()
+    scale = float(t.model.logit_scale.detach().exp())
+    row = {"step": done, "epoch": f"{done / t.sched.steps_per_epoch:.3f}",
+           "loss": f"{p.loss_val:.5f}", "logit_scale": f"{scale:.3f}",
+           "temperature": f"{1.0 / scale:.5f}", "lr": f"{lr:.3e}",
+           "samples_per_s": f"{p.samples_since / max(now - p.t_last, 1e-9):.1f}",
+           "peak_mem_mb": f"{peak_memory_mb(t.device):.1f}",
+           "elapsed_s": f"{now - p.t_start:.2f}"}
+    p.t_last, p.samples_since = now, 0
+    return row
+
+
+def eval_row(t: Trainer, p: Progress, done: int, row: Optional[dict]) -> Optional[dict]:
+    """Rank 0 evaluates and adds the accuracies to ``row``; every rank waits for it."""
+    if t.env.main:
+        p.last_eval = evaluate(t)
+        row = row or {"step": done, "epoch": f"{done / t.sched.steps_per_epoch:.3f}"}
+        row.update({k: f"{v:.4f}" for k, v in p.last_eval.items()})
+        row["elapsed_s"] = f"{time.perf_counter() - p.t_start:.2f}"
+        e = p.last_eval
+        t.metrics.log(f"step {done}/{t.sched.total_steps} epoch "
+                      f"{done / t.sched.steps_per_epoch:.2f}: loss {p.loss_val:.4f}, zero-shot "
+                      f"top-1 {e['zs_top1']:.4f} top-5 {e['zs_top5']:.4f} (held-out templates "
+                      f"top-1 {e['zs_heldout_top1']:.4f}), "
+                      f"{time.perf_counter() - p.t_start:.1f} s")
+    t.env.barrier()
+    return row
+
+
+def progress_bar(t: Trainer):
+    """A tqdm bar on rank 0 unless ``--no-progress``; None without tqdm."""
+    if not t.env.main or t.args.no_progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=t.sched.total_steps, initial=t.start_step, dynamic_ncols=True, unit="step")
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def train_loop(t: Trainer) -> Progress:
+    """Steps ``start_step`` to the end: log, evaluate, checkpoint and plot on schedule."""
+    args, sched = t.args, t.sched
+    pbar = progress_bar(t)
+    t.model.train()
+    p = Progress()
     perm, perm_epoch = None, -1
-    last_eval: Dict[str, float] = {}
-    loss_val = float("nan")
-    for step in range(start_step, total_steps):
-        epoch, pos = divmod(step, steps_per_epoch)
+    for step in range(t.start_step, sched.total_steps):
+        epoch, pos = divmod(step, sched.steps_per_epoch)
         if epoch != perm_epoch:
-            perm, perm_epoch = epoch_permutation(args.seed, epoch, n_train), epoch
-        gidx = perm[pos * args.batch_size:(pos + 1) * args.batch_size]
-        lo, hi = env.rank * local_bs, (env.rank + 1) * local_bs
-        if in_memory:  # draw for the global batch so the result does not depend on world size
-            gen = step_generator(args.seed, step)
-            images, captions = train_ds.get(gidx, gen)
-            images = data_mod.augment(images, gen, shift=shift, flip=flip)[lo:hi]
-            captions = captions[lo:hi]
-        else:
-            gen = step_generator(args.seed, step, env.rank)
-            images, captions = train_ds.get(gidx[lo:hi], gen)
-            images = data_mod.augment(images, gen, shift=shift, flip=flip)
-        images = images.to(device, non_blocking=True)
-        tokens = model.tokenizer(captions).to(device, non_blocking=True)
-
-        lr = lr_at(step, total_steps, args.lr, args.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        if micro < local_bs:
-            loss = grad_cache_step(fwd, images, tokens, loss_fn, micro, autocast=autocast,
-                                   no_sync=ddp.no_sync if ddp is not None else None)
-        else:
-            loss = plain_step(fwd, images, tokens, loss_fn, autocast=autocast)
-        optimizer.step()
-        model.clamp_logit_scale()
+            perm, perm_epoch = epoch_permutation(args.seed, epoch, sched.n_train), epoch
+        images, tokens = load_batch(
+            t, step, perm[pos * args.batch_size:(pos + 1) * args.batch_size])
+        loss, lr = train_step(t, step, images, tokens)
         done = step + 1
-        samples_since += args.batch_size
+        p.samples_since += args.batch_size
 
-        end_of_epoch = done % steps_per_epoch == 0  # the last step is one (whole epochs)
+        end_of_epoch = done % sched.steps_per_epoch == 0  # the last step is one (whole epochs)
         row = None
         if done % args.log_every == 0 or end_of_epoch:
-            if env.world_size > 1:  # log the global loss: the mean of the ranks' local losses
-                loss = loss.clone()
-                dist.all_reduce(loss)
-                loss /= env.world_size
-            loss_val = float(loss)
-            if not math.isfinite(loss_val):
-                raise SystemExit(f"error: loss became {loss_val} at step {done}; lower --lr")
-            now = time.perf_counter()
-            scale = float(model.logit_scale.detach().exp())
-            row = {"step": done, "epoch": f"{done / steps_per_epoch:.3f}",
-                   "loss": f"{loss_val:.5f}", "logit_scale": f"{scale:.3f}",
-                   "temperature": f"{1.0 / scale:.5f}", "lr": f"{lr:.3e}",
-                   "samples_per_s": f"{samples_since / max(now - t_last, 1e-9):.1f}",
-                   "peak_mem_mb": f"{peak_memory_mb(device):.1f}",
-                   "elapsed_s": f"{now - t_start:.2f}"}
-            t_last, samples_since = now, 0
-        if eval_zero_shot and (end_of_epoch or (
+            row = loss_row(t, p, done, loss, lr)
+        if t.test is not None and (end_of_epoch or (
                 args.zeroshot_every and done % args.zeroshot_every == 0)):
-            if env.main:
-                last_eval = evaluate()
-                row = row or {"step": done, "epoch": f"{done / steps_per_epoch:.3f}"}
-                row.update({k: f"{v:.4f}" for k, v in last_eval.items()})
-                row["elapsed_s"] = f"{time.perf_counter() - t_start:.2f}"
-                metrics.log(f"step {done}/{total_steps} epoch {done / steps_per_epoch:.2f}: "
-                            f"loss {loss_val:.4f}, zero-shot top-1 {last_eval['zs_top1']:.4f} "
-                            f"top-5 {last_eval['zs_top5']:.4f} (held-out templates top-1 "
-                            f"{last_eval['zs_heldout_top1']:.4f}), "
-                            f"{time.perf_counter() - t_start:.1f} s")
-            env.barrier()
+            row = eval_row(t, p, done, row)
         if row is not None:
-            metrics.write(row)
+            t.metrics.write(row)
         if end_of_epoch or (args.save_every and done % args.save_every == 0):
-            save(done)
-            if env.main and eval_zero_shot and end_of_epoch and done < total_steps:
-                plot_metrics(metrics.rows, os.path.join(run_dir, "metrics.png"))
+            save_checkpoint(t.ckpt_path, done, done // sched.steps_per_epoch, t.model,
+                            t.optimizer, t.model_cfg, args, t.device, t.env.world_size,
+                            t.env.main)
+            if t.env.main and t.test is not None and end_of_epoch and done < sched.total_steps:
+                plot_metrics(t.metrics.rows, os.path.join(t.run_dir, "metrics.png"))
         if pbar is not None:
             pbar.update(1)
-            pbar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.1e}")
+            pbar.set_postfix(loss=f"{p.loss_val:.3f}", lr=f"{lr:.1e}")
     if pbar is not None:
         pbar.close()
+    return p
 
-    elapsed = time.perf_counter() - t_start
-    summary = {"run_dir": run_dir, "steps": total_steps, "resumed_from": start_step if resume_path
-               else None, "train_seconds": round(elapsed, 2), "final_loss": loss_val,
-               "peak_mem_mb": round(peak_memory_mb(device), 1), **last_eval,
-               "world_size": env.world_size, "batch_size": args.batch_size,
-               "micro_batch_size": micro, "device": str(device), "torch": torch.__version__,
-               "python": platform.python_version(), "cpus": os.cpu_count(),
-               "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+
+def finish(t: Trainer, p: Progress) -> Dict:
+    """Write summary.json and the last plot (rank 0), close the process group; the summary."""
+    env = t.env
+    elapsed = time.perf_counter() - p.t_start
+    summary = {"run_dir": t.run_dir, "steps": t.sched.total_steps,
+               "resumed_from": t.start_step if t.resumed else None,
+               "train_seconds": round(elapsed, 2), "final_loss": p.loss_val,
+               "peak_mem_mb": round(peak_memory_mb(t.device), 1), **p.last_eval,
+               "world_size": env.world_size, "batch_size": t.args.batch_size,
+               "micro_batch_size": t.sched.micro_batch, "device": str(t.device),
+               "torch": torch.__version__, "python": platform.python_version(),
+               "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+               "load_average": list(os.getloadavg()),
                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if env.main:
-        if eval_zero_shot:  # the last epoch's plot (the loop plots the earlier ones)
-            plot_metrics(metrics.rows, os.path.join(run_dir, "metrics.png"))
-        with open(os.path.join(run_dir, "summary.json"), "w") as fh:
+        if t.test is not None:  # the last epoch's plot (the loop plots the earlier ones)
+            plot_metrics(t.metrics.rows, os.path.join(t.run_dir, "metrics.png"))
+        with open(os.path.join(t.run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
-        metrics.log(f"done: {total_steps} steps in {elapsed:.1f} s; peak memory "
-                    f"{summary['peak_mem_mb']} MB; outputs in {run_dir}")
+        t.metrics.log(f"done: {t.sched.total_steps} steps in {elapsed:.1f} s; peak memory "
+                      f"{summary['peak_mem_mb']} MB; outputs in {t.run_dir}")
     if env.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary
 
 
+def run(argv: Optional[List[str]] = None) -> Dict:
+    """Train with command-line arguments ``argv``; return the run's summary dict."""
+    t = setup(argv)
+    return finish(t, train_loop(t))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point (``clip-fast-train``); returns None so the exit status is 0."""
     run(argv)
-
