@@ -18,7 +18,7 @@ from clip_fast.train import data as D
 from clip_fast.train import CheckpointError, load_checkpoint, run as main
 from train_helpers import TINY_MODEL, make_fake_fashion_mnist
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
