@@ -38,7 +38,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, restore_from_checkpoi
 from .cli import parse_args
 from .metrics import MetricsLog, peak_memory_mb, plot_metrics
 from .models import CLIP, ModelConfig
-from .process_group import Dist
+from .process_group import ProcessGroup
 
 __all__ = ["run", "main", "parse_args", "CheckpointError", "load_checkpoint"]
 
@@ -94,7 +94,7 @@ class Trainer:
     """Everything one run needs, built by :func:`setup` before the first step."""
 
     args: argparse.Namespace
-    env: Dist
+    env: ProcessGroup
     use_bf16: bool
     autocast: Callable[[], ContextManager]
     train_ds: object
@@ -182,8 +182,9 @@ def build_model(args: argparse.Namespace, train_ds, device: torch.device,
     return model, model_cfg
 
 
-def resume_or_start(args: argparse.Namespace, env: Dist, run_dir: str, ckpt_path: str,
-                    model, optimizer, model_cfg: ModelConfig, total_steps: int) -> int:
+def resume_or_start(args: argparse.Namespace, env: ProcessGroup, run_dir: str,
+                    ckpt_path: str, model, optimizer, model_cfg: ModelConfig,
+                    total_steps: int) -> int:
     """The step to start from: the checkpoint's under ``--resume``, else 0 in a fresh folder."""
     if args.resume is None:
         if env.main and os.path.exists(os.path.join(run_dir, "metrics.csv")):
@@ -211,7 +212,7 @@ def setup(argv: Optional[List[str]] = None) -> Trainer:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = Dist(args.device)
+    env = ProcessGroup(args.device)
     device = env.device
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 
-class Dist:
+class ProcessGroup:
     """Process-group facts; world_size 1 when not launched by torchrun."""
 
     def __init__(self, device_arg: str):
