@@ -13,6 +13,10 @@ zero-shot top-1/top-5 on the test split after every epoch.
 * Output goes to ``<logs-dir>/<name>``: ``metrics.csv``, ``metrics.png``,
   ``log.txt``, ``args.json``, ``summary.json`` and ``checkpoints/last.pt``
   (written atomically); ``--resume`` continues a killed run where it stopped.
+
+A run is :func:`setup` (flags, data, model, optimizer, loss, run folder, resume),
+then :func:`train_loop` (one :func:`train_step` per step, with logging, zero-shot
+evaluation and checkpoints on schedule), then :func:`finish` (summary and plot).
 """
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .. import FastClipLoss
 from ..gradcache import grad_cache_step, plain_step
-from ..loss import FastClipLoss
 from ..zero_shot import zero_shot_classifier, zero_shot_eval
 from . import data as data_mod
 from .checkpoint import (CheckpointError, load_checkpoint, restore_from_checkpoint,

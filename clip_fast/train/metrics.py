@@ -13,6 +13,7 @@ METRIC_FIELDS = ("step", "epoch", "loss", "logit_scale", "temperature", "lr", "s
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory on a GPU, peak RSS of this process on CPU, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
