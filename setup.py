@@ -16,7 +16,8 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.curate", "clip_fast.kernels"]
+PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.curate", "clip_fast.kernels",
+            "clip_fast.integrations"]
 PACKAGE_DIR = {"clip_fast": "clip_fast", "clip_fast.kernels": "kernels"}
 
 
@@ -162,7 +163,9 @@ setup(
         # python -m clip_fast.curate; WordNet comes from Debian's wordnet-base (apt), not pip.
         "curate": ["wordfreq", "wordsegment", "nltk", "pyahocorasick", "dask[distributed]",
                    "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "open-clip-torch", "tqdm", "matplotlib", "pillow"],
+        "test": ["pytest", "pytest-benchmark", "open-clip-torch", "tqdm", "matplotlib", "pillow",
+                 # open_clip_train (shipped in the open-clip-torch wheel) imports these
+                 "webdataset", "braceexpand", "pandas"],
     },
     entry_points={"console_scripts": ["clip-fast-train=clip_fast.train:main"]},
     ext_modules=ext_modules,

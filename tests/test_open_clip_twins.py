@@ -1,0 +1,173 @@
+"""FastCoCaLoss and FastDistillClipLoss against open_clip's CoCaLoss and DistillClipLoss.
+
+Each twin runs on the same inputs as its open_clip original; the loss and every input's
+gradient must agree: in float64 to 1e-10 (the same maths), in float32 within fp32
+rounding of the terms that cancel (open_clip's own float32 result is held to the same
+float64 truth, so the bound is fair to both).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+open_clip_loss = pytest.importorskip("open_clip.loss")
+
+from clip_fast import FastCoCaLoss, FastDistillClipLoss  # noqa: E402
+from clip_fast.distill import distill_loss  # noqa: E402
+
+_TRITON = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or torch.cuda.is_available()
+BACKENDS = ["torch"] + (["triton"] if _TRITON else [])
+
+
+def _features(n, d, dtype, gen, mix=0.5):
+    img = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    txt = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64) + mix * img, dim=1)
+    return img.to(dtype), txt.to(dtype)
+
+
+def _leaves(*xs, grad=True):
+    return [x.detach().clone().requires_grad_(grad) for x in xs]
+
+
+def _run_distill(loss_fn, inputs, teacher_grad):
+    img, txt, s, timg, ttxt, t = _leaves(*inputs[:3]) + _leaves(*inputs[3:], grad=teacher_grad)
+    out = loss_fn(img, txt, s, timg, ttxt, t, output_dict=True)
+    total = out["contrastive_loss"] + 0.75 * out["distill_loss"]
+    leaves = [img, txt, s] + ([timg, ttxt, t] if teacher_grad else [])
+    grads = torch.autograd.grad(total, leaves)
+    return [out["contrastive_loss"].detach(), out["distill_loss"].detach()] + list(grads)
+
+
+def _distill_inputs(n, d, dtype, scale, tscale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    img, txt = _features(n, d, dtype, gen)
+    timg, ttxt = _features(n, d, dtype, gen, mix=1.5)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return img, txt, torch.tensor(scale, dtype=sdt), timg, ttxt, torch.tensor(tscale, dtype=sdt)
+
+
+def _assert_twin(got, want, truth, names, tight):
+    for g, w, tr, name in zip(got, want, truth, names):
+        if tight:
+            torch.testing.assert_close(g.double(), w.double(), rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+            continue
+        # float32: no worse than a few times open_clip's own float32 error, plus fp32 rounding
+        # of the output's size.
+        mag = tr.abs().max().item()
+        ours = (g.double() - tr).abs().max().item()
+        theirs = (w.double() - tr).abs().max().item()
+        assert ours <= 4 * theirs + 4e-6 * max(mag, 1e-3), f"{name}: ours {ours:.3g}, open_clip {theirs:.3g}, |x| {mag:.3g}"
+
+
+_DISTILL_NAMES = ["contrastive_loss", "distill_loss", "d_img", "d_txt", "d_scale", "d_timg", "d_ttxt", "d_tscale"]
+
+
+def _check_distill(n, d, dtype, backend, teacher_grad=True, scale=10.0, tscale=20.0, chunk_size=None, seed=0):
+    inputs = _distill_inputs(n, d, dtype, scale, tscale, seed)
+    ours = _run_distill(FastDistillClipLoss(backend=backend, chunk_size=chunk_size), inputs, teacher_grad)
+    theirs = _run_distill(open_clip_loss.DistillClipLoss(), inputs, teacher_grad)
+    truth = _run_distill(open_clip_loss.DistillClipLoss(), [x.double() for x in inputs], teacher_grad)
+    _assert_twin(ours, theirs, truth, _DISTILL_NAMES, tight=dtype == torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d,dtype", [(7, 5, torch.float64), (33, 17, torch.float32), (1, 3, torch.float32),
+                                       (40, 9, torch.float64)])
+def test_distill_matches_open_clip(backend, n, d, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float16, bfloat16 and float32")
+    _check_distill(n, d, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_frozen_teacher(backend):
+    """The trainer's case: a teacher run under no_grad gets no gradients, the student all of them."""
+    _check_distill(21, 13, torch.float32, backend, teacher_grad=False)
+
+
+def test_distill_chunked_strips():
+    """Strips of 4 rows (several strips, a ragged last one) give the one-strip result."""
+    _check_distill(37, 6, torch.float64, "torch", chunk_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_scale_100(backend):
+    """Confident rows at scale 100: every KL summand is kept >= 0, none cancels against |S|."""
+    _check_distill(19, 8, torch.float32, backend, scale=100.0, tscale=100.0)
+
+
+def test_distill_functional_equals_module():
+    inputs = _distill_inputs(9, 4, torch.float64, 5.0, 7.0, 3)
+    got = distill_loss(*inputs, backend="torch")
+    want = FastDistillClipLoss(backend="torch")(*inputs)[1]
+    assert torch.equal(got, want)
+
+
+def test_distill_cuda_backend_refused():
+    with pytest.raises(RuntimeError, match="backend='triton'.*backend='torch'"):
+        FastDistillClipLoss(backend="cuda")
+
+
+def test_distill_tuple_output():
+    inputs = _distill_inputs(6, 4, torch.float64, 5.0, 7.0, 4)
+    out = FastDistillClipLoss(backend="torch")(*inputs)
+    ref = open_clip_loss.DistillClipLoss()(*inputs)
+    assert isinstance(out, tuple) and len(out) == 2
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# CoCa
+# ----------------------------------------------------------------------------------------
+
+def _coca_inputs(n, d, length, vocab, dtype, seed, pad_id):
+    gen = torch.Generator().manual_seed(seed)
+    img, txt = _features(n, d, dtype, gen)
+    logits = torch.randn(n, length, vocab, generator=gen, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, vocab, (n, length), generator=gen)
+    labels[:, length // 2:] = pad_id  # padded tails, ignored by the caption loss
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return img, txt, logits, labels, torch.tensor(14.0, dtype=sdt)
+
+
+def _run_coca(loss_fn, inputs):
+    img, txt, logits, scale = _leaves(inputs[0], inputs[1], inputs[2], inputs[4])
+    out = loss_fn(img, txt, logits, inputs[3], scale, output_dict=True)
+    assert set(out) == {"contrastive_loss", "caption_loss"}
+    total = out["contrastive_loss"] + out["caption_loss"]
+    grads = torch.autograd.grad(total, [img, txt, logits, scale], allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, [img, txt, logits, scale])]
+    return [out["contrastive_loss"].detach().double(), out["caption_loss"].detach()] + grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip_w,cap_w,pad_id,dtype", [(1.0, 2.0, 0, torch.float64), (0.5, 1.0, 3, torch.float32),
+                                                       (0.0, 2.0, 0, torch.float32)])
+def test_coca_matches_open_clip(backend, clip_w, cap_w, pad_id, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float16, bfloat16 and float32")
+    inputs = _coca_inputs(11, 7, 9, 13, dtype, 5, pad_id)
+    ours = _run_coca(FastCoCaLoss(cap_w, clip_w, pad_id=pad_id, backend=backend), inputs)
+    theirs = _run_coca(open_clip_loss.CoCaLoss(cap_w, clip_w, pad_id=pad_id), inputs)
+    truth = _run_coca(open_clip_loss.CoCaLoss(cap_w, clip_w, pad_id=pad_id),
+                      [x.double() if x.is_floating_point() else x for x in inputs])
+    names = ["contrastive_loss", "caption_loss", "d_img", "d_txt", "d_logits", "d_scale"]
+    _assert_twin(ours, theirs, truth, names, tight=dtype == torch.float64)
+
+
+def test_coca_tuple_and_zero_clip_weight():
+    """clip_loss_weight 0: open_clip's integer zero on the logits' device, and no sweep."""
+    inputs = _coca_inputs(4, 3, 5, 6, torch.float32, 6, 0)
+    ours = FastCoCaLoss(1.0, 0.0)(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
+    theirs = open_clip_loss.CoCaLoss(1.0, 0.0)(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
+    assert isinstance(ours, tuple) and ours[0].dtype == theirs[0].dtype and ours[0].item() == 0
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=0)
+
+
+def test_coca_horovod_refused():
+    with pytest.raises(NotImplementedError, match="use_horovod"):
+        FastCoCaLoss(1.0, 1.0, use_horovod=True)
