@@ -41,10 +41,10 @@ def _run_distill(loss_fn, inputs, teacher_grad):
     return [out["contrastive_loss"].detach(), out["distill_loss"].detach()] + list(grads)
 
 
-def _distill_inputs(n, d, dtype, scale, tscale, seed):
+def _distill_inputs(n, d, dtype, scale, tscale, seed, teacher_dim=None):
     gen = torch.Generator().manual_seed(seed)
     img, txt = _features(n, d, dtype, gen)
-    timg, ttxt = _features(n, d, dtype, gen, mix=1.5)
+    timg, ttxt = _features(n, teacher_dim or d, dtype, gen, mix=1.5)
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
     return img, txt, torch.tensor(scale, dtype=sdt), timg, ttxt, torch.tensor(tscale, dtype=sdt)
 
@@ -65,8 +65,9 @@ def _assert_twin(got, want, truth, names, tight):
 _DISTILL_NAMES = ["contrastive_loss", "distill_loss", "d_img", "d_txt", "d_scale", "d_timg", "d_ttxt", "d_tscale"]
 
 
-def _check_distill(n, d, dtype, backend, teacher_grad=True, scale=10.0, tscale=20.0, chunk_size=None, seed=0):
-    inputs = _distill_inputs(n, d, dtype, scale, tscale, seed)
+def _check_distill(n, d, dtype, backend, teacher_grad=True, scale=10.0, tscale=20.0, chunk_size=None, seed=0,
+                   teacher_dim=None):
+    inputs = _distill_inputs(n, d, dtype, scale, tscale, seed, teacher_dim)
     ours = _run_distill(FastDistillClipLoss(backend=backend, chunk_size=chunk_size), inputs, teacher_grad)
     theirs = _run_distill(open_clip_loss.DistillClipLoss(), inputs, teacher_grad)
     truth = _run_distill(open_clip_loss.DistillClipLoss(), [x.double() for x in inputs], teacher_grad)
@@ -86,6 +87,23 @@ def test_distill_matches_open_clip(backend, n, d, dtype):
 def test_distill_frozen_teacher(backend):
     """The trainer's case: a teacher run under no_grad gets no gradients, the student all of them."""
     _check_distill(21, 13, torch.float32, backend, teacher_grad=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_wider_teacher(backend):
+    """A teacher with its own embedding width (D = 40 against the student's 6), as distilling
+    from a larger model gives."""
+    _check_distill(13, 6, torch.float32, backend, teacher_dim=40)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
+def test_distill_triton_bfloat16_close_to_torch():
+    """bfloat16 features: the Triton sweeps equal the torch backend's (both accumulate in fp32)."""
+    inputs = _distill_inputs(37, 20, torch.bfloat16, 10.0, 20.0, 8)
+    got = _run_distill(FastDistillClipLoss(backend="triton"), inputs, True)
+    want = _run_distill(FastDistillClipLoss(backend="torch"), inputs, True)
+    for g, w, name in zip(got, want, _DISTILL_NAMES):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
 def test_distill_chunked_strips():
