@@ -104,8 +104,9 @@ def use_fast_losses(backend: str = "auto", chunk_size: Optional[int] = None) -> 
     create_loss.__wrapped_open_clip__ = original
     patched = []
     for module in list(sys.modules.values()):
-        current = getattr(module, "create_loss", None) if module is not None else None
-        if current is not None and getattr(current, "__wrapped_open_clip__", current) is original:
+        # The module's own namespace: some modules (torch.classes) answer any getattr.
+        current = getattr(module, "__dict__", {}).get("create_loss")
+        if callable(current) and getattr(current, "__wrapped_open_clip__", current) is original:
             patched.append((module, current))
             module.create_loss = create_loss
     return FastLosses(patched)
