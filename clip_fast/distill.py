@@ -213,8 +213,9 @@ def gather_like_open_clip(x: torch.Tensor, *, local_loss: bool, gather_with_grad
     ``local_loss``.  Shards must have equal sizes, as open_clip's gather requires.
     """
     if gather_with_grad:
-        import torch.distributed.nn  # noqa: F401  (the autograd-aware collectives)
-        return torch.cat(torch.distributed.nn.all_gather(x, group=group), dim=0)
+        from torch.distributed.nn import all_gather  # the autograd-aware collective
+
+        return torch.cat(all_gather(x, group=group) if group is not None else all_gather(x), dim=0)
     parts = [torch.zeros_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.contiguous(), group=group)
     if not local_loss:
