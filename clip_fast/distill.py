@@ -30,6 +30,7 @@ CUDA-extension kernel for this loss: ``backend="cuda"`` raises and names the two
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,8 +61,6 @@ def resolve_distill_backend(name: str, device: torch.device, dtype: torch.dtype)
     "auto" (or ``CLIP_FAST_BACKEND``) takes Triton for CUDA tensors where it can run and the
     torch backend otherwise; a backend named explicitly raises when it cannot run.
     """
-    import os
-
     if name == "auto":
         forced = os.environ.get("CLIP_FAST_BACKEND", "").strip().lower()
         if forced and forced != "auto":

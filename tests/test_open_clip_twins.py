@@ -117,6 +117,17 @@ def test_distill_scale_100(backend):
     _check_distill(19, 8, torch.float32, backend, scale=100.0, tscale=100.0)
 
 
+def test_distill_under_autocast():
+    """CPU autocast (bfloat16): the loss is float32 and close to open_clip's under the same autocast."""
+    inputs = _distill_inputs(17, 12, torch.float32, 10.0, 20.0, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = FastDistillClipLoss(backend="torch")(*inputs)
+        theirs = open_clip_loss.DistillClipLoss()(*inputs)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_distill_functional_equals_module():
     inputs = _distill_inputs(9, 4, torch.float64, 5.0, 7.0, 3)
     got = distill_loss(*inputs, backend="torch")
