@@ -31,6 +31,7 @@ lse_forward.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -43,6 +44,11 @@ from .grad_backward import _block_shape
 from .tile import tile_dot
 
 NAME = "triton"
+# Tiles (ptxas figures from ``python -m clip_fast.kernels.distill_aot``; speed unmeasured):
+# a tile here holds two fp32 accumulators (S and T) and up to four P blocks, so the CLIP
+# kernels' 128 x 128 tiles spill (sm_90 backward: ~2.2 KB of spill stores per thread).
+# 64 x 128 with 8 warps spills in no variant on sm_80 or sm_90, for bf16 and fp32.
+GPU_TILE = _config.KernelConfig(BM=64, BN=128, BK=64, num_warps=8, num_stages=3)
 _LOG2E_K = tl.constexpr(1.4426950408889634)
 _LN2_K = tl.constexpr(0.6931471805599453)
 LN2 = 0.6931471805599453
@@ -178,8 +184,18 @@ def _pairs(lse: Optional[torch.Tensor], on: bool, like: torch.Tensor):
     return pair[0].contiguous(), pair[1].contiguous()
 
 
+def tile_config(device: torch.device, dtype: torch.dtype) -> _config.KernelConfig:
+    """The tile for a launch: GPU_TILE on sm_80+ (BK halved for fp32, as config.table_configs
+    does), the CLIP kernels' choice elsewhere (older GPUs, the interpreter)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return _config.get_configs(device, dtype).backward
+    if dtype == torch.float32:
+        return dataclasses.replace(GPU_TILE, BK=min(GPU_TILE.BK, 32))
+    return GPU_TILE
+
+
 def _common(img, txt, timg, ttxt):
-    cfg = _config.get_configs(img.device, img.dtype).backward
+    cfg = tile_config(img.device, img.dtype)
     return cfg, dict(
         stride_im=img.stride(0), stride_id=img.stride(1), stride_tk=txt.stride(0), stride_td=txt.stride(1),
         stride_sm=timg.stride(0), stride_sd=timg.stride(1), stride_uk=ttxt.stride(0), stride_ud=ttxt.stride(1),
