@@ -106,6 +106,13 @@ def test_distill_triton_bfloat16_close_to_torch():
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
+def test_distill_triton_workspace_blocks(monkeypatch):
+    """A workspace budget of a few tiles: the backward runs as several row and column blocks."""
+    monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", "0.02")
+    _check_distill(75, 9, torch.float32, "triton", teacher_dim=5)
+
+
 def test_distill_chunked_strips():
     """Strips of 4 rows (several strips, a ragged last one) give the one-strip result."""
     _check_distill(37, 6, torch.float64, "torch", chunk_size=4)
