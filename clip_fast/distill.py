@@ -40,7 +40,7 @@ from torch import nn
 
 from . import backends
 from ._validation import check_inputs
-from .function import first_order_only
+from ._autograd import autocast_off, first_order_only, fresh_output
 from .functional import ScalarLike, autocast_features
 from .loss import FastClipLoss
 
@@ -127,9 +127,10 @@ class DistillBlockFunction(torch.autograd.Function):
         ctx.save_for_backward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse_row, tlse_col,
                               row_term, col_term)
         ctx.opts = opts
-        return loss.to(opts.loss_dtype or img.dtype)
+        return fresh_output(loss, opts.loss_dtype or img.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
         (img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse_row, tlse_col,
          row_term, col_term) = ctx.saved_tensors

@@ -135,6 +135,26 @@ def test_distill_under_autocast():
         torch.testing.assert_close(a, b.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_distill_backward_inside_autocast():
+    """backward() inside the autocast region: the sweeps' float32 matmuls stay float32."""
+    img, txt, s, timg, ttxt, t = _leaves(*_distill_inputs(11, 6, torch.float32, 10.0, 20.0, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        contrastive, distill = FastDistillClipLoss(backend="torch")(img, txt, s, timg, ttxt, t)
+        (contrastive + distill).backward()
+    for x in (img, txt, s, timg, ttxt, t):
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_distill_compiled_gradients_equal_eager():
+    """torch.compile (aot_eager) of the module: the same loss and gradients as eager."""
+    inputs = _distill_inputs(9, 5, torch.float32, 10.0, 20.0, 11)
+    module = FastDistillClipLoss(backend="torch")
+    eager = _run_distill(module, inputs, True)
+    compiled = _run_distill(torch.compile(module, backend="aot_eager"), inputs, True)
+    for a, b, name in zip(compiled, eager, _DISTILL_NAMES):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
 def test_distill_functional_equals_module():
     inputs = _distill_inputs(9, 4, torch.float64, 5.0, 7.0, 3)
     got = distill_loss(*inputs, backend="torch")
