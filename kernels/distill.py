@@ -46,9 +46,11 @@ from .tile import tile_dot
 NAME = "triton"
 # Tiles (ptxas figures from ``python -m clip_fast.kernels.distill_aot``; speed unmeasured):
 # a tile here holds two fp32 accumulators (S and T) and up to four P blocks, so the CLIP
-# kernels' 128 x 128 tiles spill (sm_90 backward: ~2.2 KB of spill stores per thread).
-# 64 x 128 with 8 warps spills in no variant on sm_80 or sm_90, for bf16 and fp32.
-GPU_TILE = _config.KernelConfig(BM=64, BN=128, BK=64, num_warps=8, num_stages=3)
+# kernels' 128 x 128 tiles spill (sm_90 backward: ~2.2 KB of spill stores per thread), and
+# so does 64 x 128 with triton 3.6 (24 B in the backward with teacher gradients).  64 x 64
+# with 8 warps spills in no variant on sm_80 or sm_90, bf16 or fp32, with triton 3.6 (the
+# GPU card's), nor on sm_90 with triton 3.8 (sm_80 fp32 row-only forward: 24 B).
+GPU_TILE = _config.KernelConfig(BM=64, BN=64, BK=64, num_warps=8, num_stages=3)
 _LOG2E_K = tl.constexpr(1.4426950408889634)
 _LN2_K = tl.constexpr(0.6931471805599453)
 LN2 = 0.6931471805599453

@@ -1,6 +1,6 @@
 """Compile the distillation kernels (``kernels/distill.py``) for sm_80 / sm_90 without a GPU.
 
-    python -m clip_fast.kernels.distill_aot [--arch 90 80] [--dtype bf16 fp32]
+    python -m clip_fast.kernels.distill_aot [--arch 90 80] [--dtype bf16 fp32] [--tile BM,BN,BK,warps,stages]
 
 Uses ``aot_check``'s compiler driver (Triton's full pipeline to PTX for an explicit target,
 then ptxas) on every variant at the tile ``distill.tile_config`` picks, and prints registers,
@@ -16,6 +16,7 @@ import sys
 import torch
 
 from . import aot_check as _aot
+from .config import KernelConfig
 from .distill import GPU_TILE, _distill_backward_kernel, _distill_forward_kernel
 
 _INTS_FWD = {"M", "K", "D", "TD", "stride_im", "stride_tk", "stride_sm", "stride_uk"}
@@ -37,8 +38,8 @@ def variants():
         _INTS_BWD, {"coef_row", "coef_col"}, f64
 
 
-def check(arch: int, dtype: torch.dtype) -> int:
-    cfg = GPU_TILE if dtype != torch.float32 else dataclasses.replace(GPU_TILE, BK=min(GPU_TILE.BK, 32))
+def check(arch: int, dtype: torch.dtype, tile=GPU_TILE) -> int:
+    cfg = tile if dtype != torch.float32 else dataclasses.replace(tile, BK=min(tile.BK, 32))
     tdt = "*" + _aot._TRITON_DTYPE[dtype]
     prec = "tf32" if dtype == torch.float32 else "ieee"
     failures = 0
@@ -66,9 +67,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--dtype", choices=["bf16", "fp32"], nargs="+", default=["bf16", "fp32"])
+    parser.add_argument("--tile", default=None, help="BM,BN,BK,warps,stages instead of distill.GPU_TILE")
     args = parser.parse_args(argv)
     dtypes = [{"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in args.dtype]
-    failures = sum(check(arch, dtype) for arch in args.arch for dtype in dtypes)
+    tile = GPU_TILE if args.tile is None else KernelConfig(*(int(x) for x in args.tile.split(",")))
+    failures = sum(check(arch, dtype, tile) for arch in args.arch for dtype in dtypes)
     print(f"distill_aot: {failures} failure(s)")
     return 1 if failures else 0
 
