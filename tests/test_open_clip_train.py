@@ -126,7 +126,6 @@ CASES = {
     "distill": ("cf-tiny-clip", ("--distill-model", "cf-tiny-clip", "--distill-pretrained", "TEACHER"),
                 clip_fast.FastDistillClipLoss),
 }
-FIGURES = {}
 
 
 @pytest.mark.slow
@@ -168,7 +167,6 @@ def test_trainer_same_with_and_without_switch(workdir, kind, monkeypatch):
         total += diff.numel()
         assert diff.max().item() <= 0.05 * LR, f"{key}: max |diff| {diff.max():.3g}"
     assert loose <= 1e-3 * total, f"{loose} of {total} weights differ by more than 1e-6"
-    FIGURES[kind] = (base_losses, fast_losses, worst_loss, worst_weight)
     print(f"\n{kind}: per-step losses open_clip {base_losses}\n{kind}: per-step losses clip_fast {fast_losses}\n"
           f"{kind}: max relative loss difference {worst_loss:.3g}, max |weight difference| {worst_weight:.3g} "
           f"({loose} of {total} entries above 1e-6; attention key biases, not compared: {worst_key_bias:.3g})")
