@@ -36,7 +36,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from . import backends
 from ._validation import check_inputs

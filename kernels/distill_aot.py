@@ -34,8 +34,8 @@ def variants():
     yield "backward", _distill_backward_kernel, bwd, _INTS_BWD, {"coef_row", "coef_col"}, f64
     yield "backward frozen-teacher", _distill_backward_kernel, dict(bwd, TEACHER=False), _INTS_BWD, \
         {"coef_row", "coef_col"}, f64
-    yield "backward column-only odd-D", _distill_backward_kernel, dict(bwd, HAS_ROW=False, EVEN_D=False, EVEN_TD=False), \
-        _INTS_BWD, {"coef_row", "coef_col"}, f64
+    yield "backward column-only odd-D", _distill_backward_kernel, \
+        dict(bwd, HAS_ROW=False, EVEN_D=False, EVEN_TD=False), _INTS_BWD, {"coef_row", "coef_col"}, f64
 
 
 def check(arch: int, dtype: torch.dtype, tile=GPU_TILE) -> int:

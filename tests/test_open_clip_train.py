@@ -101,7 +101,8 @@ def _train(root, name, model, extra, fast, monkeypatch):
         def create_loss(args):
             loss = make(args)
             built.append(type(loss))
-            loss.register_forward_hook(lambda mod, inp, out: losses.append({k: float(v.detach()) for k, v in out.items()}))
+            loss.register_forward_hook(
+                lambda mod, inp, out: losses.append({k: float(v.detach()) for k, v in out.items()}))
             return loss
 
         oc_main.create_loss = create_loss

@@ -59,7 +59,8 @@ def _assert_twin(got, want, truth, names, tight):
         mag = tr.abs().max().item()
         ours = (g.double() - tr).abs().max().item()
         theirs = (w.double() - tr).abs().max().item()
-        assert ours <= 4 * theirs + 4e-6 * max(mag, 1e-3), f"{name}: ours {ours:.3g}, open_clip {theirs:.3g}, |x| {mag:.3g}"
+        assert ours <= 4 * theirs + 4e-6 * max(mag, 1e-3), \
+            f"{name}: ours {ours:.3g}, open_clip {theirs:.3g}, |x| {mag:.3g}"
 
 
 _DISTILL_NAMES = ["contrastive_loss", "distill_loss", "d_img", "d_txt", "d_scale", "d_timg", "d_ttxt", "d_tscale"]
