@@ -17,6 +17,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.distributed", "clip_fast.kernels",  # the loss library
+            "clip_fast.integrations",  # the open_clip switch (python -m clip_fast.open_clip_train)
             "clip_fast.train",  # the reference trainer (extra: train)
             "clip_fast.curate"]  # data curation (extra: curate)
 PACKAGE_DIR = {"clip_fast": "clip_fast", "clip_fast.kernels": "kernels"}
@@ -167,7 +168,9 @@ setup(
         "curate": ["numpy", "wordfreq", "wordsegment", "nltk", "pyahocorasick", "dask[distributed]",
                    "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "open-clip-torch", "numpy", "tqdm", "matplotlib",
-                 "pillow"],
+                 "pillow",
+                 # open_clip_train (shipped in the open-clip-torch wheel) imports these
+                 "webdataset", "braceexpand", "pandas"],
     },
     entry_points={"console_scripts": ["clip-fast-train=clip_fast.train:main"]},
     ext_modules=ext_modules,
