@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from . import backends
 from ._validation import check_inputs
-from ._autograd import autocast_off, first_order_only, fresh_output
+from .autograd import autocast_off, first_order_only, fresh_output
 from .functional import ScalarLike, autocast_features
 from .loss import FastClipLoss
 

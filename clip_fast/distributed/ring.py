@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .._autograd import autocast_off, first_order_only, fresh_output
-from ..autograd import bias_meta, finish_grads
+from ..autograd import autocast_off, bias_meta, finish_grads, first_order_only, fresh_output
 from ..backends import compute_dtype
 from .agreement import Layout
 from .collectives import TAG_ACC, TAG_LSE, TAG_TXT, Ring, wait_all

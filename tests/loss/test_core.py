@@ -282,7 +282,7 @@ def test_torch_compile_gradients_equal_eager(compile_backend, dtype, autocast):
     """Compiled and eager agree on the loss and every gradient, in each dtype and under autocast.
 
     A loss already in the output dtype is where torch 2.11's compile gave all-zero gradients
-    (see clip_fast/_autograd.py): fp32, fp64 and autocast (an fp32 loss).  Under autocast
+    (see clip_fast/autograd.py, fresh_output): fp32, fp64 and autocast (an fp32 loss).  Under autocast
     the compiled backward also runs inside the autocast region (see ``autocast_off``).
     """
     torch._dynamo.reset()  # a fresh cache: no case may fall back to eager past the recompile limit
