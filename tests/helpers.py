@@ -23,3 +23,31 @@ def paired_features(m, k, d, dtype=torch.float32, normalise=True, device="cpu"):
     if normalise:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
     return img.to(device=device, dtype=dtype), txt.to(device=device, dtype=dtype)
+
+
+def spawn_ranks(worker, world_size, root, seed, deadline_s):
+    """Run ``worker(rank, world_size, store_dir, out_dir, seed)`` in ``world_size`` spawned
+    processes and return each rank's results (``out_dir/rank{r}.pt``, loaded as untrusted).
+
+    A hung collective fails the test instead of hanging it: after ``deadline_s`` the
+    workers are killed.
+    """
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    store_dir, out_dir = root / "store", root / "out"
+    store_dir.mkdir()
+    out_dir.mkdir()
+    ctx = mp.start_processes(worker, args=(world_size, str(store_dir), str(out_dir), seed),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed workers (world_size={world_size}) still running after "
+                        f"{deadline_s}s: a collective hung")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

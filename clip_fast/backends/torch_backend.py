@@ -93,7 +93,7 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     return combine_diag(lse_row, diag), combine_diag(lse_col, diag), diag.to(torch.float64)
 
 
-def _hi_lo(lse: Optional[torch.Tensor], cd: torch.dtype):
+def hi_lo(lse: Optional[torch.Tensor], cd: torch.dtype):
     """float64 lse as (hi, lo) in the compute dtype; hi alone (lo = 0) for float64."""
     if lse is None:
         return None
@@ -119,8 +119,8 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                                                  coef_diag).to(cd)
     # Each lse as (hi, lo) in the compute dtype: P = exp((S - hi) - lo) keeps a dominant
     # entry's P = exp(-small) exact (S - hi is exact near the top), see kernel_lse.
-    rows = _hi_lo(lse_row, cd)
-    cols = _hi_lo(lse_col, cd)
+    rows = hi_lo(lse_row, cd)
+    cols = hi_lo(lse_col, cd)
     for r0 in range(0, m, c):
         r1 = min(r0 + c, m)
         # 1. Recompute the strip once: raw = img @ txt.T, S = scale * raw + bias.

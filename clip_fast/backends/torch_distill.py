@@ -30,27 +30,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import split_float
-from .torch_backend import strip_rows
+from . import compute_dtype
+from .torch_backend import hi_lo, strip_rows
 
 NAME = "torch"
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _hi_lo(lse: Optional[torch.Tensor], cd: torch.dtype):
-    """float64 lse as (hi, lo) in the compute dtype (lo = 0 for float64): P = exp((x - hi) - lo)."""
-    if lse is None:
-        return None
-    if cd == torch.float64:
-        return lse.to(cd), torch.zeros_like(lse, dtype=cd)
-    return split_float(lse.to(torch.float64))
-
-
 def _prepare(img, txt, scale, timg, ttxt, tscale):
-    cd = _compute_dtype(img.dtype)
+    cd = compute_dtype(img.dtype)
     return (cd, img.to(cd), txt.to(cd), scale.reshape(()).to(cd),
             timg.to(cd), ttxt.to(cd), tscale.reshape(()).to(cd))
 
@@ -79,9 +66,9 @@ def distill_forward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse_
     cd, x, y, s, tx, ty, t = _prepare(img, txt, scale, timg, ttxt, tscale)
     m, k = x.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
-    rows = _hi_lo(lse_row, cd) if tlse_row is not None else None
-    cols = _hi_lo(lse_col, cd) if tlse_col is not None else None
-    trows, tcols = _hi_lo(tlse_row, cd), _hi_lo(tlse_col, cd)
+    rows = hi_lo(lse_row, cd) if tlse_row is not None else None
+    cols = hi_lo(lse_col, cd) if tlse_col is not None else None
+    trows, tcols = hi_lo(tlse_row, cd), hi_lo(tlse_col, cd)
     row_term = torch.empty(m, dtype=torch.float64, device=x.device) if rows is not None else None
     col_term = torch.zeros(k, dtype=torch.float64, device=x.device) if cols is not None else None
     for r0 in range(0, m, c):
@@ -108,8 +95,8 @@ def distill_backward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse
     cd, x, y, s, tx, ty, t = _prepare(img, txt, scale, timg, ttxt, tscale)
     m, k = x.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
-    rows, cols = _hi_lo(lse_row, cd) if coef_row else None, _hi_lo(lse_col, cd) if coef_col else None
-    trows, tcols = _hi_lo(tlse_row, cd) if coef_row else None, _hi_lo(tlse_col, cd) if coef_col else None
+    rows, cols = hi_lo(lse_row, cd) if coef_row else None, hi_lo(lse_col, cd) if coef_col else None
+    trows, tcols = hi_lo(tlse_row, cd) if coef_row else None, hi_lo(tlse_col, cd) if coef_col else None
     rt = row_term.to(cd) if coef_row and teacher_grad else None
     ct = col_term.to(cd) if coef_col and teacher_grad else None
     d_img, d_txt = torch.empty_like(x), torch.zeros_like(y)

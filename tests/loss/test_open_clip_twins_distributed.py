@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from helpers import spawn_ranks
 
 pytest.importorskip("open_clip.loss")
 pytestmark = pytest.mark.slow  # one process spawn
@@ -101,7 +102,7 @@ def _run_case(case, rank, seed):
     return out
 
 
-def _worker(rank, store_dir, out_dir, seed):
+def _worker(rank, world_size, store_dir, out_dir, seed):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -116,22 +117,7 @@ def _worker(rank, store_dir, out_dir, seed):
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    root = tmp_path_factory.mktemp("twins_dist")
-    store_dir, out_dir = root / "store", root / "out"
-    store_dir.mkdir()
-    out_dir.mkdir()
-    ctx = mp.start_processes(_worker, args=(str(store_dir), str(out_dir), 4321), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"workers still running after {SPAWN_DEADLINE_S}s: a collective hung")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("twins_dist"), 4321, SPAWN_DEADLINE_S)
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c["name"])
