@@ -1,0 +1,92 @@
+"""The exact chunked PyTorch SigLIP backend: any device, any floating dtype, O(N*D) memory.
+
+It sweeps strips of ``C`` rows of ``S = scale * img @ txt.T + bias``: a strip is (C, K)
+and is freed before the next, so memory is O(C*K + (M + K)*D), never M x K.  It is the
+fallback where Triton and the CUDA extension are missing, and the oracle the fused
+kernels are tested against.
+
+Precision (the contract in ``clip_fast.backends.siglip``): the strip GEMM runs in float32
+for half, bfloat16 and float32 inputs (float64 for float64), exactly as the kernels
+accumulate S; the elementwise softplus and sigmoid then run in float64, so no term is
+flushed or rounded beyond S's own rounding, and the loss, d_scale and d_bias are summed
+in float64.  G goes back to the compute dtype for the two gradient GEMMs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .torch_backend import strip_rows
+
+NAME = "torch"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} is not a floating dtype the torch backend supports ({_DTYPES})"
+    return None
+
+
+def strip_labels(m0: int, m1: int, k: int, ids_row, ids_col, diag_positive: bool,
+                 device: torch.device) -> Optional[torch.Tensor]:
+    """Boolean (m1 - m0, K) mask of the positive pairs of rows m0..m1, or None if none."""
+    if ids_row is not None:
+        return ids_row[m0:m1, None] == ids_col[None, :]
+    if diag_positive:
+        rows = torch.arange(m0, m1, device=device)
+        return rows[:, None] == torch.arange(k, device=device)[None, :]
+    return None
+
+
+@torch.no_grad()
+def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                 bias: Optional[torch.Tensor], ids_row: Optional[torch.Tensor],
+                 ids_col: Optional[torch.Tensor], diag_positive: bool, need_grad: bool,
+                 chunk_size: Optional[int] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    cd = torch.float64 if img.dtype == torch.float64 else torch.float32
+    f64 = torch.float64
+    x, y = img.to(cd), txt.to(cd)  # a copy only for half/bfloat16 inputs: O(N*D)
+    s = scale.reshape(()).to(cd)
+    b = None if bias is None else bias.reshape(()).to(cd)
+    m, k = x.shape[0], y.shape[0]
+    c = strip_rows(m, k, chunk_size)
+    dev = x.device
+    loss = torch.zeros((), dtype=f64, device=dev)
+    d_scale = torch.zeros((), dtype=f64, device=dev)
+    d_bias = torch.zeros((), dtype=f64, device=dev)
+    d_img = torch.empty_like(x) if need_grad else x.new_empty((0, x.shape[1]))
+    d_txt = torch.zeros_like(y) if need_grad else y.new_empty((0, y.shape[1]))
+    for r0 in range(0, m, c):
+        r1 = min(r0 + c, m)
+        # 1. One strip of S in the compute dtype, then float64 for the elementwise maths.
+        raw = torch.mm(x[r0:r1], y.T)
+        logits = raw * s
+        if b is not None:
+            logits += b
+        logits = logits.to(f64)
+        # 2. x = -z S: S on the negatives (z = -1), -S on the positives (z = +1).
+        pos = strip_labels(r0, r1, k, ids_row, ids_col, diag_positive, dev)
+        arg = logits if pos is None else torch.where(pos, -logits, logits)
+        del logits
+        # 3. loss terms softplus(x) (F.softplus with threshold inf is the stable form).
+        loss += F.softplus(arg, threshold=float("inf")).sum()
+        if need_grad:
+            # 4. G = -z sigmoid(x): -sigmoid(x) on positives, +sigmoid(x) on negatives.
+            grad = torch.sigmoid(arg)
+            if pos is not None:
+                grad = torch.where(pos, -grad, grad)
+            d_scale += (grad * raw.to(f64)).sum()
+            d_bias += grad.sum()
+            grad = grad.to(cd)
+            d_img[r0:r1] = torch.mm(grad, y)
+            d_txt.addmm_(grad.T, x[r0:r1])
+            del grad
+        del arg, raw, pos
+    if need_grad:
+        d_img.mul_(s)
+        d_txt.mul_(s)
+    return loss, d_img, d_txt, d_scale, d_bias
