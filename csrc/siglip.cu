@@ -16,10 +16,14 @@ namespace clip_fast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr float kLog2e = 1.4426950408889634f;
+// log2(e) as a float32 pair (hi + lo), and ln 2.
+constexpr float kLog2eHi = 1.4426950216293335f;
+constexpr float kLog2eLo = 1.925963001510248e-08f;
+constexpr float kLn2 = 0.6931471805599453f;
 // 2^-TINY_SHIFT with TINY_SHIFT = 96 (clip_fast.backends.siglip.TINY_SHIFT).
 constexpr float kTinyShift = 96.0f;
 constexpr float kTinyUnshift = 1.262177448353619e-29f;
+constexpr float kTinyInverse = 7.922816251426434e+28f;  // 2^96
 
 template <typename T> __device__ __forceinline__ T to_out(float v);
 template <> __device__ __forceinline__ float to_out<float>(float v) { return v; }
@@ -36,33 +40,41 @@ __global__ void __launch_bounds__(kThreads) siglip_rows_kernel(
     T* __restrict__ W, int64_t ldw, double* __restrict__ row_sums, int64_t M) {
   const int64_t i = blockIdx.x;  // row inside the block
   const int64_t gi = row0 + i;   // global row
-  const float scale2 = *scale * kLog2e;
-  const float bias2 = bias != nullptr ? *bias * kLog2e : 0.0f;
+  const float sc = *scale;
+  const float bi = bias != nullptr ? *bias : 0.0f;
   const int64_t id_i = LABELS == 2 ? ids_row[gi] : 0;
   double loss = 0.0, tiny = 0.0, dscale = 0.0, dbias = 0.0;
   const float* raw_row = raw + i * ldr;
   for (int64_t j = threadIdx.x; j < C; j += kThreads) {
     const int64_t gj = col0 + j;
     const float acc = raw_row[j];
-    // 2. log2 units and the labels: x2 = -z S2.
-    const float s2 = fmaf(acc, scale2, bias2);
+    // 2. S = fma(acc, s, b) and the labels: x = -z S.
+    const float s_ij = fmaf(acc, sc, bi);
     bool pos = false;
     if (LABELS == 1) pos = gi == gj;
     if (LABELS == 2) pos = id_i == ids_col[gj];
-    const float x2 = pos ? -s2 : s2;
-    // 3. softplus / ln 2 = max(x2, 0) + log2(1 + e), e = 2^-|x2| = eb * 2^-96.
-    const float eb = exp2f(kTinyShift - fabsf(x2));
-    const float e = eb * kTinyUnshift;
+    const float x = pos ? -s_ij : s_ij;
+    // 3. e = exp(-|x|) = 2^-y (1 - y_lo ln 2), y + y_lo = |x| log2 e to ~2^-48 relative;
+    //    one exp2: of 96 - y where y >= 48 (exact, Sterbenz), else of -y; eb = e 2^96 and
+    //    e by exact power-of-two scalings.  softplus(x) = max(x, 0) + log1p(e), log1p(e) =
+    //    ln 2 log2(u) e / (u - 1), u = 1 + e; where u rounds to 1, log1p(e) = e, summed
+    //    as eb in the tiny sum.
+    const float ax = fabsf(x);
+    const float y = ax * kLog2eHi;
+    const float y_lo = fmaf(ax, kLog2eHi, -y) + ax * kLog2eLo;
+    const bool far = y >= 48.0f;
+    const float t = exp2f(far ? kTinyShift - y : -y) * (1.0f - y_lo * kLn2);
+    const float e = far ? t * kTinyUnshift : t;
     const float u = 1.0f + e;
     if (u == 1.0f) {
-      loss += fmaxf(x2, 0.0f);
-      tiny += eb;
+      loss += fmaxf(x, 0.0f);
+      tiny += far ? t : t * kTinyInverse;
     } else {
-      loss += fmaxf(x2, 0.0f) + log2f(u) * (e / (u - 1.0f));
+      loss += fmaxf(x, 0.0f) + (log2f(u) * kLn2) * (e / (u - 1.0f));
     }
     if (NEED_GRAD) {
       // 4. G = -z sigmoid(x): 1 / u for x >= 0, e / u for x < 0.
-      const float sig = x2 >= 0.0f ? 1.0f / u : e / u;
+      const float sig = x >= 0.0f ? 1.0f / u : e / u;
       const float g = pos ? -sig : sig;
       dscale += static_cast<double>(g) * acc;
       dbias += g;

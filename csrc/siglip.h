@@ -13,8 +13,8 @@ namespace clip_fast {
 // (float32, row-major, leading dimension ldr), rows row0.., columns col0.. of the block:
 //   x = -z * (scale * raw + bias), z from labels (0: all -1, 1: +1 where row == col
 //   globally, 2: +1 where ids_row[row] == ids_col[col]);
-//   row_sums[0][row0 + i] += sum_j softplus(x_ij) / ln 2 (normal part),
-//   row_sums[1][row0 + i] += sum_j 2^(96 - |x2_ij|) over the tiny terms (host scales 2^-96),
+//   row_sums[0][row0 + i] += sum_j softplus(x_ij) (all but the tiny log1p terms),
+//   row_sums[1][row0 + i] += sum_j exp(-|x_ij|) 2^96 over the tiny terms (host scales 2^-96),
 //   and with W != nullptr: W[i, j] = G_ij = -z sigmoid(x) in the input dtype (ld ldw),
 //   row_sums[2][row0 + i] += sum_j G_ij raw_ij, row_sums[3][row0 + i] += sum_j G_ij.
 // row_sums is 4 x M float64 (device).  dtype_code: 0 float16, 1 bfloat16, 2 float32 (W's type).

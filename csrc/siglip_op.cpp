@@ -30,7 +30,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-constexpr double kLn2 = 0.6931471805599453;
 constexpr double kTinyUnshift = 1.262177448353619e-29;  // 2^-96 (TINY_SHIFT)
 
 double siglip_workspace_bytes() {
@@ -145,7 +144,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> siglip_block(
       }
     }
   }
-  Tensor loss = rows[0].sum() * kLn2 + rows[1].sum() * kTinyUnshift;
+  Tensor loss = rows[0].sum() + rows[1].sum() * kTinyUnshift;
   if (need_grad) {
     d_img.mul_(scale);
     d_txt.mul_(scale);

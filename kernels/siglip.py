@@ -4,9 +4,9 @@ The contract and the numerics are on one page, ``clip_fast.backends.siglip``; th
 steps below cite its numbered numerics.  Per tile of S = s * img @ txt.T + b:
 
 1. ``acc = img_blk @ txt_blk.T`` in fp32 (loop over D in BK slices, ``tile_dot``);
-2. log2 units, ``S2 = acc * (s log2 e) + b log2 e``, and the labels: x2 = -z S2, with
-   z = +1 on the diagonal (LABELS == 1) or where the group ids match (LABELS == 2);
-3. the loss terms softplus(x) / ln 2 = max(x2, 0) + log2(1 + 2^-|x2|) (numerics 2), the
+2. ``S = fma(acc, s, b)`` and the labels: x = -z S, with z = +1 on the diagonal
+   (LABELS == 1) or where the group ids match (LABELS == 2);
+3. the loss terms softplus(x) = max(x, 0) + log1p(2^-(|x| log2 e)) (numerics 2), the
    tiny ones into a second row sum scaled by 2^96 (numerics 3);
 4. G = -z sigmoid(x) (numerics 4), and its row sums sum_j G_ij and sum_j G_ij acc_ij
    (the d_bias and d_scale partials);
@@ -45,8 +45,12 @@ from .grad_backward import _block_shape, _mm_f32
 from .tile import tile_dot
 from ..backends.siglip import TINY_SHIFT
 
-_LOG2E_K = tl.constexpr(1.4426950408889634)
-LN2 = 0.6931471805599453
+# log2(e) as a float32 pair (hi + lo), hi split again in 12-bit halves (hh + hl), and ln 2.
+_LOG2E_HI = tl.constexpr(1.4426950216293335)
+_LOG2E_HH = tl.constexpr(1.4423828125)
+_LOG2E_HL = tl.constexpr(0.00031220912933349609)
+_LOG2E_LO = tl.constexpr(1.925963001510248e-08)
+_LN2_K = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -85,36 +89,53 @@ def _siglip_tile_kernel(
     acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
                    EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
-    # 2. S in log2 units, then x2 = -z S2 (z = -1: x2 = S2; z = +1: x2 = -S2).
-    scale2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E_K
+    # 2. S = acc * s + b (one rounding), then x = -z S (z = -1: x = S; z = +1: x = -S).
+    scale = tl.load(scale_ptr).to(tl.float32)
     if HAS_BIAS:
-        bias2 = tl.load(bias_ptr).to(tl.float32) * _LOG2E_K
+        bias = tl.load(bias_ptr).to(tl.float32)
     else:
-        bias2 = 0.0
-    s2 = acc * scale2 + bias2
+        bias = 0.0
+    s_ij = tl.fma(acc, scale, bias)
     if LABELS == 1:
         pos = offs_m[:, None] == offs_n[None, :]
-        x2 = tl.where(pos, -s2, s2)
+        x = tl.where(pos, -s_ij, s_ij)
     elif LABELS == 2:
         # Padded rows and columns read different sentinels, so they are never "equal".
         id_r = tl.load(ids_row_ptr + offs_m, mask=row_ok, other=-1)
         id_c = tl.load(ids_col_ptr + offs_n, mask=col_ok, other=-2)
         pos = id_r[:, None] == id_c[None, :]
-        x2 = tl.where(pos, -s2, s2)
+        x = tl.where(pos, -s_ij, s_ij)
     else:
-        x2 = s2
+        x = s_ij
 
-    # 3. softplus(x) / ln 2 = max(x2, 0) + log2(1 + e), e = 2^-|x2|, as eb * 2^-96 with
-    #    eb = 2^(96 - |x2|) normal down to |S| ~ 154.  log2(1 + e) = log2(u) * e / (u - 1)
-    #    (u = 1 + e; log1p-accurate); where u rounds to 1 the term is e log2 e, summed
-    #    as eb in the tiny row sum (the host multiplies it by 2^-96; e log2 e * ln 2 = e).
-    # (96 is clip_fast.backends.siglip.TINY_SHIFT, which the host's 2^-96 matches.)
-    eb = tl.exp2(96.0 - tl.abs(x2))
-    e = eb * 1.262177448353619e-29  # 2^-96, exact
+    # 3. e = exp(-|x|) as an exp2: y = |x| log2 e carried as y + y_lo (log2 e split in
+    #    two float32 parts, the product's error recovered exactly), e = 2^-y (1 - y_lo ln 2).
+    #    A single float32 y would carry |S| 2^-24 of error into e's exponent, a relative
+    #    error of 5e-6 at |S| = 90, above the rounding of S itself.
+    #    eb = e 2^96 stays normal down to |S| ~ 154.  One exp2 per element: of 96 - y
+    #    where y >= 48 (exact subtraction, Sterbenz), else of -y (96 - y would round y's
+    #    low bits away); the other by an exact power-of-two scaling.
+    #    softplus(x) = max(x, 0) + log1p(e), log1p(e) = ln 2 log2(u) e / (u - 1) with
+    #    u = 1 + e (log1p-accurate); where u rounds to 1, log1p(e) = e, summed as eb in
+    #    the tiny row sum (the host multiplies it by 2^-96).
+    #    (96 is clip_fast.backends.siglip.TINY_SHIFT, which the host's 2^-96 matches.)
+    a = tl.abs(x)
+    y = a * _LOG2E_HI
+    # The rounding error of a * LOG2E_HI by Dekker's product (no fma: the interpreter's
+    # fma rounds the product first): a and LOG2E_HI split into 12-bit halves.
+    a_big = a * 4097.0
+    a_hi = a_big - (a_big - a)
+    a_lo = a - a_hi
+    y_err = ((a_hi * _LOG2E_HH - y) + a_hi * _LOG2E_HL + a_lo * _LOG2E_HH) + a_lo * _LOG2E_HL
+    y_lo = y_err + a * _LOG2E_LO
+    far = y >= 48.0
+    t = tl.exp2(tl.where(far, 96.0 - y, -y)) * (1.0 - y_lo * _LN2_K)
+    e = tl.where(far, t * 1.262177448353619e-29, t)   # 2^-96
+    eb = tl.where(far, t, tl.where(far, 0.0, t) * 7.922816251426434e+28)  # 2^96 (no inf lanes)
     u = 1.0 + e
     small = u == 1.0
-    l2 = tl.where(small, 0.0, tl.log2(u) * (e / tl.where(small, 1.0, u - 1.0)))
-    term = tl.where(ok, tl.maximum(x2, 0.0) + l2, 0.0)
+    l1p = tl.where(small, 0.0, (tl.log2(u) * _LN2_K) * (e / tl.where(small, 1.0, u - 1.0)))
+    term = tl.where(ok, tl.maximum(x, 0.0) + l1p, 0.0)
     tiny = tl.where(ok & small, eb, 0.0)
     # 5. Row sums in fp32 over the tile, across tiles in float64.
     tl.atomic_add(loss_ptr + offs_m, tl.sum(term, axis=1).to(tl.float64), mask=row_ok, sem="relaxed")
@@ -122,7 +143,7 @@ def _siglip_tile_kernel(
 
     if NEED_GRAD:
         # 4. G = -z sigmoid(x): sigmoid(x) = 1 / u for x >= 0, e / u for x < 0.
-        sig = tl.where(x2 >= 0.0, 1.0 / u, e / u)
+        sig = tl.where(x >= 0.0, 1.0 / u, e / u)
         if LABELS == 0:
             g = sig
         else:
@@ -184,7 +205,7 @@ def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: b
                 # cuBLAS: both gradient GEMMs from the same workspace block.
                 d_img[r0:r0 + r].add_(_mm_f32(block, txt[c0:c0 + c]))
                 d_txt[c0:c0 + c].add_(_mm_f32(block.t(), img[r0:r0 + r]))
-    loss = rows[0].sum() * LN2 + rows[1].sum() * 2.0 ** -TINY_SHIFT
+    loss = rows[0].sum() + rows[1].sum() * 2.0 ** -TINY_SHIFT
     if need_grad:
         s = scale.to(f32)
         d_img.mul_(s)

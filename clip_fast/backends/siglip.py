@@ -28,16 +28,22 @@ implements one function on one *block* ``S = scale * img @ txt.T + bias`` of sha
 Numerics, shared by every backend (the kernels cite this page):
 1. S is accumulated in float32 (float64 for float64 inputs) whatever the input dtype,
    as a materialised fp32 loss would.
-2. softplus in exp2/log2 units: with a = |x| * log2(e) and e = 2^-a,
-       softplus(x) = ln 2 * (max(x log2 e, 0) + log2(1 + e))
-   never overflows (no exp of a positive number) and log2(1 + e) is formed as
-   ``log2(u) * e / (u - 1)``, u = 1 + e (exact to a few ulps, log1p-accurate), or
-   ``e * log2(e)`` once u rounds to 1.
+2. S = fma(acc, scale, bias), x = -z S, and softplus in exp2/log2 units: with
+   e = exp(-|x|) = 2^-(|x| log2 e),
+       softplus(x) = max(x, 0) + log1p(e)
+   never overflows (no exp of a positive number).  |x| log2 e is carried as a float32
+   pair (log2 e split in hi + lo; the product's rounding error recovered exactly, by
+   Dekker's product in Triton and an fma in CUDA) and
+   e = 2^-y (1 - y_lo ln 2): one float32 product would put |S| 2^-24 into e's exponent
+   (a relative error of 5e-6 at |S| = 90, above the rounding of S itself).
+   log1p(e) = ln 2 * log2(u) * e / (u - 1) with u = 1 + e (log1p-accurate), or e once
+   u rounds to 1.
 3. Tiny terms: at |S| = 100, softplus(-100) = e^-100 = 2^-144 is below float32's normal
-   range.  The kernels take ``eb = 2^(96 - a)`` (normal for a < 222, i.e. |S| < 154)
-   and, where u rounds to 1, add ``eb * log2(e)`` to a second per-row sum that is scaled
-   by 2^-96 in float64: a batch of confident pairs at |S| = 100 gets a loss accurate to
-   float32 rounding instead of a flushed or denormal one.
+   range.  The kernels take ``eb = e * 2^96`` (normal for |S| < 154; formed by one exp2
+   of 96 - y where y >= 48, an exact subtraction) and, where u rounds to 1, add eb to
+   a second per-row sum that is scaled by 2^-96 in float64: a batch of confident pairs
+   at |S| = 90 to 100 gets a loss accurate to the rounding of S instead of a flushed or
+   denormal one.
 4. sigmoid(x) = 1 / u for x >= 0 and e / u for x < 0 (no cancellation either way).
 5. Reductions: each tile's row sums in float32, then across tiles in float64 (loss,
    d_scale, d_bias); never one float32 accumulator over N^2 terms.
