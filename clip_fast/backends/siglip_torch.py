@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .torch_backend import strip_rows
 
@@ -72,8 +71,8 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         pos = strip_labels(r0, r1, k, ids_row, ids_col, diag_positive, dev)
         arg = logits if pos is None else torch.where(pos, -logits, logits)
         del logits
-        # 3. loss terms softplus(x) (F.softplus with threshold inf is the stable form).
-        loss += F.softplus(arg, threshold=float("inf")).sum()
+        # 3. loss terms softplus(x) = max(x, 0) + log1p(exp(-|x|)): no exp of a positive number.
+        loss += (torch.clamp(arg, min=0) + torch.log1p(torch.exp(-arg.abs()))).sum()
         if need_grad:
             # 4. G = -z sigmoid(x): -sigmoid(x) on positives, +sigmoid(x) on negatives.
             grad = torch.sigmoid(arg)
