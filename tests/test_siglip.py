@@ -28,7 +28,7 @@ UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.
 NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_bias")
 
 
-def _backends(cpu_only_torch=False):
+def _backends():
     out = []
     for name in ("torch", "triton", "cuda"):
         marks = [pytest.mark.gpu] if name == "cuda" else []
@@ -109,8 +109,7 @@ def _check_once(x, t, scale, bias, dtype, backend, ids=None, **kw):
 
 # ---- shapes: N in {1, 2, 77, 1025}, D in {1, 33, 129, 512} ----
 
-SHAPES = [(1, 1), (1, 512), (2, 33), (2, 129), (77, 1), (77, 33), (77, 129), (77, 512),
-          (1025, 1), (1025, 33), (1025, 129), (1025, 512)]
+SHAPES = [(n, d) for n in (1, 2, 77, 1025) for d in (1, 33, 129, 512)]
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -125,7 +124,7 @@ def test_shapes_fp32(backend, n, d, kernel_blocks):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["triton"])
-@pytest.mark.parametrize("n,d", [(1025, 33), (1025, 129)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n,d", [(1025, 129)], ids=lambda v: str(v))
 def test_large_triton(backend, n, d, kernel_blocks):
     """The N = 1025 shapes through the Triton kernels (interpreter on CPU: slow)."""
     x, t = _features(n, d, seed=n * 1000 + d)
