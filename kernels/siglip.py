@@ -34,6 +34,7 @@ Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INT
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -158,6 +159,20 @@ def _siglip_tile_kernel(
         tl.store(ws, g.to(ws_ptr.dtype.element_ty), mask=ok)
 
 
+def tile_config(device: torch.device, dtype: torch.dtype) -> _config.KernelConfig:
+    """The tile: the CLIP backward's entry (interpreter, override), narrowed to 64 x 128 on a GPU.
+
+    The elementwise epilogue keeps about ten fp32 values per element of the tile live: at
+    128 x 128 with 8 warps ptxas (sm_90, bf16) spills 2.2 KB per thread at 255 registers;
+    64 x 128 spills 144 B (``python -m clip_fast.kernels.aot_check`` style compile, no GPU
+    run: speed unmeasured).
+    """
+    cfg = _config.get_configs(device, dtype).backward
+    if device.type == "cuda" and not _config.overridden():
+        cfg = dataclasses.replace(cfg, BM=64, BN=128, num_warps=8)
+    return cfg
+
+
 def _labels_mode(ids_row, diag_positive: bool) -> int:
     if ids_row is not None:
         return 2
@@ -173,7 +188,7 @@ def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: b
     rows = torch.zeros((4, M), device=dev, dtype=f64)  # loss, tiny, d_scale, d_bias per row
     d_img = torch.zeros((M, D) if need_grad else (0, D), device=dev, dtype=f32)
     d_txt = torch.zeros((K, D) if need_grad else (0, D), device=dev, dtype=f32)
-    cfg = _config.get_configs(dev, img.dtype).backward
+    cfg = tile_config(dev, img.dtype)
     labels = _labels_mode(ids_row, diag_positive)
     if need_grad:
         R, C = _block_shape(M, K, img.element_size(), cfg.BM, cfg.BN)

@@ -52,7 +52,8 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     s = scale.reshape(()).to(cd)
     b = None if bias is None else bias.reshape(()).to(cd)
     m, k = x.shape[0], y.shape[0]
-    c = strip_rows(m, k, chunk_size)
+    # Strips of 2^20 elements: the float64 elementwise stage holds a few of them at once.
+    c = strip_rows(m, k, chunk_size) if chunk_size else max(1, min(m, (1 << 20) // max(k, 1)))
     dev = x.device
     loss = torch.zeros((), dtype=f64, device=dev)
     d_scale = torch.zeros((), dtype=f64, device=dev)
@@ -71,11 +72,13 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         pos = strip_labels(r0, r1, k, ids_row, ids_col, diag_positive, dev)
         arg = logits if pos is None else torch.where(pos, -logits, logits)
         del logits
-        # 3. loss terms softplus(x) = max(x, 0) + log1p(exp(-|x|)): no exp of a positive number.
-        loss += (torch.clamp(arg, min=0) + torch.log1p(torch.exp(-arg.abs()))).sum()
+        # 3. e = exp(-|x|) once; loss terms softplus(x) = max(x, 0) + log1p(e) (no exp of
+        #    a positive number), and sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) else.
+        e = arg.abs().neg_().exp_()
+        loss += torch.clamp(arg, min=0).sum() + torch.log1p(e).sum()
         if need_grad:
             # 4. G = -z sigmoid(x): -sigmoid(x) on positives, +sigmoid(x) on negatives.
-            grad = torch.sigmoid(arg)
+            grad = torch.where(arg >= 0, 1.0, e).div_(e + 1.0)
             if pos is not None:
                 grad = torch.where(pos, -grad, grad)
             d_scale += (grad * raw.to(f64)).sum()
