@@ -5,14 +5,15 @@ and is freed before the next, so memory is O(C*K + (M + K)*D), never M x K.  It 
 fallback where Triton and the CUDA extension are missing, and the oracle the fused
 kernels are tested against.
 
-Precision (the contract in ``clip_fast.backends.siglip``): the strip GEMM runs in float32
-for half, bfloat16 and float32 inputs (float64 for float64), exactly as the kernels
-accumulate S; the elementwise softplus and sigmoid then run in float64, so no term is
-flushed or rounded beyond S's own rounding, and the loss, d_scale and d_bias are summed
-in float64.  G goes back to the compute dtype for the two gradient GEMMs.
+Precision (the contract in ``clip_fast.backends.siglip``): the strip GEMM and the
+elementwise softplus and sigmoid run in float32 for half, bfloat16 and float32 inputs
+(float64 for float64), as the kernels do; torch's float32 exp and log1p are accurate to
+an ulp, and the terms below float32's normal range (|x| > 87) are summed shifted by
+e^64, so no term is flushed.  The loss, d_scale and d_bias are summed per strip in float64.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -20,6 +21,11 @@ import torch
 from .torch_backend import strip_rows
 
 NAME = "torch"
+# |x| above which exp(-|x|) leaves float32's normal range (2^-126 = e^-87.3), and the
+# shift that brings it back: exp(-|x|) = exp(64 - |x|) e^-64.
+_FAR = 87.0
+_SHIFT = 64.0
+_UNSHIFT = math.exp(-_SHIFT)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -62,28 +68,36 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     d_txt = torch.zeros_like(y) if need_grad else y.new_empty((0, y.shape[1]))
     for r0 in range(0, m, c):
         r1 = min(r0 + c, m)
-        # 1. One strip of S in the compute dtype, then float64 for the elementwise maths.
+        # 1. One strip of S in the compute dtype.
         raw = torch.mm(x[r0:r1], y.T)
         logits = raw * s
         if b is not None:
             logits += b
-        logits = logits.to(f64)
         # 2. x = -z S: S on the negatives (z = -1), -S on the positives (z = +1).
         pos = strip_labels(r0, r1, k, ids_row, ids_col, diag_positive, dev)
         arg = logits if pos is None else torch.where(pos, -logits, logits)
         del logits
         # 3. e = exp(-|x|) once; loss terms softplus(x) = max(x, 0) + log1p(e) (no exp of
         #    a positive number), and sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) else.
-        e = arg.abs().neg_().exp_()
-        loss += torch.clamp(arg, min=0).sum() + torch.log1p(e).sum()
+        #    Below float32's normal range (|x| > 87) the exponential is taken as
+        #    exp(64 - |x|) and its sum scaled by e^-64 in float64 (there log1p(e) = e), so a
+        #    batch of confident pairs at |S| ~ 90 is not flushed (numerics, step 3).
+        #    Each strip's sums are float64.
+        a = arg.abs()
+        far = a > _FAR if cd != f64 else torch.zeros((), dtype=torch.bool, device=dev)
+        t = torch.where(far, _SHIFT - a, -a).exp_()
+        e = torch.where(far, t * _UNSHIFT, t)
+        loss += (torch.clamp(arg, min=0).sum(dtype=f64)
+                 + torch.log1p(torch.where(far, 0.0, e)).sum(dtype=f64)
+                 + torch.where(far, t, 0.0).sum(dtype=f64) * math.exp(-_SHIFT))
+        del a, t, far
         if need_grad:
             # 4. G = -z sigmoid(x): -sigmoid(x) on positives, +sigmoid(x) on negatives.
             grad = torch.where(arg >= 0, 1.0, e).div_(e + 1.0)
             if pos is not None:
                 grad = torch.where(pos, -grad, grad)
-            d_scale += (grad * raw.to(f64)).sum()
-            d_bias += grad.sum()
-            grad = grad.to(cd)
+            d_scale += torch.mul(grad, raw).sum(dim=1).sum(dtype=f64)
+            d_bias += grad.sum(dim=1).sum(dtype=f64)
             d_img[r0:r1] = torch.mm(grad, y)
             d_txt.addmm_(grad.T, x[r0:r1])
             del grad
