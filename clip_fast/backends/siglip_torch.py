@@ -18,14 +18,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from .torch_backend import strip_rows
+from .torch_backend import _strip_diag, strip_rows
 
 NAME = "torch"
 # |x| above which exp(-|x|) leaves float32's normal range (2^-126 = e^-87.3), and the
 # shift that brings it back: exp(-|x|) = exp(64 - |x|) e^-64.
 _FAR = 87.0
 _SHIFT = 64.0
-_UNSHIFT = math.exp(-_SHIFT)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -73,29 +72,36 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         logits = raw * s
         if b is not None:
             logits += b
-        # 2. x = -z S: S on the negatives (z = -1), -S on the positives (z = +1).
-        pos = strip_labels(r0, r1, k, ids_row, ids_col, diag_positive, dev)
-        arg = logits if pos is None else torch.where(pos, -logits, logits)
+        # 2. x = -z S: S on the negatives (z = -1), -S on the positives (z = +1); the
+        #    diagonal labels negate the strip's diagonal in place.
+        pos = None
+        arg = logits
+        if ids_row is not None:
+            pos = strip_labels(r0, r1, k, ids_row, ids_col, diag_positive, dev)
+            arg = torch.where(pos, -logits, logits)
+        elif diag_positive:
+            _strip_diag(arg, r0, k).neg_()
         del logits
-        # 3. e = exp(-|x|) once; loss terms softplus(x) = max(x, 0) + log1p(e) (no exp of
-        #    a positive number), and sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) else.
-        #    Below float32's normal range (|x| > 87) the exponential is taken as
-        #    exp(64 - |x|) and its sum scaled by e^-64 in float64 (there log1p(e) = e), so a
-        #    batch of confident pairs at |S| ~ 90 is not flushed (numerics, step 3).
-        #    Each strip's sums are float64.
+        # 3. Loss terms softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) (no exp of a
+        #    positive number).  Below float32's normal range (|x| > 87) e is taken as
+        #    exp(64 - |x|), summed and scaled by e^-64 in float64 (there log1p(e) = e), so
+        #    a batch of confident pairs at |S| ~ 90 is not flushed (numerics, step 3).
+        #    Each row is summed in the compute dtype (torch's pairwise sum), rows in float64.
         a = arg.abs()
         far = a > _FAR if cd != f64 else torch.zeros((), dtype=torch.bool, device=dev)
         t = torch.where(far, _SHIFT - a, -a).exp_()
-        e = torch.where(far, t * _UNSHIFT, t)
-        loss += (torch.clamp(arg, min=0).sum(dtype=f64)
-                 + torch.log1p(torch.where(far, 0.0, e)).sum(dtype=f64)
-                 + torch.where(far, t, 0.0).sum(dtype=f64) * math.exp(-_SHIFT))
+        loss += (torch.clamp(arg, min=0).sum(dim=1).sum(dtype=f64)
+                 + torch.log1p(torch.where(far, 0.0, t)).sum(dim=1).sum(dtype=f64)
+                 + torch.where(far, t, 0.0).sum(dim=1).sum(dtype=f64) * math.exp(-_SHIFT))
         del a, t, far
         if need_grad:
-            # 4. G = -z sigmoid(x): -sigmoid(x) on positives, +sigmoid(x) on negatives.
-            grad = torch.where(arg >= 0, 1.0, e).div_(e + 1.0)
+            # 4. G = -z sigmoid(x): -sigmoid(x) on positives, +sigmoid(x) on negatives
+            #    (torch's sigmoid is accurate for either sign of x).
+            grad = torch.sigmoid(arg)
             if pos is not None:
                 grad = torch.where(pos, -grad, grad)
+            elif diag_positive and ids_row is None:
+                _strip_diag(grad, r0, k).neg_()
             d_scale += torch.mul(grad, raw).sum(dim=1).sum(dtype=f64)
             d_bias += grad.sum(dim=1).sum(dtype=f64)
             d_img[r0:r1] = torch.mm(grad, y)
