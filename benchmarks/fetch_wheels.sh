@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the baseline wheels that benchmarks/gpu_tests.py imports into .whl/, for a GPU
+# Download the baseline wheels that benchmarks/bench_gpu.py imports into .whl/, for a GPU
 # machine that cannot reach a package index (Python 3.12, linux x86_64).
 #
 #   bash benchmarks/fetch_wheels.sh            # on a machine where pip reaches PyPI

@@ -16,7 +16,7 @@
 #              build fails or overruns, reinstall without it so the rest still runs);
 # 3. tests:    the GPU test subset (pytest -m gpu), stopped with SIGINT at its limit so
 #              pytest still prints its summary (FAILED/ERROR lines);
-# 4. bench:    benchmarks/gpu_tests.py -- the full table as CSV in $LOGDIR; sizes a backend
+# 4. bench:    benchmarks/bench_gpu.py -- the full table as CSV in $LOGDIR; sizes a backend
 #              cannot finish in the time left are skipped with the estimate in the row.
 #
 # Budget (seconds, GPU_CHECK_TOTAL_S=360 by default).  Every command runs under
@@ -160,8 +160,10 @@ TESTS_LOG="$LOGDIR/tests.log"
 t=$(limit $TEST_S 90)
 if [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for the tests (under 10 s)"; : > "$LOGDIR/tests.log"; else
 # The Triton file first (this check's own subject), then every other test file's gpu tests.
-FILES="tests/test_triton.py"
-for f in tests/test_*.py; do [ "$f" != tests/test_triton.py ] && FILES="$FILES $f"; done
+FILES="tests/loss/test_triton.py"
+for f in tests/loss/test_*.py tests/*/test_*.py; do
+  case " $FILES " in *" $f "*) ;; *) [ -f "$f" ] && FILES="$FILES $f" ;; esac
+done
 # SIGINT, not SIGTERM: pytest treats it as KeyboardInterrupt and still prints the short
 # summary (-rfE: one FAILED/ERROR line per failure) that the grep below reads.
 timeout -s INT -k 10 "$t" "$PY" -m pytest -v -rfE -m gpu $FILES -p no:cacheprovider --durations=8 \
@@ -181,10 +183,10 @@ if [ "$t" -lt 20 ]; then
 else
   # The script stops starting cases 20 s before its limit (its last case's calls were
   # estimated to fit); SIGINT then makes it print the summary of the rows so far.
-  timeout -s INT -k $KILL_S "$t" "$PY" benchmarks/gpu_tests.py $DRY --budget-s $(( t - 20 )) \
+  timeout -s INT -k $KILL_S "$t" "$PY" benchmarks/bench_gpu.py $DRY --budget-s $(( t - 20 )) \
     --out-dir "$LOGDIR" > "$BENCH_LOG" 2>&1
   rc=$?
-  [ $rc -ne 0 ] && say "   gpu_tests.py rc=$rc (124/130: stopped at its ${t} s limit; the rows so far are in the CSV)"
+  [ $rc -ne 0 ] && say "   bench_gpu.py rc=$rc (124/130: stopped at its ${t} s limit; the rows so far are in the CSV)"
   say "   rows not run, with the reason (all in bench.log and the CSV's note column):"
   grep -E "^\[[a-z_]+\] .* (skipped|not_runnable|error|oom) " "$BENCH_LOG" | head -12 | cut -c1-220 | indent
   sed -n '/^== summary/,$p' "$BENCH_LOG" | tail -n +2 | cut -c1-400 | indent

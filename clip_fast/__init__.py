@@ -12,4 +12,13 @@ from .siglip_functional import siglip_loss
 from .siglip_module import FastSigLipLoss
 
 __version__ = "0.1.0"
-__all__ = ["FastClipLoss", "clip_loss", "FastSigLipLoss", "siglip_loss", "available_backends", "__version__"]
+__all__ = ["FastClipLoss", "clip_loss", "available_backends", "__version__"]
+
+# open_clip's other contrastive losses, fused twins (see clip_fast.coca, clip_fast.distill).
+from .coca import FastCoCaLoss  # noqa: E402
+from .distill import FastDistillClipLoss  # noqa: E402
+
+__all__ += ["FastCoCaLoss", "FastDistillClipLoss"]
+
+# SigLIP's sigmoid loss (see clip_fast.siglip_module).
+__all__ += ["FastSigLipLoss", "siglip_loss"]

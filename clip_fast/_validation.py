@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-ScalarLike = Union[torch.Tensor, float, int]
+ScalarLike = Union[torch.Tensor, float, int]  # logit_scale / logit_bias: a number or a 1-element tensor
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -99,3 +99,27 @@ def check_inputs(image_features, text_features, logit_scale, logit_bias=None
     scale = as_scalar_tensor("logit_scale", logit_scale, image_features)
     bias = as_scalar_tensor("logit_bias", logit_bias, image_features)
     return scale, bias
+
+
+def check_chunk_size(chunk_size) -> Optional[int]:
+    """``chunk_size`` (rows per strip, torch backend): a positive int or None."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+MODES = ("gather", "ring")
+
+
+def check_mode(mode, local_loss: bool, gather_with_grad: bool) -> None:
+    """The distributed mode, and ring mode's requirement (the only semantics it computes)."""
+    if mode not in MODES:
+        raise ValueError(f"distributed must be one of {MODES} (FastClipLoss's distributed=, "
+                         f"distributed_clip_loss's mode=), got {mode!r}")
+    if mode == "ring" and not (local_loss and gather_with_grad):
+        raise ValueError(
+            "distributed mode='ring' computes the local_loss=True, gather_with_grad=True semantics; "
+            f"pass both, or use mode 'gather'; got local_loss={bool(local_loss)}, "
+            f"gather_with_grad={bool(gather_with_grad)}")

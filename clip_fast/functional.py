@@ -1,23 +1,52 @@
-"""Functional form of the CLIP loss, mirroring ``torch.nn.functional``."""
+"""Functional form of the CLIP loss, mirroring ``torch.nn.functional``, and the per-call
+rules every entry point applies (``prepare_call``)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from . import backends
-from ._validation import check_inputs
-from .function import ClipLossFunction, LossOptions
-
-ScalarLike = Union[torch.Tensor, float]
+from ._validation import ScalarLike, check_chunk_size, check_inputs
+from .autograd import ClipLossFunction, LossOptions
 
 
-def _check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+@dataclass(frozen=True)
+class Call:
+    """One call's inputs after the per-call rules: what an autograd Function is applied to."""
+    img: torch.Tensor
+    txt: torch.Tensor
+    scale: torch.Tensor            # the caller's tensor (or a new 0-d one for a number)
+    bias: Optional[torch.Tensor]
+    opts: LossOptions
+
+
+def prepare_call(image_features, text_features, logit_scale, logit_bias, backend: str,
+                 chunk_size) -> Call:
+    """Every per-call rule, in one place, for the single-process and distributed losses:
+    input checks, ``logit_scale``/``logit_bias`` to tensors, the chunk-size check,
+    autocast's cast policy, one tensor for both towers, and the backend choice."""
+    scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
+    chunk_size = check_chunk_size(chunk_size)
+    img, txt, loss_dtype = autocast_features(image_features, text_features)
+    if txt is img:
+        # One tensor for both towers (a self-similarity loss): a view gives the Function two
+        # distinct inputs, which torch.compile requires; both gradients reach the tensor.
+        txt = txt.view_as(txt)
+    impl = backends.resolve_backend(backend, img.device, img.dtype)
+    return Call(img, txt, scale, bias, LossOptions(backend=impl.NAME, chunk_size=chunk_size,
+                                                   loss_dtype=loss_dtype))
+
+
+def apply_loss(fn, call: Call, *extra):
+    """``fn.apply`` on a prepared call, with autocast off inside when it cast the features
+    (the loss is formed in float32 from the already-cast features)."""
+    args = (call.img, call.txt, call.scale, call.bias, *extra)
+    if call.opts.loss_dtype is None:
+        return fn.apply(*args)
+    with torch.autocast(call.img.device.type, enabled=False):
+        return fn.apply(*args)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: ScalarLike,
@@ -48,19 +77,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         The scalar loss, in the features' dtype (float32 under autocast). Gradients flow
         to both features, ``logit_scale`` and ``logit_bias``.
     """
-    scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
-    chunk_size = _check_chunk_size(chunk_size)
-    image_features, text_features, loss_dtype = autocast_features(image_features, text_features)
-    if text_features is image_features:
-        # One tensor for both towers (a self-similarity loss): a view gives the Function two
-        # distinct inputs, which torch.compile requires; both gradients reach the tensor.
-        text_features = text_features.view_as(text_features)
-    impl = backends.resolve_backend(backend, image_features.device, image_features.dtype)
-    opts = LossOptions(backend=impl.NAME, chunk_size=chunk_size, loss_dtype=loss_dtype)
-    if loss_dtype is not None:
-        with torch.autocast(image_features.device.type, enabled=False):
-            return ClipLossFunction.apply(image_features, text_features, scale, bias, opts)[0]
-    return ClipLossFunction.apply(image_features, text_features, scale, bias, opts)[0]
+    call = prepare_call(image_features, text_features, logit_scale, logit_bias, backend, chunk_size)
+    return apply_loss(ClipLossFunction, call, call.opts)[0]
 
 
 def autocast_features(image_features: torch.Tensor, text_features: torch.Tensor):

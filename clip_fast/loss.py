@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from . import backends
-from .functional import ScalarLike, _check_chunk_size, clip_loss
+from ._validation import ScalarLike, check_chunk_size, check_mode
+from .functional import clip_loss
 
-_MODES = ("gather", "ring")
 
 
 class FastClipLoss(nn.Module):
@@ -47,13 +47,7 @@ class FastClipLoss(nn.Module):
             )
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + backends.BACKENDS}, got {backend!r}")
-        if distributed not in _MODES:
-            raise ValueError(f"distributed must be one of {_MODES}, got {distributed!r}")
-        if distributed == "ring" and not (local_loss and gather_with_grad):
-            raise ValueError(
-                "distributed='ring' computes the local_loss=True, gather_with_grad=True semantics; "
-                f"pass both, got local_loss={local_loss}, gather_with_grad={gather_with_grad}"
-            )
+        check_mode(distributed, local_loss, gather_with_grad)
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -66,7 +60,7 @@ class FastClipLoss(nn.Module):
         self.use_horovod = False
         self.backend = backend
         backends.preload(backend)  # import now: torch.compile cannot trace an import
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.distributed = distributed
         self.group = group
 

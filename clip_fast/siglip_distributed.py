@@ -37,8 +37,9 @@ import torch
 import torch.distributed as dist
 
 from .backends import siglip as siglip_backends
-from .distributed import _all_gather_rows, _check_across_ranks, _comm_device, _Layout
-from .function import first_order_only, fresh_output
+from ._autograd import autocast_off, first_order_only, fresh_output
+from .distributed.agreement import Layout, _comm_device, check_across_ranks
+from .distributed.collectives import all_gather_rows
 from .siglip_function import backend_scalar
 from .siglip_functional import check_group_ids
 from .siglip_module import DIST_IMPLS
@@ -46,7 +47,7 @@ from .siglip_module import DIST_IMPLS
 
 @dataclass(frozen=True)
 class _DistOptions:
-    layout: _Layout
+    layout: Layout
     dist_impl: str
     backend: str       # resolved SigLIP backend name
     need_grad: bool
@@ -57,23 +58,30 @@ def distributed_siglip_loss(image_features, text_features, logit_scale, logit_bi
                             group_ids=None, rank: int, world_size: int, dist_impl: str = "bidir",
                             backend: str = "auto", chunk_size: Optional[int] = None, group=None):
     """This rank's SigLIP loss with open_clip's distributed semantics (module doc)."""
-    layout, img, txt, scale, bias = _check_across_ranks(
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"clip_fast: world_size={world_size} > 1 needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group, e.g. under torchrun)")
+    # The CLIP loss's descriptor check (shapes, dtypes, devices, equal scale and bias, who
+    # needs gradients), asked for the one mode whose checks all apply here.
+    layout, call = check_across_ranks(
         image_features, text_features, logit_scale, logit_bias, rank=rank, world_size=world_size,
         local_loss=True, gather_with_grad=True, mode="ring", backend=backend,
         chunk_size=chunk_size, group=group)
+    img, txt, scale, bias = call.img, call.txt, call.scale, call.bias
     ids = _check_siglip_across_ranks(group_ids, img, dist_impl, layout)
     impl = siglip_backends.resolve_backend(backend, img.device, img.dtype)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (img, txt, scale, bias))
     opts = _DistOptions(layout=layout, dist_impl=dist_impl, backend=impl.NAME, need_grad=need_grad,
                         has_ids=ids is not None)
-    if layout.loss_dtype is not None:
+    if layout.opts.loss_dtype is not None:
         with torch.autocast(img.device.type, enabled=False):
             return _DistSigLipLoss.apply(img, txt, scale, bias, ids, opts)
     return _DistSigLipLoss.apply(img, txt, scale, bias, ids, opts)
 
 
-def _check_siglip_across_ranks(group_ids, img, dist_impl, layout: _Layout) -> Optional[torch.Tensor]:
+def _check_siglip_across_ranks(group_ids, img, dist_impl, layout: Layout) -> Optional[torch.Tensor]:
     """group_ids and dist_impl, checked locally and then agreed by every rank."""
     local_error = None
     ids = None
@@ -108,7 +116,7 @@ def _check_siglip_across_ranks(group_ids, img, dist_impl, layout: _Layout) -> Op
 
 # ---- transport ----
 
-def _exchange(send: torch.Tensor, to: int, recv_shape, frm: int, layout: _Layout) -> torch.Tensor:
+def _exchange(send: torch.Tensor, to: int, recv_shape, frm: int, layout: Layout) -> torch.Tensor:
     """Send ``send`` to rank ``to`` and receive a ``recv_shape`` tensor from rank ``frm``."""
     ranks = dist.get_process_group_ranks(layout.group) if layout.group is not None else None
     g_to = ranks[to] if ranks else to
@@ -127,8 +135,8 @@ def _remote_shards(txt: torch.Tensor, ids: Optional[torch.Tensor], opts: _DistOp
     lay = opts.layout
     r, w = lay.rank, lay.world_size
     if opts.dist_impl == "gather":
-        all_txt = _all_gather_rows(txt, lay)
-        all_ids = _all_gather_rows(ids, lay) if ids is not None else None
+        all_txt = all_gather_rows(txt, lay)
+        all_ids = all_gather_rows(ids, lay) if ids is not None else None
         for q in range(w):
             if q != r:
                 o, n = lay.offsets[q], lay.sizes[q]
@@ -146,7 +154,8 @@ class _DistSigLipLoss(torch.autograd.Function):
     def forward(ctx, img, txt, scale, bias, ids, opts: _DistOptions):
         impl = siglip_backends.get_loaded(opts.backend)
         lay = opts.layout
-        kw = {"chunk_size": lay.chunk_size} if opts.backend == "torch" and lay.chunk_size else {}
+        chunk = lay.opts.chunk_size
+        kw = {"chunk_size": chunk} if opts.backend == "torch" and chunk else {}
         s, b = backend_scalar(scale, img), backend_scalar(bias, img)
         loss, d_img, d_txt, d_scale, d_bias = impl.siglip_block(
             img, txt, s, b, ids, ids, True, opts.need_grad, **kw)
@@ -163,9 +172,10 @@ class _DistSigLipLoss(torch.autograd.Function):
         ctx.scalars = (s, b)
         ctx.meta = [(t.dtype, t.shape) if t is not None else None for t in (img, txt, scale, bias)]
         ctx.save_for_backward(img, txt, ids, d_img, d_txt, d_scale, d_bias)
-        return fresh_output(loss / lay.n_local, lay.loss_dtype or img.dtype)
+        return fresh_output(loss / lay.n_local, lay.opts.loss_dtype or img.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
         with torch.no_grad():
             grads = _DistSigLipLoss._grads(ctx, grad_loss)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .backends import siglip as siglip_backends
-from .function import first_order_only, fresh_output
+from ._autograd import autocast_off, first_order_only, fresh_output
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class SigLipLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(d_img, d_txt, d_scale, d_bias)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss: torch.Tensor, *unused):
         with torch.no_grad():
             grads = SigLipLossFunction._grads(ctx, grad_loss)

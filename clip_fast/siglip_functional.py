@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 
-from ._validation import _describe, check_inputs
+from ._validation import ScalarLike, _describe, check_chunk_size, check_inputs
 from .backends import siglip as siglip_backends
-from .functional import ScalarLike, _check_chunk_size, autocast_features
+from .functional import autocast_features
 from .siglip_function import SigLipLossFunction, SigLipOptions
 
 _ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -67,7 +67,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     """
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
     ids = check_group_ids(group_ids, image_features)
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     image_features, text_features, loss_dtype = autocast_features(image_features, text_features)
     if text_features is image_features:
         text_features = text_features.view_as(text_features)

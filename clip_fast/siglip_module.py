@@ -8,7 +8,7 @@ from torch import nn
 
 from .backends import BACKENDS
 from .backends import siglip as siglip_backends
-from .functional import ScalarLike, _check_chunk_size
+from ._validation import ScalarLike, check_chunk_size
 from .siglip_functional import siglip_loss
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -70,7 +70,7 @@ class FastSigLipLoss(nn.Module):
         self.use_horovod = False
         self.backend = backend
         siglip_backends.preload(backend)  # import now: torch.compile cannot trace an import
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.group = group
 
     def extra_repr(self) -> str:

@@ -19,29 +19,22 @@
 //                           (an online row lse of the transposed problem, txt against img)
 //                           the columns whose whole sum is unreliable.
 //
-// Why a fixed shift works for the columns (step 1c).  A column's running maximum cannot
-// be merged across CTAs without a second pass, so every CTA uses the same upper bound
-//     c_j = |scale| * |txt_j| * max_i |img_i| * (1 + 2^-8) + bias  >=  S_ij   (Cauchy-Schwarz)
-// (the 2^-8 slack covers tf32 rounding of the operands and fp32 accumulation error) and
-// sums exp(S_ij - c_j + H) with headroom H = 84 - ln(M): every term is <= e^H, so the sum
-// of all M terms is <= e^84 < FLT_MAX and cannot overflow.  It can underflow when every
-// S_ij of a column lies far below the bound (a column whose best logit is ~125 nats under
-// c_j, e.g. all cosines < -0.2 at scale 100): a column whose whole shifted sum (its
-// off-diagonal sum plus the diagonal's own term) is below e^-50 (or not finite) is flagged,
-// and step 2 recomputes it exactly.  Above e^-50, terms lost to the fp32 subnormal range
-// (< e^-87, at most M of them) change the sum by < M * e^-37: negligible.
+// The column shift, its headroom and the underflow flag are derived in docs/numerics.md
+// (constants in numerics.h, the same as the Triton kernels').  In short: every CTA adds
+// 2^(S2_ij - c2_j + H2) with the fixed bound c_j >= S_ij, so the column sums merge by plain
+// atomic adds; a column whose whole shifted sum (off-diagonal sum plus the diagonal's own
+// term) is below 2^-72 (or not finite) is flagged, and step 2 recomputes it exactly.
 // Step 2 costs one extra tiny launch when nothing is flagged: a CTA exits as soon as none
 // of its 64 columns is flagged, so there is no host synchronisation and the whole forward
 // can be captured in a CUDA graph.
 #include <cmath>
 
+#include "numerics.h"
 #include "tile.cuh"
 
 namespace clip_fast {
 namespace {
 
-constexpr float kMinColSum = 1.9287498479639178e-22f;  // e^-50: below this, recompute exactly
-constexpr float kBoundSlack = 1.00390625f;              // 1 + 2^-8
 
 // |x_i| for the rows of img (max into *img_norm_max) and txt (into txt_norm), one warp per
 // row.  max uses the int ordering of non-negative floats (and NaN's bits, 0x7fc00000, beat
@@ -108,7 +101,7 @@ lse_forward_kernel(const T* __restrict__ img, const T* __restrict__ txt, int64_t
   const float s = *scale_ptr;
   const float b = bias_ptr != nullptr ? *bias_ptr : 0.f;
   const float s2 = s * kLog2e, b2 = b * kLog2e;
-  const float bound2 = fabsf(s) * (*img_norm_max) * kBoundSlack * kLog2e;
+  const float bound2 = fabsf(s) * (*img_norm_max) * kColSlack * kLog2e;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int tid = threadIdx.x;
   const int r = tid >> 1, h = tid & 1;            // row map: row r, column half h
@@ -191,7 +184,7 @@ lse_col_finish_kernel(const T* __restrict__ txt, const T* __restrict__ img, int6
   const float s = *scale_ptr;
   const float b = bias_ptr != nullptr ? *bias_ptr : 0.f;
   const float s2 = s * kLog2e, b2 = b * kLog2e;
-  const float bound2 = fabsf(s) * (*img_norm_max) * kBoundSlack * kLog2e;
+  const float bound2 = fabsf(s) * (*img_norm_max) * kColSlack * kLog2e;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int tid = threadIdx.x;
 
@@ -207,7 +200,7 @@ lse_col_finish_kernel(const T* __restrict__ txt, const T* __restrict__ img, int6
       const float cs = col_sum[j];
       const float shift2 = col_shift2(bound2, txt_norm[j], b2, headroom2);
       const float total = cs + (j < M ? exp2f(diag2[j] - shift2) : 0.f);
-      if (total >= kMinColSum && total <= 3.0e38f) {  // false for NaN and inf
+      if (total >= kColUnderflow && total <= 3.0e38f) {  // false for NaN and inf
         const float cmax = col_max[j];
         col_off2[j] = cmax == -INFINITY ? -INFINITY
                       : static_cast<double>(cmax) + log2(static_cast<double>(cs)) -
@@ -265,8 +258,7 @@ cudaError_t run_forward(const T* img, const T* txt, int64_t M, int64_t K, int64_
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  // Headroom H = 84 - ln(M) nats, in base 2.
-  const float headroom2 = static_cast<float>((84.0 - std::log(static_cast<double>(M))) * 1.4426950408889634);
+  const float headroom2 = headroom_log2(M);
   const bool vec = can_vectorize<T>(img, txt, D);
   const int64_t row_blocks = (M + kBM - 1) / kBM;
   // Column splits: tiles_per_split tiles each.  row_part holds forward_column_splits rows

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from clip_fast.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CAPTION_NAMES, load_fashion_mnist
+from clip_fast.train.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CAPTION_NAMES, load_fashion_mnist
 
 PATTERNS = (
     "{adj} {name} for {who}, free shipping",

@@ -6,11 +6,12 @@ interpreter, and a full ``triton.autotune`` sweep only when the environment asks
 for it with ``CLIP_FAST_AUTOTUNE=1`` (cut-cross-entropy style), so that tests stay
 reproducible and first calls stay fast.
 
-Calibration we have (from the issue, measured on an H200 by the lead, not here):
-a plain Triton row-lse tile loop reached 0.71 of the bf16 GEMM rate with
-BM=128, BN=256, BK=64, 8 warps, 3 stages.  Our forward also reduces columns, so
-the sm_90 forward entry may want BN=128 (register pressure); benchmarks/gpu_tests.py
-sweeps a few forward configurations so the table can be corrected from data.
+Calibration: a plain Triton row-lse tile loop (no column sums) is reported to reach
+0.71 of the bf16 GEMM rate on an H200 with BM=128, BN=256, BK=64, 8 warps, 3 stages;
+no clip_fast kernel has been timed on a GPU yet (benchmarks/results/ holds no GPU
+file).  The forward also reduces columns, so the sm_90 entry uses BN=128 (register
+pressure, see the table's comment); benchmarks/bench_gpu.py sweeps a few forward
+configurations so the table can be corrected from data.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Configs:
     # instead of two.  Off by default: a shared exponent is taken relative to the tile's
     # largest lse, so an entry of a row whose lse sits d (log2 units) below it carries the
     # rounding of |S2 - hi| ~ d instead of |S2 - lse_i|: up to ~60 ulps on P, beyond the
-    # precision rule (tests/test_exactness.py).  Tests switch it on to keep the path working.
+    # precision rule (tests/loss/test_exactness.py).  Tests switch it on to keep the path working.
     share_exp: bool = False
 
 

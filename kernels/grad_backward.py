@@ -12,24 +12,23 @@ kernels do).  Instead, in blocks of R rows x C columns of S (R * C * itemsize bo
 by CLIP_FAST_WORKSPACE_MB, default 256 MiB; blocks as square as the budget allows so
 both GEMMs below stay compute-bound):
 1. a Triton kernel recomputes each BM x BN tile once, forms G, reduces d_scale
-   (per-row fp32 partials, relaxed atomics), and writes G * gscale into the workspace
+   (per-row float64 partials, relaxed atomics), and writes G * gscale into the workspace
    in the input dtype (gscale: a power of two putting |G| <= 1, so fp16 keeps range);
 2. cuBLAS: d_img[rows] += ws @ txt[cols] and d_txt[cols] += ws.T @ img[rows], with
    fp32 accumulation and fp32 output, scaled by s / gscale at the end.
 Total work: one tile recompute plus the two unavoidable gradient GEMMs.
 
-Sharing the exponentials between the two softmaxes (what we found)
------------------------------------------------------------------
-P_row and P_col differ only by per-row and per-column factors:
-    P_row = E * 2^(hi - R_i),  P_col = E * 2^(hi - C_j),  E = 2^(S2 - hi)
-(log2 units: R = lse_row * log2 e, C = lse_col * log2 e, hi = the largest R or C of
-the tile).  So G = E * (coef_row * u_i + coef_col * v_j) - coef_diag * I needs ONE exp
-per element (plus BM + BN per tile) instead of two, halving the MUFU load that
-competes with the recompute's MMA.  fp32 range decides when it is safe: if all R_i,
-C_j of the tile lie within 60 (log2 units) of each other, u and v are <= 2^60 and E
-is a normal number for every element whose P is >= 2^-60, so nothing that matters
-is lost.  Tiles with a wider spread (adversarial inputs) take the two-exp path; the
-check is a per-tile branch on values already in registers.
+Exactness (docs/numerics.md, section 4): the tile shape is the forward's, so S2 is the
+forward's bit for bit; each lse arrives as a float-float pair (hi, lo) and
+P = 2^((S2 - hi) - lo); G's diagonal can come precomputed from the forward's float64
+loss terms (``g_diag``); d_scale is reduced in float64.
+
+Sharing one exponential between the two softmaxes (docs/numerics.md, section 5):
+P_row and P_col differ only by per-row and per-column factors, so with ``hi`` the
+largest lse of the tile, G = 2^(S2 - hi) * (coef_row u_i + coef_col v_j) needs one exp
+per element when every lse of the tile is within 60 of ``hi``.  It costs precision
+(the shared exponent is rounded relative to ``hi``), so it is off by default
+(``config.Configs.share_exp``); tiles outside the range take the two-exp path anyway.
 """
 from __future__ import annotations
 
@@ -47,6 +46,8 @@ from .tile import tile_dot
 _LOG2E_K = tl.constexpr(1.4426950408889634)
 
 
+# One kernel body, longer than a screen on purpose: the recompute, G and its two reductions
+# are one tile's epilogue, read top to bottom in the module doc's numbered steps.
 @triton.jit
 def _grad_tile_kernel(
     img_ptr, txt_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_row_lo_ptr, lse_col_ptr,

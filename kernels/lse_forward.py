@@ -9,62 +9,25 @@ Each program loops over the column blocks of ``txt`` and, per tile of S:
    exponential is a single ``exp2``;
 3. online (flash-style) row log-sum-exp in registers: running max ``m_i`` and
    running sum ``l_i`` -- exact, whatever the range of S;
-4. column sums merged across programs with ``tl.atomic_add`` (see "How columns
-   merge" below);
+4. column sums merged across programs with ``tl.atomic_add`` under a fixed per-column
+   shift, and column maxima with ``tl.atomic_max``;
 5. the diagonal S2_ii, taken from the tile that holds it (runs only on the tiles
    that cross the diagonal), written out and then excluded from steps 3 and 4.
 
-The diagonal is kept out of the sums and added back on the host in float64,
-``lse = logaddexp(lse_offdiag, S_ii)`` (the contract in ``clip_fast.backends``).  On a
-confident row (S_ii far above the rest, as in CLIP at scale 100) the loss term
-lse_i - S_ii is tiny; inside an fp32 sum it would carry rounding of |S| * 2^-24, and
-the shared-exponent path below rounds the diagonal's own term too.  Outside the sum it
-is exact: the off-diagonal part only moves lse - S_ii by its own (small) size.
+The numerics -- the column bound c_j >= S_ij and its slack, the headroom H2, the
+underflow flag and the exact fallback on the transposed problem, why the diagonal stays
+out of the sums and comes back in float64, why columns record their maxima, and when one
+exponential could serve both softmaxes -- are derived in docs/numerics.md, which the
+CUDA kernels follow too.
 
-Extra memory: the column bounds and sums (K floats each), and (splits x M) partial
-(max, sum) pairs of the rows, merged on the host -- O(N), nothing N x N and nothing
-(N / BM) x N.
+Why a fixed column shift (the rejected options): a column's lse needs every row block's
+contribution.  An online max/sum per column cannot be merged with atomics (the sum's
+scale changes whenever the max does); per-row-block partials would need (N / BM) x N
+floats; a second sweep on the transposed problem doubles the GEMM work.
 
-How columns merge (the design choice the issue asks to justify)
-----------------------------------------------------------------
-A column's lse needs contributions from every row block, i.e. from every program.
-* An online max/sum per column cannot be merged with atomics: the sum's scale changes
-  whenever the max does, and no pair of atomics updates both consistently.
-* Per-row-block partials (max, sum) would need (N / BM) x N floats: rejected.
-* A second sweep on the transposed problem doubles the GEMM work.
-So each column j gets a FIXED shift chosen before the sweep, from an O(N*D) pre-pass:
-    c_j = |s| * |txt_j| * max_i |img_i| * (1 + 2^-7) + b   >=   S_ij for all i
-(Cauchy-Schwarz; the 2^-7 slack covers fp32/tf32 rounding of the tile). Every program
-adds ``sum_i exp2(S2_ij - c2_j + H2)`` into one fp32 cell per column with a relaxed
-atomic add.  With the shift fixed, the merge is a plain sum, valid in any order.
-Headroom H2 = min(100, 122 - ceil(log2(M + 1))) (log2 units): each term is <= 2^H2, so
-even M terms stay below 2^122 (no overflow).  lse_col_j = ln 2 * (log2(sum_j) + c2_j - H2).
-Underflow: if every S_ij of a column sits far below its bound (example: N = 1,
-img = -txt at s = 100 gives S = -100 against c = +100), the shifted sum underflows.
-A column whose sum (off-diagonal sum plus the diagonal's own shifted term) ends below
-2^-72 is flagged (above it, every term that matters for
-fp32 accuracy is a normal fp32 number) and recomputed exactly by the SAME kernel on
-the transposed problem (txt's flagged rows against all of img, row lse only, online
-max).  Programs with no flagged row exit at once, so when nothing is flagged the
-fallback costs one tiny launch -- and there is no data-dependent shape, so the whole
-forward stays traceable by torch.compile.
-
-Sharing the exponentials (what we found)
-----------------------------------------
-Steps 3 and 4 each need one exp per element of S.  MUFU (ex2) throughput is ~1/256 of
-the bf16 MMA rate on H100, so at D = 512 two exps per element cost about half as much
-time as the tile's MMA (they overlap only partly).  The column term
-E_ij = exp2(S2_ij - c2_j + H2) can also serve the row:
-    sum_j exp2(S2_ij - m_i) = exp2(mx - m_i) * sum_j E_ij * w_j,  w_j = exp2(c2_j - H2 - mx)
-with mx the largest row max in the tile: one exp per element plus BN exps per tile.
-It is exact maths but fp32 range can break it: the entries that matter for row i
-(within 2^-60 of its max) must give a normal E_ij and w_j.  Per tile we check,
-with mn the smallest row max of the tile (all log2 units):
-    mx - mn <= 60,   max_j c2_j - H2 - mn <= 60,   mx - min_j c2_j + H2 <= 120
-which bounds every factor in [2^-120, 2^60]; otherwise the tile takes the plain
-two-exp path.  For CLIP-like inputs (unit-norm embeddings, s from 1/0.07 to 100) the
-check passes; adversarial tiles (far-apart row maxima) fall back per tile.  The
-backward uses a similar trick (see grad_backward.py).
+Extra memory: the column bounds, sums and maxima (K floats each), and (splits x M)
+partial (max, sum) pairs of the rows, merged on the host -- O(N), nothing N x N and
+nothing (N / BM) x N.
 """
 from __future__ import annotations
 
@@ -85,7 +48,9 @@ _LOG2E_K = tl.constexpr(1.4426950408889634)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# A column whose shifted sum ends below this is recomputed exactly (see module doc).
+# The column shift's constants, derived in docs/numerics.md (csrc/numerics.h has the same):
+# the Cauchy-Schwarz bound's slack, and the flag below which a column is recomputed exactly.
+COL_SLACK = 1.0 + 2.0 ** -7
 COL_UNDERFLOW = 2.0 ** -72
 
 
@@ -106,6 +71,9 @@ def _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK: tl.constexpr):
     return col_part, row_part
 
 
+# One kernel body, longer than a screen on purpose: the tile loop is the whole sweep, and
+# its numbered steps (module doc) read in order with every register's lifetime visible;
+# the pieces that stand alone (tile_dot, _two_exp_sums) are separate jit functions.
 @triton.jit
 def _lse_forward_kernel(
     img_ptr, txt_ptr, scale_ptr, bias_ptr, c2_ptr, row_flag_ptr,
@@ -262,7 +230,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def headroom_log2(M: int) -> float:
-    """H2: the shift headroom (log2 units) for column sums over M rows (module doc)."""
+    """H2: the shift headroom (log2 units) for column sums over M rows (docs/numerics.md)."""
     return float(min(100, 122 - math.ceil(math.log2(M + 1))))
 
 
@@ -380,7 +348,7 @@ def column_bounds_log2(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor
     f32 = torch.float32
     txt_norm = torch.linalg.vector_norm(txt, dim=1, dtype=f32)
     img_norm_max = torch.linalg.vector_norm(img, dim=1, dtype=f32).amax()
-    c = scale.abs().to(f32) * txt_norm * img_norm_max * (1.0 + 2.0 ** -7)
+    c = scale.abs().to(f32) * txt_norm * img_norm_max * COL_SLACK
     if bias is not None:
         c = c + bias.to(f32)
     return (c * LOG2E).contiguous()
@@ -407,12 +375,3 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None):
     """(lse_row, lse_col, diag) of S = scale * img @ txt.T + bias; see the module doc."""
     return torch.ops.clip_fast.triton_lse_forward(img, txt, scale, bias)
-
-
-def column_fallback_flags(img, txt, scale, bias=None) -> torch.Tensor:
-    """Test helper: which columns the sweep would hand to the exact fallback (float64 maths)."""
-    M, K = img.shape[0], txt.shape[0]
-    c2 = column_bounds_log2(img, txt, scale, bias).double()
-    s2 = (scale.to(torch.float64) * (img.double() @ txt.double().T)
-          + (0.0 if bias is None else bias.double())) * LOG2E
-    return torch.exp2(s2 - c2 + headroom_log2(M)).sum(dim=0) < COL_UNDERFLOW

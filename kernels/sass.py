@@ -143,7 +143,11 @@ class TileCost:
 
 def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN: int,
                warps: int) -> TileCost:
-    """Per-tile counts along the light and heavy paths (module doc, steps 1-4)."""
+    """Per-tile counts along the light and heavy paths (module doc, steps 1-4).
+
+    Long because the module doc's four steps share the label map, the loop bounds and the
+    path enumeration they build in turn; split, each would re-derive them.
+    """
     instrs = [x for t, x in items if t == "instr"]
     if not instrs:
         raise ValueError("no instructions")

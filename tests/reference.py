@@ -52,23 +52,29 @@ def reference_block_grads(img, txt, scale, bias, coef_row, coef_col, coef_diag):
     return float(scale) * grad @ y, float(scale) * grad.T @ x, (grad * raw).sum()
 
 
-def reference_magnitudes(img, txt, scale, bias=None):
-    """The size of the terms that cancel in each output, float64.
+def reference_block_magnitudes(img, txt, scale, bias, coef_row, coef_col, coef_diag):
+    """The size of the terms that cancel in each output of one block's sweeps, float64.
 
-    Fair tolerances scale with these, not with the (possibly tiny) result: the loss is
-    lse - S_ii with |S| up to the logit size, and each gradient sums G entries of both
-    signs. Returns (loss, d_img, d_txt, d_scale) magnitudes as floats.
+    Fair tolerances scale with these, not with the (possibly tiny) result: an lse is
+    compared with logits of size |S|, and each gradient sums G entries of both signs.
+    Returns (logit, d_img, d_txt, d_scale) magnitudes as floats (each at least 1e-30).
     """
-    x, y = img.double(), txt.double()
+    x, y = img.detach().double().cpu(), txt.detach().double().cpu()
     raw = x @ y.T
     logits = float(scale) * raw + (0.0 if bias is None else float(bias))
-    n = logits.shape[0]
-    g_abs = (torch.softmax(logits, 1) + torch.softmax(logits, 0) + 2 * torch.eye(n, dtype=torch.float64)) / (2 * n)
+    g_abs = (abs(coef_row) * torch.softmax(logits, 1) + abs(coef_col) * torch.softmax(logits, 0)
+             + abs(coef_diag) * torch.eye(*logits.shape, dtype=torch.float64))
     s = abs(float(scale))
     return (logits.abs().max().item() + 1.0,
-            (s * g_abs @ y.abs()).max().item(),
-            (s * g_abs.T @ x.abs()).max().item(),
-            (g_abs * raw.abs()).sum().item())
+            s * (g_abs @ y.abs()).max().item() + 1e-30,
+            s * (g_abs.T @ x.abs()).max().item() + 1e-30,
+            (g_abs * raw.abs()).sum().item() + 1e-30)
+
+
+def reference_magnitudes(img, txt, scale, bias=None):
+    """reference_block_magnitudes for the symmetric CLIP loss on a square batch."""
+    n = img.shape[0]
+    return reference_block_magnitudes(img, txt, scale, bias, 1 / (2 * n), 1 / (2 * n), 1 / n)
 
 
 def reference_siglip_loss(img, txt, scale, bias=None, group_ids=None, negative_only=False):

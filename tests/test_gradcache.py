@@ -14,7 +14,7 @@ import torch
 from clip_fast import FastClipLoss
 from clip_fast import gradcache
 from clip_fast.gradcache import grad_cache_step, plain_step
-from clip_fast.models import CLIP, ModelConfig
+from clip_fast.train.models import CLIP, ModelConfig
 
 # float64 end to end: the only differences are summation order, so the tolerance is tight.
 RTOL, ATOL = 1e-9, 1e-12

@@ -65,7 +65,7 @@ def test_eval_known_accuracy():
 
 
 def test_eval_accepts_batches_and_a_real_clip():
-    from clip_fast.models import CLIP, ModelConfig
+    from clip_fast.train.models import CLIP, ModelConfig
 
     torch.manual_seed(0)
     model = CLIP(ModelConfig(cnn_widths=(4, 8), embed_dim=8, text_width=16, text_layers=1)).eval()

@@ -81,11 +81,21 @@ def _load(name: str) -> Optional[ModuleType]:
     return mod
 
 
-def f32_scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """``scale``/``bias`` as the 0-d float32 tensor on ``like``'s device the kernels read."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype S is accumulated in: float64 for float64 features, float32 for every other."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_scalar(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``scale``/``bias`` as the detached 0-d tensor of ``dtype`` a backend reads (None stays None)."""
     if t is None:
         return None
-    return t.reshape(()).to(device=like.device, dtype=torch.float32)
+    return t.detach().reshape(()).to(dtype)
+
+
+def f32_scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``scale``/``bias`` as the 0-d float32 tensor on ``like``'s device the kernels read."""
+    return None if t is None else compute_scalar(t, torch.float32).to(like.device)
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

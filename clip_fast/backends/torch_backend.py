@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import combine_diag, diag_grad, split_float
+from . import combine_diag, compute_dtype, compute_scalar, diag_grad, split_float
 
 NAME = "torch"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,16 +39,10 @@ def strip_rows(m: int, k: int, chunk_size: Optional[int] = None) -> int:
     return max(1, min(m, max(_MIN_ROWS, min(_MAX_ROWS, _STRIP_ELEMS // max(k, 1)))))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _prepare(img, txt, scale, bias):
-    cd = _compute_dtype(img.dtype)
+    cd = compute_dtype(img.dtype)
     x, y = img.to(cd), txt.to(cd)  # a copy only for half/bfloat16 inputs: O(N*D)
-    s = scale.reshape(()).to(cd)
-    b = None if bias is None else bias.reshape(()).to(cd)
-    return cd, x, y, s, b
+    return cd, x, y, compute_scalar(scale, cd), compute_scalar(bias, cd)
 
 
 def _strip_diag(strip: torch.Tensor, r0: int, k: int) -> torch.Tensor:

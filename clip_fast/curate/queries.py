@@ -102,32 +102,36 @@ def corpus_counts(path: str) -> CorpusCounts:
     return CorpusCounts(dict(uni), dict(bi), float(n_tok), float(sum(bi.values())))
 
 
+def _tsv_lines(path: str, what: str):
+    """(line number, line, tab-separated fields) of each non-blank line of a UTF-8 ``what`` file."""
+    require_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if line.strip():
+                    yield line_no, line, line.rstrip("\r\n").split("\t")
+    except UnicodeDecodeError as exc:
+        raise CurateError(f"{path}: {what} file is not UTF-8 text ({exc.reason})") from exc
+
+
 def read_word_counts(path: str) -> Dict[str, int]:
     """Read a word-count file: one ``word<TAB>count`` per line (blank lines skipped).
 
     Counts are non-negative integers; words are normalised and the counts of words that
     normalise alike are added.
     """
-    require_file(path, "word-count")
     out: Counter = Counter()
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                parts = line.rstrip("\r\n").split("\t")
-                if len(parts) != 2:
-                    raise CurateError(f"{where(path, line_no)}: expected 'word<TAB>count', "
-                                      f"got {len(parts)} tab-separated fields: {line.rstrip()!r}")
-                word, raw = normalize_entry(parts[0]), parts[1].strip()
-                if not word:
-                    raise CurateError(f"{where(path, line_no)}: empty word")
-                if not raw.isdigit():
-                    raise CurateError(f"{where(path, line_no)}: count {raw!r} is not a "
-                                      f"non-negative integer")
-                out[word] += int(raw)
-    except UnicodeDecodeError as exc:
-        raise CurateError(f"{path}: word-count file is not UTF-8 text ({exc.reason})") from exc
+    for line_no, line, parts in _tsv_lines(path, "word-count"):
+        if len(parts) != 2:
+            raise CurateError(f"{where(path, line_no)}: expected 'word<TAB>count', "
+                              f"got {len(parts)} tab-separated fields: {line.rstrip()!r}")
+        word, raw = normalize_entry(parts[0]), parts[1].strip()
+        if not word:
+            raise CurateError(f"{where(path, line_no)}: empty word")
+        if not raw.isdigit():
+            raise CurateError(f"{where(path, line_no)}: count {raw!r} is not a "
+                              f"non-negative integer")
+        out[word] += int(raw)
     if not out:
         raise CurateError(f"{path}: word-count file holds no entries")
     return dict(out)
@@ -220,46 +224,38 @@ def read_titles(path: str, min_volume: Optional[float] = None) -> List[Tuple[str
     only titles whose volume is at least that are kept, and every line needs a volume.
     Titles are normalised (Wikipedia's ``_`` becomes a space); blank lines are skipped.
     """
-    require_file(path, "titles")
     out: List[Tuple[str, Optional[float]]] = []
     has_volume = None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                parts = line.rstrip("\r\n").split("\t")
-                if len(parts) > 2:
-                    raise CurateError(f"{where(path, line_no)}: expected 'title' or "
-                                      f"'title<TAB>volume', got {len(parts)} fields")
-                title = normalize_entry(parts[0])
-                if not title:
-                    raise CurateError(f"{where(path, line_no)}: empty title")
-                volume = None
-                if len(parts) == 2:
-                    try:
-                        volume = float(parts[1])
-                    except ValueError:
-                        volume = -1.0
-                    if not volume >= 0 or math.isinf(volume):
-                        raise CurateError(f"{where(path, line_no)}: volume {parts[1]!r} is not "
-                                          f"a finite number >= 0")
-                this_has = volume is not None
-                if has_volume is None:
-                    has_volume = this_has
-                elif this_has != has_volume:
-                    raise CurateError(f"{where(path, line_no)}: "
-                                      + ("this line has a volume column but earlier lines do not"
-                                         if this_has else "no volume column, but earlier lines have one"))
-                if min_volume is not None:
-                    if volume is None:
-                        raise CurateError(f"{where(path, line_no)}: a minimum volume was "
-                                          f"given but this line has no volume column")
-                    if volume < min_volume:
-                        continue
-                out.append((title, volume))
-    except UnicodeDecodeError as exc:
-        raise CurateError(f"{path}: titles file is not UTF-8 text ({exc.reason})") from exc
+    for line_no, _line, parts in _tsv_lines(path, "titles"):
+        if len(parts) > 2:
+            raise CurateError(f"{where(path, line_no)}: expected 'title' or "
+                              f"'title<TAB>volume', got {len(parts)} fields")
+        title = normalize_entry(parts[0])
+        if not title:
+            raise CurateError(f"{where(path, line_no)}: empty title")
+        volume = None
+        if len(parts) == 2:
+            try:
+                volume = float(parts[1])
+            except ValueError:
+                volume = -1.0
+            if not volume >= 0 or math.isinf(volume):
+                raise CurateError(f"{where(path, line_no)}: volume {parts[1]!r} is not "
+                                  f"a finite number >= 0")
+        this_has = volume is not None
+        if has_volume is None:
+            has_volume = this_has
+        elif this_has != has_volume:
+            raise CurateError(f"{where(path, line_no)}: "
+                              + ("this line has a volume column but earlier lines do not"
+                                 if this_has else "no volume column, but earlier lines have one"))
+        if min_volume is not None:
+            if volume is None:
+                raise CurateError(f"{where(path, line_no)}: a minimum volume was "
+                                  f"given but this line has no volume column")
+            if volume < min_volume:
+                continue
+        out.append((title, volume))
     return out
 
 

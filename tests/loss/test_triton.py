@@ -17,6 +17,7 @@ the `gpu` tests below cover those; benchmarks/gpu_check.sh runs them on a real G
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,21 +26,42 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from reference import reference_block, reference_block_grads, reference_clip_loss  # noqa: E402
+from helpers import features  # noqa: E402
+from reference import (  # noqa: E402
+    reference_block, reference_block_grads, reference_block_magnitudes, reference_clip_loss)
 
 from clip_fast.backends import torch_backend, triton_backend  # noqa: E402
 from clip_fast.kernels import config as kconfig  # noqa: E402
-from clip_fast.kernels.lse_forward import _lse_forward_kernel, column_fallback_flags  # noqa: E402
+from clip_fast.kernels.lse_forward import (  # noqa: E402
+    COL_UNDERFLOW, LOG2E, _lse_forward_kernel, column_bounds_log2, headroom_log2)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEV.type == "cpu" and "Interpreted" not in type(_lse_forward_kernel).__name__:
     pytest.skip("Triton kernels were imported before TRITON_INTERPRET=1 was set; run this file "
                 "with TRITON_INTERPRET=1 on a machine without CUDA", allow_module_level=True)
 
+# Triton before 3.7 turns the forward's loop bounds into ints with int() of a 1-element numpy
+# array, which numpy 2.4 refuses (TypeError): its interpreter cannot launch the kernels there.
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+_NUMPY_VERSION = tuple(int(x) for x in np.__version__.split(".")[:2])
+INTERPRETER_CANNOT_LAUNCH = (
+    f"Triton {triton.__version__}'s interpreter cannot run the forward's column loop with numpy "
+    f"{np.__version__} (needs triton >= 3.7 or numpy < 2.4)"
+    if DEV.type == "cpu" and _TRITON_VERSION < (3, 7) and _NUMPY_VERSION >= (2, 4) else None)
+# The tests that launch no kernel: they run whatever the interpreter can do.
+_NO_LAUNCH = {"test_unavailable_reasons", "test_backward_op_fake_impl",
+              "test_kernels_compile_for_sm90_without_gpu"}
+
 SMALL = kconfig.Configs(forward=kconfig.KernelConfig(16, 16, 16, 4, 2),
                         backward=kconfig.KernelConfig(16, 16, 16, 4, 2), col_splits=1)
 # Worst-case rounding unit of the values each output is built from (see _check_block).
 EPS = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_can_launch(request):
+    if INTERPRETER_CANNOT_LAUNCH and request.node.originalname not in _NO_LAUNCH:
+        pytest.skip(INTERPRETER_CANNOT_LAUNCH)
 
 
 @pytest.fixture(autouse=True)
@@ -51,29 +73,18 @@ def _small_blocks():
     torch.set_float32_matmul_precision(prev)
 
 
-def _features(m, d, dtype=torch.float32, normalise=True, device=DEV):
-    x = torch.randn(m, d, dtype=torch.float64)
-    if normalise:
-        x = torch.nn.functional.normalize(x, dim=1)
-    return x.to(device=device, dtype=dtype)
-
-
-def _magnitudes(img, txt, scale, bias, coef_row, coef_col, coef_diag):
-    """Sizes of the terms each output sums (float64); tolerances scale with these."""
-    x, y = img.double().cpu(), txt.double().cpu()
-    raw = x @ y.T
-    s = float(scale) * raw + (0.0 if bias is None else float(bias))
-    g_abs = (coef_row * torch.softmax(s, 1) + coef_col * torch.softmax(s, 0)
-             + abs(coef_diag) * torch.eye(*s.shape, dtype=torch.float64))
-    return (s.abs().max().item() + 1.0,
-            abs(float(scale)) * (g_abs @ y.abs()).max().item() + 1e-30,
-            abs(float(scale)) * (g_abs.T @ x.abs()).max().item() + 1e-30,
-            (g_abs * raw.abs()).sum().item() + 1e-30)
-
-
 def _close(got, ref, tol, what):
     err = (got.double().cpu() - ref.double().cpu()).abs().max().item()
     assert math.isfinite(err) and err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e}"
+
+
+def column_fallback_flags(img, txt, scale, bias=None) -> torch.Tensor:
+    """Which columns the sweep hands to the exact fallback, from float64 logits and the kernels'
+    own bounds: the whole shifted column sum below the flag (docs/numerics.md, section 3)."""
+    c2 = column_bounds_log2(img, txt, scale, bias).double()
+    s2 = (scale.to(torch.float64) * (img.double() @ txt.double().T)
+          + (0.0 if bias is None else bias.double())) * LOG2E
+    return torch.exp2(s2 - c2 + headroom_log2(img.shape[0])).sum(dim=0) < COL_UNDERFLOW
 
 
 def _check_block(img, txt, scale, bias=None, coefs=None):
@@ -92,7 +103,7 @@ def _check_block(img, txt, scale, bias=None, coefs=None):
     assert lse_row.shape == (m,) and lse_col.shape == (k,) and diag.shape == (min(m, k),)
     assert lse_row.dtype == lse_col.dtype == diag.dtype == torch.float64
     r_row, r_col, r_diag = reference_block(img.cpu(), txt.cpu(), scale, bias)
-    mag_s, mag_img, mag_txt, mag_sc = _magnitudes(img, txt, scale, bias, *coefs)
+    mag_s, mag_img, mag_txt, mag_sc = reference_block_magnitudes(img, txt, scale, bias, *coefs)
     ftol = 2e-6 * mag_s * max(1.0, math.sqrt(img.shape[1]) / 4)
     _close(lse_row, r_row, ftol, "lse_row")
     _close(lse_col, r_col, ftol, "lse_col")
@@ -123,42 +134,42 @@ def _check_block(img, txt, scale, bias=None, coefs=None):
 @pytest.mark.parametrize("m,k,d", [(1, 1, 1), (2, 2, 33), (77, 77, 33), (77, 77, 1),
                                    (40, 77, 129), (77, 40, 16), (300, 300, 129)])
 def test_shapes_fp32(m, k, d):
-    _check_block(_features(m, d), _features(k, d), scale=14.3)
+    _check_block(features(m, d, device=DEV), features(k, d, device=DEV), scale=14.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,d", [(77, 77, 33), (50, 33, 129)])
 def test_low_precision(dtype, m, k, d):
     """fp16 and bf16 (bf16 via DOT_UPCAST under the interpreter, see the module doc)."""
-    _check_block(_features(m, d, dtype), _features(k, d, dtype), scale=30.0, bias=-1.5)
+    _check_block(features(m, d, dtype, device=DEV), features(k, d, dtype, device=DEV), scale=30.0, bias=-1.5)
 
 
 @pytest.mark.parametrize("scale,bias", [(100.0, None), (100.0, 2.5), (0.5, -10.0)])
 def test_scale_and_bias(scale, bias):
-    _check_block(_features(77, 33), _features(77, 33), scale, bias)
+    _check_block(features(77, 33, device=DEV), features(77, 33, device=DEV), scale, bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strided_inputs(dtype):
     """Non-contiguous img (every other column) and txt (a transposed view)."""
-    img = _features(77, 66, dtype)[:, ::2]
+    img = features(77, 66, dtype, device=DEV)[:, ::2]
     txt = torch.empty(33, 77, dtype=dtype, device=DEV).T  # (77, 33) with strides (1, 77)
-    txt.copy_(_features(77, 33, dtype))
+    txt.copy_(features(77, 33, dtype, device=DEV))
     assert not img.is_contiguous() and not txt.is_contiguous()
     _check_block(img, txt, scale=50.0, bias=0.3)
 
 
 def test_near_one_hot_rows_scale_100():
     """Confident rows: S_ii ~ 100 dominates each row and column (P ~ one-hot)."""
-    img = _features(77, 33)
+    img = features(77, 33, device=DEV)
     txt = torch.nn.functional.normalize(img + 0.01 * torch.randn_like(img), dim=1)
     _check_block(img, txt, scale=100.0)
 
 
 def test_identical_embeddings():
     """All rows equal: every softmax is uniform, G = (1/N^2) - I/N exactly."""
-    img = _features(1, 33).expand(77, 33)
-    txt = _features(1, 33).expand(77, 33)
+    img = features(1, 33, device=DEV).expand(77, 33)
+    txt = features(1, 33, device=DEV).expand(77, 33)
     _check_block(img, txt, scale=100.0)
 
 
@@ -171,7 +182,7 @@ def test_zero_vectors():
 
 def test_column_underflow_fallback_single():
     """N = 1, img = -txt, s = 100: S = -100 against the bound +100; the column sum underflows."""
-    img = _features(1, 8)
+    img = features(1, 8, device=DEV)
     txt = -img
     sc = torch.tensor(100.0, device=DEV)
     assert column_fallback_flags(img.cpu(), txt.cpu(), sc.cpu()).all()
@@ -203,13 +214,13 @@ def test_exp_sharing_and_column_splits(share_exp, col_splits, m, k):
     cfg = kconfig.Configs(forward=SMALL.forward, backward=SMALL.backward,
                           col_splits=col_splits, share_exp=share_exp)
     with kconfig.override(cfg):
-        _check_block(_features(m, 33), _features(k, 33), scale=100.0, bias=0.5)
+        _check_block(features(m, 33, device=DEV), features(k, 33, device=DEV), scale=100.0, bias=0.5)
 
 
 def test_wide_lse_spread_takes_two_exp_path():
     """Rows of very different norms: lse spread > 60 (log2) forces the per-tile fallback."""
-    img = _features(64, 16) * torch.linspace(0.1, 3.0, 64, device=DEV)[:, None]
-    txt = _features(64, 16) * torch.linspace(3.0, 0.1, 64, device=DEV)[:, None]
+    img = features(64, 16, device=DEV) * torch.linspace(0.1, 3.0, 64, device=DEV)[:, None]
+    txt = features(64, 16, device=DEV) * torch.linspace(3.0, 0.1, 64, device=DEV)[:, None]
     with kconfig.override(kconfig.Configs(forward=SMALL.forward, backward=SMALL.backward,
                                           col_splits=1, share_exp=True)):
         _check_block(img, txt, scale=40.0)
@@ -218,27 +229,27 @@ def test_wide_lse_spread_takes_two_exp_path():
 @pytest.mark.parametrize("coefs", [(0.3, 0.0, 0.0), (0.0, 0.2, 0.0), (0.1, 0.2, 0.0), (0.0, 0.0, 0.5)])
 def test_single_terms_of_g(coefs):
     """Each term of G on its own (a zero coefficient switches its term off)."""
-    _check_block(_features(33, 17), _features(45, 17), scale=10.0, coefs=coefs)
+    _check_block(features(33, 17, device=DEV), features(45, 17, device=DEV), scale=10.0, coefs=coefs)
 
 
 def test_backward_workspace_blocks(monkeypatch):
     """A tiny workspace budget splits the backward into many row x column blocks."""
     monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", str(20 * 30 * 4 / 2**20))
-    _check_block(_features(77, 33), _features(65, 33), scale=20.0)
+    _check_block(features(77, 33, device=DEV), features(65, 33, device=DEV), scale=20.0)
 
 
 def test_full_loss_through_function():
     """clip_loss(backend='triton'): loss and every gradient vs the float64 reference."""
     from clip_fast import clip_loss
 
-    img = _features(77, 33).requires_grad_(True)
-    txt = _features(77, 33).requires_grad_(True)
+    img = features(77, 33, device=DEV).requires_grad_(True)
+    txt = features(77, 33, device=DEV).requires_grad_(True)
     scale = torch.tensor(30.0, device=DEV, requires_grad=True)
     loss = clip_loss(img, txt, scale, backend="triton")
     loss.backward()
     r_loss, r_img, r_txt, r_scale, _ = reference_clip_loss(img.cpu(), txt.cpu(), 30.0)
     _close(loss, r_loss, 1e-5, "loss")
-    mags = _magnitudes(img.detach(), txt.detach(), 30.0, None, 1 / 154, 1 / 154, 1 / 77)
+    mags = reference_block_magnitudes(img.detach(), txt.detach(), 30.0, None, 1 / 154, 1 / 154, 1 / 77)
     _close(img.grad, r_img, 4 * EPS[torch.float32] * mags[1], "d_img")
     _close(txt.grad, r_txt, 4 * EPS[torch.float32] * mags[2], "d_txt")
     _close(scale.grad, r_scale, 1e-5 * mags[3] + 1e-6, "d_scale")
@@ -248,8 +259,8 @@ def test_autocast():
     """Under autocast the Function hands the kernels bf16 features; the loss is float32."""
     from clip_fast import clip_loss
 
-    img = _features(50, 33).requires_grad_(True)
-    txt = _features(50, 33)
+    img = features(50, 33, device=DEV).requires_grad_(True)
+    txt = features(50, 33, device=DEV)
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
         loss = clip_loss(img, txt, torch.tensor(20.0, device=DEV), backend="triton")
     loss.backward()
@@ -288,7 +299,7 @@ def test_torch_compile_module_fullgraph():
     # The Triton backend can run here; FastClipLoss's constructor imports it, outside the
     # compiled region (an import inside it would be a graph break).
     assert backends.unavailable_reason("triton", DEV, torch.float32) is None
-    img, txt = _features(40, 16), _features(40, 16)
+    img, txt = features(40, 16, device=DEV), features(40, 16, device=DEV)
     mod = torch.compile(FastClipLoss(backend="triton"), backend="aot_eager", fullgraph=True)
     a = img.clone().requires_grad_(True)
     loss = mod(a, txt, torch.tensor(9.0, device=DEV))
@@ -334,14 +345,14 @@ def default_blocks():
 @pytest.mark.parametrize("m,k,d", [(77, 77, 33), (1000, 1000, 129), (4096, 4096, 512), (3000, 5000, 768)])
 def test_gpu_default_configs(default_blocks, dtype, m, k, d):
     """Tensor-core tl.dot (the bf16 MMA the interpreter cannot run) with the real tile sizes."""
-    _check_block(_features(m, d, dtype), _features(k, d, dtype), scale=100.0, bias=-2.0)
+    _check_block(features(m, d, dtype, device=DEV), features(k, d, dtype, device=DEV), scale=100.0, bias=-2.0)
 
 
 @pytest.mark.gpu
 def test_gpu_tf32_follows_torch(default_blocks):
     """fp32 with TF32 allowed: errors at TF32 level (2^-11), not garbage."""
     torch.set_float32_matmul_precision("high")
-    img, txt = _features(2048, 512), _features(2048, 512)
+    img, txt = features(2048, 512, device=DEV), features(2048, 512, device=DEV)
     sc = torch.tensor(100.0, device=DEV)
     r_row, _, _ = reference_block(img.cpu(), txt.cpu(), 100.0)
     lse_row, _, _ = triton_backend.lse_forward(img, txt, sc)
@@ -352,7 +363,7 @@ def test_gpu_tf32_follows_torch(default_blocks):
 def test_gpu_large_n_vs_torch_backend(default_blocks):
     """N = 65536, D = 512 bf16 against the exact chunked torch backend (fp32 on GPU)."""
     n, d = 65536, 512
-    img, txt = _features(n, d, torch.bfloat16), _features(n, d, torch.bfloat16)
+    img, txt = features(n, d, torch.bfloat16, device=DEV), features(n, d, torch.bfloat16, device=DEV)
     sc = torch.tensor(50.0, device=DEV)
     got = triton_backend.lse_forward(img, txt, sc)
     ref = torch_backend.lse_forward(img, txt, sc)
@@ -372,7 +383,7 @@ def test_gpu_extra_memory_is_o_n_d(default_blocks, monkeypatch):
     backward's bounded workspace, far below one N x N bf16 matrix (8 GiB here)."""
     monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", "64")
     n, d = 65536, 512
-    img, txt = _features(n, d, torch.bfloat16), _features(n, d, torch.bfloat16)
+    img, txt = features(n, d, torch.bfloat16, device=DEV), features(n, d, torch.bfloat16, device=DEV)
     sc = torch.tensor(30.0, device=DEV)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -397,7 +408,7 @@ def test_gpu_forward_op_compiles_fullgraph(default_blocks):
     def f(img, txt, s):
         return torch.ops.clip_fast.triton_lse_forward(img, txt, s, None)
 
-    img, txt = _features(300, 64, torch.bfloat16), _features(200, 64, torch.bfloat16)
+    img, txt = features(300, 64, torch.bfloat16, device=DEV), features(200, 64, torch.bfloat16, device=DEV)
     s = torch.tensor(10.0, device=DEV)
     eager = f(img, txt, s)
     compiled = torch.compile(f, fullgraph=True)(img, txt, s)
@@ -411,8 +422,8 @@ def test_gpu_torch_compile_module(default_blocks):
     from clip_fast import FastClipLoss, backends
 
     assert backends.unavailable_reason("triton", DEV, torch.bfloat16) is None
-    img = _features(1024, 256, torch.bfloat16).requires_grad_(True)
-    txt = _features(1024, 256, torch.bfloat16).requires_grad_(True)
+    img = features(1024, 256, torch.bfloat16, device=DEV).requires_grad_(True)
+    txt = features(1024, 256, torch.bfloat16, device=DEV).requires_grad_(True)
     scale = torch.tensor(30.0, device=DEV, requires_grad=True)
     eager = FastClipLoss(backend="triton")
     compiled = torch.compile(FastClipLoss(backend="triton"), fullgraph=True)
@@ -429,5 +440,5 @@ def test_gpu_torch_compile_module(default_blocks):
 def test_gpu_autotune_path(default_blocks, monkeypatch):
     """CLIP_FAST_AUTOTUNE=1: the tuned launches (trial runs undone) give the same values."""
     monkeypatch.setenv("CLIP_FAST_AUTOTUNE", "1")
-    _check_block(_features(1000, 129, torch.bfloat16), _features(900, 129, torch.bfloat16),
+    _check_block(features(1000, 129, torch.bfloat16, device=DEV), features(900, 129, torch.bfloat16, device=DEV),
                  scale=50.0, bias=1.0)

@@ -67,7 +67,7 @@ def confident_rows(noise=1.5, n=97, d=100):
 
 
 def row_norm(norm, noise):
-    """The repro of the issue: 65 x 17, rows of the given norm at scale 100 (|S| ~ 100 norm^2)."""
+    """65 x 17 features whose rows all have the given norm, at scale 100 (|S| ~ 100 norm^2)."""
     x, t = _correlated(65, 17, noise, seed=2, norm=norm)
     return x, t, 100.0, None
 

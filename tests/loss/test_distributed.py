@@ -145,7 +145,7 @@ def reference_distributed(imgs, txts, scale, bias, local_loss, gather_with_grad,
 def _run_case(case, rank, world_size, seed):
     import torch.distributed as dist
 
-    import clip_fast.distributed as cf_dist
+    import clip_fast.distributed.collectives as cf_collectives
     from clip_fast import FastClipLoss
     from clip_fast.distributed import distributed_clip_loss
 
@@ -167,7 +167,7 @@ def _run_case(case, rank, world_size, seed):
     if err == "scale" and rank == 1:
         scale = torch.tensor(case["scale"] * 1.5, dtype=sdt)
     out = {}
-    cf_dist._FORCE_REDUCE_SCATTER = case["reduce_scatter"]
+    cf_collectives.FORCE_REDUCE_SCATTER = case["reduce_scatter"]
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["autocast"]):
             if case["via"] == "module":

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip_fast import data as D
-from clip_fast.models import HashWordTokenizer
+from clip_fast.train import data as D
+from clip_fast.train.models import HashWordTokenizer
 from train_helpers import make_fake_fashion_mnist, write_idx
 
 

@@ -412,7 +412,7 @@ def test_dask_run_equals_single_process(tmp_path):
 
 
 def test_balanced_output_loads_in_the_trainer(tmp_path):
-    from clip_fast import data as data_mod
+    from clip_fast.train import data as data_mod
     import torch
 
     pool = _csv_pool(str(tmp_path / "raw"), CAPTIONS)

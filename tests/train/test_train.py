@@ -14,11 +14,11 @@ import time
 import pytest
 import torch
 
-from clip_fast import data as D
+from clip_fast.train import data as D
 from clip_fast.train import CheckpointError, load_checkpoint, run as main
 from train_helpers import TINY_MODEL, make_fake_fashion_mnist
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +251,7 @@ def test_lit_frozen_text_tower(fake_dir, tmp_path):
 
 def test_frozen_text_cache_overflow_keeps_the_batchs_captions():
     """A full caption cache must still return every caption of the batch, each its own embedding."""
-    from clip_fast.models import FrozenSentenceEncoder
+    from clip_fast.train.models import FrozenSentenceEncoder
 
     class Encoder:  # stands in for MiniLM: a caption's embedding is its length, repeated
         def encode(self, texts, **kw):

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from clip_fast import backends, clip_loss
 from clip_fast.backends import cuda_backend, torch_backend
-from reference import reference_block, reference_block_grads, reference_clip_loss, reference_magnitudes
+from helpers import paired_features
+from reference import (reference_block, reference_block_grads, reference_block_magnitudes,
+                       reference_clip_loss, reference_magnitudes)
 
 needs_ext = pytest.mark.skipif(cuda_backend._C is None,
                                reason=f"clip_fast._C not built: {cuda_backend._IMPORT_ERROR}")
@@ -216,16 +218,6 @@ PRECISIONS = [
 ]
 
 
-def _features(m, k, d, dtype, normalise=True, device="cuda"):
-    img = torch.randn(m, d, dtype=torch.float64)
-    txt = torch.randn(k, d, dtype=torch.float64)
-    n = min(m, k)
-    txt[:n] = 0.6 * img[:n] + 0.8 * txt[:n]  # paired rows: a non-trivial loss
-    if normalise:
-        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    return img.to(device=device, dtype=dtype), txt.to(device=device, dtype=dtype)
-
-
 def _max_err(got, ref, magnitude):
     got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
     assert got.shape == ref.shape, (got.shape, ref.shape)
@@ -235,27 +227,16 @@ def _max_err(got, ref, magnitude):
     return (got - ref).abs().max().item() / max(magnitude, 1e-30)
 
 
-def _block_magnitudes(img, txt, scale, bias, coef_row, coef_col, coef_diag):
-    """Sizes of the cancelling terms of the block gradients, float64 (cf. reference_magnitudes)."""
-    x, y = img.double().cpu(), txt.double().cpu()
-    raw = x @ y.T
-    logits = scale * raw + (0.0 if bias is None else bias)
-    g_abs = abs(coef_row) * torch.softmax(logits, 1) + abs(coef_col) * torch.softmax(logits, 0)
-    g_abs = g_abs + abs(coef_diag) * torch.eye(*logits.shape, dtype=torch.float64)
-    return ((abs(scale) * g_abs @ y.abs()).max().item(), (abs(scale) * g_abs.T @ x.abs()).max().item(),
-            (g_abs * raw.abs()).sum().item(), logits.abs().max().item() + 1.0)
-
-
 def _check_block(m, k, d, dtype, tf32, tol_f, tol_b, scale, bias, coefs=None, normalise=True,
                  img=None, txt=None):
     if img is None:
-        img, txt = _features(m, k, d, dtype, normalise)
+        img, txt = paired_features(m, k, d, dtype, normalise, device="cuda")
     m, k = img.shape[0], txt.shape[0]
     coef_row, coef_col, coef_diag = coefs or (1 / (2 * m), 1 / (2 * m), 1 / m)
     s = torch.tensor(scale, device="cuda")
     b = None if bias is None else torch.tensor(bias, device="cuda")
     ref_row, ref_col, ref_diag = reference_block(img.cpu(), txt.cpu(), scale, bias)
-    mag_img, mag_txt, mag_scale, mag_logit = _block_magnitudes(img, txt, scale, bias, *(coef_row, coef_col, coef_diag))
+    mag_logit, mag_img, mag_txt, mag_scale = reference_block_magnitudes(img, txt, scale, bias, coef_row, coef_col, coef_diag)
     with _tf32(tf32):
         lse_row, lse_col, diag = cuda_backend.lse_forward(img, txt, s, b)
         d_img, d_txt, d_scale = cuda_backend.grad_backward(
@@ -339,7 +320,7 @@ def test_backward_huge_workspace_setting(monkeypatch):
 @pytest.mark.parametrize("dtype,tf32,tol_f,tol_b", PRECISIONS)
 def test_strided_inputs(dtype, tf32, tol_f, tol_b):
     """Non-contiguous img/txt (a transposed view and a column slice) give the same result."""
-    base_img, base_txt = _features(96, 90, 48, dtype)
+    base_img, base_txt = paired_features(96, 90, 48, dtype, device="cuda")
     img = base_img.T.contiguous().T            # column-major storage
     txt = torch.cat([base_txt, base_txt], 1)[:, ::2]  # stride 2 along D
     assert not img.is_contiguous() and not txt.is_contiguous()
@@ -352,7 +333,7 @@ def test_misaligned_contiguous_inputs(dtype, tf32, tol_f, tol_b):
     """Contiguous views starting one element into their storage: the 16-byte vector loads
     must be refused (scalar path) even though D is a multiple of the vector width."""
     m, d = 100, 64
-    a, b = _features(m, m, d, dtype)
+    a, b = paired_features(m, m, d, dtype, device="cuda")
     img = torch.empty(m * d + 1, dtype=dtype, device="cuda")[1:].view(m, d)
     txt = torch.empty(m * d + 1, dtype=dtype, device="cuda")[1:].view(m, d)
     img.copy_(a)
@@ -385,7 +366,7 @@ def test_column_underflow_fallback(dtype, tf32, tol_f, tol_b):
 @pytest.mark.parametrize("dtype,tf32,tol_f,tol_b", PRECISIONS)
 def test_unnormalised_large_norm_row(dtype, tf32, tol_f, tol_b):
     """One image row 30x longer loosens the shared bound for every column (fallback everywhere)."""
-    img, txt = _features(200, 200, 40, torch.float64)
+    img, txt = paired_features(200, 200, 40, torch.float64, device="cuda")
     img[7] *= 30.0
     _check_block(0, 0, 0, dtype, tf32, tol_f, tol_b, 10.0, None, img=img.to(dtype), txt=txt.to(dtype))
 
@@ -418,7 +399,7 @@ def _loss_and_grads(img, txt, scale, bias, backend):
 def test_loss_and_grads_vs_reference(dtype, tf32, tol_f, tol_b):
     """The full loss through clip_loss(backend='cuda'), every input's gradient, against
     float64 and (never far worse than) the torch backend in the same dtype and setting."""
-    img, txt = _features(257, 257, 96, dtype)
+    img, txt = paired_features(257, 257, 96, dtype, device="cuda")
     with _tf32(tf32):
         got = _loss_and_grads(img, txt, 50.0, -2.0, "cuda")
         base = _loss_and_grads(img, txt, 50.0, -2.0, "torch")
@@ -435,7 +416,7 @@ def test_loss_and_grads_vs_reference(dtype, tf32, tol_f, tol_b):
 @pytest.mark.gpu
 def test_opcheck():
     """torch.library.opcheck: schema, fake implementation and real kernel agree."""
-    img, txt = _features(70, 50, 24, torch.bfloat16)
+    img, txt = paired_features(70, 50, 24, torch.bfloat16, device="cuda")
     s, b = torch.tensor(12.0, device="cuda"), torch.tensor(0.5, device="cuda")
     torch.library.opcheck(torch.ops.clip_fast_cuda.lse_forward.default, (img, txt, s, b, None))
     lse_row, lse_col, _ = cuda_backend.lse_forward(img, txt, s, b)
@@ -450,7 +431,7 @@ def test_torch_compile_module_fullgraph(compile_backend):
     (fullgraph=True raises on a break); same loss and gradient as eager."""
     from clip_fast import FastClipLoss
 
-    img, txt = _features(64, 64, 32, torch.float32)
+    img, txt = paired_features(64, 64, 32, torch.float32, device="cuda")
     scale = torch.tensor(20.0, device="cuda")
     mod = torch.compile(FastClipLoss(backend="cuda"), backend=compile_backend, fullgraph=True)
     a = img.clone().requires_grad_(True)
@@ -466,7 +447,7 @@ def test_torch_compile_module_fullgraph(compile_backend):
 @pytest.mark.gpu
 def test_runs_on_current_stream_and_device():
     """Work is queued on the current stream: results read after that stream synchronises."""
-    img, txt = _features(300, 300, 64, torch.float16)
+    img, txt = paired_features(300, 300, 64, torch.float16, device="cuda")
     s = torch.tensor(30.0, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -8,16 +8,8 @@ import torch.nn.functional as F
 import clip_fast
 from clip_fast import FastClipLoss, clip_loss
 from clip_fast.backends import torch_backend
+from helpers import paired_features
 from reference import reference_block, reference_block_grads, reference_clip_loss, reference_magnitudes
-
-
-def _features(n, d, dtype=torch.float32, normalise=True):
-    img, txt = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
-    # Pair row i of each tower so the loss is not trivially log N.
-    txt = 0.6 * img + 0.8 * txt
-    if normalise:
-        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    return img.to(dtype), txt.to(dtype)
 
 
 def _assert_close(got, ref, rtol, atol_frac, what, magnitude=None):
@@ -35,7 +27,7 @@ def _assert_close(got, ref, rtol, atol_frac, what, magnitude=None):
 
 def _check_once(n, d, scale, bias, dtype=torch.float32, rtol=1e-4, atol_frac=1e-4, normalise=True,
                 backend="torch", chunk_size=None):
-    img, txt = _features(n, d, dtype, normalise)
+    img, txt = paired_features(n, n, d, dtype, normalise)
     img.requires_grad_(True)
     txt.requires_grad_(True)
     s = torch.tensor(scale, dtype=torch.float32, requires_grad=True)
@@ -93,7 +85,7 @@ def test_dtypes(dtype, rtol, atol_frac):
 
 def test_low_precision_no_worse_than_materialised_torch():
     """In bf16 the loss is at least as close to float64 as the materialised bf16 loss."""
-    img, txt = _features(512, 64, torch.bfloat16)
+    img, txt = paired_features(512, 512, 64, torch.bfloat16)
     ref = reference_clip_loss(img, txt, 100.0)[0].item()
     ours = clip_loss(img, txt, 100.0).double().item()
     logits = 100.0 * img @ txt.T
@@ -104,7 +96,7 @@ def test_low_precision_no_worse_than_materialised_torch():
 
 def test_gradcheck_float64():
     """torch.autograd.gradcheck over all four inputs (the bias derivative is 0)."""
-    img, txt = _features(5, 3, torch.float64, normalise=False)
+    img, txt = paired_features(5, 5, 3, torch.float64, normalise=False)
     s = torch.tensor(2.5, dtype=torch.float64)
     b = torch.tensor(-0.7, dtype=torch.float64)
     args = [t.clone().requires_grad_(True) for t in (img, txt, s, b)]
@@ -112,7 +104,7 @@ def test_gradcheck_float64():
 
 
 def test_non_contiguous_inputs():
-    img, txt = _features(2 * 77, 3 * 33)
+    img, txt = paired_features(2 * 77, 2 * 77, 3 * 33)
     img_v = img[::2, ::3].detach().requires_grad_(True)  # strided view
     txt_t = txt[::2, ::3].T.contiguous().T.detach().requires_grad_(True)  # column-major
     assert not img_v.is_contiguous() and not txt_t.is_contiguous()
@@ -126,7 +118,7 @@ def test_non_contiguous_inputs():
 
 def test_autocast_cpu():
     """Under autocast the features are used in the autocast dtype; the loss is float32."""
-    img, txt = _features(77, 33)
+    img, txt = paired_features(77, 77, 33)
     img.requires_grad_(True)
     txt.requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -139,9 +131,28 @@ def test_autocast_cpu():
     _assert_close(img.grad, ref[1], 1.6e-2, 1.6e-2, "d_img")
 
 
+def test_autocast_backward_inside_the_region():
+    """A backward run inside the autocast region gives the gradients of one run outside it."""
+    img, txt = paired_features(77, 77, 33)
+    grads = []
+    for inside in (False, True):
+        a, b = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        s = torch.tensor(14.3, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = clip_loss(a, b, s)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append((a.grad, b.grad, s.grad))
+    for what, got, want in zip(("d_img", "d_txt", "d_scale"), grads[1], grads[0]):
+        assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
+
+
 @pytest.mark.parametrize("form", ["float", "int", "0d", "1elem", "param_fp64"])
 def test_logit_scale_forms(form):
-    img, txt = _features(33, 17)
+    img, txt = paired_features(33, 33, 17)
     value = {"float": 12.0, "int": 12, "0d": torch.tensor(12.0), "1elem": torch.tensor([12.0]),
              "param_fp64": torch.nn.Parameter(torch.tensor([12.0], dtype=torch.float64))}[form]
     if isinstance(value, torch.Tensor):
@@ -189,7 +200,7 @@ def test_zero_vectors():
 
 def test_large_logits_do_not_overflow():
     """Unnormalised features give logits of ~1e4: the log-sum-exps must stay finite."""
-    img, txt = _features(64, 32, normalise=False)
+    img, txt = paired_features(64, 64, 32, normalise=False)
     _check_once_tensors(img * 10, txt * 10, 20.0, rtol=1e-4, atol_frac=1e-4)
 
 
@@ -225,7 +236,7 @@ def test_torch_backend_rectangular_block(m, k):
 # --- the module -------------------------------------------------------------------------
 
 def test_module_matches_functional_and_output_dict():
-    img, txt = _features(77, 33)
+    img, txt = paired_features(77, 77, 33)
     mod = FastClipLoss()
     out = mod(img, txt, torch.tensor(10.0), output_dict=True)
     assert set(out) == {"contrastive_loss"}
@@ -235,7 +246,7 @@ def test_module_matches_functional_and_output_dict():
 def test_matches_open_clip_cliploss():
     """Same call, same value and gradients as open_clip's ClipLoss."""
     open_clip_loss = pytest.importorskip("open_clip.loss")
-    img, txt = _features(129, 64)
+    img, txt = paired_features(129, 129, 64)
     scale = torch.tensor(14.3, requires_grad=True)
     ours_in = [t.clone().requires_grad_(True) for t in (img, txt)]
     theirs_in = [t.clone().requires_grad_(True) for t in (img, txt)]
@@ -252,7 +263,7 @@ def test_matches_open_clip_cliploss():
 
 def test_torch_compile_module_fullgraph():
     """torch.compile sees through the Function: no graph break, same value and gradients."""
-    img, txt = _features(40, 16)
+    img, txt = paired_features(40, 40, 16)
     mod = torch.compile(FastClipLoss(backend="torch"), backend="aot_eager", fullgraph=True)
     a = img.clone().requires_grad_(True)
     loss = mod(a, txt, torch.tensor(9.0))
@@ -260,6 +271,36 @@ def test_torch_compile_module_fullgraph():
     ref = reference_clip_loss(img, txt, 9.0)
     _assert_close(loss, ref[0], 1e-5, 1e-5, "loss")
     _assert_close(a.grad, ref[1], 1e-4, 1e-4, "d_img")
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("dtype,autocast", [
+    pytest.param(torch.float32, False, id="fp32"), pytest.param(torch.float64, False, id="fp64"),
+    pytest.param(torch.bfloat16, False, id="bf16"), pytest.param(torch.float16, False, id="fp16"),
+    pytest.param(torch.float32, True, id="autocast-bf16")])
+def test_torch_compile_gradients_equal_eager(compile_backend, dtype, autocast):
+    """Compiled and eager agree on the loss and every gradient, in each dtype and under autocast.
+
+    A loss already in the output dtype is where torch 2.11's compile gave all-zero gradients
+    (see clip_fast/_autograd.py): fp32, fp64 and autocast (an fp32 loss).  Under autocast
+    the compiled backward also runs inside the autocast region (see ``autocast_off``).
+    """
+    torch._dynamo.reset()  # a fresh cache: no case may fall back to eager past the recompile limit
+    img, txt = paired_features(24, 24, 16, dtype)
+
+    def run(fn):
+        leaves = [img.clone().requires_grad_(True), txt.clone().requires_grad_(True),
+                  torch.tensor(9.0, requires_grad=True), torch.tensor(-0.5, requires_grad=True)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(*leaves)
+        return [loss] + list(torch.autograd.grad(loss, leaves))
+
+    eager = run(FastClipLoss(backend="torch"))
+    compiled = run(torch.compile(FastClipLoss(backend="torch"), backend=compile_backend, fullgraph=True))
+    for what, got, want in zip(("loss", "d_img", "d_txt", "d_scale", "d_bias"), compiled, eager):
+        assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+        torch.testing.assert_close(got, want, msg=lambda m: f"{what}: {m}")
+    assert all(g.abs().max() > 0 for g in eager[1:4]), "the eager gradients must not be zero themselves"
 
 
 def test_available_backends_reports_reasons():
@@ -270,13 +311,13 @@ def test_available_backends_reports_reasons():
 
 
 def test_named_unavailable_backend_raises():
-    img, txt = _features(4, 4)
+    img, txt = paired_features(4, 4, 4)
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         clip_loss(img, txt, 1.0, backend="cuda")
 
 
 def test_env_var_picks_backend(monkeypatch):
-    img, txt = _features(4, 4)
+    img, txt = paired_features(4, 4, 4)
     monkeypatch.setenv("CLIP_FAST_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         clip_loss(img, txt, 1.0)
@@ -339,7 +380,7 @@ def test_mixed_devices():
     ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
     ({"rank": 2, "world_size": 2}, ValueError, r"rank must be an int in \[0, world_size=2\)"),
     ({"world_size": 0}, ValueError, "world_size must be an int >= 1"),
-    ({"distributed": "ring"}, ValueError, r"distributed='ring' computes the local_loss=True"),
+    ({"distributed": "ring"}, ValueError, r"distributed mode='ring' computes the local_loss=True"),
 ])
 def test_bad_module_arguments(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):

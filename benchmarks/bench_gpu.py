@@ -1,7 +1,7 @@
 """The benchmark table of benchmarks/gpu_check.sh (one H100/H200, a few minutes).
 
-    python benchmarks/gpu_tests.py                       # on the GPU machine
-    python benchmarks/gpu_tests.py --dry-run             # CPU, tiny N: exercises every code path
+    python benchmarks/bench_gpu.py                       # on the GPU machine
+    python benchmarks/bench_gpu.py --dry-run             # CPU, tiny N: exercises every code path
 
 Rows (one CSV, every row carrying card, python/torch/triton/CUDA/driver versions and date):
 * gemm          the bf16 (and fp32) GEMM rate measured in this run (8192^3, do_bench);

@@ -1,0 +1,65 @@
+"""The CLIP loss over a ``torch.distributed`` process group, without N x N logits.
+
+``FastClipLoss(rank=r, world_size=w, ...)`` calls :func:`distributed_clip_loss` when
+``w > 1``.  Each rank holds its own shard ``img_r, txt_r`` of ``n_r`` rows; the global
+batch is the concatenation in rank order (``N = sum n_r``, rank r's rows start at
+``o_r = n_0 + ... + n_{r-1}``) and ``S = scale * IMG @ TXT.T + bias`` is never formed.
+Every sweep is a backend call (``lse_forward`` / ``grad_backward``) on a rectangular block.
+
+Modules:
+    agreement    one all_gather of a per-rank descriptor, then the same verdict (or the
+                 same error) on every rank; the :class:`~.agreement.Layout` of the call
+    collectives  row all_gather / reduce_scatter, logsumexp across ranks, the ring's P2P
+    gather       ``mode="gather"``: open_clip's ``ClipLoss`` semantics, all four flags
+    ring         ``mode="ring"``: ``local_loss=True, gather_with_grad=True`` with text
+                 blocks travelling around the ring, O(n * D) memory per rank
+
+Unequal shard sizes are supported in both modes: labels are offset by ``o_r`` and every
+mean is over the rows it covers (open_clip itself cannot gather unequal shards).
+All ranks must call the loss, and its backward, in the same order (as with open_clip's gather).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .._validation import MODES
+from ..functional import apply_loss
+from .agreement import check_across_ranks
+from .gather import GatherClipLoss
+from .ring import RingClipLoss
+
+__all__ = ["MODES", "distributed_clip_loss"]
+
+
+def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                          logit_bias=None, *, rank: int, world_size: int, local_loss: bool = False,
+                          gather_with_grad: bool = False, mode: str = "gather", backend: str = "auto",
+                          chunk_size: Optional[int] = None, group=None) -> torch.Tensor:
+    """The CLIP loss of a batch sharded over ``group`` (default: the world), as a scalar.
+
+    Args:
+        image_features, text_features: this rank's (n_r, D) shard; n_r may differ across ranks.
+        logit_scale, logit_bias: as in ``clip_loss``; must be bitwise equal on every rank.
+        rank, world_size: this process's rank in ``group`` and the group's size (checked).
+        local_loss, gather_with_grad: open_clip's meaning (``mode="gather"``).
+        mode: "gather" (open_clip's semantics) or "ring" (requires ``local_loss=True`` and
+            ``gather_with_grad=True``: those are the semantics it computes).
+        backend, chunk_size: as in ``clip_loss``.
+        group: a ``torch.distributed`` process group, or None for the default group.
+
+    Every rank must call this (and the backward) collectively.  A bad shard on any rank
+    makes every rank raise the same ValueError.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"clip_fast: world_size={world_size} > 1 needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group, e.g. under torchrun)"
+        )
+    layout, call = check_across_ranks(
+        image_features, text_features, logit_scale, logit_bias, rank=rank, world_size=world_size,
+        local_loss=local_loss, gather_with_grad=gather_with_grad, mode=mode, backend=backend,
+        chunk_size=chunk_size, group=group)
+    return apply_loss(RingClipLoss if mode == "ring" else GatherClipLoss, call, layout)

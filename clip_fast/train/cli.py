@@ -1,0 +1,106 @@
+"""Command line of the reference trainer: ``python -m clip_fast.train --help``."""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from .data import DEFAULT_FASHION_MNIST_DIR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's flags and defaults, in four groups: data, model, optimisation, run."""
+    p = argparse.ArgumentParser(
+        prog="python -m clip_fast.train",
+        description="Train a small CLIP with clip_fast.FastClipLoss (default: Fashion-MNIST, "
+                    "zero-shot evaluation on its test split).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset-type", default="auto",
+                   choices=("auto", "fashion-mnist", "csv", "webdataset"),
+                   help="auto: csv for a .csv/.tsv --train-data, webdataset for tar shards, "
+                        "else fashion-mnist")
+    g.add_argument("--data-dir", default=DEFAULT_FASHION_MNIST_DIR,
+                   help="folder with the Fashion-MNIST idx files (.gz or not)")
+    g.add_argument("--train-data", default=None,
+                   help="CSV file, or tar shards ('a.tar::b.tar', a folder, 'shard-{000..009}.tar')")
+    g.add_argument("--csv-img-key", default="filepath")
+    g.add_argument("--csv-caption-key", default="title")
+    g.add_argument("--csv-separator", default="\t")
+    g.add_argument("--image-size", type=int, default=64, help="resize size for CSV/tar images")
+    g.add_argument("--channels", type=int, default=3, choices=(1, 3),
+                   help="image channels for CSV/tar images")
+    g.add_argument("--train-limit", type=int, default=None, help="use the first N training samples")
+    g.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
+    g.add_argument("--augment", default="flip", choices=("none", "flip", "shift", "flip-shift"))
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="cnn", choices=("cnn", "vit"), help="image encoder")
+    m.add_argument("--embed-dim", type=int, default=64)
+    m.add_argument("--cnn-widths", default="32,64,128")
+    m.add_argument("--cnn-stem-stride", type=int, default=2, choices=(1, 2))
+    m.add_argument("--vit-width", type=int, default=128)
+    m.add_argument("--vit-layers", type=int, default=4)
+    m.add_argument("--vit-patch", type=int, default=4)
+    m.add_argument("--text-tower", default="transformer", choices=("transformer", "minilm"),
+                   help="minilm: frozen pretrained all-MiniLM-L6-v2 (LiT-style), needs the [lit] extra")
+    m.add_argument("--text-width", type=int, default=128)
+    m.add_argument("--text-layers", type=int, default=2)
+    m.add_argument("--dropout", type=float, default=0.0)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=2)
+    o.add_argument("--batch-size", type=int, default=512,
+                   help="contrastive batch size, over all processes")
+    o.add_argument("--micro-batch-size", type=int, default=None,
+                   help="encoder chunk per process; smaller than the per-process batch turns on "
+                        "gradient caching (default: no caching)")
+    o.add_argument("--lr", type=float, default=2e-3)
+    o.add_argument("--wd", type=float, default=0.1)
+    o.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--backend", default="auto", help="FastClipLoss backend")
+    o.add_argument("--chunk-size", type=int, default=None, help="FastClipLoss chunk size")
+    o.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    o.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r = p.add_argument_group("run")
+    r.add_argument("--logs-dir", default="./runs")
+    r.add_argument("--name", default=None, help="run name (default: <dataset>-<model>-<time>)")
+    r.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="checkpoint to resume from; bare --resume: <run dir>/checkpoints/last.pt")
+    r.add_argument("--save-every", type=int, default=0,
+                   help="also checkpoint every N steps (always at epoch ends)")
+    r.add_argument("--zeroshot-every", type=int, default=0,
+                   help="also evaluate every N steps (always at epoch ends)")
+    r.add_argument("--log-every", type=int, default=1, help="metrics.csv row every N steps")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse and check ``argv``: counts in range, the dataset type resolved, widths as ints."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("micro_batch_size", "train_limit", "test_limit"):  # None: not given
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup", "save_every", "zeroshot_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.dataset_type == "auto":
+        if args.train_data is None:
+            args.dataset_type = "fashion-mnist"
+        elif args.train_data.lower().endswith((".csv", ".tsv")):
+            args.dataset_type = "csv"
+        else:
+            args.dataset_type = "webdataset"
+    if args.dataset_type in ("csv", "webdataset") and args.train_data is None:
+        p.error(f"--dataset-type {args.dataset_type} needs --train-data")
+    try:
+        args.cnn_widths = tuple(int(w) for w in args.cnn_widths.split(","))
+    except ValueError:
+        p.error(f"--cnn-widths must be comma-separated ints, got {args.cnn_widths!r}")
+    return args
+
