@@ -471,6 +471,47 @@ def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_
         del inputs
 
 
+def run_siglip_table(table, device, dry_run, deadline):
+    """SigLIP rows (section "siglip"): clip_fast's Triton and CUDA backends against open_clip's
+    SigLipLoss and the compiled materialised loss, forward+backward, SigLIP's init (scale 10,
+    bias -10); TFLOP/s on the 6 N^2 D floor (S once, then the two gradient products)."""
+    import bench_siglip
+
+    bench_siglip._DEVICE = device.type
+    shapes = [("fp32", 64, 32)] if dry_run else [("bf16", 16384, 512), ("bf16", 65536, 512)]
+    impls = ["clip_fast:triton", "clip_fast:cuda", "open_clip", "materialised_compiled", "siglip_kernel"]
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
+    for dname, n, d in shapes:
+        dtype = DTYPES[dname]
+        for impl in impls:
+            row = dict(section="siglip", impl=impl, dtype=dname, N=n, D=d)
+            if deadline - time.time() < (2 if dry_run else 30):
+                table.add(**row, status="skipped", note="time budget for the SigLIP rows spent")
+                continue
+            if bench_siglip.materialises(impl) and 4 * n * n * dtype.itemsize > 0.8 * free:
+                table.add(**row, status="skipped", note=f"needs ~{4 * n * n * dtype.itemsize / 2**30:.0f} GiB")
+                continue
+            try:
+                fn = bench_siglip.build_loss(impl)
+            except Exception as exc:
+                table.add(**row, status="skipped", note=f"unavailable: {type(exc).__name__}: {exc}"[:300])
+                continue
+            try:
+                run = bench_siglip.step_fn(fn, bench_siglip.make_case(n, d, dtype, device.type), "fwd_bwd")
+                ms, method, mem = bench(run, device, memory=True)
+                table.add(**row, median_ms=ms, extra_peak_mib=mem,
+                          tflops=6.0 * n * n * d / (ms * 1e-3) / 1e12, method=method, status="ok",
+                          note="6 N^2 D flops")
+            except torch.cuda.OutOfMemoryError as exc:
+                table.add(**row, status="oom", note=str(exc).splitlines()[0][:300])
+            except Exception as exc:
+                status = "not_runnable" if dry_run and impl in ("clip_fast:triton", "clip_fast:cuda") else "error"
+                table.add(**row, status=status, note=f"{type(exc).__name__}: {exc}"[:300])
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
 def summary(table):
     lines = []
     env = table.env
@@ -539,6 +580,11 @@ def main(argv=None):
             run_config_sweep(table, device, args.dry_run, deadline=start + 0.25 * args.budget_s)
         except Exception as exc:
             table.add(section="config_sweep", status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+        try:
+            run_siglip_table(table, device, args.dry_run,
+                             deadline=min(deadline, time.time() + 0.2 * args.budget_s))
+        except Exception as exc:
+            table.add(section="siglip", status="error", note=f"{type(exc).__name__}: {exc}"[:300])
         impls = list(args.impls)
         if args.dry_run and "cuda" in impls:   # the extension does not run on CPU: torch stands in
             impls.insert(impls.index("cuda") + 1, "torch")

@@ -2,10 +2,14 @@
 
     loss = clip_fast.FastClipLoss()(image_features, text_features, logit_scale)
     loss = clip_fast.clip_loss(image_features, text_features, logit_scale, backend="auto")
+    loss = clip_fast.FastSigLipLoss()(image_features, text_features, logit_scale, logit_bias)
+    loss = clip_fast.siglip_loss(image_features, text_features, logit_scale, logit_bias)
 """
 from .backends import available_backends
 from .functional import clip_loss
 from .loss import FastClipLoss
+from .siglip_functional import siglip_loss
+from .siglip_module import FastSigLipLoss
 
 __version__ = "0.1.0"
 __all__ = ["FastClipLoss", "clip_loss", "available_backends", "__version__"]
@@ -15,3 +19,6 @@ from .coca import FastCoCaLoss  # noqa: E402
 from .distill import FastDistillClipLoss  # noqa: E402
 
 __all__ += ["FastCoCaLoss", "FastDistillClipLoss"]
+
+# SigLIP's sigmoid loss (see clip_fast.siglip_module).
+__all__ += ["FastSigLipLoss", "siglip_loss"]

@@ -105,6 +105,11 @@ def get_configs(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Co
     return table_configs(major, dtype)
 
 
+def overridden() -> bool:
+    """Whether a test/benchmark ``override`` is in force."""
+    return _override is not None
+
+
 @contextlib.contextmanager
 def override(configs: Configs) -> Iterator[None]:
     """Test/benchmark hook: use ``configs`` for every launch inside the block."""

@@ -75,3 +75,33 @@ def reference_magnitudes(img, txt, scale, bias=None):
     """reference_block_magnitudes for the symmetric CLIP loss on a square batch."""
     n = img.shape[0]
     return reference_block_magnitudes(img, txt, scale, bias, 1 / (2 * n), 1 / (2 * n), 1 / n)
+
+
+def reference_siglip_loss(img, txt, scale, bias=None, group_ids=None, negative_only=False):
+    """SigLIP's sigmoid loss in float64, materialised, and the gradients of all inputs.
+
+    ``-sum_ij log sigmoid(z_ij S_ij) / N``, z = +1 on the diagonal (or where ``group_ids``
+    are equal), -1 elsewhere; every z is -1 with ``negative_only``.
+    Returns (loss, d_img, d_txt, d_scale, d_bias), all float64 (d_bias None without bias).
+    """
+    x = img.detach().double().requires_grad_(True)
+    y = txt.detach().double().requires_grad_(True)
+    s = torch.as_tensor(scale, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
+    b = None
+    if bias is not None:
+        b = torch.as_tensor(bias, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
+    logits = s * x @ y.T
+    if b is not None:
+        logits = logits + b
+    if negative_only:
+        pos = torch.zeros(logits.shape, dtype=torch.bool)
+    elif group_ids is not None:
+        ids = group_ids.cpu()
+        pos = ids[:, None] == ids[None, :]
+    else:
+        pos = torch.eye(logits.shape[0], logits.shape[1], dtype=torch.bool)
+    z = pos.double() * 2 - 1
+    loss = -F.logsigmoid(z * logits).sum() / x.shape[0]
+    grads = torch.autograd.grad(loss, [x, y, s] + ([b] if b is not None else []))
+    d_bias = grads[3] if b is not None else None
+    return loss.detach(), grads[0], grads[1], grads[2], d_bias

@@ -1,0 +1,134 @@
+"""SigLIP backends: one tiled sweep gives the sigmoid loss and every gradient.
+
+Every SigLIP backend module (``siglip_torch``, ``siglip_triton``, ``siglip_cuda``)
+implements one function on one *block* ``S = scale * img @ txt.T + bias`` of shape
+(M, K).  Nothing of size M x K is returned or kept (a bounded workspace at most).
+
+``siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive, need_grad)
+        -> (loss_sum, d_img, d_txt, d_scale, d_bias)``
+    img: (M, D), txt: (K, D), same floating dtype and device, any strides.
+    scale: 0-d float32 tensor (float64 for float64 inputs), already exponentiated.
+    bias: 0-d tensor like scale, or None (no bias).
+    The labels z_ij (+1 a positive pair, -1 a negative one):
+        ids_row (M,) and ids_col (K,) int64 given: z_ij = +1 where ids_row[i] == ids_col[j];
+        else diag_positive True: z_ij = +1 where i == j (the local square block);
+        else: z_ij = -1 everywhere (a block of another rank's texts: negatives only).
+    With x_ij = -z_ij * S_ij:
+        loss_sum = sum_ij softplus(x_ij) = -sum_ij log sigmoid(z_ij S_ij)   float64, 0-d
+        G_ij     = d loss_sum / d S_ij = -z_ij * sigmoid(x_ij)
+        d_img    = scale * G @ txt          (M, D)
+        d_txt    = scale * G.T @ img        (K, D)
+        d_scale  = sum_ij G_ij * <img_i, txt_j>   float64, 0-d
+        d_bias   = sum_ij G_ij                    float64, 0-d
+    d_img and d_txt are float32 (float64 for float64 inputs); with ``need_grad`` False
+    they are empty (0, D) tensors and d_scale = d_bias = 0 (the forward of a loss nobody
+    differentiates skips the two gradient GEMMs).  The caller divides by N, multiplies by
+    the upstream gradient and casts.
+
+Numerics, shared by every backend (the kernels cite this page):
+1. S is accumulated in float32 (float64 for float64 inputs) whatever the input dtype,
+   as a materialised fp32 loss would.
+2. S = fma(acc, scale, bias), x = -z S, and softplus in exp2/log2 units: with
+   e = exp(-|x|) = 2^-(|x| log2 e),
+       softplus(x) = max(x, 0) + log1p(e)
+   never overflows (no exp of a positive number).  |x| log2 e is carried as a float32
+   pair (log2 e split in hi + lo; the product's rounding error recovered exactly, by
+   Dekker's product in Triton and an fma in CUDA) and
+   e = 2^-y (1 - y_lo ln 2): one float32 product would put |S| 2^-24 into e's exponent
+   (a relative error of 5e-6 at |S| = 90, above the rounding of S itself).
+   log1p(e) = ln 2 * log2(u) * e / (u - 1) with u = 1 + e (log1p-accurate), or e once
+   u rounds to 1.
+3. Tiny terms: at |S| = 100, softplus(-100) = e^-100 = 2^-144 is below float32's normal
+   range.  The kernels take ``eb = e * 2^96`` (normal for |S| < 154; formed by one exp2
+   of 96 - y where y >= 48, an exact subtraction) and, where u rounds to 1, add eb to
+   a second per-row sum that is scaled by 2^-96 in float64: a batch of confident pairs
+   at |S| = 90 to 100 gets a loss accurate to the rounding of S instead of a flushed or
+   denormal one.
+4. sigmoid(x) = 1 / u for x >= 0 and e / u for x < 0 (no cancellation either way).
+5. Reductions: each tile's row sums in float32, then across tiles in float64 (loss,
+   d_scale, d_bias); never one float32 accumulator over N^2 terms.
+
+Each SigLIP backend module also defines ``unavailable_reason(device, dtype)`` and ``NAME``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+from . import BACKENDS
+
+_MODULES = {
+    "torch": "clip_fast.backends.siglip_torch",
+    "triton": "clip_fast.backends.siglip_triton",
+    "cuda": "clip_fast.backends.siglip_cuda",
+}
+# ``backend="auto"`` on a CUDA device; the CUDA extension is not auto-picked before a
+# committed GPU measurement shows it faster (as for the CLIP loss).
+AUTO_ORDER_CUDA = ("triton", "torch")
+# Tiny terms are summed scaled by 2^TINY_SHIFT (numerics, step 3).
+TINY_SHIFT = 96.0
+_import_errors: Dict[str, str] = {}
+_loaded: Dict[str, ModuleType] = {}
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _import_errors:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # ImportError, or a broken Triton/extension install
+        _import_errors[name] = f"import failed: {type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def preload(name: str = "auto") -> None:
+    """Import SigLIP backend ``name`` (all for "auto") now, outside any compiled region."""
+    for cand in (BACKENDS if name == "auto" else (name,)):
+        if cand in _MODULES:
+            _load(cand)
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why SigLIP backend ``name`` cannot run on this device and dtype, or None if it can."""
+    if name not in _MODULES:
+        return f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}"
+    mod = _load(name)
+    if mod is None:
+        return _import_errors[name]
+    return mod.unavailable_reason(torch.device(device), dtype)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The SigLIP backend module for ``name``: "auto" falls back quietly (and reads
+    ``CLIP_FAST_BACKEND``), a backend asked for by name raises when it cannot run."""
+    if name == "auto":
+        forced = os.environ.get("CLIP_FAST_BACKEND", "").strip().lower()
+        if forced and forced != "auto":
+            name = forced
+        else:
+            order = AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
+            for cand in order:
+                if unavailable_reason(cand, device, dtype) is None:
+                    return _loaded[cand]
+            _load("torch")
+            return _loaded["torch"]
+    reason = unavailable_reason(name, device, dtype)
+    if reason is not None:
+        raise RuntimeError(
+            f"clip_fast SigLIP backend={name!r} cannot run on device={device} with dtype={dtype}: {reason}")
+    return _loaded[name]
+
+
+def get_loaded(name: str) -> ModuleType:
+    mod = _loaded.get(name) or _load(name)
+    if mod is None:
+        raise RuntimeError(f"clip_fast SigLIP backend {name!r} failed to load: {_import_errors.get(name)}")
+    return mod

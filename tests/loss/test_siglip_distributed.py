@@ -1,0 +1,196 @@
+"""Distributed SigLIP in 2 and 3 gloo processes: every rank's loss and gradients against a
+float64 materialised reference of open_clip's semantics, open_clip's own ``SigLipLoss`` run
+in the same workers (equal shards: open_clip supports no other), unequal shards, group
+ids, and the same clear error on every rank for a bad shard.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.slow  # process spawns: tens of seconds on 2 cores
+
+GLOO_TIMEOUT_S = 60
+SPAWN_DEADLINE_S = 300
+SEED = 4321
+D = 16
+SCALE, BIAS = 10.0, -10.0
+
+
+def _cases(world_size):
+    even = [8] * world_size
+    uneven = [5, 8, 3][:world_size]
+    cases = [dict(name=f"even-{impl}", sizes=even, impl=impl, open_clip=True)
+             for impl in ("bidir", "shift", "reduce", "gather")]
+    cases += [dict(name=f"uneven-{impl}", sizes=uneven, impl=impl) for impl in ("shift", "gather", "bidir")]
+    cases += [dict(name="uneven-ids", sizes=uneven, impl="bidir", ids=True),
+              dict(name="gather-ids", sizes=uneven, impl="gather", ids=True),
+              dict(name="bad-dim", sizes=even, impl="bidir", error="dim"),
+              dict(name="bad-ids", sizes=even, impl="shift", error="ids")]
+    return cases
+
+
+def _global(case, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(case["sizes"])
+    x = F.normalize(torch.randn(n, D, dtype=torch.float64, generator=g), dim=1)
+    t = F.normalize(x + torch.randn(n, D, dtype=torch.float64, generator=g), dim=1)
+    ids = torch.randint(0, 4, (n,), generator=g) if case.get("ids") else None
+    return x, t, ids
+
+
+def _shard(case, rank):
+    o = sum(case["sizes"][:rank])
+    return slice(o, o + case["sizes"][rank])
+
+
+def _run_case(case, rank, world_size, seed):
+    import clip_fast
+
+    x, t, ids = _global(case, seed)
+    sl = _shard(case, rank)
+    xi = x[sl].float().clone()
+    ti = t[sl].float().clone()
+    ids_r = ids[sl] if ids is not None else None
+    if case.get("error") == "dim" and rank == 1:
+        xi, ti = xi[:, :-1].clone(), ti[:, :-1].clone()
+    if case.get("error") == "ids" and rank == world_size - 1:
+        ids_r = torch.zeros(xi.shape[0] + 1, dtype=torch.int64)
+    xi.requires_grad_(True)
+    ti.requires_grad_(True)
+    s = torch.tensor(SCALE, requires_grad=True)
+    b = torch.tensor(BIAS, requires_grad=True)
+    out = {}
+    loss_fn = clip_fast.FastSigLipLoss(rank=rank, world_size=world_size, dist_impl=case["impl"])
+    try:
+        loss = loss_fn(xi, ti, s, b, group_ids=ids_r)
+        loss.backward()
+        out.update(loss=loss.detach(), d_img=xi.grad, d_txt=ti.grad, d_scale=s.grad, d_bias=b.grad)
+    except Exception as exc:  # recorded: the test checks every rank raised the same
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    if case.get("open_clip") and "error" not in out:
+        from open_clip.loss import SigLipLoss
+
+        xo, to = x[sl].float().clone().requires_grad_(True), t[sl].float().clone().requires_grad_(True)
+        so, bo = torch.tensor(SCALE, requires_grad=True), torch.tensor(BIAS, requires_grad=True)
+        oloss = SigLipLoss(rank=rank, world_size=world_size, dist_impl=case["impl"])(xo, to, so, bo)
+        oloss.backward()
+        out.update(oc_loss=oloss.detach(), oc_d_img=xo.grad, oc_d_txt=to.grad, oc_d_scale=so.grad,
+                   oc_d_bias=bo.grad)
+    import torch.distributed as dist
+    dist.barrier()
+    return out
+
+
+def _worker(rank, world_size, store_dir, out_dir, seed):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(store_dir, 'store')}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
+    try:
+        results = {case["name"]: _run_case(case, rank, world_size, seed + i)
+                   for i, case in enumerate(_cases(world_size))}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world_size, tmp_path):
+    import torch.multiprocessing as mp
+
+    store_dir, out_dir = tmp_path / "store", tmp_path / "out"
+    store_dir.mkdir()
+    out_dir.mkdir()
+    ctx = mp.start_processes(_worker, args=(world_size, str(store_dir), str(out_dir), SEED),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed workers (world_size={world_size}) still running: a collective hung")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+_CACHE = {}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    def get(world_size):
+        if world_size not in _CACHE:
+            _CACHE[world_size] = _spawn(world_size, tmp_path_factory.mktemp(f"sig{world_size}"))
+        return _CACHE[world_size]
+    yield get
+    _CACHE.clear()
+
+
+def _reference(case, seed, world_size):
+    """Per rank, float64: loss_r, d img_r, d txt_r (sum of every rank's loss), d scale_r, d bias_r."""
+    x, t, ids = _global(case, seed)
+    x = x.float().double().requires_grad_(True)
+    t = t.float().double().requires_grad_(True)
+    n = x.shape[0]
+    pos = torch.eye(n, dtype=torch.bool) if ids is None else ids[:, None] == ids[None, :]
+    losses, scales, biases = [], [], []
+    for r in range(world_size):
+        sl = _shard(case, r)
+        s = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(BIAS, dtype=torch.float64, requires_grad=True)
+        logits = s * x[sl] @ t.T + b
+        z = pos[sl].double() * 2 - 1
+        losses.append(-F.logsigmoid(z * logits).sum() / logits.shape[0])
+        scales.append(s)
+        biases.append(b)
+    out = []
+    total_txt = torch.autograd.grad(sum(losses), t, retain_graph=True)[0]
+    for r in range(world_size):
+        sl = _shard(case, r)
+        d_img, d_s, d_b = torch.autograd.grad(losses[r], [x, scales[r], biases[r]], retain_graph=True)
+        out.append(dict(loss=losses[r].detach(), d_img=d_img[sl], d_txt=total_txt[sl], d_scale=d_s,
+                        d_bias=d_b))
+    return out
+
+
+def _params(kind):
+    out = []
+    for w in (2, 3):
+        for i, case in enumerate(_cases(w)):
+            if (case.get("error") is not None) == (kind == "error"):
+                out.append(pytest.param(w, i, id=f"w{w}-{case['name']}"))
+    return out
+
+
+@pytest.mark.parametrize("world_size,index", _params("ok"))
+def test_matches_float64_reference(spawned, world_size, index):
+    """Every rank's loss and gradients equal open_clip's semantics in float64 (fp32 inputs)."""
+    case = _cases(world_size)[index]
+    results = spawned(world_size)
+    refs = _reference(case, SEED + index, world_size)
+    for r in range(world_size):
+        got = results[r][case["name"]]
+        assert "error" not in got, got.get("error")
+        for what in ("loss", "d_img", "d_txt", "d_scale", "d_bias"):
+            torch.testing.assert_close(got[what].double(), refs[r][what], rtol=2e-5, atol=2e-6,
+                                       msg=f"rank {r} {what}")
+        if case.get("open_clip"):
+            for what in ("loss", "d_img", "d_txt", "d_scale", "d_bias"):
+                torch.testing.assert_close(got[what], got["oc_" + what], rtol=2e-5, atol=2e-6,
+                                           msg=f"rank {r} {what} vs open_clip")
+
+
+@pytest.mark.parametrize("world_size,index", _params("error"))
+def test_bad_shard_raises_on_every_rank(spawned, world_size, index):
+    """A bad shard on one rank: every rank raises the same error naming it, none hangs."""
+    case = _cases(world_size)[index]
+    errors = [res[case["name"]].get("error") for res in spawned(world_size)]
+    assert all(e is not None for e in errors), errors
+    assert len(set(errors)) == 1, errors
+    assert ("embedding dimension D" in errors[0]) if case["error"] == "dim" else ("group_ids" in errors[0])
