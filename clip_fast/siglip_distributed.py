@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import siglip as siglip_backends
-from ._autograd import autocast_off, first_order_only, fresh_output
+from .autograd import autocast_off, first_order_only, fresh_output
 from .distributed.agreement import Layout, _comm_device, check_across_ranks
 from .distributed.collectives import all_gather_rows
 from .siglip_function import backend_scalar

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .backends import siglip as siglip_backends
-from ._autograd import autocast_off, first_order_only, fresh_output
+from .autograd import autocast_off, first_order_only, fresh_output
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from helpers import spawn_ranks
 
 pytestmark = pytest.mark.slow  # process spawns: tens of seconds on 2 cores
 
@@ -102,21 +103,7 @@ def _worker(rank, world_size, store_dir, out_dir, seed):
 
 
 def _spawn(world_size, tmp_path):
-    import torch.multiprocessing as mp
-
-    store_dir, out_dir = tmp_path / "store", tmp_path / "out"
-    store_dir.mkdir()
-    out_dir.mkdir()
-    ctx = mp.start_processes(_worker, args=(world_size, str(store_dir), str(out_dir), SEED),
-                             nprocs=world_size, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers (world_size={world_size}) still running: a collective hung")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    return spawn_ranks(_worker, world_size, tmp_path, SEED, SPAWN_DEADLINE_S)
 
 
 _CACHE = {}
