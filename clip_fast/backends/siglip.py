@@ -52,83 +52,20 @@ Each SigLIP backend module also defines ``unavailable_reason(device, dtype)`` an
 """
 from __future__ import annotations
 
-import importlib
-import os
-from types import ModuleType
-from typing import Dict, Optional
+from . import BackendFamily
 
-import torch
+# Tiny terms are summed scaled by 2^TINY_SHIFT (numerics, step 3).
+TINY_SHIFT = 96.0
 
-from . import BACKENDS
-
-_MODULES = {
+# The SigLIP backends, loaded and chosen by the same rule as the CLIP loss's
+# (``clip_fast.backends.BackendFamily``: the CUDA extension is not auto-picked before a
+# committed GPU measurement shows it faster).
+_SIGLIP = BackendFamily("SigLIP ", {
     "torch": "clip_fast.backends.siglip_torch",
     "triton": "clip_fast.backends.siglip_triton",
     "cuda": "clip_fast.backends.siglip_cuda",
-}
-# ``backend="auto"`` on a CUDA device; the CUDA extension is not auto-picked before a
-# committed GPU measurement shows it faster (as for the CLIP loss).
-AUTO_ORDER_CUDA = ("triton", "torch")
-# Tiny terms are summed scaled by 2^TINY_SHIFT (numerics, step 3).
-TINY_SHIFT = 96.0
-_import_errors: Dict[str, str] = {}
-_loaded: Dict[str, ModuleType] = {}
-
-
-def _load(name: str) -> Optional[ModuleType]:
-    if name in _loaded:
-        return _loaded[name]
-    if name in _import_errors:
-        return None
-    try:
-        mod = importlib.import_module(_MODULES[name])
-    except Exception as exc:  # ImportError, or a broken Triton/extension install
-        _import_errors[name] = f"import failed: {type(exc).__name__}: {exc}"
-        return None
-    _loaded[name] = mod
-    return mod
-
-
-def preload(name: str = "auto") -> None:
-    """Import SigLIP backend ``name`` (all for "auto") now, outside any compiled region."""
-    for cand in (BACKENDS if name == "auto" else (name,)):
-        if cand in _MODULES:
-            _load(cand)
-
-
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Why SigLIP backend ``name`` cannot run on this device and dtype, or None if it can."""
-    if name not in _MODULES:
-        return f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}"
-    mod = _load(name)
-    if mod is None:
-        return _import_errors[name]
-    return mod.unavailable_reason(torch.device(device), dtype)
-
-
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    """The SigLIP backend module for ``name``: "auto" falls back quietly (and reads
-    ``CLIP_FAST_BACKEND``), a backend asked for by name raises when it cannot run."""
-    if name == "auto":
-        forced = os.environ.get("CLIP_FAST_BACKEND", "").strip().lower()
-        if forced and forced != "auto":
-            name = forced
-        else:
-            order = AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
-            for cand in order:
-                if unavailable_reason(cand, device, dtype) is None:
-                    return _loaded[cand]
-            _load("torch")
-            return _loaded["torch"]
-    reason = unavailable_reason(name, device, dtype)
-    if reason is not None:
-        raise RuntimeError(
-            f"clip_fast SigLIP backend={name!r} cannot run on device={device} with dtype={dtype}: {reason}")
-    return _loaded[name]
-
-
-def get_loaded(name: str) -> ModuleType:
-    mod = _loaded.get(name) or _load(name)
-    if mod is None:
-        raise RuntimeError(f"clip_fast SigLIP backend {name!r} failed to load: {_import_errors.get(name)}")
-    return mod
+})
+preload = _SIGLIP.preload
+unavailable_reason = _SIGLIP.unavailable_reason
+resolve_backend = _SIGLIP.resolve
+get_loaded = _SIGLIP.get_loaded
