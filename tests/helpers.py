@@ -25,9 +25,10 @@ def paired_features(m, k, d, dtype=torch.float32, normalise=True, device="cpu"):
     return img.to(device=device, dtype=dtype), txt.to(device=device, dtype=dtype)
 
 
-def spawn_ranks(worker, world_size, root, seed, deadline_s):
-    """Run ``worker(rank, world_size, store_dir, out_dir, seed)`` in ``world_size`` spawned
-    processes and return each rank's results (``out_dir/rank{r}.pt``, loaded as untrusted).
+def spawn_ranks(worker, world_size, root, seed, deadline_s, extra=()):
+    """Run ``worker(rank, world_size, store_dir, out_dir, seed, *extra)`` in ``world_size``
+    spawned processes and return each rank's results (``out_dir/rank{r}.pt``, loaded as
+    untrusted).
 
     A hung collective fails the test instead of hanging it: after ``deadline_s`` the
     workers are killed.
@@ -40,7 +41,7 @@ def spawn_ranks(worker, world_size, root, seed, deadline_s):
     store_dir, out_dir = root / "store", root / "out"
     store_dir.mkdir()
     out_dir.mkdir()
-    ctx = mp.start_processes(worker, args=(world_size, str(store_dir), str(out_dir), seed),
+    ctx = mp.start_processes(worker, args=(world_size, str(store_dir), str(out_dir), seed, *extra),
                              nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + deadline_s
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -51,3 +52,25 @@ def spawn_ranks(worker, world_size, root, seed, deadline_s):
             pytest.fail(f"distributed workers (world_size={world_size}) still running after "
                         f"{deadline_s}s: a collective hung")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+def gloo_worker(rank, world_size, store_dir, out_dir, seed, module_name, timeout_s):
+    """A spawned rank: joins a gloo group through a file store, runs every case of test module
+    ``module_name`` (its ``_cases(world_size)`` and ``_run_case(case, rank, world_size, seed)``)
+    and saves the results by case name to ``out_dir/rank{rank}.pt``."""
+    import datetime
+    import importlib
+    import os
+
+    import torch.distributed as dist
+
+    module = importlib.import_module(module_name)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(store_dir, 'store')}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        results = {case["name"]: module._run_case(case, rank, world_size, seed + i)
+                   for i, case in enumerate(module._cases(world_size))}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

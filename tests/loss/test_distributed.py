@@ -12,15 +12,13 @@ deadline after which the workers are killed.
 """
 from __future__ import annotations
 
-import datetime
-import os
 import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import spawn_ranks
+from helpers import gloo_worker, spawn_ranks
 
 pytestmark = pytest.mark.slow  # two process spawns, about a minute on 2 cores
 
@@ -203,22 +201,9 @@ def _run_case(case, rank, world_size, seed):
     return out
 
 
-def _worker(rank, world_size, store_dir, out_dir, seed):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(store_dir, 'store')}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
-    try:
-        results = {case["name"]: _run_case(case, rank, world_size, seed + i)
-                   for i, case in enumerate(_cases(world_size))}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def _spawn(world_size, tmp_path, seed):
-    return spawn_ranks(_worker, world_size, tmp_path, seed, SPAWN_DEADLINE_S)
+    return spawn_ranks(gloo_worker, world_size, tmp_path, seed, SPAWN_DEADLINE_S,
+                       extra=(__name__, GLOO_TIMEOUT_S))
 
 
 SEED = 1234

@@ -197,17 +197,3 @@ def test_large_bias(backend, bias):
 def test_small_loss(backend, dtype, kernel_blocks):
     """A loss of 1e-7 formed from per-pair terms, not as a difference of sums of size ~50 n."""
     _check(small_loss(), dtype, backend)
-
-
-@pytest.fixture
-def kernel_blocks(backend):
-    """Large tiles under the Triton interpreter (it pays per tile, not per element)."""
-    if DEV.type == "cuda" or backend != "triton":
-        yield
-        return
-    from clip_fast.kernels import config as kconfig
-
-    big = kconfig.Configs(forward=kconfig.KernelConfig(256, 256, 32, 4, 1),
-                          backward=kconfig.KernelConfig(256, 256, 32, 4, 1), col_splits=1)
-    with kconfig.override(big):
-        yield

@@ -36,20 +36,6 @@ def _backends():
     return out
 
 
-@pytest.fixture
-def kernel_blocks(backend):
-    """Large tiles under the Triton interpreter (it pays per tile, not per element)."""
-    if DEV.type == "cuda" or backend != "triton":
-        yield
-        return
-    from clip_fast.kernels import config as kconfig
-
-    big = kconfig.Configs(forward=kconfig.KernelConfig(256, 256, 128, 4, 1),
-                          backward=kconfig.KernelConfig(256, 256, 128, 4, 1), col_splits=1)
-    with kconfig.override(big):
-        yield
-
-
 def _features(n, d, seed, noise=1.0):
     """Unit image rows and text rows near them (float64)."""
     g = torch.Generator().manual_seed(seed)

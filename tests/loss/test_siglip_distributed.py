@@ -5,14 +5,12 @@ ids, and the same clear error on every rank for a bad shard.
 """
 from __future__ import annotations
 
-import datetime
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import spawn_ranks
+from helpers import gloo_worker, spawn_ranks
 
 pytestmark = pytest.mark.slow  # process spawns: tens of seconds on 2 cores
 
@@ -88,22 +86,9 @@ def _run_case(case, rank, world_size, seed):
     return out
 
 
-def _worker(rank, world_size, store_dir, out_dir, seed):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(store_dir, 'store')}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
-    try:
-        results = {case["name"]: _run_case(case, rank, world_size, seed + i)
-                   for i, case in enumerate(_cases(world_size))}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def _spawn(world_size, tmp_path):
-    return spawn_ranks(_worker, world_size, tmp_path, SEED, SPAWN_DEADLINE_S)
+    return spawn_ranks(gloo_worker, world_size, tmp_path, SEED, SPAWN_DEADLINE_S,
+                       extra=(__name__, GLOO_TIMEOUT_S))
 
 
 _CACHE = {}
