@@ -224,8 +224,10 @@ def cpu_memory_worker(impl, n, d, dtype_name, mode) -> Dict:
     return {"extra_mib": max(0, peak_rss_bytes() - base) / 2**20}
 
 
-def cpu_memory(impl, n, d, dtype_name, mode) -> Dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker-memory",
+def cpu_memory(impl, n, d, dtype_name, mode, script: str = __file__) -> Dict:
+    """One memory case in a fresh process: ``script --worker-memory [impl, n, d, dtype, mode]``
+    (this benchmark by default; bench_siglip.py passes itself)."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker-memory",
            json.dumps([impl, n, d, dtype_name, mode])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:

@@ -19,7 +19,6 @@ import inspect
 import json
 import os
 import statistics
-import subprocess
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_loss  # noqa: E402
 from bench_loss import (DTYPES, FIELDS, RESULTS, environment, peak_rss_bytes,  # noqa: E402
                         reset_peak_rss, rss_bytes, time_cpu, write_csv)
 
@@ -133,12 +133,7 @@ def cpu_memory_worker(impl, n, d, dtype_name, mode) -> Dict:
 
 
 def cpu_memory(impl, n, d, dtype_name, mode) -> Dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker-memory",
-           json.dumps([impl, n, d, dtype_name, mode])]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "worker failed")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return bench_loss.cpu_memory(impl, n, d, dtype_name, mode, script=__file__)
 
 
 def run_table(args) -> List[Dict]:

@@ -41,6 +41,7 @@
 #include <tuple>
 
 #include "launch.h"
+#include "workspace.h"
 
 #define CLIP_FAST_STR_(x) #x
 #define CLIP_FAST_STR(x) CLIP_FAST_STR_(x)
@@ -54,24 +55,9 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Bytes of the backward workspace W (R x K, input dtype): CLIP_FAST_WORKSPACE_MB (the
-// Triton backend's variable too), default 256 MiB.  R = as many 64-row blocks as fit (at
-// least one), so each strip's GEMMs stay large for cuBLAS.
-constexpr double kDefaultWorkspaceMB = 256.0;
+// The backward workspace W (R x K, input dtype) holds workspace_bytes() (workspace.h): R is
+// as many 64-row blocks as fit (at least one), so each strip's GEMMs stay large for cuBLAS.
 constexpr int64_t kMaxStripBlocks = 16384;  // grid.y limit is 65535
-
-double workspace_bytes() {
-  const char* env = std::getenv("CLIP_FAST_WORKSPACE_MB");
-  double mb = kDefaultWorkspaceMB;
-  if (env != nullptr && *env != '\0') {
-    char* end = nullptr;
-    const double v = std::strtod(env, &end);
-    TORCH_CHECK(end != env && *end == '\0' && v > 0.0 && std::isfinite(v),
-                "clip_fast cuda: CLIP_FAST_WORKSPACE_MB must be a positive number, got '", env, "'");
-    mb = v;
-  }
-  return mb * 1048576.0;
-}
 constexpr int64_t kIntMax = 2147483647;
 
 // ---- input checks: every message names the tensor and says what it got ----

@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "siglip.h"
+#include "workspace.h"
 
 namespace clip_fast {
 namespace {
@@ -31,19 +32,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 constexpr double kTinyUnshift = 1.262177448353619e-29;  // 2^-96 (TINY_SHIFT)
-
-double siglip_workspace_bytes() {
-  const char* env = std::getenv("CLIP_FAST_WORKSPACE_MB");
-  double mb = 256.0;
-  if (env != nullptr && *env != '\0') {
-    char* end = nullptr;
-    const double v = std::strtod(env, &end);
-    TORCH_CHECK(end != env && *end == '\0' && v > 0.0 && std::isfinite(v),
-                "clip_fast cuda: CLIP_FAST_WORKSPACE_MB must be a positive number, got '", env, "'");
-    mb = v;
-  }
-  return mb * 1048576.0;
-}
 
 void check_siglip(const Tensor& img, const Tensor& txt, const Tensor& scale,
                   const OptTensor& bias, const OptTensor& ids_row, const OptTensor& ids_col) {
@@ -114,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> siglip_block(
     // Block shape: raw (float32) and G (input dtype) of R x C within the workspace budget.
     const double per_elem = 4.0 + (need_grad ? static_cast<double>(img.element_size()) : 0.0);
     const int64_t budget = std::max<int64_t>(
-        static_cast<int64_t>(siglip_workspace_bytes() / per_elem), 256 * 256);
+        static_cast<int64_t>(workspace_bytes() / per_elem), 256 * 256);
     int64_t C = K, R = M;
     if (M * K > budget) {
       C = std::min<int64_t>(K, std::max<int64_t>(256, static_cast<int64_t>(std::sqrt(double(budget)))));
