@@ -119,14 +119,14 @@ def materialises(impl: str) -> bool:
     return impl in ("materialised", "materialised_compiled", "open_clip")
 
 
-def make_case(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Normalised, paired features that require grad, and logit_scale = 1/0.07."""
+def make_case(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0, scale: float = 1 / 0.07):
+    """Normalised, paired features that require grad, and logit_scale (default 1/0.07)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     img = torch.randn(n, d, generator=g)
     txt = 0.5 * img + torch.randn(n, d, generator=g)
     img = F.normalize(img, dim=-1).to(device=device, dtype=dtype).requires_grad_(True)
     txt = F.normalize(txt, dim=-1).to(device=device, dtype=dtype).requires_grad_(True)
-    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    scale = torch.tensor(scale, device=device, requires_grad=True)
     return img, txt, scale
 
 

@@ -78,15 +78,9 @@ _DEVICE = "cpu"
 
 
 def make_case(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Normalised, paired features that require grad; SigLIP's init: scale 10, bias -10."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    img = torch.randn(n, d, generator=g)
-    txt = 0.5 * img + torch.randn(n, d, generator=g)
-    img = F.normalize(img, dim=-1).to(device=device, dtype=dtype).requires_grad_(True)
-    txt = F.normalize(txt, dim=-1).to(device=device, dtype=dtype).requires_grad_(True)
-    scale = torch.tensor(10.0, device=device, requires_grad=True)
-    bias = torch.tensor(-10.0, device=device, requires_grad=True)
-    return img, txt, scale, bias
+    """bench_loss's paired features with SigLIP's init: scale 10, bias -10."""
+    img, txt, scale = bench_loss.make_case(n, d, dtype, device, seed, scale=10.0)
+    return img, txt, scale, torch.tensor(-10.0, device=device, requires_grad=True)
 
 
 def step_fn(loss_fn, case, mode: str) -> Callable[[], None]:

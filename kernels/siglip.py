@@ -45,6 +45,7 @@ from . import config as _config
 from .grad_backward import _block_shape, _mm_f32
 from .tile import tile_dot
 from ..backends.siglip import TINY_SHIFT
+from ..backends.siglip import siglip_block_meta
 
 # log2(e) as a float32 pair (hi + lo), hi split again in 12-bit halves (hh + hl), and ln 2.
 _LOG2E_HI = tl.constexpr(1.4426950216293335)
@@ -240,12 +241,7 @@ def triton_siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tenso
 
 @triton_siglip_block.register_fake
 def _(img, txt, scale, bias, ids_row, ids_col, diag_positive, need_grad):
-    f32, f64 = torch.float32, torch.float64
-    m = img.shape[0] if need_grad else 0
-    k = txt.shape[0] if need_grad else 0
-    return (img.new_empty((), dtype=f64), img.new_empty((m, img.shape[1]), dtype=f32),
-            txt.new_empty((k, txt.shape[1]), dtype=f32), img.new_empty((), dtype=f64),
-            img.new_empty((), dtype=f64))
+    return siglip_block_meta(img, txt, need_grad)
 
 
 def siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool, need_grad: bool):

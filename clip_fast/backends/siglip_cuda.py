@@ -14,6 +14,7 @@ import torch
 
 from . import f32_scalar as _scalar
 from .cuda_backend import _C, unavailable_reason  # noqa: F401  (same build, same devices)
+from .siglip import siglip_block_meta
 
 NAME = "cuda"
 
@@ -29,9 +30,4 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
 if _C is not None:
     @torch.library.register_fake("clip_fast_siglip::siglip_block")
     def _siglip_block_fake(img, txt, scale, bias, ids_row, ids_col, diag_positive, need_grad):
-        f32, f64 = torch.float32, torch.float64
-        m = img.shape[0] if need_grad else 0
-        k = txt.shape[0] if need_grad else 0
-        return (img.new_empty((), dtype=f64), img.new_empty((m, img.shape[1]), dtype=f32),
-                txt.new_empty((k, txt.shape[1]), dtype=f32), img.new_empty((), dtype=f64),
-                img.new_empty((), dtype=f64))
+        return siglip_block_meta(img, txt, need_grad)
