@@ -123,3 +123,61 @@ def check_mode(mode, local_loss: bool, gather_with_grad: bool) -> None:
             "distributed mode='ring' computes the local_loss=True, gather_with_grad=True semantics; "
             f"pass both, or use mode 'gather'; got local_loss={bool(local_loss)}, "
             f"gather_with_grad={bool(gather_with_grad)}")
+
+
+_ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_group_ids(group_ids, features: torch.Tensor, name: str = "group_ids") -> Optional[torch.Tensor]:
+    """An (N,) integer tensor on the features' device, as int64; None passes through."""
+    if group_ids is None:
+        return None
+    if not isinstance(group_ids, torch.Tensor):
+        raise TypeError(f"{name} must be an (N,) integer torch.Tensor or None, got {type(group_ids).__name__}")
+    n = features.shape[0]
+    if group_ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int8..int64, uint8), got {_describe(group_ids)}")
+    if group_ids.dim() != 1 or group_ids.shape[0] != n:
+        raise ValueError(f"{name} must have shape (N,) = ({n},), one id per pair, got {_describe(group_ids)}")
+    if group_ids.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {group_ids.layout}")
+    if group_ids.device != features.device:
+        raise ValueError(f"{name} is on {group_ids.device} but the features are on {features.device}; "
+                         f"move {name} to {features.device}")
+    return group_ids.to(torch.int64).contiguous()
+
+
+def check_label_smoothing(label_smoothing) -> float:
+    """``label_smoothing`` (epsilon, as in ``torch.nn.CrossEntropyLoss``): a float in [0, 1)."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+            or not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def check_direction_weight(image_to_text_weight) -> float:
+    """``image_to_text_weight`` (lambda: loss = lam * image->text + (1 - lam) * text->image)."""
+    if isinstance(image_to_text_weight, bool) or not isinstance(image_to_text_weight, numbers.Real) \
+            or not 0.0 <= float(image_to_text_weight) <= 1.0:
+        raise ValueError(f"image_to_text_weight must be a float in [0, 1] (0.5 is CLIP), "
+                         f"got {image_to_text_weight!r}")
+    return float(image_to_text_weight)
+
+
+def check_negatives(negatives, features: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+    """Hard-negative features: (M, D) with any M >= 0, the features' D, dtype and device."""
+    if negatives is None:
+        return None
+    if not isinstance(negatives, torch.Tensor):
+        raise TypeError(f"{name} must be an (M, D) torch.Tensor or None, got {type(negatives).__name__}")
+    if negatives.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {negatives.layout}")
+    d = features.shape[1]
+    if negatives.dim() != 2 or negatives.shape[1] != d:
+        raise ValueError(f"{name} must have shape (M, D) with the features' D = {d}, got {_describe(negatives)}")
+    if negatives.dtype != features.dtype:
+        raise TypeError(f"{name} must have the features' dtype {features.dtype}, got {_describe(negatives)}")
+    if negatives.device != features.device:
+        raise ValueError(f"{name} is on {negatives.device} but the features are on {features.device}; "
+                         f"move {name} to {features.device}")
+    return negatives

@@ -12,6 +12,11 @@ backward: backend.grad_backward -> d_img, d_txt, d_scale from one recompute of e
           float64 terms (see ``clip_fast.backends.diag_grad``).
 Saved for backward: the inputs and three O(N) float64 vectors, nothing N x N.
 
+Positive groups, label smoothing, direction weights and hard negatives
+(``clip_fast.targets``) add O(N * D) host terms and, for hard negatives, the sweeps of
+their rectangular blocks (img x negative texts: rows only; negative images x txt:
+columns only).
+
 ``logit_bias`` shifts every logit of every softmax equally and so cancels from the loss
 exactly: it never enters the arithmetic (a bias of 1e3 would otherwise cost fp32 digits
 of S), and its gradient is exactly 0.
@@ -26,6 +31,7 @@ import torch
 
 from . import backends
 from .backends import compute_dtype, compute_scalar
+from .targets import Targets, block_targets, group_counts
 
 
 def fresh_output(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +117,7 @@ class LossOptions:
     backend: str  # a resolved backend name: "torch", "triton" or "cuda"
     chunk_size: Optional[int] = None  # rows per strip, torch backend only
     loss_dtype: Optional[torch.dtype] = None  # default: the features' dtype (float32 under autocast)
+    targets: Targets = Targets()  # label smoothing and direction weight (clip_fast.targets)
 
     def kwargs(self) -> dict:
         if self.backend == "torch" and self.chunk_size is not None:
@@ -146,20 +153,36 @@ def bias_meta(bias: Optional[torch.Tensor]):
 
 
 class ClipLossFunction(torch.autograd.Function):
+    """Inputs: (img, txt, scale, bias, group_ids, neg_txt, neg_img, opts); the three
+    optional tensors are None for open_clip's ``ClipLoss``."""
+
     @staticmethod
     def forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
-                bias: Optional[torch.Tensor], opts: LossOptions) -> torch.Tensor:
+                bias: Optional[torch.Tensor], ids: Optional[torch.Tensor],
+                neg_txt: Optional[torch.Tensor], neg_img: Optional[torch.Tensor],
+                opts: LossOptions):
         impl = backends.get_loaded(opts.backend)
-        s = compute_scalar(scale, compute_dtype(img.dtype))
+        acc = compute_dtype(img.dtype)
+        s = compute_scalar(scale, acc)
+        plan = TargetPlan(img, txt, ids, neg_txt, neg_img, opts.targets)
         lse_row, lse_col, diag = impl.lse_forward(img, txt, s, None, **opts.kwargs())
-        loss = ((lse_row - diag).sum() + (lse_col - diag).sum()) / (2.0 * img.shape[0])
+        # Hard negatives: their blocks' log-sum-exp partials join the row / column softmax.
+        if plan.neg_txt is not None:
+            lse_row = torch.logaddexp(lse_row, impl.lse_forward(img, plan.neg_txt, s, None, **opts.kwargs())[0])
+        if plan.neg_img is not None:
+            lse_col = torch.logaddexp(lse_col, impl.lse_forward(plan.neg_img, txt, s, None, **opts.kwargs())[1])
+        a, b = plan.a, plan.b
+        loss = a * (lse_row - diag).sum() + b * (lse_col - diag).sum()
+        if not plan.plain:
+            t, w_diag = plan.target_sums(img, txt, neg_txt, neg_img, acc)
+            loss = loss + ((a + b - w_diag) * diag).sum() - s.to(torch.float64) * t
         return fresh_output(loss, opts.loss_dtype or img.dtype), lse_row, lse_col, diag
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        img, txt, scale, bias, opts = inputs
+        img, txt, scale, bias, ids, neg_txt, neg_img, opts = inputs
         _, lse_row, lse_col, diag = output
-        ctx.save_for_backward(img, txt, scale, lse_row, lse_col, diag)
+        ctx.save_for_backward(img, txt, scale, lse_row, lse_col, diag, ids, neg_txt, neg_img)
         ctx.opts = opts
         ctx.bias_meta = bias_meta(bias)
         ctx.mark_non_differentiable(lse_row, lse_col, diag)
@@ -173,18 +196,120 @@ class ClipLossFunction(torch.autograd.Function):
 
     @staticmethod
     def _grads(ctx, grad_loss: torch.Tensor):
-        img, txt, scale, lse_row, lse_col, diag = ctx.saved_tensors
+        img, txt, scale, lse_row, lse_col, diag, ids, neg_txt, neg_img = ctx.saved_tensors
         opts: LossOptions = ctx.opts
         impl = backends.get_loaded(opts.backend)
-        c = 1.0 / (2 * img.shape[0])
-        d_img, d_txt, d_scale = impl.grad_backward(
-            img, txt, compute_scalar(scale, compute_dtype(img.dtype)), None, lse_row, lse_col,
-            c, c, 2 * c, diag=diag, **opts.kwargs())
-        return finish_grads(d_img, d_txt, d_scale, grad_loss, img, txt, scale, ctx.bias_meta,
-                            ctx.needs_input_grad)
+        acc = compute_dtype(img.dtype)
+        s = compute_scalar(scale, acc)
+        plan = TargetPlan(img, txt, ids, neg_txt, neg_img, opts.targets)
+        a, b = plan.a, plan.b
+        kw = opts.kwargs()
+        if plan.plain:
+            d_img, d_txt, d_scale = impl.grad_backward(img, txt, s, None, lse_row, lse_col,
+                                                       a, b, a + b, diag=diag, **kw)
+            out = finish_grads(d_img, d_txt, d_scale, grad_loss, img, txt, scale, ctx.bias_meta,
+                               ctx.needs_input_grad)
+            # Empty (or zero-weight) hard-negative blocks still give their inputs a zero gradient.
+            return out[:4] + (None, _neg_grad(None, None, neg_txt, ctx.needs_input_grad[5]),
+                              _neg_grad(None, None, neg_img, ctx.needs_input_grad[6])) + out[4:]
+        qs = plan.target_grads(img, txt, neg_txt, neg_img, acc)
+        d_img, d_txt, d_scale = impl.grad_backward(img, txt, s, None, lse_row, lse_col,
+                                                   a, b, qs.w_diag, diag=diag, **kw)
+        d_scale = d_scale.to(torch.float64) - qs.t
+        d_img.sub_(qs.img * s)
+        d_txt.sub_(qs.txt * s)
+        d_neg_txt = d_neg_img = None
+        if plan.neg_txt is not None:  # block (img, neg_txt): the row softmax only
+            di, d_neg_txt, ds = impl.grad_backward(img, plan.neg_txt, s, None, lse_row, None, a, 0.0, 0.0, **kw)
+            d_img.add_(di)
+            d_neg_txt.sub_(qs.neg_txt * s)
+            d_scale = d_scale + ds.to(torch.float64)
+        if plan.neg_img is not None:  # block (neg_img, txt): the column softmax only
+            d_neg_img, dt, ds = impl.grad_backward(plan.neg_img, txt, s, None, None, lse_col, 0.0, b, 0.0, **kw)
+            d_txt.add_(dt)
+            d_neg_img.sub_(qs.neg_img * s)
+            d_scale = d_scale + ds.to(torch.float64)
+        out = finish_grads(d_img, d_txt, d_scale.to(acc), grad_loss, img, txt, scale, ctx.bias_meta,
+                           ctx.needs_input_grad)
+        g = grad_loss.to(acc)
+        extra = (None,  # group_ids
+                 _neg_grad(d_neg_txt, g, neg_txt, ctx.needs_input_grad[5]),
+                 _neg_grad(d_neg_img, g, neg_img, ctx.needs_input_grad[6]))
+        return out[:4] + extra + out[4:]
 
     @staticmethod
     def vmap(info, in_dims, *args):
         raise NotImplementedError(
             "clip_fast's CLIP loss does not support torch.func.vmap (a batch of losses); "
             "call it once per batch element, or stack the batches along N")
+
+
+def _neg_grad(d, g, like, needed):
+    """A hard-negative block's gradient, times the upstream gradient, in its input's dtype
+    (zeros for an empty or skipped block whose features still want a gradient)."""
+    if not needed or like is None:
+        return None
+    if d is None:
+        return torch.zeros_like(like)
+    return (d * g).to(like.dtype)
+
+
+class TargetPlan:
+    """One call's target terms (``clip_fast.targets``): the weights a = lam / N and
+    b = (1 - lam) / N, which blocks exist, and the O(N * D) host sums."""
+
+    def __init__(self, img, txt, ids, neg_txt, neg_img, targets: Targets):
+        n = img.shape[0]
+        lam, eps = targets.image_to_text_weight, targets.label_smoothing
+        self.n, self.eps, self.ids = n, eps, ids
+        self.a, self.b = lam / n, (1.0 - lam) / n
+        # A block whose softmax has weight 0 contributes nothing: it is skipped.
+        self.neg_txt = neg_txt if neg_txt is not None and neg_txt.shape[0] and self.a else None
+        self.neg_img = neg_img if neg_img is not None and neg_img.shape[0] and self.b else None
+        self.inv_k_row = 1.0 / (n + (0 if neg_txt is None else neg_txt.shape[0]))
+        self.inv_k_col = 1.0 / (n + (0 if neg_img is None else neg_img.shape[0]))
+        self.plain = targets.plain and ids is None and self.neg_txt is None and self.neg_img is None
+
+    def _main(self, img, txt, acc):
+        counts = None if self.ids is None else group_counts(self.ids)
+        return block_targets(img.to(acc), txt.to(acc), a=self.a, b=self.b, eps=self.eps,
+                             inv_k_row=self.inv_k_row, inv_k_col=self.inv_k_col, positives=True,
+                             ids_x=self.ids, ids_y=self.ids, counts_x=counts, counts_y=counts,
+                             pair_offset=0, kernel_diag=True)
+
+    def _uniform(self, x, y, a, b, acc):
+        return block_targets(x.to(acc), y.to(acc), a=a, b=b, eps=self.eps, inv_k_row=self.inv_k_row,
+                             inv_k_col=self.inv_k_col, positives=False, pair_offset=None)
+
+    def target_sums(self, img, txt, neg_txt, neg_img, acc):
+        """(t, w_diag): sum_ij Q_ij <x_i, y_j> over every block, and the diagonal's target weights."""
+        return self.target_grads(img, txt, neg_txt, neg_img, acc).sums()
+
+    def target_grads(self, img, txt, neg_txt, neg_img, acc) -> "TargetGrads":
+        qx, qy, t, w_diag = self._main(img, txt, acc)
+        out = TargetGrads(img=qx, txt=qy, t=t, w_diag=w_diag)
+        if self.neg_txt is not None and self.eps:
+            qi, out.neg_txt, tb, _ = self._uniform(img, self.neg_txt, self.a, 0.0, acc)
+            out.img, out.t = out.img + qi, out.t + tb
+        elif self.neg_txt is not None:
+            out.neg_txt = self.neg_txt.new_zeros(self.neg_txt.shape, dtype=acc)
+        if self.neg_img is not None and self.eps:
+            out.neg_img, qt, tc, _ = self._uniform(self.neg_img, txt, 0.0, self.b, acc)
+            out.txt, out.t = out.txt + qt, out.t + tc
+        elif self.neg_img is not None:
+            out.neg_img = self.neg_img.new_zeros(self.neg_img.shape, dtype=acc)
+        return out
+
+
+@dataclass
+class TargetGrads:
+    """Q @ y per row of every block's features, sum_ij Q_ij <x_i, y_j>, and w_diag."""
+    img: torch.Tensor
+    txt: torch.Tensor
+    t: torch.Tensor
+    w_diag: torch.Tensor
+    neg_txt: Optional[torch.Tensor] = None
+    neg_img: Optional[torch.Tensor] = None
+
+    def sums(self):
+        return self.t, self.w_diag

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import backends
-from ._validation import ScalarLike, check_chunk_size, check_mode
+from ._validation import ScalarLike, check_chunk_size, check_direction_weight, check_label_smoothing, check_mode
 from .functional import clip_loss
 
 
@@ -30,16 +30,23 @@ class FastClipLoss(nn.Module):
             around the ring; O(N_local * D) memory per rank; equals
             ``local_loss=True, gather_with_grad=True``, which it requires).
         group: the ``torch.distributed`` process group (default: the world).
+        label_smoothing: epsilon in [0, 1), as in ``torch.nn.CrossEntropyLoss`` (ALIGN: 0.1).
+        image_to_text_weight: lambda in [0, 1]: lambda * CE(image -> text)
+            + (1 - lambda) * CE(text -> image); 0.5 is CLIP.
 
-    ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
+    *, group_ids=None, negative_text_features=None, negative_image_features=None)``
     returns the scalar loss, or ``{"contrastive_loss": loss}``. ``logit_bias`` is accepted;
-    its gradient is exactly 0 because a shared shift cancels in every softmax.
+    its gradient is exactly 0 because a shared shift cancels in every softmax.  The
+    per-batch options (positive groups, hard negatives) are described in
+    ``clip_fast.clip_loss``; with their defaults the loss is open_clip's ``ClipLoss``.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  use_horovod: bool = False, *, backend: str = "auto",
-                 chunk_size: Optional[int] = None, distributed: str = "gather", group=None):
+                 chunk_size: Optional[int] = None, distributed: str = "gather", group=None,
+                 label_smoothing: float = 0.0, image_to_text_weight: float = 0.5):
         super().__init__()
         if use_horovod:
             raise NotImplementedError(
@@ -63,24 +70,36 @@ class FastClipLoss(nn.Module):
         self.chunk_size = check_chunk_size(chunk_size)
         self.distributed = distributed
         self.group = group
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.image_to_text_weight = check_direction_weight(image_to_text_weight)
 
     def extra_repr(self) -> str:
-        return (f"backend={self.backend!r}, world_size={self.world_size}, local_loss={self.local_loss}, "
+        text = (f"backend={self.backend!r}, world_size={self.world_size}, local_loss={self.local_loss}, "
                 f"gather_with_grad={self.gather_with_grad}, distributed={self.distributed!r}")
+        if self.label_smoothing:
+            text += f", label_smoothing={self.label_smoothing}"
+        if self.image_to_text_weight != 0.5:
+            text += f", image_to_text_weight={self.image_to_text_weight}"
+        return text
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: ScalarLike, logit_bias: Optional[ScalarLike] = None,
-                output_dict: bool = False):
+                output_dict: bool = False, *, group_ids: Optional[torch.Tensor] = None,
+                negative_text_features: Optional[torch.Tensor] = None,
+                negative_image_features: Optional[torch.Tensor] = None):
+        options = dict(group_ids=group_ids, label_smoothing=self.label_smoothing,
+                       image_to_text_weight=self.image_to_text_weight,
+                       negative_text_features=negative_text_features,
+                       negative_image_features=negative_image_features,
+                       backend=self.backend, chunk_size=self.chunk_size)
         if self.world_size > 1:
             from .distributed import distributed_clip_loss
 
             loss = distributed_clip_loss(
                 image_features, text_features, logit_scale, logit_bias,
                 rank=self.rank, world_size=self.world_size, local_loss=self.local_loss,
-                gather_with_grad=self.gather_with_grad, mode=self.distributed,
-                backend=self.backend, chunk_size=self.chunk_size, group=self.group,
-            )
+                gather_with_grad=self.gather_with_grad, mode=self.distributed, group=self.group,
+                **options)
         else:
-            loss = clip_loss(image_features, text_features, logit_scale, logit_bias,
-                             backend=self.backend, chunk_size=self.chunk_size)
+            loss = clip_loss(image_features, text_features, logit_scale, logit_bias, **options)
         return {"contrastive_loss": loss} if output_dict else loss

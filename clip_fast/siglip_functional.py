@@ -5,32 +5,10 @@ from typing import Optional
 
 import torch
 
-from ._validation import ScalarLike, _describe, check_chunk_size, check_inputs
+from ._validation import ScalarLike, check_chunk_size, check_group_ids, check_inputs
 from .backends import siglip as siglip_backends
 from .functional import autocast_features
 from .siglip_function import SigLipLossFunction, SigLipOptions
-
-_ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def check_group_ids(group_ids, features: torch.Tensor, name: str = "group_ids") -> Optional[torch.Tensor]:
-    """An (N,) integer tensor on the features' device, as int64; None passes through."""
-    if group_ids is None:
-        return None
-    if not isinstance(group_ids, torch.Tensor):
-        raise TypeError(f"{name} must be an (N,) integer torch.Tensor or None, got {type(group_ids).__name__}")
-    n = features.shape[0]
-    if group_ids.dtype not in _ID_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor (int8..int64, uint8), got {_describe(group_ids)}")
-    if group_ids.dim() != 1 or group_ids.shape[0] != n:
-        raise ValueError(f"{name} must have shape (N,) = ({n},), one id per pair, got {_describe(group_ids)}")
-    if group_ids.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {group_ids.layout}")
-    if group_ids.device != features.device:
-        raise ValueError(f"{name} is on {group_ids.device} but the features are on {features.device}; "
-                         f"move {name} to {features.device}")
-    return group_ids.to(torch.int64).contiguous()
-
 
 def needs_grad(*tensors) -> bool:
     """Whether autograd will want a gradient of any of ``tensors`` from this call."""

@@ -29,7 +29,8 @@ of shape (M, K).  Nothing of size M x K is ever returned or kept.
         d_txt   = scale * G.T @ img        (K, D)
         d_scale = sum_ij G_ij * <img_i, txt_j>   (0-d)
     coef_* are Python floats; a zero coefficient switches its term off (its lse may
-    then be None).  ``diag``, the forward's diag, makes G's diagonal come from the
+    then be None).  With ``diag`` given, ``coef_diag`` may also be a float64 (min(M, K),)
+    vector, one target weight per pair (``clip_fast.targets``).  ``diag``, the forward's diag, makes G's diagonal come from the
     forward's float64 loss terms (:func:`diag_grad`) instead of the recomputed tile:
     on a confident row G_ii = coef_row * (P_ii - 1) + ... cancels, and a recomputed S_ii
     that differs from the forward's by one fp32 rounding of |S| would leave an error of
@@ -49,7 +50,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -191,24 +192,34 @@ def split_float(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def diag_grad(lse_row: Optional[torch.Tensor], lse_col: Optional[torch.Tensor],
-              diag: torch.Tensor, coef_row: float, coef_col: float, coef_diag: float) -> torch.Tensor:
+              diag: torch.Tensor, coef_row: float, coef_col: float,
+              coef_diag: Union[float, torch.Tensor]) -> torch.Tensor:
     """G's diagonal, ``coef_row * P_row_ii + coef_col * P_col_ii - coef_diag``, in float64.
 
     Formed from the forward's float64 loss terms ``lse - diag`` as
     ``coef_row * expm1(diag - lse_row) + coef_col * expm1(diag - lse_col)
     + (coef_row + coef_col - coef_diag)``: for the CLIP loss the constant is 0 and the
     two expm1 terms are small and accurate on a confident row, where ``P_ii - 1`` in
-    float32 would be pure rounding.
+    float32 would be pure rounding.  ``coef_diag`` may be a float64 vector (one target
+    weight per row: positive groups and label smoothing, see ``clip_fast.targets``).
     """
     n = diag.shape[0]
-    out = torch.full((n,), float(coef_row) + float(coef_col) - float(coef_diag),
-                     dtype=torch.float64, device=diag.device)
+    out = torch.full((n,), float(coef_row) + float(coef_col), dtype=torch.float64, device=diag.device)
+    out -= coef_diag if isinstance(coef_diag, torch.Tensor) else float(coef_diag)
     d = diag.to(torch.float64)
     if coef_row:
         out += float(coef_row) * torch.expm1(d - lse_row[:n].to(torch.float64))
     if coef_col:
         out += float(coef_col) * torch.expm1(d - lse_col[:n].to(torch.float64))
     return out
+
+
+def diag_coef_scalar(coef_diag: Union[float, torch.Tensor]) -> float:
+    """``coef_diag`` as the float a kernel reads for its scaling: a per-row vector (which
+    only ever comes with ``diag``, so G's diagonal is ``g_diag``) gives its largest |entry|."""
+    if isinstance(coef_diag, torch.Tensor):
+        return float(coef_diag.abs().max()) if coef_diag.numel() else 0.0
+    return float(coef_diag)
 
 
 def combine_diag(lse_off: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
+from . import diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
 
 NAME = "cuda"
 
@@ -94,7 +94,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
     return torch.ops.clip_fast_cuda.grad_backward(
         img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
-        float(coef_row), float(coef_col), float(coef_diag), g_diag)
+        float(coef_row), float(coef_col), diag_coef_scalar(coef_diag), g_diag)
 
 
 # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor ----

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import combine_diag, compute_dtype, compute_scalar, diag_grad, split_float
+from . import combine_diag, compute_dtype, compute_scalar, diag_coef_scalar, diag_grad, split_float
 
 NAME = "torch"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -143,7 +143,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         if g_diag is not None:
             on_diag.copy_(g_diag[r0:r0 + on_diag.shape[0]])
         elif coef_diag:
-            on_diag -= coef_diag
+            on_diag -= diag_coef_scalar(coef_diag)
         # 3. Both directions' gradients from the same G; d_scale = <G, raw>, summed per
         #    row (pairwise) and over rows in float64.
         d_scale += torch.mul(grad, raw).sum(dim=1).sum(dtype=torch.float64)

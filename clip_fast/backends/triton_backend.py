@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
+from . import diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
 
 NAME = "triton"
 
@@ -60,4 +60,4 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     g_diag = None if diag is None else diag_grad(lse_row, lse_col, diag, coef_row, coef_col, coef_diag)
     lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
     return _grad_backward(img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
-                          float(coef_row), float(coef_col), float(coef_diag), g_diag)
+                          float(coef_row), float(coef_col), diag_coef_scalar(coef_diag), g_diag)

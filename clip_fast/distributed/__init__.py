@@ -37,7 +37,9 @@ __all__ = ["MODES", "distributed_clip_loss"]
 def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                           logit_bias=None, *, rank: int, world_size: int, local_loss: bool = False,
                           gather_with_grad: bool = False, mode: str = "gather", backend: str = "auto",
-                          chunk_size: Optional[int] = None, group=None) -> torch.Tensor:
+                          chunk_size: Optional[int] = None, group=None, group_ids=None,
+                          label_smoothing: float = 0.0, image_to_text_weight: float = 0.5,
+                          negative_text_features=None, negative_image_features=None) -> torch.Tensor:
     """The CLIP loss of a batch sharded over ``group`` (default: the world), as a scalar.
 
     Args:
@@ -58,6 +60,10 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
             f"clip_fast: world_size={world_size} > 1 needs torch.distributed to be initialised "
             "(torch.distributed.init_process_group, e.g. under torchrun)"
         )
+    if (group_ids is not None or label_smoothing or image_to_text_weight != 0.5
+            or negative_text_features is not None or negative_image_features is not None):
+        raise NotImplementedError("clip_fast: group_ids, label_smoothing, image_to_text_weight and hard "
+                                  "negatives are not yet supported by the distributed CLIP loss")
     layout, call = check_across_ranks(
         image_features, text_features, logit_scale, logit_bias, rank=rank, world_size=world_size,
         local_loss=local_loss, gather_with_grad=gather_with_grad, mode=mode, backend=backend,
