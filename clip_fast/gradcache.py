@@ -52,12 +52,39 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def loss_extras(group_ids: Optional[torch.Tensor], negatives: Optional[torch.Tensor]) -> dict:
+    """The per-batch loss keywords that are set (a loss without those keywords still works
+    when neither is): ``group_ids`` and ``negative_text_features``."""
+    extras = {}
+    if group_ids is not None:
+        extras["group_ids"] = group_ids
+    if negatives is not None:
+        extras["negative_text_features"] = negatives
+    return extras
+
+
 def plain_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, loss_fn: LossFn,
-               autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
-    """One ordinary full-batch forward and backward; returns the detached loss."""
+               autocast: Callable[[], ContextManager] = contextlib.nullcontext, *,
+               group_ids: Optional[torch.Tensor] = None,
+               neg_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One ordinary full-batch forward and backward; returns the detached loss.
+
+    ``group_ids`` goes to the loss as is.  ``neg_tokens`` (hard-negative captions) are
+    encoded by the text tower in the same forward call as ``tokens`` (one call, so a
+    DistributedDataParallel wrapper sees one forward per backward; hence the same padded
+    width) and go to the loss as ``negative_text_features``.
+    """
+    n_txt = tokens.shape[0]
+    if neg_tokens is not None and neg_tokens.shape[1:] != tokens.shape[1:]:
+        raise ValueError(f"neg_tokens must have the tokens' shape past the batch dimension (one "
+                         f"tokenizer call pads both alike), got neg_tokens {tuple(neg_tokens.shape)} "
+                         f"and tokens {tuple(tokens.shape)}")
+    all_tokens = tokens if neg_tokens is None else torch.cat([tokens, neg_tokens])
     with autocast():
-        img, txt, scale = model(images, tokens)
-    loss = loss_fn(_f32(img), _f32(txt), _f32(scale))
+        img, txt, scale = model(images, all_tokens)
+    txt, neg = (txt, None) if neg_tokens is None else (txt[:n_txt], txt[n_txt:])
+    loss = loss_fn(_f32(img), _f32(txt), _f32(scale),
+                   **loss_extras(group_ids, None if neg is None else _f32(neg)))
     loss.backward()
     return loss.detach()
 
@@ -65,13 +92,22 @@ def plain_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, los
 def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                     loss_fn: LossFn, micro_batch_size: int,
                     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                    no_sync: Optional[Callable[[], ContextManager]] = None) -> torch.Tensor:
+                    no_sync: Optional[Callable[[], ContextManager]] = None, *,
+                    group_ids: Optional[torch.Tensor] = None,
+                    neg_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One gradient-cached step: accumulates the full-batch gradients into ``.grad``.
 
-    ``model(images, tokens)`` must return ``(image_emb, text_emb, scale)``.
+    ``model(images, tokens)`` must return ``(image_emb, text_emb, scale)``, and
+    ``model(None, tokens)`` the text embeddings alone in the second slot.
     ``loss_fn(image_emb, text_emb, scale)`` is the contrastive loss (e.g. a
     FastClipLoss).  ``no_sync`` (DistributedDataParallel.no_sync) is entered for every
     re-run but the last, so gradients are all-reduced once.  Returns the detached loss.
+
+    ``group_ids`` ((N,), one per pair) goes to the loss with the whole batch's embeddings,
+    whose rows keep the batch order.  ``neg_tokens`` (hard-negative captions) are embedded
+    as text-only micro-batches of the same size, passed to the loss as
+    ``negative_text_features`` and re-run like the others; their re-runs come before the
+    paired ones, so the last re-run, the one that synchronises, uses both towers.
     """
     n = images.shape[0]
     if tokens.shape[0] != n:
@@ -82,10 +118,13 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
     device = images.device
     img_chunks = images.split(micro_batch_size)
     tok_chunks = tokens.split(micro_batch_size)
+    # No negatives on this process (None or zero rows): no text-only micro-batch.
+    neg_chunks = () if neg_tokens is None or not neg_tokens.shape[0] else neg_tokens.split(micro_batch_size)
 
     # 1. Embed everything without autograd, remembering each micro-batch's RNG state.
     states: List[dict] = []
-    img_embs, txt_embs = [], []
+    neg_states: List[dict] = []
+    img_embs, txt_embs, neg_embs = [], [], []
     with torch.no_grad():
         for im, tk in zip(img_chunks, tok_chunks):
             states.append(capture_rng(device))
@@ -93,19 +132,35 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
                 img, txt, scale = model(im, tk)
             img_embs.append(_f32(img))
             txt_embs.append(_f32(txt))
+        for tk in neg_chunks:
+            neg_states.append(capture_rng(device))
+            with autocast():
+                neg_embs.append(_f32(model(None, tk)[1]))
 
     # 2. Loss and embedding gradients on leaf tensors.
     img_all = torch.cat(img_embs).requires_grad_(True)
     txt_all = torch.cat(txt_embs).requires_grad_(True)
     scale_leaf = _f32(scale.detach()).requires_grad_(True)
-    del img_embs, txt_embs
-    loss = loss_fn(img_all, txt_all, scale_leaf)
+    neg_all = None
+    if neg_tokens is not None:
+        neg_all = (torch.cat(neg_embs) if neg_embs else
+                   txt_all.new_zeros((0, txt_all.shape[1]))).requires_grad_(True)
+    del img_embs, txt_embs, neg_embs
+    loss = loss_fn(img_all, txt_all, scale_leaf, **loss_extras(group_ids, neg_all))
     loss.backward()
     d_img = img_all.grad.split(micro_batch_size)
     d_txt = txt_all.grad.split(micro_batch_size)
     d_scale = scale_leaf.grad
+    d_neg = () if neg_all is None or neg_all.grad is None else neg_all.grad.split(micro_batch_size)
 
-    # 3. Re-run each micro-batch with autograd and push its cached gradient through.
+    # 3. Re-run each micro-batch with autograd and push its cached gradient through:
+    #    the hard negatives' text-only micro-batches first, then the paired ones.
+    for k, tk in enumerate(neg_chunks[:len(d_neg)]):
+        sync = no_sync() if no_sync is not None else contextlib.nullcontext()
+        with sync, replay_rng(neg_states[k], device):
+            with autocast():
+                neg = model(None, tk)[1]
+            (_f32(neg) * d_neg[k]).sum().backward()
     last = len(img_chunks) - 1
     for k, (im, tk) in enumerate(zip(img_chunks, tok_chunks)):
         sync = no_sync() if (no_sync is not None and k < last) else contextlib.nullcontext()

@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from clip_fast import FastClipLoss
+from clip_fast import FastClipLoss, clip_loss
 from clip_fast import gradcache
 from clip_fast.gradcache import grad_cache_step, plain_step
 from clip_fast.train.models import CLIP, ModelConfig
@@ -122,3 +122,48 @@ def test_grad_cache_rejects_bad_arguments():
         grad_cache_step(model, images, tokens, FastClipLoss(), 0)
     with pytest.raises(ValueError, match="same batch size"):
         grad_cache_step(model, images, tokens[:3], FastClipLoss(), 2)
+
+
+@pytest.mark.parametrize("n, micro, k", [(10, 3, 4), (7, 2, 7), (5, 8, 3), (6, 4, 0)])
+def test_grad_cache_passes_group_ids_and_hard_negatives(n, micro, k):
+    """With ``group_ids`` and hard-negative captions (text-only micro-batches, re-run before
+    the paired ones) the cached step still gives the plain step's loss and gradients, and
+    the plain step's loss is clip_loss with both options on the model's features."""
+    torch.manual_seed(0)
+    model = _tiny("cnn", 0.0)
+    images, captions = _batch(n)
+    negatives = [f"a photo of item {(i + 1) % 4} number {i + n}" for i in range(k)]
+    all_tokens = model.tokenizer(captions + negatives)
+    tokens, neg_tokens = all_tokens[:n], all_tokens[n:]
+    ids = torch.arange(n) % 3
+    loss_fn = FastClipLoss(backend="torch", label_smoothing=0.1, image_to_text_weight=0.7)
+
+    loss_ref = plain_step(model, images, tokens, loss_fn, group_ids=ids, neg_tokens=neg_tokens)
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        img, txt, scale = model(images, tokens)
+        neg = model(None, neg_tokens)[1]
+        direct = clip_loss(img, txt, scale, group_ids=ids, negative_text_features=neg,
+                           label_smoothing=0.1, image_to_text_weight=0.7, backend="torch")
+        plain = clip_loss(img, txt, scale, label_smoothing=0.1, image_to_text_weight=0.7,
+                          backend="torch")
+    torch.testing.assert_close(loss_ref, direct, rtol=RTOL, atol=ATOL)
+    assert not torch.allclose(direct, plain)  # the options change this loss
+
+    loss_gc = grad_cache_step(model, images, tokens, loss_fn, micro, group_ids=ids,
+                              neg_tokens=neg_tokens)
+    got = _grads(model)
+    torch.testing.assert_close(loss_gc, loss_ref, rtol=RTOL, atol=ATOL)
+    assert set(got) == set(ref) and len(ref) == len(list(model.parameters()))
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=RTOL, atol=ATOL, msg=f"grad of {key}")
+
+
+def test_plain_step_needs_negative_tokens_of_the_tokens_width():
+    model = _tiny("cnn", 0.0)
+    images, captions = _batch(4)
+    tokens = model.tokenizer(captions)
+    with pytest.raises(ValueError, match="neg_tokens must have the tokens' shape"):
+        plain_step(model, images, tokens, FastClipLoss(backend="torch"),
+                   neg_tokens=tokens[:2, :-1])
