@@ -8,7 +8,7 @@ from .data import DEFAULT_FASHION_MNIST_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The trainer's flags and defaults, in four groups: data, model, optimisation, run."""
+    """The trainer's flags and defaults, in five groups: data, model, optimisation, run, loss options."""
     p = argparse.ArgumentParser(
         prog="python -m clip_fast.train",
         description="Train a small CLIP with clip_fast.FastClipLoss (default: Fashion-MNIST, "
@@ -73,7 +73,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate every N steps (always at epoch ends)")
     r.add_argument("--log-every", type=int, default=1, help="metrics.csv row every N steps")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    add_loss_options(p)
     return p
+
+
+def add_loss_options(p: argparse.ArgumentParser) -> None:
+    """The CLIP loss family's options (``clip_fast.clip_loss``; derivation in clip_fast/targets.py)."""
+    g = p.add_argument_group("loss options")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="epsilon in [0, 1), as in torch.nn.CrossEntropyLoss (ALIGN: 0.1)")
+    g.add_argument("--image-to-text-weight", type=float, default=0.5,
+                   help="lambda in [0, 1]: lambda * CE(image->text) + (1 - lambda) * CE(text->image); "
+                        "0.5 is CLIP")
+    g.add_argument("--positive-groups", default="none", choices=("none", "class"),
+                   help="class: samples of the same Fashion-MNIST class are positives of each other "
+                        "(group_ids = class labels); Fashion-MNIST only")
+    g.add_argument("--hard-negatives", type=int, default=0, metavar="K",
+                   help="for each of the first K images of every contrastive batch, one caption naming "
+                        "another (random) class joins every image's softmax as a hard-negative text; "
+                        "Fashion-MNIST only")
+
+
+def check_loss_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The loss options in range, and the data-dependent ones on data that has class labels."""
+    if not 0.0 <= args.label_smoothing < 1.0:
+        p.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if not 0.0 <= args.image_to_text_weight <= 1.0:
+        p.error(f"--image-to-text-weight must be in [0, 1], got {args.image_to_text_weight}")
+    if args.hard_negatives < 0:
+        p.error(f"--hard-negatives must be >= 0, got {args.hard_negatives}")
+    if args.hard_negatives > args.batch_size:
+        p.error(f"--hard-negatives must be <= --batch-size ({args.batch_size}): one negative caption "
+                f"per image of the batch's first K, got {args.hard_negatives}")
+    loss = getattr(args, "loss", "clip")  # the options belong to the CLIP (softmax) loss
+    if loss != "clip":
+        for flag, value, off in (("--label-smoothing", args.label_smoothing, 0.0),
+                                 ("--image-to-text-weight", args.image_to_text_weight, 0.5),
+                                 ("--positive-groups", args.positive_groups, "none"),
+                                 ("--hard-negatives", args.hard_negatives, 0)):
+            if value != off:
+                p.error(f"{flag} applies to --loss clip only, got {flag} {value} with --loss {loss}")
+    if args.dataset_type != "fashion-mnist":
+        for flag, value, off in (("--positive-groups", args.positive_groups, "none"),
+                                 ("--hard-negatives", args.hard_negatives, 0)):
+            if value != off:
+                p.error(f"{flag} {value} needs class labels, which only --dataset-type fashion-mnist "
+                        f"has; --dataset-type {args.dataset_type} (--train-data {args.train_data}) "
+                        f"has captions only")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -102,5 +148,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.cnn_widths = tuple(int(w) for w in args.cnn_widths.split(","))
     except ValueError:
         p.error(f"--cnn-widths must be comma-separated ints, got {args.cnn_widths!r}")
+    check_loss_options(p, args)
     return args
 

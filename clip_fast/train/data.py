@@ -202,6 +202,19 @@ class FashionMNIST:
                     for t, c in zip(t_idx.tolist(), labels)]
         return normalize_fashion_mnist(self.images[indices]), captions
 
+    def class_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """The class label (0..9, int64) of each sample."""
+        return self.labels[indices]
+
+    def negative_captions(self, indices: torch.Tensor, generator: torch.Generator) -> List[str]:
+        """For each sample, a caption naming another class: the class uniform over the
+        other nine, the template uniform over this dataset's templates (hard negatives)."""
+        n, c = len(indices), len(self.classnames)
+        other = (self.labels[indices] + torch.randint(1, c, (n,), generator=generator)) % c
+        t_idx = torch.randint(len(self.templates), (n,), generator=generator)
+        return [self.templates[t].format(self.classnames[k])
+                for t, k in zip(t_idx.tolist(), other.tolist())]
+
 
 # ------------------------------------------------------------------- user images
 

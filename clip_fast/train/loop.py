@@ -227,7 +227,8 @@ def setup(argv: Optional[List[str]] = None) -> Trainer:
     optimizer = make_optimizer(model, args.lr, args.wd)
     loss_fn = FastClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank,
                            world_size=env.world_size, backend=args.backend,
-                           chunk_size=args.chunk_size)
+                           chunk_size=args.chunk_size, label_smoothing=args.label_smoothing,
+                           image_to_text_weight=args.image_to_text_weight)
 
     name = args.name or time.strftime(
         f"{args.dataset_type}-{args.model}-%Y%m%d-%H%M%S", time.gmtime())
@@ -288,12 +289,15 @@ def evaluate(t: Trainer) -> Dict[str, float]:
             "zs_heldout_top1": res["heldout_top1"]}
 
 
-def load_batch(t: Trainer, step: int, gidx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """This process's images and tokens for global batch indices ``gidx``, on the device.
+def load_batch(t: Trainer, step: int, gidx: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """This process's images, tokens and loss extras for global batch indices ``gidx``, on
+    the device.
 
     In-memory data draws captions and augmentation for the whole global batch from the
     step's generator, then keeps this rank's slice, so the result does not depend on the
-    world size; streamed data (CSV, tar) reads only this rank's slice.
+    world size; streamed data (CSV, tar) reads only this rank's slice.  The extras
+    (:func:`batch_loss_inputs`) are the step functions' ``group_ids`` and ``neg_tokens``.
     """
     args, rank, local = t.args, t.env.rank, t.sched.local_batch
     flip = args.augment in ("flip", "flip-shift")
@@ -304,18 +308,45 @@ def load_batch(t: Trainer, step: int, gidx: torch.Tensor) -> Tuple[torch.Tensor,
         images, captions = t.train_ds.get(gidx, gen)
         images = data_mod.augment(images, gen, shift=shift, flip=flip)[lo:hi]
         captions = captions[lo:hi]
+        extras = batch_loss_inputs(t, gidx, gen, lo, hi)
     else:
+        extras = {}
         gen = step_generator(args.seed, step, rank)
         images, captions = t.train_ds.get(gidx[lo:hi], gen)
         images = data_mod.augment(images, gen, shift=shift, flip=flip)
     images = images.to(t.device, non_blocking=True)
-    tokens = t.model.tokenizer(captions).to(t.device, non_blocking=True)
-    return images, tokens
+    # One tokenizer call for the captions and the hard negatives: one padded width, which
+    # plain_step's single text-tower call over both needs.
+    negs = extras.pop("neg_captions", None)
+    tokens = t.model.tokenizer(captions + (negs or [])).to(t.device, non_blocking=True)
+    if negs is not None:
+        tokens, extras["neg_tokens"] = tokens[:len(captions)], tokens[len(captions):]
+    return images, tokens, {k: v.to(t.device) for k, v in extras.items()}
 
 
-def train_step(t: Trainer, step: int, images: torch.Tensor,
-               tokens: torch.Tensor) -> Tuple[torch.Tensor, float]:
-    """One optimizer step (gradient-cached when the micro-batch is smaller); (loss, lr)."""
+def batch_loss_inputs(t: Trainer, gidx: torch.Tensor, gen: torch.Generator, lo: int, hi: int) -> dict:
+    """Fashion-MNIST's per-batch loss inputs that the loss options ask for, this rank's share.
+
+    ``--positive-groups class``: ``group_ids``, the class labels of this rank's samples.
+    ``--hard-negatives K``: ``neg_captions``, for each of the global batch's first K images a
+    caption naming another class (drawn from the step's generator after the captions and the
+    augmentation, so runs without the flag draw exactly as before); a rank keeps those of
+    its own images, so the negatives do not depend on the world size either.
+    """
+    args, extras = t.args, {}
+    if args.positive_groups == "class":
+        extras["group_ids"] = t.train_ds.class_ids(gidx[lo:hi])
+    if args.hard_negatives:
+        neg = t.train_ds.negative_captions(gidx[:args.hard_negatives], gen)
+        extras["neg_captions"] = neg[lo:hi]
+    return extras
+
+
+def train_step(t: Trainer, step: int, images: torch.Tensor, tokens: torch.Tensor,
+               extras: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, float]:
+    """One optimizer step (gradient-cached when the micro-batch is smaller); (loss, lr).
+    ``extras``: the step functions' ``group_ids`` and ``neg_tokens`` (:func:`load_batch`)."""
+    extras = extras or {}
     lr = lr_at(step, t.sched.total_steps, t.args.lr, t.args.warmup)
     for group in t.optimizer.param_groups:
         group["lr"] = lr
@@ -323,9 +354,9 @@ def train_step(t: Trainer, step: int, images: torch.Tensor,
     if t.sched.cached:
         loss = grad_cache_step(t.fwd, images, tokens, t.loss_fn, t.sched.micro_batch,
                                autocast=t.autocast,
-                               no_sync=t.ddp.no_sync if t.ddp is not None else None)
+                               no_sync=t.ddp.no_sync if t.ddp is not None else None, **extras)
     else:
-        loss = plain_step(t.fwd, images, tokens, t.loss_fn, autocast=t.autocast)
+        loss = plain_step(t.fwd, images, tokens, t.loss_fn, autocast=t.autocast, **extras)
     t.optimizer.step()
     t.model.clamp_logit_scale()
     return loss, lr
@@ -408,9 +439,9 @@ def train_loop(t: Trainer) -> Progress:
         epoch, pos = divmod(step, sched.steps_per_epoch)
         if epoch != perm_epoch:
             perm, perm_epoch = epoch_permutation(args.seed, epoch, sched.n_train), epoch
-        images, tokens = load_batch(
+        images, tokens, extras = load_batch(
             t, step, perm[pos * args.batch_size:(pos + 1) * args.batch_size])
-        loss, lr = train_step(t, step, images, tokens)
+        loss, lr = train_step(t, step, images, tokens, extras)
         done = step + 1
         p.samples_since += args.batch_size
 
