@@ -105,3 +105,54 @@ def reference_siglip_loss(img, txt, scale, bias=None, group_ids=None, negative_o
     grads = torch.autograd.grad(loss, [x, y, s] + ([b] if b is not None else []))
     d_bias = grads[3] if b is not None else None
     return loss.detach(), grads[0], grads[1], grads[2], d_bias
+
+
+def family_targets(n, k_extra, ids=None, eps=0.0):
+    """The (n, n + k_extra) target matrix of one direction's softmax, float64: uniform over
+    each row's positives (equal ids, or the pair alone), smoothed by eps over every class."""
+    ids = torch.arange(n) if ids is None else ids.cpu()
+    pos = (ids[:, None] == ids[None, :]).double()
+    q = torch.zeros(n, n + k_extra, dtype=torch.float64)
+    q[:, :n] = pos / pos.sum(1, keepdim=True)
+    return (1.0 - eps) * q + eps / (n + k_extra)
+
+
+def reference_family_loss(img, txt, scale, bias=None, group_ids=None, label_smoothing=0.0,
+                          image_to_text_weight=0.5, negative_text=None, negative_image=None,
+                          row_weights=None, col_weights=None):
+    """The CLIP loss with positive groups, label smoothing, direction weights and hard
+    negatives, materialised in float64: soft-target cross-entropy over
+    S = scale * [img; negative_image] @ [txt; negative_text].T + bias.
+
+    ``row_weights`` / ``col_weights`` (n,) default to lam / n and (1 - lam) / n: the weight
+    of each image row's and text column's cross-entropy (a rank's share of a distributed
+    loss puts zeros on the other ranks' rows and columns).
+    Returns (loss, d_img, d_txt, d_scale, d_bias, d_negative_text, d_negative_image),
+    float64 (None for absent inputs).
+    """
+    def leaf(t):
+        return None if t is None else t.detach().double().requires_grad_(True)
+
+    def scalar(v):
+        return None if v is None else torch.as_tensor(v, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
+
+    x, y, nt, ni = leaf(img), leaf(txt), leaf(negative_text), leaf(negative_image)
+    s, b = scalar(scale), scalar(bias)
+    n = x.shape[0]
+    rows = x if ni is None else torch.cat([x, ni])
+    cols = y if nt is None else torch.cat([y, nt])
+    logits = s * rows @ cols.T
+    if b is not None:
+        logits = logits + b
+    lam = image_to_text_weight
+    a = torch.full((n,), lam / n, dtype=torch.float64) if row_weights is None else row_weights.double()
+    c = torch.full((n,), (1 - lam) / n, dtype=torch.float64) if col_weights is None else col_weights.double()
+    q_row = family_targets(n, cols.shape[0] - n, group_ids, label_smoothing)
+    q_col = family_targets(n, rows.shape[0] - n, group_ids, label_smoothing)
+    ce_row = -(q_row * torch.log_softmax(logits[:n, :], dim=1)).sum(1)
+    ce_col = -(q_col * torch.log_softmax(logits[:, :n].T, dim=1)).sum(1)
+    loss = (a * ce_row).sum() + (c * ce_col).sum()
+    inputs = [t for t in (x, y, s, b, nt, ni) if t is not None]
+    grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True))
+    out = [loss.detach()] + [None if t is None else next(grads) for t in (x, y, s, b, nt, ni)]
+    return tuple(out)
