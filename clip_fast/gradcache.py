@@ -83,8 +83,9 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
 
     ``model(images, tokens)`` must return ``(image_emb, text_emb, scale)`` or
     ``(image_emb, text_emb, scale, bias)``; ``loss_fn`` takes the same arguments and is the
-    contrastive loss (e.g. a FastClipLoss, or a FastSigLipLoss with the bias).  ``no_sync`` (DistributedDataParallel.no_sync) is entered for every
-    re-run but the last, so gradients are all-reduced once.  Returns the detached loss.
+    contrastive loss (e.g. a FastClipLoss, or a FastSigLipLoss with the bias).  ``no_sync``
+    (DistributedDataParallel.no_sync) is entered for every re-run but the last, so gradients
+    are all-reduced once.  Returns the detached loss.
     """
     n = images.shape[0]
     if tokens.shape[0] != n:

@@ -185,8 +185,8 @@ def build_model(args: argparse.Namespace, train_ds, device: torch.device,
         vit_width=args.vit_width, vit_layers=args.vit_layers, text_tower=args.text_tower,
         text_width=args.text_width,
         text_layers=args.text_layers, dropout=args.dropout,
-        **(dict(init_temperature=SIGLIP_INIT_TEMPERATURE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
-           if siglip else {}))
+        init_temperature=SIGLIP_INIT_TEMPERATURE if siglip else ModelConfig.init_temperature,
+        init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None)
     torch.manual_seed(args.seed)
     try:
         model = CLIP(model_cfg).to(device)
@@ -395,13 +395,13 @@ def eval_row(t: Trainer, p: Progress, done: int, row: Optional[dict]) -> Optiona
         row.update({k: f"{v:.4f}" for k, v in p.last_eval.items()})
         row["elapsed_s"] = f"{time.perf_counter() - p.t_start:.2f}"
         e = p.last_eval
-        bias = ("" if t.model.logit_bias is None else
-                f" (logit scale {float(t.model.scale().detach()):.3f}, bias "
-                f"{float(t.model.logit_bias.detach()):.4f})")
+        scalars = ("" if t.model.logit_bias is None else
+                   f" (logit scale {float(t.model.scale().detach()):.3f}, bias "
+                   f"{float(t.model.logit_bias.detach()):.4f})")
         t.metrics.log(f"step {done}/{t.sched.total_steps} epoch "
-                      f"{done / t.sched.steps_per_epoch:.2f}: loss {p.loss_val:.4f}{bias}, zero-shot "
-                      f"top-1 {e['zs_top1']:.4f} top-5 {e['zs_top5']:.4f} (held-out templates "
-                      f"top-1 {e['zs_heldout_top1']:.4f}), "
+                      f"{done / t.sched.steps_per_epoch:.2f}: loss {p.loss_val:.4f}{scalars}, "
+                      f"zero-shot top-1 {e['zs_top1']:.4f} top-5 {e['zs_top5']:.4f} (held-out "
+                      f"templates top-1 {e['zs_heldout_top1']:.4f}), "
                       f"{time.perf_counter() - p.t_start:.1f} s")
     t.env.barrier()
     return row

@@ -10,7 +10,7 @@ import torch
 
 METRIC_FIELDS = ("step", "epoch", "loss", "logit_scale", "temperature", "lr", "samples_per_s",
                  "peak_mem_mb", "elapsed_s", "zs_top1", "zs_top5", "zs_heldout_top1")
-# With a learned logit bias (--loss siglip) its value follows the temperature.
+# metrics.csv's columns for a model with a learned logit bias (--loss siglip).
 METRIC_FIELDS_WITH_BIAS = METRIC_FIELDS[:5] + ("logit_bias",) + METRIC_FIELDS[5:]
 
 

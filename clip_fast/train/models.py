@@ -136,8 +136,8 @@ class ModelConfig:
     init_logit_bias: Optional[float] = None  # None: no bias (CLIP); a number: learned bias (SigLIP)
 
     def to_dict(self) -> dict:
-        """The config as plain types; ``init_logit_bias`` only when set, so a CLIP model's
-        dict (and the checkpoints holding it) has the same keys as before the bias existed."""
+        """The config as plain types.  ``init_logit_bias`` is left out when None, so every
+        CLIP config (in checkpoints too) has the same keys, with or without that field."""
         d = asdict(self)
         d["cnn_widths"] = list(self.cnn_widths)
         if d["init_logit_bias"] is None:

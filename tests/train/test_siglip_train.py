@@ -199,7 +199,8 @@ def test_ddp_two_processes_match_one_with_siglip(fake_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "clip_fast.train", *_args(fake_dir, tmp_path, "ddp", *common)]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+                         check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     one, two = _rows(tmp_path / "single"), _rows(tmp_path / "ddp")
     assert [r["step"] for r in one] == [r["step"] for r in two] == ["1", "2", "3"]
