@@ -6,12 +6,15 @@ from typing import List, Optional
 
 from .data import DEFAULT_FASHION_MNIST_DIR
 
+LOSSES = ("clip", "siglip")  # --loss: FastClipLoss or FastSigLipLoss
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's flags and defaults, in four groups: data, model, optimisation, run."""
     p = argparse.ArgumentParser(
         prog="python -m clip_fast.train",
-        description="Train a small CLIP with clip_fast.FastClipLoss (default: Fashion-MNIST, "
+        description="Train a small CLIP with clip_fast.FastClipLoss, or with SigLIP's sigmoid "
+                    "loss (clip_fast.FastSigLipLoss, --loss siglip) (default: Fashion-MNIST, "
                     "zero-shot evaluation on its test split).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -56,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--wd", type=float, default=0.1)
     o.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--backend", default="auto", help="FastClipLoss backend")
-    o.add_argument("--chunk-size", type=int, default=None, help="FastClipLoss chunk size")
+    o.add_argument("--loss", default="clip", choices=LOSSES,
+                   help="clip: softmax loss (FastClipLoss); siglip: sigmoid loss "
+                        "(FastSigLipLoss) with a learned logit bias, init scale 10, bias -10")
+    o.add_argument("--backend", default="auto", help="loss backend (FastClipLoss/FastSigLipLoss)")
+    o.add_argument("--chunk-size", type=int, default=None, help="loss chunk size")
     o.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     o.add_argument("--device", default="auto", help="auto, cpu, cuda")
