@@ -52,6 +52,23 @@ def reference_block_grads(img, txt, scale, bias, coef_row, coef_col, coef_diag):
     return float(scale) * grad @ y, float(scale) * grad.T @ x, (grad * raw).sum()
 
 
+def reference_block_scale_split(img, txt, scale, bias, coef_row, coef_col, coef_diag, diag_given):
+    """The contract's split d_scale of one block, float64: [the row term's share, the rest].
+
+    With ``diag_given`` the diagonal (the forward's, in the backends) counts wholly as the rest.
+    """
+    x, y = img.double(), txt.double()
+    raw = x @ y.T
+    logits = float(scale) * raw + (0.0 if bias is None else float(bias))
+    eye = torch.eye(logits.shape[0], logits.shape[1], dtype=torch.float64)
+    row = coef_row * torch.softmax(logits, 1)
+    grad = row + coef_col * torch.softmax(logits, 0) - coef_diag * eye
+    if diag_given:
+        row = row * (1 - eye)
+    row_part = (row * raw).sum()
+    return torch.stack([row_part, (grad * raw).sum() - row_part])
+
+
 def reference_block_magnitudes(img, txt, scale, bias, coef_row, coef_col, coef_diag):
     """The size of the terms that cancel in each output of one block's sweeps, float64.
 
