@@ -53,10 +53,10 @@ def _neg_sizes(world_size):
 
 def _case(name, *, mode="gather", local=True, gwg=True, ids=False, eps=0.0, lam=0.5, negs=False,
           backend="torch", dtype="float64", dim=6, scale=7.0, bias=None, via="function", error=None,
-          chunk_size=None, neg_sizes=None):
+          chunk_size=None, neg_sizes=None, reduce_scatter=False):
     return dict(name=name, mode=mode, local=local, gwg=gwg, ids=ids, eps=eps, lam=lam, negs=negs,
                 backend=backend, dtype=dtype, dim=dim, scale=scale, bias=bias, via=via, error=error,
-                chunk_size=chunk_size, neg_sizes=neg_sizes)
+                chunk_size=chunk_size, neg_sizes=neg_sizes, reduce_scatter=reduce_scatter)
 
 
 def _cases(world_size):
@@ -79,6 +79,9 @@ def _cases(world_size):
               neg_sizes=([0] * world_size, [0] * world_size)),
         # Confident rows (scale 60): the ring's own block takes its label terms from the kernels' diagonal.
         _case("ring-all-scale60", mode="ring", scale=60.0, **OPTION_SETS["all"]),
+        # The NCCL branch of the gradient reduce-scatter (padded for unequal shards and
+        # negatives), run on gloo.
+        _case("gather-all-reduce-scatter-path", reduce_scatter=True, **OPTION_SETS["all"]),
         # float32 through strips of 2 rows.
         _case("ring-all-float32-chunked", mode="ring", dtype="float32", dim=33, chunk_size=2,
               **OPTION_SETS["all"]),
@@ -183,6 +186,7 @@ def _run_case(case, rank, world_size, seed):
 
     import torch.distributed as dist
 
+    import clip_fast.distributed.collectives as cf_collectives
     from clip_fast import FastClipLoss
     from clip_fast.distributed import distributed_clip_loss
 
@@ -198,6 +202,7 @@ def _run_case(case, rank, world_size, seed):
                               backward=kconfig.KernelConfig(256, 256, 128, 4, 1), col_splits=1)
         blocks = kconfig.override(big)
     out = {}
+    cf_collectives.FORCE_REDUCE_SCATTER = case["reduce_scatter"]
     try:
         with blocks:
             if case["via"] == "module":
