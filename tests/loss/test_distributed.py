@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import gloo_worker, spawn_ranks
+from helpers import case_seed, spawned_cases
 
 pytestmark = pytest.mark.slow  # two process spawns, about a minute on 2 cores
 
@@ -201,28 +201,17 @@ def _run_case(case, rank, world_size, seed):
     return out
 
 
-def _spawn(world_size, tmp_path, seed):
-    return spawn_ranks(gloo_worker, world_size, tmp_path, seed, SPAWN_DEADLINE_S,
-                       extra=(__name__, GLOO_TIMEOUT_S))
-
-
 SEED = 1234
-_CACHE = {}
 
 
 def _case_seed(world_size, case):
-    """The seed the workers drew this case's features from (SEED + its index)."""
-    return SEED + [c["name"] for c in _cases(world_size)].index(case["name"])
+    """The seed the workers drew this case's features from."""
+    return case_seed(_cases(world_size), case, SEED)
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    def get(world_size):
-        if world_size not in _CACHE:
-            _CACHE[world_size] = _spawn(world_size, tmp_path_factory.mktemp(f"dist{world_size}"), SEED)
-        return _CACHE[world_size]
-    yield get
-    _CACHE.clear()
+    return spawned_cases(tmp_path_factory, __name__, SEED, SPAWN_DEADLINE_S, GLOO_TIMEOUT_S, "dist")
 
 
 def _params(kind):

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import gloo_worker, spawn_ranks
+from helpers import case_seed, spawned_cases
 from reference import reference_family_distributed
 
 pytestmark = pytest.mark.slow  # two process spawns
@@ -232,23 +232,16 @@ def _run_case(case, rank, world_size, seed):
 
 
 SEED = 4321
-_CACHE = {}
 
 
 def _case_seed(world_size, case):
-    """The seed the workers drew this case's shards from (SEED + its index)."""
-    return SEED + [c["name"] for c in _cases(world_size)].index(case["name"])
+    """The seed the workers drew this case's shards from."""
+    return case_seed(_cases(world_size), case, SEED)
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    def get(world_size):
-        if world_size not in _CACHE:
-            _CACHE[world_size] = spawn_ranks(gloo_worker, world_size, tmp_path_factory.mktemp(f"fam{world_size}"),
-                                             SEED, SPAWN_DEADLINE_S, extra=(__name__, GLOO_TIMEOUT_S))
-        return _CACHE[world_size]
-    yield get
-    _CACHE.clear()
+    return spawned_cases(tmp_path_factory, __name__, SEED, SPAWN_DEADLINE_S, GLOO_TIMEOUT_S, "fam")
 
 
 def _params(kind):
