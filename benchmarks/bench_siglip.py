@@ -69,8 +69,22 @@ def build_loss(impl: str) -> Callable:
     if impl == "materialised_compiled":
         return torch.compile(materialised_loss)
     if impl == "siglip_kernel":
-        import siglip_kernel  # noqa: F401
-        raise RuntimeError("siglip_kernel is installed but its call is not wired up here")
+        # siglip_kernel 0.1.2: fused_siglip_loss(img, txt, log_temperature, bias, use_fp8=False,
+        # backend="auto") returns open_clip's loss (pair losses summed, divided by N) in the
+        # features' dtype.  It takes log(scale), not scale, and both scalars as tensors; it uses
+        # the features as given (normalised here), square (N, D), contiguous, on CUDA (importing
+        # it queries the GPU).  Its forward computes every gradient, also under no_grad; the
+        # backward only scales them.  "auto" sends fp32 to its persistent Triton kernel (SM89+)
+        # and bf16/fp16 to cuBLAS GEMMs around a Triton sigmoid-BCE kernel.
+        if _DEVICE != "cuda":
+            raise RuntimeError(f"siglip_kernel needs a CUDA device (Triton kernels; its import "
+                               f"queries the GPU); this run is on {_DEVICE}")
+        from siglip_kernel import fused_siglip_loss
+
+        def siglip_kernel_loss(img, txt, scale, bias):
+            # scale.log(): the same inputs as clip_fast's, so the gradient reaches scale too.
+            return fused_siglip_loss(img.contiguous(), txt.contiguous(), scale.log(), bias)
+        return siglip_kernel_loss
     raise ValueError(f"unknown impl {impl!r}")
 
 

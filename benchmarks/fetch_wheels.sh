@@ -21,12 +21,14 @@
 #   open_clip_torch  open_clip.loss.ClipLoss        (requires ftfy, beyond the card's)
 #   ftfy, wcwidth    open_clip's tokenizer import   (ftfy requires wcwidth)
 #   inf_cl           Inf-CL (cal_flash_loss)        (requires triton, numpy: on the card)
+#   siglip_kernel    fused_siglip_loss (SigLIP rows) (py3-none-any, Python + Triton; requires
+#                    torch>=2.1, triton>=3.0: on the card; its import queries the GPU)
 # Pinned so that a rerun fetches the same bytes; raise a pin deliberately.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 DEST="${WHEEL_DIR:-.whl}"
-WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 inf_cl==1.2.1)
+WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 inf_cl==1.2.1 siglip_kernel==0.1.2)
 mkdir -p "$DEST"
 for spec in "${WHEELS[@]}"; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

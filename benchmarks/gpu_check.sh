@@ -119,7 +119,8 @@ else
 fi
 timeout -k $KILL_S 20 "$PY" - <<'PYEOF' 2>&1 | indent
 missing = []
-for name, mod in (("open_clip", "open_clip.loss"), ("inf_cl", "inf_cl")):
+for name, mod in (("open_clip", "open_clip.loss"), ("inf_cl", "inf_cl"),
+                  ("siglip_kernel", "siglip_kernel")):
     try:
         __import__(mod)
     except Exception as exc:

@@ -6,6 +6,7 @@ import argparse
 import csv
 import os
 from collections import defaultdict
+from typing import Optional
 
 import matplotlib
 
@@ -13,16 +14,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("csv")
-    p.add_argument("-o", "--out", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--d", type=int, default=None)
-    args = p.parse_args()
-    rows = [r for r in csv.DictReader(open(args.csv)) if r["status"] == "ok" and r["median_ms"]]
-    dtype = args.dtype or rows[0]["dtype"]
-    d = args.d or int(rows[0]["d"])
+def plot(csv_path: str, out: Optional[str] = None, dtype: Optional[str] = None,
+         d: Optional[int] = None, loss_name: str = "CLIP loss") -> str:
+    """Time and extra memory against N (log axes) for one dtype and D; returns the PNG's path
+    (default: the CSV's name with ``_<dtype>_d<D>.png``)."""
+    with open(csv_path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] == "ok" and r["median_ms"]]
+    if not rows:
+        raise SystemExit(f"{csv_path}: no rows with status ok and a time")
+    dtype = dtype or rows[0]["dtype"]
+    d = d or int(rows[0]["d"])
     rows = [r for r in rows if r["dtype"] == dtype and int(r["d"]) == d]
     series = defaultdict(list)
     for r in rows:
@@ -41,12 +42,23 @@ def main():
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=8)
     r0 = rows[0]
-    fig.suptitle(f"CLIP loss, D={d}, {dtype}: {r0['device']}, torch {r0['torch']}, triton {r0['triton']}, {r0['date']}",
+    fig.suptitle(f"{loss_name}, D={d}, {dtype}: {r0['device']}, torch {r0['torch']}, triton {r0['triton']}, {r0['date']}",
                  fontsize=9)
     fig.tight_layout()
-    out = args.out or os.path.splitext(args.csv)[0] + f"_{dtype}_d{d}.png"
+    out = out or os.path.splitext(csv_path)[0] + f"_{dtype}_d{d}.png"
     fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    plt.close(fig)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("csv")
+    p.add_argument("-o", "--out", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--d", type=int, default=None)
+    args = p.parse_args()
+    print(f"wrote {plot(args.csv, args.out, args.dtype, args.d)}")
 
 
 if __name__ == "__main__":

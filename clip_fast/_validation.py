@@ -139,12 +139,17 @@ def check_group_ids(group_ids, features: torch.Tensor, name: str = "group_ids") 
         raise TypeError(f"{name} must be an integer tensor (int8..int64, uint8), got {_describe(group_ids)}")
     if group_ids.dim() != 1 or group_ids.shape[0] != n:
         raise ValueError(f"{name} must have shape (N,) = ({n},), one id per pair, got {_describe(group_ids)}")
-    if group_ids.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {group_ids.layout}")
-    if group_ids.device != features.device:
-        raise ValueError(f"{name} is on {group_ids.device} but the features are on {features.device}; "
-                         f"move {name} to {features.device}")
+    _check_dense_beside(group_ids, features, name)
     return group_ids.to(torch.int64).contiguous()
+
+
+def _check_dense_beside(t: torch.Tensor, features: torch.Tensor, name: str) -> None:
+    """An extra per-batch tensor: dense, and on the features' device."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.device != features.device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {features.device}; "
+                         f"move {name} to {features.device}")
 
 
 def check_label_smoothing(label_smoothing) -> float:
@@ -170,14 +175,10 @@ def check_negatives(negatives, features: torch.Tensor, name: str) -> Optional[to
         return None
     if not isinstance(negatives, torch.Tensor):
         raise TypeError(f"{name} must be an (M, D) torch.Tensor or None, got {type(negatives).__name__}")
-    if negatives.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {negatives.layout}")
     d = features.shape[1]
     if negatives.dim() != 2 or negatives.shape[1] != d:
         raise ValueError(f"{name} must have shape (M, D) with the features' D = {d}, got {_describe(negatives)}")
     if negatives.dtype != features.dtype:
         raise TypeError(f"{name} must have the features' dtype {features.dtype}, got {_describe(negatives)}")
-    if negatives.device != features.device:
-        raise ValueError(f"{name} is on {negatives.device} but the features are on {features.device}; "
-                         f"move {name} to {features.device}")
+    _check_dense_beside(negatives, features, name)
     return negatives

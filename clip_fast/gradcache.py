@@ -15,11 +15,15 @@ Peak activation memory is that of one micro-batch; the parameter gradients equal
 those of one autograd graph over the whole batch with the same dropout masks
 (tests/loss/test_gradcache.py checks this in float64, with and without dropout).
 The cost is one extra forward pass.
+
+The model returns ``(image_emb, text_emb, scale)`` or ``(image_emb, text_emb, scale,
+bias)`` (SigLIP's learned bias); the loss takes the same arguments, and every scalar after
+the embeddings gets its gradient too.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, List, Optional
+from typing import Callable, ContextManager, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,7 +53,16 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # loss_fn(image_emb, text_emb, scale[, bias])
+
+
+def _split_outputs(out) -> Tuple[torch.Tensor, torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """``model(...)``'s ``(image_emb, text_emb, scale[, bias])`` as (img, txt, scalars)."""
+    if not isinstance(out, (tuple, list)) or len(out) not in (3, 4):
+        raise ValueError(f"the model must return (image_emb, text_emb, scale) or (image_emb, "
+                         f"text_emb, scale, bias), got {type(out).__name__}"
+                         + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    return out[0], out[1], tuple(out[2:])
 
 
 def loss_extras(group_ids: Optional[torch.Tensor], negatives: Optional[torch.Tensor]) -> dict:
@@ -81,9 +94,9 @@ def plain_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, los
                          f"and tokens {tuple(tokens.shape)}")
     all_tokens = tokens if neg_tokens is None else torch.cat([tokens, neg_tokens])
     with autocast():
-        img, txt, scale = model(images, all_tokens)
+        img, txt, scalars = _split_outputs(model(images, all_tokens))
     txt, neg = (txt, None) if neg_tokens is None else (txt[:n_txt], txt[n_txt:])
-    loss = loss_fn(_f32(img), _f32(txt), _f32(scale),
+    loss = loss_fn(_f32(img), _f32(txt), *(_f32(s) for s in scalars),
                    **loss_extras(group_ids, None if neg is None else _f32(neg)))
     loss.backward()
     return loss.detach()
@@ -97,17 +110,18 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
                     neg_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One gradient-cached step: accumulates the full-batch gradients into ``.grad``.
 
-    ``model(images, tokens)`` must return ``(image_emb, text_emb, scale)``, and
-    ``model(None, tokens)`` the text embeddings alone in the second slot.
-    ``loss_fn(image_emb, text_emb, scale)`` is the contrastive loss (e.g. a
-    FastClipLoss).  ``no_sync`` (DistributedDataParallel.no_sync) is entered for every
-    re-run but the last, so gradients are all-reduced once.  Returns the detached loss.
+    ``model(images, tokens)`` must return ``(image_emb, text_emb, scale)`` or
+    ``(image_emb, text_emb, scale, bias)``; ``loss_fn`` takes the same arguments and is the
+    contrastive loss (e.g. a FastClipLoss, or a FastSigLipLoss with the bias).  ``no_sync``
+    (DistributedDataParallel.no_sync) is entered for every re-run but the last, so gradients
+    are all-reduced once.  Returns the detached loss.
 
     ``group_ids`` ((N,), one per pair) goes to the loss with the whole batch's embeddings,
     whose rows keep the batch order.  ``neg_tokens`` (hard-negative captions) are embedded
-    as text-only micro-batches of the same size, passed to the loss as
-    ``negative_text_features`` and re-run like the others; their re-runs come before the
-    paired ones, so the last re-run, the one that synchronises, uses both towers.
+    as text-only micro-batches of the same size (``model(None, tokens)``, the text
+    embeddings in the second slot), passed to the loss as ``negative_text_features`` and
+    re-run like the others; their re-runs come before the paired ones, so the last re-run,
+    the one that synchronises, uses both towers.
     """
     n = images.shape[0]
     if tokens.shape[0] != n:
@@ -129,7 +143,7 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
         for im, tk in zip(img_chunks, tok_chunks):
             states.append(capture_rng(device))
             with autocast():
-                img, txt, scale = model(im, tk)
+                img, txt, scalars = _split_outputs(model(im, tk))
             img_embs.append(_f32(img))
             txt_embs.append(_f32(txt))
         for tk in neg_chunks:
@@ -137,20 +151,20 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
             with autocast():
                 neg_embs.append(_f32(model(None, tk)[1]))
 
-    # 2. Loss and embedding gradients on leaf tensors.
+    # 2. Loss and embedding gradients on leaf tensors (the scale and bias too).
     img_all = torch.cat(img_embs).requires_grad_(True)
     txt_all = torch.cat(txt_embs).requires_grad_(True)
-    scale_leaf = _f32(scale.detach()).requires_grad_(True)
+    scalar_leaves = [_f32(s.detach()).requires_grad_(True) for s in scalars]
     neg_all = None
     if neg_tokens is not None:
         neg_all = (torch.cat(neg_embs) if neg_embs else
                    txt_all.new_zeros((0, txt_all.shape[1]))).requires_grad_(True)
     del img_embs, txt_embs, neg_embs
-    loss = loss_fn(img_all, txt_all, scale_leaf, **loss_extras(group_ids, neg_all))
+    loss = loss_fn(img_all, txt_all, *scalar_leaves, **loss_extras(group_ids, neg_all))
     loss.backward()
     d_img = img_all.grad.split(micro_batch_size)
     d_txt = txt_all.grad.split(micro_batch_size)
-    d_scale = scale_leaf.grad
+    d_scalars = [s.grad for s in scalar_leaves]
     d_neg = () if neg_all is None or neg_all.grad is None else neg_all.grad.split(micro_batch_size)
 
     # 3. Re-run each micro-batch with autograd and push its cached gradient through:
@@ -166,9 +180,11 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
         sync = no_sync() if (no_sync is not None and k < last) else contextlib.nullcontext()
         with sync, replay_rng(states[k], device):
             with autocast():
-                img, txt, scale = model(im, tk)
+                img, txt, scalars = _split_outputs(model(im, tk))
             surrogate = (_f32(img) * d_img[k]).sum() + (_f32(txt) * d_txt[k]).sum()
-            if k == last:  # the temperature's gradient enters once
-                surrogate = surrogate + _f32(scale) * d_scale
+            if k == last:  # the temperature's (and bias's) gradient enters once
+                for s, d_s in zip(scalars, d_scalars):
+                    if d_s is not None:
+                        surrogate = surrogate + _f32(s) * d_s
             surrogate.backward()
     return loss.detach()

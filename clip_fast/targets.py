@@ -105,54 +105,104 @@ def _group_sums(ids_x: torch.Tensor, ids_y: torch.Tensor, x: torch.Tensor, y: to
     return y_table[seg_x], x_table[seg_y]
 
 
+def match_counts(ids_x: torch.Tensor, ids_y: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``ids_x``, how many entries of ``ids_y`` equal it (float64).
+
+    Summed over every rank's ``ids_y`` it is the global group size c of each local id:
+    the ring accumulates it as the ids travel.
+    """
+    seg = segments(torch.cat([ids_x, ids_y]))
+    seg_x, seg_y = seg[:ids_x.shape[0]], seg[ids_x.shape[0]:]
+    table = torch.zeros(seg.shape[0], dtype=torch.float64, device=ids_x.device)
+    table.index_add_(0, seg_y, torch.ones(seg_y.shape[0], dtype=torch.float64, device=ids_x.device))
+    return table[seg_x]
+
+
+def positive_dots(x: torch.Tensor, y: torch.Tensor, ids_x: torch.Tensor, ids_y: torch.Tensor,
+                  own: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One block's positive pairs, summed per row and per column, in float64.
+
+    Returns ``(row, col)``: row_i = sum of <x_i, y_j> over the y rows j with x_i's id,
+    col_j = sum of <x_i, y_j> over the x rows i with y_j's id; with ``own`` (the block
+    pairs x_i with y_i) the pairs (i, i) are left out, as the kernels' diagonal carries
+    them.  Summed over the blocks of a row (or column), and divided by the global group
+    size, they are the positive part of that row's (column's) target sum without the
+    full block: the ring's forward forms each rank's loss from them.
+    """
+    x64, y64 = x.to(torch.float64), y.to(torch.float64)
+    ysum, xsum = _group_sums(ids_x, ids_y, x64, y64)
+    if own:
+        n = min(x.shape[0], y.shape[0])
+        ysum[:n] -= y64[:n]
+        xsum[:n] -= x64[:n]
+    return (x64 * ysum).sum(1), (y64 * xsum).sum(1)
+
+
 def block_targets(x: torch.Tensor, y: torch.Tensor, *, a: float, b: float, eps: float,
                   inv_k_row: float, inv_k_col: float, positives: bool,
                   ids_x: Optional[torch.Tensor] = None, ids_y: Optional[torch.Tensor] = None,
                   counts_x: Optional[torch.Tensor] = None, counts_y: Optional[torch.Tensor] = None,
-                  pair_offset: Optional[int] = 0, kernel_diag: bool = False):
+                  pair_offset: Optional[int] = 0, kernel_diag: bool = False, diag_offset: int = 0,
+                  split_t: bool = False):
     """The target part Q of one block (rows x, columns y), without the N x N matrix.
 
     ``Q_ij = w_pos [i, j positives] / c + u`` with ``w_pos = (1 - eps)(a + b)`` and
     ``u = eps (a * inv_k_row + b * inv_k_col)``.  Positives (``positives=True``) are the
     pairs with equal ids when ``ids_x``/``ids_y`` are given (``counts_*``: each id's group
     size, over the whole batch), else the paired entries (i, i + pair_offset).  With
-    ``kernel_diag`` the pairs (i, i) are left out: the kernels' ``g_diag`` carries them,
-    and ``w_diag`` (their target weight per row) is returned for it.
+    ``kernel_diag`` the pairs (i, i + diag_offset) are left out: the kernels' ``g_diag``
+    (offset 0), or the caller's own label-logit terms (the gather mode's strips, whose
+    pairs sit at the rank's row offset), carries them, and ``w_diag`` (their target weight
+    per pair, in pair order) is returned for it.
 
     Returns ``(qx, qy, t, w_diag)``: qx = Q @ y (rows of x), qy = Q.T @ x (rows of y),
     t = sum_ij Q_ij <x_i, y_j> in float64, and w_diag (float64, or None).
     The caller subtracts s * qx and s * qy from the feature gradients, t from d_scale
-    and s * t from the loss.
+    and s * t from the loss.  ``split_t``: t as a (2,) float64 tensor, [the part of the
+    row weight a, the part of the column weight b] (for a block without a kernel diagonal),
+    so a block whose rows and columns belong to two ranks' losses splits d_scale between them.
     """
     m, k = x.shape[0], y.shape[0]
     w_pos = (1.0 - eps) * (a + b) if positives else 0.0
-    u = eps * (a * inv_k_row + b * inv_k_col)
-    n_diag = min(m, k) if kernel_diag else 0
+    u_row, u_col = eps * a * inv_k_row, eps * b * inv_k_col
+    u = u_row + u_col
+    lo, hi = (max(0, -diag_offset), min(m, k - diag_offset)) if kernel_diag else (0, 0)
+    n_diag = max(0, hi - lo)
+    rows, cols = slice(lo, lo + n_diag), slice(lo + diag_offset, lo + diag_offset + n_diag)
     qx = x.new_zeros((m, y.shape[1]))
     qy = y.new_zeros((k, x.shape[1]))
     w_diag = torch.zeros(n_diag, dtype=torch.float64, device=x.device) if n_diag else None
     if w_pos and ids_x is not None:
         ysum, xsum = _group_sums(ids_x, ids_y, x, y)
-        if n_diag:  # the pairs (i, i) belong to g_diag: out of the sums before scaling
-            ysum[:n_diag] -= y[:n_diag]
-            xsum[:n_diag] -= x[:n_diag]
-            w_diag += w_pos / counts_x[:n_diag]
+        if n_diag:  # the excluded pairs: out of the sums before scaling
+            ysum[rows] -= y[cols]
+            xsum[cols] -= x[rows]
+            w_diag += w_pos / counts_x[rows]
         qx += ysum * (w_pos / counts_x).to(x.dtype)[:, None]
         qy += xsum * (w_pos / counts_y).to(y.dtype)[:, None]
-    elif w_pos and kernel_diag and pair_offset == 0:
-        w_diag += w_pos
+    elif w_pos and kernel_diag and pair_offset == diag_offset:
+        if n_diag:
+            w_diag += w_pos
     elif w_pos and pair_offset is not None:
-        lo, hi = max(0, -pair_offset), min(m, k - pair_offset)
-        if hi > lo:
-            qx[lo:hi] += w_pos * y[lo + pair_offset:hi + pair_offset]
-            qy[lo + pair_offset:hi + pair_offset] += w_pos * x[lo:hi]
+        lo_p, hi_p = max(0, -pair_offset), min(m, k - pair_offset)
+        if hi_p > lo_p:
+            qx[lo_p:hi_p] += w_pos * y[lo_p + pair_offset:hi_p + pair_offset]
+            qy[lo_p + pair_offset:hi_p + pair_offset] += w_pos * x[lo_p:hi_p]
+    t_pos = (x.to(torch.float64) * qx.to(torch.float64)).sum() if split_t else None
     if u:
         ycol, xcol = y.sum(0), x.sum(0)
         qx += u * ycol
         qy += u * xcol
         if n_diag:
-            qx[:n_diag] -= u * y[:n_diag]
-            qy[:n_diag] -= u * x[:n_diag]
+            qx[rows] -= u * y[cols]
+            qy[cols] -= u * x[rows]
             w_diag += u
     t = (x.to(torch.float64) * qx.to(torch.float64)).sum()
+    if split_t:
+        # Q = a * (row targets) + b * (column targets): the positive part splits as a : b,
+        # the uniform part as u_row : u_col.
+        t_uni = t - t_pos
+        f_pos = a / (a + b) if a + b else 0.0
+        f_uni = u_row / u if u else 0.0
+        t = torch.stack([f_pos * t_pos + f_uni * t_uni, (1.0 - f_pos) * t_pos + (1.0 - f_uni) * t_uni])
     return qx, qy, t, w_diag

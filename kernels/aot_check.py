@@ -193,11 +193,14 @@ def forward_variants(dtype):
 def backward_variants(dtype):
     prec = "tf32" if dtype == torch.float32 else "ieee"
     base = dict(HAS_BIAS=False, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True, G_DIAG=True,
-                SHARE_EXP=False, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False, GROUP_M=8)
+                SHARE_EXP=False, SPLIT_SCALE=False, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                GROUP_M=8)
     yield "tile", base
     yield "tile coef-diag bias odd-D", dict(base, G_DIAG=False, HAS_BIAS=True, EVEN_D=False)
     yield "tile shared-exp", dict(base, SHARE_EXP=True)
     yield "tile row-only", dict(base, HAS_COL=False)
+    # The ring's off-diagonal blocks: d_scale split into the row term and the rest.
+    yield "tile split-scale", dict(base, HAS_DIAG=False, G_DIAG=False, SPLIT_SCALE=True)
 
 
 def _sass_row(k, kind: str, name: str, dtype, cfg, D: int, arch: int) -> None:
@@ -246,7 +249,7 @@ def check(arch: int, dtype: torch.dtype, fwd_cfg, bwd_cfg, sass_d: Optional[int]
             print(f"sm_{arch} {_TRITON_DTYPE[dtype]} forward {name}: FAILED {type(exc).__name__}: {exc}")
     # Backward.
     ptrs = {n: "*fp32" for n in _grad_tile_kernel.arg_names if n.endswith("_ptr")}
-    ptrs.update(img_ptr=tdt, txt_ptr=tdt, ws_ptr=tdt, d_scale_ptr="*fp64")
+    ptrs.update(img_ptr=tdt, txt_ptr=tdt, ws_ptr=tdt, d_scale_ptr="*fp64", d_scale_rest_ptr="*fp64")
     for name, ce in backward_variants(dtype):
         if not _wanted(only, "backward", name):
             continue

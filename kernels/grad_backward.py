@@ -52,12 +52,13 @@ _LOG2E_K = tl.constexpr(1.4426950408889634)
 def _grad_tile_kernel(
     img_ptr, txt_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_row_lo_ptr, lse_col_ptr,
     lse_col_lo_ptr, g_diag_ptr,
-    ws_ptr, d_scale_ptr,
+    ws_ptr, d_scale_ptr, d_scale_rest_ptr,
     row0, col0, R, C, D,
     stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
     coef_row, coef_col, coef_diag, gscale,
     HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
-    HAS_DIAG: tl.constexpr, G_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_DIAG: tl.constexpr, G_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -122,6 +123,14 @@ def _grad_tile_kernel(
     else:
         if HAS_ROW:
             g += coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
+        if SPLIT_SCALE:
+            # d_scale's row-term share, reduced per row while g holds only the row term
+            # (never with SHARE_EXP: the launcher turns sharing off); a diagonal taken
+            # from g_diag belongs to the rest.
+            g_row = g
+            if G_DIAG:
+                g_row = tl.where(offs_m[:, None] == offs_n[None, :], 0.0, g_row)
+            ds_row = tl.sum(tl.where(row_ok[:, None] & col_ok[None, :], g_row, 0.0) * acc, axis=1)
         if HAS_COL:
             g += coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :])
     if G_DIAG:
@@ -137,8 +146,15 @@ def _grad_tile_kernel(
 
     # 4. d_scale partials: sum_j G_ij * <img_i, txt_j>, summed over the tile in fp32 and
     #    across tiles in one float64 cell per row (millions of terms per row otherwise).
-    tl.atomic_add(d_scale_ptr + offs_m, tl.sum(g * acc, axis=1).to(tl.float64), mask=row_ok,
-                  sem="relaxed")
+    #    SPLIT_SCALE: the row term's share in d_scale_ptr, the rest (column term and
+    #    diagonal) in d_scale_rest_ptr.
+    ds = tl.sum(g * acc, axis=1)
+    if SPLIT_SCALE:
+        tl.atomic_add(d_scale_ptr + offs_m, ds_row.to(tl.float64), mask=row_ok, sem="relaxed")
+        tl.atomic_add(d_scale_rest_ptr + offs_m, (ds - ds_row).to(tl.float64), mask=row_ok,
+                      sem="relaxed")
+    else:
+        tl.atomic_add(d_scale_ptr + offs_m, ds.to(tl.float64), mask=row_ok, sem="relaxed")
     # 5. G (scaled into [-1, 1]) into the workspace, in the workspace's dtype.
     ws = ws_ptr + offs_r.to(tl.int64)[:, None] * stride_wr + offs_c[None, :] * stride_wc
     tl.store(ws, (g * gscale).to(ws_ptr.dtype.element_ty),
@@ -156,7 +172,7 @@ def _kernel(autotune: bool):
         _autotuned = triton.autotune(
             configs=_config.autotune_candidates("backward"),
             key=["R", "C", "D"],
-            restore_value=["d_scale_ptr"],   # accumulated across blocks: undo trial runs
+            restore_value=["d_scale_ptr", "d_scale_rest_ptr"],   # accumulated across blocks: undo trial runs
         )(_grad_tile_kernel)
     return _autotuned
 
@@ -188,18 +204,24 @@ def _block_shape(M: int, K: int, itemsize: int, bm: int, bn: int) -> Tuple[int, 
 
 
 def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
-                        coef_row: float, coef_col: float, coef_diag: float, g_diag=None):
+                        coef_row: float, coef_col: float, coef_diag: float, g_diag=None,
+                        split_scale: bool = False):
     M, D = img.shape
     K = txt.shape[0]
     dev = img.device
     f32 = torch.float32
     d_img = torch.zeros((M, D), device=dev, dtype=f32)
     d_txt = torch.zeros((K, D), device=dev, dtype=f32)
-    d_scale_rows = torch.zeros((M,), device=dev, dtype=torch.float64)
+    # Per-row float64 d_scale cells: one column, or two (row term, rest) with split_scale.
+    d_scale_rows = torch.zeros((2 if split_scale else 1, M), device=dev, dtype=torch.float64)
+
+    def scale_out():
+        return d_scale_rows.sum(dim=1).to(f32) if split_scale else d_scale_rows.sum().to(f32)
+
     has_row = coef_row != 0.0
     has_col = coef_col != 0.0
     if M == 0 or K == 0 or D == 0 or not (has_row or has_col or coef_diag != 0.0):
-        return d_img, d_txt, d_scale_rows.sum().to(f32)
+        return d_img, d_txt, scale_out()
     if has_row and lse_row is None:
         raise ValueError("grad_backward: coef_row != 0 needs lse_row, got None")
     if has_col and lse_col is None:
@@ -234,14 +256,15 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                 coef_diag=float(coef_diag), gscale=float(gscale),
                 HAS_BIAS=bias is not None, HAS_ROW=has_row, HAS_COL=has_col,
                 HAS_DIAG=coef_diag != 0.0, G_DIAG=g_diag is not None,
-                SHARE_EXP=bool(cfg.share_exp) and has_row and has_col,
+                SHARE_EXP=bool(cfg.share_exp) and has_row and has_col and not split_scale,
+                SPLIT_SCALE=bool(split_scale),
                 DOT_PRECISION=_config.dot_precision(img.dtype),
                 DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
                 GROUP_M=8,
             )
             ptrs = (img, txt, scale, bias if bias is not None else scale,
                     lse_row_t[0], lse_row_t[1], lse_col_t[0], lse_col_t[1], g_diag_t, block,
-                    d_scale_rows)
+                    d_scale_rows[0], d_scale_rows[-1])
             if autotune:
                 grid = lambda meta: (triton.cdiv(r, meta["BM"]) * triton.cdiv(c, meta["BN"]),)  # noqa: E731
                 kernel[grid](*ptrs, **args, EVEN_D=False)
@@ -255,8 +278,7 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     factor = scale.to(f32) / gscale
     d_img.mul_(factor)
     d_txt.mul_(factor)
-    d_scale = d_scale_rows.sum().to(f32)
-    return d_img, d_txt, d_scale
+    return d_img, d_txt, scale_out()
 
 
 # The backward is a custom_op (opaque to torch.compile, with a fake implementation),
@@ -267,25 +289,28 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
 def triton_grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                          bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                          lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
-                         coef_diag: float, g_diag: Optional[torch.Tensor] = None
+                         coef_diag: float, g_diag: Optional[torch.Tensor] = None,
+                         split_scale: bool = False
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
-                               coef_row, coef_col, coef_diag, g_diag)
+                               coef_row, coef_col, coef_diag, g_diag, split_scale)
 
 
 @triton_grad_backward.register_fake
-def _(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag, g_diag=None):
+def _(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag, g_diag=None,
+      split_scale=False):
     f32 = torch.float32
     return (img.new_empty(img.shape, dtype=f32), txt.new_empty(txt.shape, dtype=f32),
-            scale.new_empty((), dtype=f32))
+            scale.new_empty((2,) if split_scale else (), dtype=f32))
 
 
 def grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag,
-                  g_diag=None):
+                  g_diag=None, split_scale=False):
     """(d_img, d_txt, d_scale) for G = coef_row P_row + coef_col P_col - coef_diag I.
 
     ``g_diag`` (min(M, K),), when given, replaces G's diagonal (``clip_fast.backends.diag_grad``).
+    ``split_scale``: d_scale as (2,), [the row term's share off that diagonal, the rest].
     """
     return torch.ops.clip_fast.triton_grad_backward(
         img, txt, scale, bias, lse_row, lse_col,
-        float(coef_row), float(coef_col), float(coef_diag), g_diag)
+        float(coef_row), float(coef_col), float(coef_diag), g_diag, bool(split_scale))

@@ -74,3 +74,30 @@ def gloo_worker(rank, world_size, store_dir, out_dir, seed, module_name, timeout
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def spawned_cases(tmp_path_factory, module_name, seed, deadline_s, gloo_timeout_s, prefix):
+    """``get(world_size)``: the per-rank results of test module ``module_name``'s cases
+    (``gloo_worker``), spawned once per world size and kept for the module."""
+    cache = {}
+
+    def get(world_size):
+        if world_size not in cache:
+            cache[world_size] = spawn_ranks(gloo_worker, world_size,
+                                            tmp_path_factory.mktemp(f"{prefix}{world_size}"), seed,
+                                            deadline_s, extra=(module_name, gloo_timeout_s))
+        return cache[world_size]
+    return get
+
+
+def case_seed(cases, case, seed):
+    """The seed ``gloo_worker`` gave ``case``: ``seed`` plus its index in ``cases``."""
+    return seed + [c["name"] for c in cases].index(case["name"])
+
+
+# The precision rule (flash-attention's and cut-cross-entropy's): a kernel's error against
+# float64 may be at most PRECISION_FACTOR x the materialised PyTorch loss's error in the
+# same dtype, with a floor of one unit of the dtype (DTYPE_UNIT) times the reference's norm.
+PRECISION_FACTOR = 4.0
+DTYPE_UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
+              torch.float64: 2.0 ** -53}

@@ -52,6 +52,23 @@ def reference_block_grads(img, txt, scale, bias, coef_row, coef_col, coef_diag):
     return float(scale) * grad @ y, float(scale) * grad.T @ x, (grad * raw).sum()
 
 
+def reference_block_scale_split(img, txt, scale, bias, coef_row, coef_col, coef_diag, diag_given):
+    """The contract's split d_scale of one block, float64: [the row term's share, the rest].
+
+    With ``diag_given`` the diagonal (the forward's, in the backends) counts wholly as the rest.
+    """
+    x, y = img.double(), txt.double()
+    raw = x @ y.T
+    logits = float(scale) * raw + (0.0 if bias is None else float(bias))
+    eye = torch.eye(logits.shape[0], logits.shape[1], dtype=torch.float64)
+    row = coef_row * torch.softmax(logits, 1)
+    grad = row + coef_col * torch.softmax(logits, 0) - coef_diag * eye
+    if diag_given:
+        row = row * (1 - eye)
+    row_part = (row * raw).sum()
+    return torch.stack([row_part, (grad * raw).sum() - row_part])
+
+
 def reference_block_magnitudes(img, txt, scale, bias, coef_row, coef_col, coef_diag):
     """The size of the terms that cancel in each output of one block's sweeps, float64.
 
@@ -105,3 +122,128 @@ def reference_siglip_loss(img, txt, scale, bias=None, group_ids=None, negative_o
     grads = torch.autograd.grad(loss, [x, y, s] + ([b] if b is not None else []))
     d_bias = grads[3] if b is not None else None
     return loss.detach(), grads[0], grads[1], grads[2], d_bias
+
+
+def family_targets(n, k_extra, ids=None, eps=0.0):
+    """The (n, n + k_extra) target matrix of one direction's softmax, float64: uniform over
+    each row's positives (equal ids, or the pair alone), smoothed by eps over every class."""
+    ids = torch.arange(n) if ids is None else ids.cpu()
+    pos = (ids[:, None] == ids[None, :]).double()
+    q = torch.zeros(n, n + k_extra, dtype=torch.float64)
+    q[:, :n] = pos / pos.sum(1, keepdim=True)
+    return (1.0 - eps) * q + eps / (n + k_extra)
+
+
+def reference_family_loss(img, txt, scale, bias=None, group_ids=None, label_smoothing=0.0,
+                          image_to_text_weight=0.5, negative_text=None, negative_image=None,
+                          row_weights=None, col_weights=None):
+    """The CLIP loss with positive groups, label smoothing, direction weights and hard
+    negatives, materialised in float64: soft-target cross-entropy over
+    S = scale * [img; negative_image] @ [txt; negative_text].T + bias.
+
+    ``row_weights`` / ``col_weights`` (n,) default to lam / n and (1 - lam) / n: the weight
+    of each image row's and text column's cross-entropy (a rank's share of a distributed
+    loss puts zeros on the other ranks' rows and columns).
+    Returns (loss, d_img, d_txt, d_scale, d_bias, d_negative_text, d_negative_image),
+    float64 (None for absent inputs).
+    """
+    def leaf(t):
+        return None if t is None else t.detach().double().requires_grad_(True)
+
+    def scalar(v):
+        return None if v is None else torch.as_tensor(v, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
+
+    x, y, nt, ni = leaf(img), leaf(txt), leaf(negative_text), leaf(negative_image)
+    s, b = scalar(scale), scalar(bias)
+    n = x.shape[0]
+    rows = x if ni is None else torch.cat([x, ni])
+    cols = y if nt is None else torch.cat([y, nt])
+    logits = s * rows @ cols.T
+    if b is not None:
+        logits = logits + b
+    lam = image_to_text_weight
+    a = torch.full((n,), lam / n, dtype=torch.float64) if row_weights is None else row_weights.double()
+    c = torch.full((n,), (1 - lam) / n, dtype=torch.float64) if col_weights is None else col_weights.double()
+    q_row = family_targets(n, cols.shape[0] - n, group_ids, label_smoothing)
+    q_col = family_targets(n, rows.shape[0] - n, group_ids, label_smoothing)
+    ce_row = -(q_row * torch.log_softmax(logits[:n, :], dim=1)).sum(1)
+    ce_col = -(q_col * torch.log_softmax(logits[:, :n].T, dim=1)).sum(1)
+    loss = (a * ce_row).sum() + (c * ce_col).sum()
+    inputs = [t for t in (x, y, s, b, nt, ni) if t is not None]
+    grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True))
+    out = [loss.detach()] + [None if t is None else next(grads) for t in (x, y, s, b, nt, ni)]
+    return tuple(out)
+
+
+def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.5, neg_txts=None,
+                                 neg_imgs=None, local_loss=True, gather_with_grad=True, upstream=None,
+                                 bias=None):
+    """Every rank's share of the generalised CLIP loss, materialised in float64.
+
+    Per-rank shards (lists): features, ids, hard negatives (None: not given; (0, D) allowed).
+    Rank r's loss is open_clip's ``ClipLoss`` on its shard generalised to the options:
+    with local_loss, lam * mean over its image rows of CE(row, q) + (1 - lam) * mean over its
+    text rows of CE(row, q'), each row a softmax over every rank's texts and negative texts
+    (images and negative images); without, the global loss.  The gathered copies are built
+    as open_clip's ``gather_features`` builds them (with grad, or detached with the own shard
+    re-inserted when not local_loss), negatives the same way.  Targets: explicit matrices,
+    uniform over a row's positives (equal ids) with label smoothing eps over all its classes.
+    Returns per rank (loss, d_img, d_txt, d_scale, d_neg_txt, d_neg_img, d_bias) of
+    sum_r upstream_r * loss_r, float64 (d_neg_* None when not given, d_bias None without bias).
+    """
+    w = len(imgs)
+    upstream = upstream or [1.0] * w
+    leaf = lambda x: x.detach().double().requires_grad_(True)  # noqa: E731
+    I, T = [leaf(x) for x in imgs], [leaf(x) for x in txts]
+    NT = None if neg_txts is None else [leaf(x) for x in neg_txts]
+    NI = None if neg_imgs is None else [leaf(x) for x in neg_imgs]
+    S = [torch.tensor(float(scale), dtype=torch.float64, requires_grad=True) for _ in range(w)]
+    B = [torch.tensor(float(bias or 0.0), dtype=torch.float64, requires_grad=True) for _ in range(w)]
+    sizes = [x.shape[0] for x in imgs]
+    n = sum(sizes)
+    all_ids = None if ids is None else torch.cat([x.cpu().long() for x in ids])
+    m_t = 0 if NT is None else sum(x.shape[0] for x in NT)
+    m_i = 0 if NI is None else sum(x.shape[0] for x in NI)
+    q_row = family_targets(n, m_t, all_ids, eps)   # image rows over [texts, negative texts]
+    q_col = family_targets(n, m_i, all_ids, eps)   # text rows over [images, negative images]
+
+    def gathered(parts, r):
+        if parts is None:
+            return None
+        if gather_with_grad:
+            return torch.cat(parts)
+        copies = [x.detach() for x in parts]
+        if not local_loss:
+            copies[r] = parts[r]
+        return torch.cat(copies)
+
+    def with_negs(x, negs):
+        return x if negs is None else torch.cat([x, negs])
+
+    losses = []
+    for r in range(w):
+        all_i, all_t = gathered(I, r), gathered(T, r)
+        cols_t, cols_i = with_negs(all_t, gathered(NT, r)), with_negs(all_i, gathered(NI, r))
+        if local_loss:
+            o = sum(sizes[:r])
+            rows = slice(o, o + sizes[r])
+            per_img, per_txt = S[r] * I[r] @ cols_t.T, S[r] * T[r] @ cols_i.T
+            qr, qc = q_row[rows], q_col[rows]
+        else:
+            per_img, per_txt = S[r] * all_i @ cols_t.T, S[r] * all_t @ cols_i.T
+            qr, qc = q_row, q_col
+        if bias is not None:
+            per_img, per_txt = per_img + B[r], per_txt + B[r]
+        ce_row = -(qr * F.log_softmax(per_img, 1)).sum(1)
+        ce_col = -(qc * F.log_softmax(per_txt, 1)).sum(1)
+        losses.append(lam * ce_row.mean() + (1 - lam) * ce_col.mean())
+    total = sum(u * l for u, l in zip(upstream, losses))
+    leaves = I + T + S + B + (NT or []) + (NI or [])
+    grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+    gi, gt, gs, gb = grads[:w], grads[w:2 * w], grads[2 * w:3 * w], grads[3 * w:4 * w]
+    rest = grads[4 * w:]
+    gnt = rest[:w] if NT is not None else [None] * w
+    gni = rest[len(NT or []):] if NI is not None else [None] * w
+    return [(losses[r].detach(), gi[r], gt[r], gs[r], gnt[r], gni[r], gb[r] if bias is not None else None)
+            for r in range(w)]

@@ -22,7 +22,7 @@ of shape (M, K).  Nothing of size M x K is ever returned or kept.
     ``lse = logaddexp(lse_offdiag, S_ii)``.
 
 ``grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag,
-                diag=None) -> (d_img, d_txt, d_scale)``
+                diag=None, split_scale=False) -> (d_img, d_txt, d_scale)``
     With P_row = exp(S - lse_row[:, None]) and P_col = exp(S - lse_col[None, :]):
         G = coef_row * P_row + coef_col * P_col - coef_diag * I   (I: ones where i == j)
         d_img   = scale * G @ txt          (M, D)
@@ -37,6 +37,11 @@ of shape (M, K).  Nothing of size M x K is ever returned or kept.
     |S| * 2^-24 in it.  d_scale is reduced in float64.  Outputs are float32 (float64
     for float64 inputs).  The caller multiplies by the upstream gradient and casts to
     the input dtype.
+    ``split_scale=True`` returns d_scale as a (2,) tensor instead: [sum_ij coef_row *
+    P_row_ij * <img_i, txt_j> over every entry but a diagonal taken from ``diag``, the
+    rest (the column term, the diagonal)]; its sum is the 0-d d_scale.  The ring's
+    off-diagonal blocks need it: their rows belong to one rank's loss and their columns
+    to another's, and each rank's d_logit_scale is the gradient of its own loss.
 
 The symmetric CLIP loss on a square batch is one block with
 ``coef_row = coef_col = 1 / (2N)`` and ``coef_diag = 1 / N``.  The distributed

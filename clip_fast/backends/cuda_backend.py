@@ -87,14 +87,38 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                   lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
-                  coef_diag: float, diag: Optional[torch.Tensor] = None
+                  coef_diag: float, diag: Optional[torch.Tensor] = None, split_scale: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g_diag = None if diag is None else diag_grad(
         lse_row, lse_col, diag, coef_row, coef_col, coef_diag).float()
+    if split_scale and coef_row:
+        # The C++ op reduces one d_scale, so the split is two sweeps of the block: the row
+        # term alone (a diagonal from g_diag zeroed: it belongs to the rest), then the rest.
+        # It costs a second recompute of every tile; only the ring's off-diagonal blocks ask.
+        k_row = kernel_lse(lse_row, coef_row)
+        d_img, d_txt, ds_row = torch.ops.clip_fast_cuda.grad_backward(
+            img, txt, _scalar(scale, img), _scalar(bias, img), k_row, None,
+            float(coef_row), 0.0, 0.0, None if g_diag is None else torch.zeros_like(g_diag))
+        # With g_diag the op reads coef_diag only for its workspace scaling, which must cover
+        # the diagonal (it still carries the row term there).
+        diag_scale = diag_coef_scalar(coef_diag)
+        if g_diag is not None and g_diag.numel():
+            diag_scale = max(abs(diag_scale), float(g_diag.abs().max()))
+        if coef_col or diag_scale:
+            di, dt, ds_rest = torch.ops.clip_fast_cuda.grad_backward(
+                img, txt, _scalar(scale, img), _scalar(bias, img), None,
+                kernel_lse(lse_col, coef_col), 0.0, float(coef_col), diag_scale, g_diag)
+            d_img, d_txt = d_img.add_(di), d_txt.add_(dt)
+        else:
+            ds_rest = torch.zeros_like(ds_row)
+        return d_img, d_txt, torch.stack([ds_row, ds_rest])
     lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
-    return torch.ops.clip_fast_cuda.grad_backward(
+    d_img, d_txt, d_scale = torch.ops.clip_fast_cuda.grad_backward(
         img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
         float(coef_row), float(coef_col), diag_coef_scalar(coef_diag), g_diag)
+    if split_scale:  # no row term: all of d_scale is the rest
+        return d_img, d_txt, torch.stack([torch.zeros_like(d_scale), d_scale])
+    return d_img, d_txt, d_scale
 
 
 # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor ----

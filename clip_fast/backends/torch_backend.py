@@ -107,7 +107,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                   lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
                   coef_diag: float, diag: Optional[torch.Tensor] = None,
-                  chunk_size: Optional[int] = None
+                  chunk_size: Optional[int] = None, split_scale: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cd, x, y, s, b = _prepare(img, txt, scale, bias)
     m, k = x.shape[0], y.shape[0]
@@ -115,6 +115,9 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     d_img = torch.empty_like(x)
     d_txt = torch.zeros_like(y)
     d_scale = torch.zeros((), dtype=torch.float64, device=x.device)
+    # With split_scale, the row term's share of d_scale (off the diagonal G takes from
+    # ``diag``/``coef_diag``), accumulated on its own.
+    d_scale_row = torch.zeros((), dtype=torch.float64, device=x.device)
     g_diag = None if diag is None else diag_grad(lse_row, lse_col, diag, coef_row, coef_col,
                                                  coef_diag).to(cd)
     # Each lse as (hi, lo) in the compute dtype: P = exp((S - hi) - lo) keeps a dominant
@@ -132,6 +135,12 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         if coef_row:
             grad = (torch.sub(logits, rows[0][r0:r1, None]).sub_(rows[1][r0:r1, None])
                     .exp_().mul_(coef_row))
+            if split_scale:  # the row term alone, its diagonal left to the rest
+                row_part = grad.mul(raw)
+                if g_diag is not None:
+                    _strip_diag(row_part, r0, k).zero_()
+                d_scale_row += row_part.sum(dim=1).sum(dtype=torch.float64)
+                del row_part
             if coef_col:
                 grad.add_(logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_(), alpha=coef_col)
         elif coef_col:
@@ -153,4 +162,6 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         del grad
     d_img.mul_(s)
     d_txt.mul_(s)
+    if split_scale:
+        return d_img, d_txt, torch.stack([d_scale_row, d_scale - d_scale_row]).to(cd)
     return d_img, d_txt, d_scale.to(cd)

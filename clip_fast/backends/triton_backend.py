@@ -55,9 +55,10 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
                   lse_col: Optional[torch.Tensor], coef_row: float, coef_col: float,
-                  coef_diag: float, diag: Optional[torch.Tensor] = None
+                  coef_diag: float, diag: Optional[torch.Tensor] = None, split_scale: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g_diag = None if diag is None else diag_grad(lse_row, lse_col, diag, coef_row, coef_col, coef_diag)
     lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
     return _grad_backward(img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
-                          float(coef_row), float(coef_col), diag_coef_scalar(coef_diag), g_diag)
+                          float(coef_row), float(coef_col), diag_coef_scalar(coef_diag), g_diag,
+                          split_scale)

@@ -16,6 +16,9 @@ Modules:
 
 Unequal shard sizes are supported in both modes: labels are offset by ``o_r`` and every
 mean is over the rows it covers (open_clip itself cannot gather unequal shards).
+The options of ``clip_fast.targets`` (positive groups, label smoothing, direction weight,
+hard negatives) take global semantics in both modes: group sizes over the global batch,
+every rank's hard negatives in every softmax (see :func:`distributed_clip_loss`).
 All ranks must call the loss, and its backward, in the same order (as with open_clip's gather).
 """
 from __future__ import annotations
@@ -51,21 +54,39 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
             ``gather_with_grad=True``: those are the semantics it computes).
         backend, chunk_size: as in ``clip_loss``.
         group: a ``torch.distributed`` process group, or None for the default group.
+        group_ids: this rank's (n_r,) integer ids, or None (on every rank).  Pairs with equal
+            ids are positives of each other across ranks too; a row's target is uniform over
+            its positives in the whole global batch (group sizes are global).
+        label_smoothing: epsilon in [0, 1), uniform over each softmax's global classes:
+            K = N + M_t for an image row (every rank's negative texts), N + M_i for a
+            text column.  Must be equal on every rank.
+        image_to_text_weight: lambda in [0, 1]; loss = lambda * CE(image -> text)
+            + (1 - lambda) * CE(text -> image).  Must be equal on every rank.
+        negative_text_features, negative_image_features: this rank's (M_r, D) hard
+            negatives, or None (on every rank; M_r may differ across ranks and be 0).
+            Every rank's negative texts join every image's softmax and every rank's
+            negative images every text's softmax; their gradients follow the features'
+            rule (``gather_with_grad``; ring mode: every rank's loss reaches the owner).
 
-    Every rank must call this (and the backward) collectively.  A bad shard on any rank
-    makes every rank raise the same ValueError.
+    Each rank's loss is open_clip's ``ClipLoss`` generalised to these options on that rank:
+    with ``local_loss`` ``lambda / n_r * sum of its rows' CE + (1 - lambda) / n_r * sum of
+    its columns' CE`` over the global softmaxes, otherwise the global loss; its gradients
+    (``d_logit_scale`` included, in both modes) are what autograd gives through open_clip's
+    gather on that rank.
+
+    Every rank must call this (and the backward) collectively.  A bad shard or mismatched
+    options on any rank make every rank raise the same ValueError.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"clip_fast: world_size={world_size} > 1 needs torch.distributed to be initialised "
             "(torch.distributed.init_process_group, e.g. under torchrun)"
         )
-    if (group_ids is not None or label_smoothing or image_to_text_weight != 0.5
-            or negative_text_features is not None or negative_image_features is not None):
-        raise NotImplementedError("clip_fast: group_ids, label_smoothing, image_to_text_weight and hard "
-                                  "negatives are not yet supported by the distributed CLIP loss")
     layout, call = check_across_ranks(
         image_features, text_features, logit_scale, logit_bias, rank=rank, world_size=world_size,
         local_loss=local_loss, gather_with_grad=gather_with_grad, mode=mode, backend=backend,
-        chunk_size=chunk_size, group=group)
-    return apply_loss(RingClipLoss if mode == "ring" else GatherClipLoss, call, layout)
+        chunk_size=chunk_size, group=group, group_ids=group_ids, label_smoothing=label_smoothing,
+        image_to_text_weight=image_to_text_weight, negative_text_features=negative_text_features,
+        negative_image_features=negative_image_features)
+    return apply_loss(RingClipLoss if mode == "ring" else GatherClipLoss, call, call.ids, call.neg_txt,
+                      call.neg_img, layout)

@@ -31,9 +31,12 @@ class Layout:
     sizes: Tuple[int, ...]  # rows per rank
     local_loss: bool
     gather_with_grad: bool
-    opts: LossOptions       # backend, chunk size and loss dtype, as for the single-process loss
+    opts: LossOptions       # backend, chunk size, loss dtype and targets (label smoothing, direction weight)
     group: Optional[object]
     nccl: bool
+    has_ids: bool = False                 # group_ids given (on every rank)
+    neg_txt_sizes: Tuple[int, ...] = ()   # hard-negative texts per rank (empty: not given)
+    neg_img_sizes: Tuple[int, ...] = ()   # hard-negative images per rank (empty: not given)
 
     @property
     def offsets(self) -> Tuple[int, ...]:
@@ -46,6 +49,20 @@ class Layout:
     @property
     def n_local(self) -> int:
         return self.sizes[self.rank]
+
+    @property
+    def n_global(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def m_txt(self) -> int:
+        """Hard-negative texts over all ranks (0 when none are given)."""
+        return sum(self.neg_txt_sizes)
+
+    @property
+    def m_img(self) -> int:
+        """Hard-negative images over all ranks (0 when none are given)."""
+        return sum(self.neg_img_sizes)
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,11 @@ class RankDescriptor:
     scale_bits: int         # float64 bits of logit_scale
     bias_bits: int
     needs_grad: int
+    has_ids: int            # group_ids given
+    m_txt: int              # rows of negative_text_features, -1 when not given
+    m_img: int              # rows of negative_image_features, -1 when not given
+    smoothing_bits: int     # float64 bits of label_smoothing
+    weight_bits: int        # float64 bits of image_to_text_weight
 
     def row(self) -> List[int]:
         return list(dataclasses.astuple(self))
@@ -94,9 +116,9 @@ def _comm_device(group, img) -> torch.device:
 
 
 def _local_call(img, txt, logit_scale, logit_bias, mode, local_loss, gather_with_grad, backend,
-                chunk_size, comm_name) -> Call:
+                chunk_size, comm_name, options) -> Call:
     """This rank's own checks (raising here alone would leave the other ranks hanging)."""
-    call = prepare_call(img, txt, logit_scale, logit_bias, backend, chunk_size)
+    call = prepare_call(img, txt, logit_scale, logit_bias, backend, chunk_size, **options)
     check_mode(mode, local_loss, gather_with_grad)
     if comm_name == "nccl":
         want = torch.device("cuda", torch.cuda.current_device())
@@ -110,10 +132,16 @@ def _local_call(img, txt, logit_scale, logit_bias, mode, local_loss, gather_with
     return call
 
 
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
 def _describe(call: Optional[Call], rank, world_size, local_loss, gather_with_grad, mode) -> RankDescriptor:
     ok = call is not None
     needs_grad = ok and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (call.img, call.txt, call.scale, call.bias))
+        t is not None and t.requires_grad
+        for t in (call.img, call.txt, call.scale, call.bias, call.neg_txt, call.neg_img))
+    targets = call.opts.targets if ok else None
     return RankDescriptor(
         error=0 if ok else 1,
         n=call.img.shape[0] if ok else -1, d=call.img.shape[1] if ok else -1,
@@ -124,7 +152,12 @@ def _describe(call: Optional[Call], rank, world_size, local_loss, gather_with_gr
         rank=rank if isinstance(rank, int) else -1,
         world_size=world_size if isinstance(world_size, int) else -1,
         scale_bits=_f64_bits(call.scale) if ok else 0, bias_bits=_f64_bits(call.bias) if ok else 0,
-        needs_grad=int(bool(needs_grad)))
+        needs_grad=int(bool(needs_grad)),
+        has_ids=int(ok and call.ids is not None),
+        m_txt=call.neg_txt.shape[0] if ok and call.neg_txt is not None else -1,
+        m_img=call.neg_img.shape[0] if ok and call.neg_img is not None else -1,
+        smoothing_bits=_float_bits(targets.label_smoothing) if ok else 0,
+        weight_bits=_float_bits(targets.image_to_text_weight) if ok else 0)
 
 
 def _mismatch(what, values, hint=""):
@@ -161,20 +194,38 @@ def _agree(descs: List[RankDescriptor], group_size: int) -> None:
         _mismatch("(logit_scale, logit_bias)",
                   [(_f64(a), _f64(b)) for a, b in zip(field("scale_bits"), field("bias_bits"))],
                   "; they must be equal on every rank, as DDP keeps parameters")
+    if len(set(field("has_ids"))) > 1:
+        _mismatch("whether group_ids is given", [bool(v) for v in field("has_ids")],
+                  "; pass group_ids on every rank or on none")
+    for name, key in (("negative_text_features", "m_txt"), ("negative_image_features", "m_img")):
+        given = [m >= 0 for m in field(key)]
+        if len(set(given)) > 1:
+            _mismatch(f"whether {name} is given", given,
+                      "; pass it on every rank or on none (an (0, D) tensor counts as given)")
+    if len(set(field("smoothing_bits"))) > 1:
+        _mismatch("label_smoothing", [_f64(v) for v in field("smoothing_bits")])
+    if len(set(field("weight_bits"))) > 1:
+        _mismatch("image_to_text_weight", [_f64(v) for v in field("weight_bits")])
     if len(set(field("needs_grad"))) > 1:
         _mismatch("whether the loss needs gradients", [bool(v) for v in field("needs_grad")],
                   "; the backward is collective, so every rank must run it")
 
 
 def check_across_ranks(img, txt, logit_scale, logit_bias, *, rank, world_size, local_loss,
-                       gather_with_grad, mode, backend, chunk_size, group) -> Tuple[Layout, Call]:
+                       gather_with_grad, mode, backend, chunk_size, group, group_ids=None,
+                       label_smoothing=0.0, image_to_text_weight=0.5, negative_text_features=None,
+                       negative_image_features=None) -> Tuple[Layout, Call]:
     """Check this rank's call, share the verdicts, and raise the same error on every rank."""
     group_size = dist.get_world_size(group)
     comm_name = str(dist.get_backend(group)).lower()
+    options = dict(group_ids=group_ids, label_smoothing=label_smoothing,
+                   image_to_text_weight=image_to_text_weight,
+                   negative_text_features=negative_text_features,
+                   negative_image_features=negative_image_features)
     call, local_error = None, None
     try:
         call = _local_call(img, txt, logit_scale, logit_bias, mode, local_loss, gather_with_grad,
-                           backend, chunk_size, comm_name)
+                           backend, chunk_size, comm_name, options)
     except Exception as exc:  # reported to every rank below, never raised alone
         local_error = f"{type(exc).__name__}: {exc}"
     mine = _describe(call, rank, world_size, local_loss, gather_with_grad, mode)
@@ -192,5 +243,8 @@ def check_across_ranks(img, txt, logit_scale, logit_bias, *, rank, world_size, l
     _agree(descs, group_size)
     layout = Layout(rank=rank, world_size=group_size, sizes=tuple(d.n for d in descs),
                     local_loss=bool(local_loss), gather_with_grad=bool(gather_with_grad),
-                    opts=call.opts, group=group, nccl=comm_name == "nccl")
+                    opts=call.opts, group=group, nccl=comm_name == "nccl",
+                    has_ids=bool(descs[0].has_ids),
+                    neg_txt_sizes=tuple(d.m_txt for d in descs) if descs[0].m_txt >= 0 else (),
+                    neg_img_sizes=tuple(d.m_img for d in descs) if descs[0].m_img >= 0 else ())
     return layout, call

@@ -1,8 +1,9 @@
 """Checkpoints of the reference trainer: ``<run dir>/checkpoints/last.pt``.
 
 A checkpoint holds the step, the model and optimizer state, every process's RNG
-state and the arguments that fix the data order and schedule (``RESUME_KEYS``), so
-``--resume`` continues a killed run exactly where it stopped.  Files are written
+state, the arguments that fix the data order and schedule (``RESUME_KEYS``) and the
+loss it was trained with (``--loss``; a SigLIP model's state holds its ``logit_bias``),
+so ``--resume`` continues a killed run exactly where it stopped.  Files are written
 atomically and read with ``torch.load(weights_only=True)``, then validated.
 """
 from __future__ import annotations
@@ -16,11 +17,14 @@ import torch
 import torch.distributed as dist
 
 from ..gradcache import capture_rng
+from .cli import LOSSES
 
 CHECKPOINT_FORMAT = "clip_fast.train/1"
 # Arguments that must match for --resume to continue the same run (data order, schedule).
 RESUME_KEYS = ("dataset_type", "train_data", "train_limit", "batch_size", "epochs", "seed",
                "lr", "warmup", "wd", "augment")
+# Checkpoints without a "loss" entry were written before --loss existed: all CLIP.
+DEFAULT_LOSS = "clip"
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +62,11 @@ def load_checkpoint(path: str) -> dict:
                                   f"{typ.__name__} (got {type(ckpt.get(key)).__name__})")
     if ckpt["step"] < 0:
         raise CheckpointError(f"checkpoint {path!r}: negative step {ckpt['step']}")
+    loss = ckpt.setdefault("loss", DEFAULT_LOSS)
+    if not isinstance(loss, str) or loss not in LOSSES:
+        got = repr(loss[:40]) if isinstance(loss, str) else type(loss).__name__
+        raise CheckpointError(f"checkpoint {path!r}: entry 'loss' must be one of {LOSSES} "
+                              f"(got {got})")
     return ckpt
 
 
@@ -68,6 +77,14 @@ def run_config(args: argparse.Namespace) -> Dict:
 def restore_from_checkpoint(ckpt: dict, path: str, model, optimizer, args, model_cfg,
                             world_size: int, rank: int) -> int:
     """Check the checkpoint matches this run, load it, return its step."""
+    if ckpt["loss"] != args.loss:  # first: the model config differs too (bias, temperature)
+        raise CheckpointError(f"checkpoint {path!r} was trained with --loss {ckpt['loss']} "
+                              f"and this run has --loss {args.loss}; resume with "
+                              f"--loss {ckpt['loss']}, or start a new run (another --name)")
+    has_bias = "logit_bias" in ckpt["model"]
+    if has_bias != (args.loss == "siglip"):
+        raise CheckpointError(f"checkpoint {path!r} is marked --loss {args.loss} but its "
+                              f"weights {'have' if has_bias else 'lack'} a logit_bias")
     if ckpt["model_config"] != model_cfg.to_dict():
         diff = sorted(k for k in set(ckpt["model_config"]) | set(model_cfg.to_dict())
                       if ckpt["model_config"].get(k) != model_cfg.to_dict().get(k))
@@ -117,6 +134,7 @@ def save_checkpoint(path: str, step: int, epoch: int, model, optimizer, model_cf
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch,
             "model_config": model_cfg.to_dict(), "run_config": run_config(args),
+            "loss": args.loss,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rngs,
             "world_size": world_size,
         }, path)

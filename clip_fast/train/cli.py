@@ -6,12 +6,15 @@ from typing import List, Optional
 
 from .data import DEFAULT_FASHION_MNIST_DIR
 
+LOSSES = ("clip", "siglip")  # --loss: FastClipLoss or FastSigLipLoss
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's flags and defaults, in five groups: data, model, optimisation, run, loss options."""
     p = argparse.ArgumentParser(
         prog="python -m clip_fast.train",
-        description="Train a small CLIP with clip_fast.FastClipLoss (default: Fashion-MNIST, "
+        description="Train a small CLIP with clip_fast.FastClipLoss, or with SigLIP's sigmoid "
+                    "loss (clip_fast.FastSigLipLoss, --loss siglip) (default: Fashion-MNIST, "
                     "zero-shot evaluation on its test split).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -56,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--wd", type=float, default=0.1)
     o.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--backend", default="auto", help="FastClipLoss backend")
-    o.add_argument("--chunk-size", type=int, default=None, help="FastClipLoss chunk size")
+    o.add_argument("--loss", default="clip", choices=LOSSES,
+                   help="clip: softmax loss (FastClipLoss); siglip: sigmoid loss "
+                        "(FastSigLipLoss) with a learned logit bias, init scale 10, bias -10")
+    o.add_argument("--backend", default="auto", help="loss backend (FastClipLoss/FastSigLipLoss)")
+    o.add_argument("--chunk-size", type=int, default=None, help="loss chunk size")
     o.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     o.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -105,14 +111,13 @@ def check_loss_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.hard_negatives > args.batch_size:
         p.error(f"--hard-negatives must be <= --batch-size ({args.batch_size}): one negative caption "
                 f"per image of the batch's first K, got {args.hard_negatives}")
-    loss = getattr(args, "loss", "clip")  # the options belong to the CLIP (softmax) loss
-    if loss != "clip":
+    if args.loss != "clip":  # the options belong to the CLIP (softmax) loss
         for flag, value, off in (("--label-smoothing", args.label_smoothing, 0.0),
                                  ("--image-to-text-weight", args.image_to_text_weight, 0.5),
                                  ("--positive-groups", args.positive_groups, "none"),
                                  ("--hard-negatives", args.hard_negatives, 0)):
             if value != off:
-                p.error(f"{flag} applies to --loss clip only, got {flag} {value} with --loss {loss}")
+                p.error(f"{flag} applies to --loss clip only, got {flag} {value} with --loss {args.loss}")
     if args.dataset_type != "fashion-mnist":
         for flag, value, off in (("--positive-groups", args.positive_groups, "none"),
                                  ("--hard-negatives", args.hard_negatives, 0)):

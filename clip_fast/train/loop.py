@@ -3,13 +3,16 @@
 With no flags it trains a small CNN image tower and a small text Transformer on
 Fashion-MNIST (captions from class names through prompt templates) with the
 symmetric contrastive loss from :class:`clip_fast.FastClipLoss`, and reports
-zero-shot top-1/top-5 on the test split after every epoch.
+zero-shot top-1/top-5 on the test split after every epoch.  ``--loss siglip`` trains
+with SigLIP's sigmoid loss (:class:`clip_fast.FastSigLipLoss`) instead; the model then
+has a learned logit bias, and scale and bias start at SigLIP's 10 and -10.
 
 * ``--batch-size`` is the contrastive batch (over all processes); with
   ``--micro-batch-size`` smaller, each step is gradient-cached
   (:mod:`clip_fast.gradcache`), so the batch can be the whole training set.
 * Under ``torchrun`` it runs DistributedDataParallel (gloo on CPU, NCCL on GPU)
-  with the distributed FastClipLoss (``local_loss=True, gather_with_grad=True``).
+  with the distributed FastClipLoss (``local_loss=True, gather_with_grad=True``), or the
+  distributed FastSigLipLoss (open_clip's default ``dist_impl``, "bidir").
 * Output goes to ``<logs-dir>/<name>``: ``metrics.csv``, ``metrics.png``,
   ``log.txt``, ``args.json``, ``summary.json`` and ``checkpoints/last.pt``
   (written atomically); ``--resume`` continues a killed run where it stopped.
@@ -33,7 +36,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .. import FastClipLoss
+from .. import FastClipLoss, FastSigLipLoss
 from ..gradcache import grad_cache_step, plain_step
 from ..zero_shot import zero_shot_classifier, zero_shot_eval
 from . import data as data_mod
@@ -41,7 +44,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, restore_from_checkpoi
                          save_checkpoint)
 from .cli import parse_args
 from .metrics import MetricsLog, peak_memory_mb, plot_metrics
-from .models import CLIP, ModelConfig
+from .models import CLIP, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_TEMPERATURE, ModelConfig
 from .process_group import ProcessGroup
 
 __all__ = ["run", "main", "parse_args", "CheckpointError", "load_checkpoint"]
@@ -107,7 +110,7 @@ class Trainer:
     model_cfg: ModelConfig
     model: CLIP
     optimizer: torch.optim.Optimizer
-    loss_fn: FastClipLoss
+    loss_fn: torch.nn.Module  # make_loss: FastClipLoss or FastSigLipLoss
     run_dir: str
     ckpt_path: str
     start_step: int
@@ -169,14 +172,21 @@ def plan_schedule(args: argparse.Namespace, n_train: int, world_size: int) -> Sc
 
 def build_model(args: argparse.Namespace, train_ds, device: torch.device,
                 rank: int) -> Tuple[CLIP, ModelConfig]:
-    """The CLIP of ``args``, initialised from ``--seed`` alone, then each rank's dropout seed."""
+    """The CLIP of ``args``, initialised from ``--seed`` alone, then each rank's dropout seed.
+
+    ``--loss siglip`` adds a learned logit bias and starts scale and bias at SigLIP's 10
+    and -10; the towers' weights do not depend on the loss.
+    """
+    siglip = args.loss == "siglip"
     model_cfg = ModelConfig(
         image_encoder=args.model, image_size=train_ds.image_size, in_channels=train_ds.channels,
         embed_dim=args.embed_dim, cnn_widths=args.cnn_widths,
         cnn_stem_stride=args.cnn_stem_stride, vit_patch=args.vit_patch,
         vit_width=args.vit_width, vit_layers=args.vit_layers, text_tower=args.text_tower,
         text_width=args.text_width,
-        text_layers=args.text_layers, dropout=args.dropout)
+        text_layers=args.text_layers, dropout=args.dropout,
+        init_temperature=SIGLIP_INIT_TEMPERATURE if siglip else ModelConfig.init_temperature,
+        init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None)
     torch.manual_seed(args.seed)
     try:
         model = CLIP(model_cfg).to(device)
@@ -184,6 +194,17 @@ def build_model(args: argparse.Namespace, train_ds, device: torch.device,
         raise SystemExit(f"error: {exc}")
     torch.manual_seed(args.seed * 1000 + 1 + rank)  # per-rank dropout stream
     return model, model_cfg
+
+
+def make_loss(args: argparse.Namespace, env: ProcessGroup) -> torch.nn.Module:
+    """The loss of ``--loss`` for this process: each rank passes its own share of the batch."""
+    if args.loss == "siglip":
+        return FastSigLipLoss(rank=env.rank, world_size=env.world_size, backend=args.backend,
+                              chunk_size=args.chunk_size)
+    return FastClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank,
+                        world_size=env.world_size, backend=args.backend,
+                        chunk_size=args.chunk_size, label_smoothing=args.label_smoothing,
+                        image_to_text_weight=args.image_to_text_weight)
 
 
 def resume_or_start(args: argparse.Namespace, env: ProcessGroup, run_dir: str,
@@ -225,10 +246,7 @@ def setup(argv: Optional[List[str]] = None) -> Trainer:
     sched = plan_schedule(args, len(train_ds), env.world_size)
     model, model_cfg = build_model(args, train_ds, device, env.rank)
     optimizer = make_optimizer(model, args.lr, args.wd)
-    loss_fn = FastClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank,
-                           world_size=env.world_size, backend=args.backend,
-                           chunk_size=args.chunk_size, label_smoothing=args.label_smoothing,
-                           image_to_text_weight=args.image_to_text_weight)
+    loss_fn = make_loss(args, env)
 
     name = args.name or time.strftime(
         f"{args.dataset_type}-{args.model}-%Y%m%d-%H%M%S", time.gmtime())
@@ -243,7 +261,8 @@ def setup(argv: Optional[List[str]] = None) -> Trainer:
     if env.main:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
     env.barrier()
-    t.metrics = MetricsLog(run_dir, start_step if t.resumed else None, env.main)
+    t.metrics = MetricsLog(run_dir, start_step if t.resumed else None, env.main,
+                           with_bias=model.logit_bias is not None)
     if env.main and not t.resumed:
         with open(os.path.join(run_dir, "args.json"), "w") as fh:
             json.dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
@@ -393,6 +412,8 @@ def loss_row(t: Trainer, p: Progress, done: int, loss: torch.Tensor, lr: float) 
            "samples_per_s": f"{p.samples_since / max(now - p.t_last, 1e-9):.1f}",
            "peak_mem_mb": f"{peak_memory_mb(t.device):.1f}",
            "elapsed_s": f"{now - p.t_start:.2f}"}
+    if t.model.logit_bias is not None:
+        row["logit_bias"] = f"{float(t.model.logit_bias.detach()):.4f}"
     p.t_last, p.samples_since = now, 0
     return row
 
@@ -405,10 +426,13 @@ def eval_row(t: Trainer, p: Progress, done: int, row: Optional[dict]) -> Optiona
         row.update({k: f"{v:.4f}" for k, v in p.last_eval.items()})
         row["elapsed_s"] = f"{time.perf_counter() - p.t_start:.2f}"
         e = p.last_eval
+        scalars = ("" if t.model.logit_bias is None else
+                   f" (logit scale {float(t.model.scale().detach()):.3f}, bias "
+                   f"{float(t.model.logit_bias.detach()):.4f})")
         t.metrics.log(f"step {done}/{t.sched.total_steps} epoch "
-                      f"{done / t.sched.steps_per_epoch:.2f}: loss {p.loss_val:.4f}, zero-shot "
-                      f"top-1 {e['zs_top1']:.4f} top-5 {e['zs_top5']:.4f} (held-out templates "
-                      f"top-1 {e['zs_heldout_top1']:.4f}), "
+                      f"{done / t.sched.steps_per_epoch:.2f}: loss {p.loss_val:.4f}{scalars}, "
+                      f"zero-shot top-1 {e['zs_top1']:.4f} top-5 {e['zs_top5']:.4f} (held-out "
+                      f"templates top-1 {e['zs_heldout_top1']:.4f}), "
                       f"{time.perf_counter() - p.t_start:.1f} s")
     t.env.barrier()
     return row
@@ -482,6 +506,9 @@ def finish(t: Trainer, p: Progress) -> Dict:
                "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                "load_average": list(os.getloadavg()),
                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if t.model.logit_bias is not None:
+        summary.update(loss=t.args.loss, logit_scale=float(t.model.scale().detach()),
+                       logit_bias=float(t.model.logit_bias.detach()))
     if env.main:
         if t.test is not None:  # the last epoch's plot (the loop plots the earlier ones)
             plot_metrics(t.metrics.rows, os.path.join(t.run_dir, "metrics.png"))

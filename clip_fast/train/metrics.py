@@ -10,6 +10,8 @@ import torch
 
 METRIC_FIELDS = ("step", "epoch", "loss", "logit_scale", "temperature", "lr", "samples_per_s",
                  "peak_mem_mb", "elapsed_s", "zs_top1", "zs_top5", "zs_heldout_top1")
+# metrics.csv's columns for a model with a learned logit bias (--loss siglip).
+METRIC_FIELDS_WITH_BIAS = METRIC_FIELDS[:5] + ("logit_bias",) + METRIC_FIELDS[5:]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -20,10 +22,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """metrics.csv (one row per logged step) and log.txt, written by rank 0 only."""
+    """metrics.csv (one row per logged step) and log.txt, written by rank 0 only.
 
-    def __init__(self, run_dir: str, resume_step: Optional[int], enabled: bool):
+    ``with_bias``: the model has a logit bias, logged in a ``logit_bias`` column.
+    """
+
+    def __init__(self, run_dir: str, resume_step: Optional[int], enabled: bool,
+                 with_bias: bool = False):
         self.enabled = enabled
+        self.fields = METRIC_FIELDS_WITH_BIAS if with_bias else METRIC_FIELDS
         self.path = os.path.join(run_dir, "metrics.csv")
         self.log_path = os.path.join(run_dir, "log.txt")
         self.rows: List[dict] = []
@@ -35,17 +42,17 @@ class MetricsLog:
                 self.rows = [r for r in csv.DictReader(fh)
                              if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
         with open(self.path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(self.rows)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        row = {k: row.get(k, "") for k in METRIC_FIELDS}
+        row = {k: row.get(k, "") for k in self.fields}
         self.rows.append(row)
         with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=METRIC_FIELDS).writerow(row)
+            csv.DictWriter(fh, fieldnames=self.fields).writerow(row)
 
     def log(self, msg: str) -> None:
         if not self.enabled:

@@ -5,6 +5,7 @@
     I_e = l2_normalize(I_f @ W_i)    # learned linear projections
     T_e = l2_normalize(T_f @ W_t)
     logits = exp(t) * I_e @ T_e.T    # learned temperature, log-parameterised
+    (+ b)                            # learned bias, SigLIP models only (init_logit_bias)
 
 The tokenizer is built in (no downloads): lower-cased words hashed into a fixed
 number of buckets, so it needs no vocabulary file and works on any captions.
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_LOGIT_SCALE = math.log(100.0)  # the scale exp(t) stays <= 100
+# SigLIP's initialisation (Zhai et al. 2023; open_clip's init_logit_scale=log(10),
+# init_logit_bias=-10): scale exp(t) = 10, bias -10.
+SIGLIP_INIT_TEMPERATURE = 0.1
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 
 class HashWordTokenizer:
@@ -128,10 +133,15 @@ class ModelConfig:
     n_buckets: int = 4096
     dropout: float = 0.0
     init_temperature: float = 0.07
+    init_logit_bias: Optional[float] = None  # None: no bias (CLIP); a number: learned bias (SigLIP)
 
     def to_dict(self) -> dict:
+        """The config as plain types.  ``init_logit_bias`` is left out when None, so every
+        CLIP config (in checkpoints too) has the same keys, with or without that field."""
         d = asdict(self)
         d["cnn_widths"] = list(self.cnn_widths)
+        if d["init_logit_bias"] is None:
+            del d["init_logit_bias"]
         return d
 
     @classmethod
@@ -146,6 +156,16 @@ class ModelConfig:
         return cls(**d)
 
     def validate(self) -> None:
+        if not (isinstance(self.init_temperature, (int, float)) and self.init_temperature > 0
+                and math.isfinite(self.init_temperature)):
+            raise ValueError(f"init_temperature must be a finite number > 0, got "
+                             f"{self.init_temperature!r}")
+        if self.init_logit_bias is not None and not (
+                isinstance(self.init_logit_bias, (int, float))
+                and not isinstance(self.init_logit_bias, bool)
+                and math.isfinite(self.init_logit_bias)):
+            raise ValueError(f"init_logit_bias must be None or a finite number, got "
+                             f"{self.init_logit_bias!r}")
         if self.text_tower not in ("transformer", "minilm"):
             raise ValueError(f"text_tower must be 'transformer' or 'minilm', got {self.text_tower!r}")
         if self.image_encoder not in ("cnn", "vit"):
@@ -257,7 +277,8 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """Image and text towers, linear projections, L2 normalisation, learned temperature."""
+    """Image and text towers, linear projections, L2 normalisation, learned temperature,
+    and for SigLIP (``init_logit_bias`` set) a learned logit bias."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -277,6 +298,10 @@ class CLIP(nn.Module):
             text_dim = FrozenSentenceEncoder.dim
         self.text_projection = nn.Linear(text_dim, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        if cfg.init_logit_bias is None:
+            self.register_parameter("logit_bias", None)
+        else:
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.image_projection(self.visual(images))
@@ -307,10 +332,13 @@ class CLIP(nn.Module):
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
     def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor]):
-        """Return ``(image_embeddings, text_embeddings, scale)``, embeddings L2-normalised."""
+        """Return ``(image_embeddings, text_embeddings, scale)``, embeddings L2-normalised,
+        and ``logit_bias`` as a fourth entry when the model has one (the loss's arguments)."""
         img = self.encode_image(images, normalize=True) if images is not None else None
         txt = self.encode_text(tokens, normalize=True) if tokens is not None else None
-        return img, txt, self.scale()
+        if self.logit_bias is None:
+            return img, txt, self.scale()
+        return img, txt, self.scale(), self.logit_bias
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

@@ -9,7 +9,8 @@ import clip_fast
 from clip_fast import FastClipLoss, clip_loss
 from clip_fast.backends import torch_backend
 from helpers import paired_features
-from reference import reference_block, reference_block_grads, reference_clip_loss, reference_magnitudes
+from reference import (reference_block, reference_block_grads, reference_block_scale_split, reference_clip_loss,
+                       reference_magnitudes)
 
 
 def _assert_close(got, ref, rtol, atol_frac, what, magnitude=None):
@@ -231,6 +232,25 @@ def test_torch_backend_rectangular_block(m, k):
     ref = reference_block_grads(img, txt, 3.0, 0.5, 0.3, 0.2, 0.4)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("m,k,with_diag,coef_row", [(7, 5, False, 0.3), (5, 9, True, 0.3), (6, 6, False, 0.0)])
+def test_torch_backend_split_scale(m, k, with_diag, coef_row):
+    """split_scale: d_scale as [row term off a diag-given diagonal, the rest]; the rest unchanged."""
+    img, txt = torch.randn(m, 17, dtype=torch.float64), torch.randn(k, 17, dtype=torch.float64)
+    s = torch.tensor(2.5, dtype=torch.float64)
+    lse_row, lse_col, diag = torch_backend.lse_forward(img, txt, s, None, chunk_size=3)
+    kw = dict(diag=diag) if with_diag else {}
+    whole = torch_backend.grad_backward(img, txt, s, None, lse_row, lse_col, coef_row, 0.2, 0.4,
+                                        chunk_size=3, **kw)
+    split = torch_backend.grad_backward(img, txt, s, None, lse_row, lse_col, coef_row, 0.2, 0.4,
+                                        chunk_size=3, split_scale=True, **kw)
+    assert split[2].shape == (2,)
+    torch.testing.assert_close(split[0], whole[0], rtol=0, atol=0)
+    torch.testing.assert_close(split[1], whole[1], rtol=0, atol=0)
+    torch.testing.assert_close(split[2].sum(), whole[2], rtol=1e-12, atol=1e-14)
+    want = reference_block_scale_split(img, txt, 2.5, None, coef_row, 0.2, 0.4, with_diag)
+    torch.testing.assert_close(split[2], want, rtol=1e-10, atol=1e-12)
 
 
 # --- the module -------------------------------------------------------------------------

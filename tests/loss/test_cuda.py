@@ -18,7 +18,7 @@ from clip_fast import backends, clip_loss
 from clip_fast.backends import cuda_backend, torch_backend
 from helpers import paired_features
 from reference import (reference_block, reference_block_grads, reference_block_magnitudes,
-                       reference_clip_loss, reference_magnitudes)
+                       reference_block_scale_split, reference_clip_loss, reference_magnitudes)
 
 needs_ext = pytest.mark.skipif(cuda_backend._C is None,
                                reason=f"clip_fast._C not built: {cuda_backend._IMPORT_ERROR}")
@@ -145,6 +145,56 @@ def test_backward_checks_name_the_tensor():
     # A zero coefficient switches its term off, so its lse may be None: only the device fails.
     with pytest.raises(RuntimeError, match=r"img must be a CUDA tensor"):
         OPS.grad_backward(img, txt, scale, None, None, None, 0.0, 0.0, 1.0, None, False)
+
+
+def _fake_grad_op(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag, g_diag):
+    """The C++ grad_backward op's contract, materialised in float64 on CPU (lse pairs in log2
+    units, g_diag replacing the diagonal, zeros when every coefficient is 0)."""
+    x, y = img.double(), txt.double()
+    raw = x @ y.T
+    logits = float(scale) * raw + (0.0 if bias is None else float(bias))
+    if max(abs(coef_row), abs(coef_col), abs(coef_diag)) == 0.0:
+        return torch.zeros_like(x), torch.zeros_like(y), torch.zeros((), dtype=torch.float64)
+    lse = lambda pair: (pair[0].double() + pair[1].double()) / backends.LOG2E  # noqa: E731
+    grad = torch.zeros_like(logits)
+    if coef_row:
+        grad += coef_row * torch.exp(logits - lse(lse_row)[:, None])
+    if coef_col:
+        grad += coef_col * torch.exp(logits - lse(lse_col)[None, :])
+    idx = torch.arange(min(logits.shape))
+    if g_diag is not None:
+        grad[idx, idx] = g_diag.double()
+    else:
+        grad[idx, idx] -= coef_diag
+    return float(scale) * grad @ y, float(scale) * grad.T @ x, (grad * raw).sum()
+
+
+class _TorchWithFakeOps:
+    """``torch`` for cuda_backend, with the extension's op replaced by ``_fake_grad_op``."""
+    ops = type("ops", (), {"clip_fast_cuda": type("ns", (), {"grad_backward": staticmethod(_fake_grad_op)})})
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("with_diag,coefs", [(False, (0.3, 0.2, 0.0)), (True, (0.3, 0.2, 0.4)),
+                                             (True, (0.3, 0.0, 0.0)), (False, (0.0, 0.2, 0.1))])
+def test_split_scale_by_two_op_calls(monkeypatch, with_diag, coefs):
+    """The CUDA backend's split_scale (two calls of the unchanged op) gives the contract's split
+    and the unsplit gradients; runs on CPU with the op's contract emulated in float64."""
+    monkeypatch.setattr(cuda_backend, "torch", _TorchWithFakeOps())
+    img, txt = torch.randn(7, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    s = torch.tensor(2.0)
+    lse_row, lse_col, diag = torch_backend.lse_forward(img, txt, s.double())
+    kw = dict(diag=diag) if with_diag else {}
+    whole = cuda_backend.grad_backward(img, txt, s, None, lse_row, lse_col, *coefs, **kw)
+    split = cuda_backend.grad_backward(img, txt, s, None, lse_row, lse_col, *coefs, split_scale=True, **kw)
+    assert split[2].shape == (2,)
+    torch.testing.assert_close(split[0], whole[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(split[1], whole[1], rtol=1e-6, atol=1e-7)
+    want = reference_block_scale_split(img, txt, 2.0, None, *coefs, with_diag)
+    torch.testing.assert_close(split[2], want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(split[2].sum(), whole[2], rtol=1e-6, atol=1e-7)
 
 
 def test_unavailable_reason_messages():

@@ -30,12 +30,10 @@ if not torch.cuda.is_available():
 from reference import reference_clip_loss  # noqa: E402
 
 import clip_fast  # noqa: E402
+from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR  # noqa: E402
 from clip_fast import backends  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# How many times the materialised loss's error a backend may have.
-FACTOR = 4.0
-UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 def _backends():

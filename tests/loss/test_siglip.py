@@ -19,12 +19,10 @@ if not torch.cuda.is_available():
 from reference import reference_siglip_loss  # noqa: E402
 
 import clip_fast  # noqa: E402
+from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR  # noqa: E402
 from clip_fast.backends import siglip as siglip_backends  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FACTOR = 4.0
-UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
-        torch.float64: 2.0 ** -53}
 NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_bias")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import gloo_worker, spawn_ranks
+from helpers import spawned_cases
 
 pytestmark = pytest.mark.slow  # process spawns: tens of seconds on 2 cores
 
@@ -86,22 +86,9 @@ def _run_case(case, rank, world_size, seed):
     return out
 
 
-def _spawn(world_size, tmp_path):
-    return spawn_ranks(gloo_worker, world_size, tmp_path, SEED, SPAWN_DEADLINE_S,
-                       extra=(__name__, GLOO_TIMEOUT_S))
-
-
-_CACHE = {}
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    def get(world_size):
-        if world_size not in _CACHE:
-            _CACHE[world_size] = _spawn(world_size, tmp_path_factory.mktemp(f"sig{world_size}"))
-        return _CACHE[world_size]
-    yield get
-    _CACHE.clear()
+    return spawned_cases(tmp_path_factory, __name__, SEED, SPAWN_DEADLINE_S, GLOO_TIMEOUT_S, "sig")
 
 
 def _reference(case, seed, world_size):

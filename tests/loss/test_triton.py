@@ -28,7 +28,8 @@ triton = pytest.importorskip("triton")
 
 from helpers import features  # noqa: E402
 from reference import (  # noqa: E402
-    reference_block, reference_block_grads, reference_block_magnitudes, reference_clip_loss)
+    reference_block, reference_block_grads, reference_block_magnitudes, reference_block_scale_split,
+    reference_clip_loss)
 
 from clip_fast.backends import torch_backend, triton_backend  # noqa: E402
 from clip_fast.kernels import config as kconfig  # noqa: E402
@@ -129,6 +130,27 @@ def _check_block(img, txt, scale, bias=None, coefs=None):
                                                      r_col.float().to(img.device), *coefs)
     _close(d_img, t_img, 8 * eps * mag_img, "d_img vs torch backend")
     _close(d_txt, t_txt, 8 * eps * mag_txt, "d_txt vs torch backend")
+
+
+@pytest.mark.parametrize("m,k,with_diag,coefs", [(37, 21, False, (0.03, 0.05, 0.0)),
+                                                 (20, 33, True, (0.05, 0.02, 0.07)),
+                                                 (18, 18, False, (0.0, 0.05, 0.05))])
+def test_split_scale(m, k, with_diag, coefs):
+    """split_scale: d_scale as [row term off a diag-given diagonal, the rest] over several tiles;
+    the feature gradients and the total are those of the unsplit call."""
+    img, txt = features(m, 19, device=DEV), features(k, 19, device=DEV)
+    sc = torch.tensor(9.0, device=DEV)
+    lse_row, lse_col, diag = triton_backend.lse_forward(img, txt, sc)
+    kw = dict(diag=diag) if with_diag else {}
+    whole = triton_backend.grad_backward(img, txt, sc, None, lse_row, lse_col, *coefs, **kw)
+    split = triton_backend.grad_backward(img, txt, sc, None, lse_row, lse_col, *coefs, split_scale=True, **kw)
+    assert split[2].shape == (2,) and split[2].dtype == torch.float32
+    _close(split[0], whole[0], 0.0, "d_img")
+    _close(split[1], whole[1], 0.0, "d_txt")
+    mag = reference_block_magnitudes(img, txt, 9.0, None, *coefs)[3]
+    _close(split[2].sum(), whole[2], 1e-6 * mag, "d_scale total")
+    want = reference_block_scale_split(img.cpu(), txt.cpu(), 9.0, None, *coefs, with_diag)
+    _close(split[2], want, 1e-5 * mag, "split d_scale")
 
 
 @pytest.mark.parametrize("m,k,d", [(1, 1, 1), (2, 2, 33), (77, 77, 33), (77, 77, 1),

@@ -6,6 +6,8 @@ initial model's features for the same batch, built independently of the trainer'
 """
 import csv
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ import clip_fast
 from clip_fast.train import data as D
 from clip_fast.train import loop, parse_args, run as main
 from train_helpers import TINY_MODEL, make_fake_fashion_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,10 @@ def test_loss_flags_parse():
     (["--train-data", "x.csv", "--positive-groups", "class"],
      "--positive-groups class needs class labels, which only --dataset-type fashion-mnist has; "
      "--dataset-type csv"),
+    (["--loss", "siglip", "--label-smoothing", "0.1"],
+     "--label-smoothing applies to --loss clip only, got --label-smoothing 0.1 with --loss siglip"),
+    (["--loss", "siglip", "--positive-groups", "class"],
+     "--positive-groups applies to --loss clip only, got --positive-groups class with --loss siglip"),
     (["--train-data", "shards/", "--hard-negatives", "4"],
      "--hard-negatives 4 needs class labels, which only --dataset-type fashion-mnist has; "
      "--dataset-type webdataset"),
@@ -162,5 +170,28 @@ def test_gradient_cached_run_with_loss_options_equals_plain_run(fake_dir, tmp_pa
     assert _first_loss(tmp_path / "cached") == pytest.approx(_first_loss(tmp_path / "plain"), rel=1e-5)
     a = loop.load_checkpoint(str(tmp_path / "plain" / "checkpoints" / "last.pt"))["model"]
     b = loop.load_checkpoint(str(tmp_path / "cached" / "checkpoints" / "last.pt"))["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_ddp_two_processes_with_loss_options_match_one(fake_dir, tmp_path):
+    """torchrun, 2 gloo processes with gradient caching: each rank passes its own samples' class
+    ids and the negatives of its own images among the batch's first 40 (32 on rank 0, 8 on
+    rank 1); the distributed loss gathers both, so the losses and weights equal a 1-process run's."""
+    common = ["--epochs", "1", "--batch-size", "64", "--train-limit", "192", "--positive-groups", "class",
+              "--hard-negatives", "40", "--label-smoothing", "0.1", "--image-to-text-weight", "0.7"]
+    main(_args(fake_dir, tmp_path, "single", *common))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "clip_fast.train", *_args(fake_dir, tmp_path, "ddp", *common, "--micro-batch-size", "16")]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with open(tmp_path / "single" / "metrics.csv") as a, open(tmp_path / "ddp" / "metrics.csv") as b:
+        one, two = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == ["1", "2", "3"]
+    for ra, rb in zip(one, two):
+        assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-5), ra["step"]
+    a = loop.load_checkpoint(str(tmp_path / "single" / "checkpoints" / "last.pt"))["model"]
+    b = loop.load_checkpoint(str(tmp_path / "ddp" / "checkpoints" / "last.pt"))["model"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
