@@ -216,18 +216,21 @@ class ClipLossFunction(torch.autograd.Function):
         d_img, d_txt, d_scale = impl.grad_backward(img, txt, s, None, lse_row, lse_col,
                                                    a, b, qs.w_diag, diag=diag, **kw)
         d_scale = d_scale.to(torch.float64) - qs.t
-        d_img.sub_(qs.img * s)
-        d_txt.sub_(qs.txt * s)
+        if qs.img is not None:
+            d_img.sub_(qs.img * s)
+            d_txt.sub_(qs.txt * s)
         d_neg_txt = d_neg_img = None
         if plan.neg_txt is not None:  # block (img, neg_txt): the row softmax only
             di, d_neg_txt, ds = impl.grad_backward(img, plan.neg_txt, s, None, lse_row, None, a, 0.0, 0.0, **kw)
             d_img.add_(di)
-            d_neg_txt.sub_(qs.neg_txt * s)
+            if qs.neg_txt is not None:
+                d_neg_txt.sub_(qs.neg_txt * s)
             d_scale = d_scale + ds.to(torch.float64)
         if plan.neg_img is not None:  # block (neg_img, txt): the column softmax only
             d_neg_img, dt, ds = impl.grad_backward(plan.neg_img, txt, s, None, None, lse_col, 0.0, b, 0.0, **kw)
             d_txt.add_(dt)
-            d_neg_img.sub_(qs.neg_img * s)
+            if qs.neg_img is not None:
+                d_neg_img.sub_(qs.neg_img * s)
             d_scale = d_scale + ds.to(torch.float64)
         out = finish_grads(d_img, d_txt, d_scale.to(acc), grad_loss, img, txt, scale, ctx.bias_meta,
                            ctx.needs_input_grad)
@@ -286,26 +289,29 @@ class TargetPlan:
         return self.target_grads(img, txt, neg_txt, neg_img, acc).sums()
 
     def target_grads(self, img, txt, neg_txt, neg_img, acc) -> "TargetGrads":
+        if self.ids is None and not self.eps:
+            # Direction weights and hard negatives alone: the only targets are the pairs,
+            # all on the kernels' diagonal (weight a + b); nothing is left for the host.
+            w_diag = torch.full((self.n,), self.a + self.b, dtype=torch.float64, device=img.device)
+            return TargetGrads(img=None, txt=None, t=torch.zeros((), dtype=torch.float64,
+                                                                   device=img.device), w_diag=w_diag)
         qx, qy, t, w_diag = self._main(img, txt, acc)
         out = TargetGrads(img=qx, txt=qy, t=t, w_diag=w_diag)
         if self.neg_txt is not None and self.eps:
             qi, out.neg_txt, tb, _ = self._uniform(img, self.neg_txt, self.a, 0.0, acc)
             out.img, out.t = out.img + qi, out.t + tb
-        elif self.neg_txt is not None:
-            out.neg_txt = self.neg_txt.new_zeros(self.neg_txt.shape, dtype=acc)
         if self.neg_img is not None and self.eps:
             out.neg_img, qt, tc, _ = self._uniform(self.neg_img, txt, 0.0, self.b, acc)
             out.txt, out.t = out.txt + qt, out.t + tc
-        elif self.neg_img is not None:
-            out.neg_img = self.neg_img.new_zeros(self.neg_img.shape, dtype=acc)
         return out
 
 
 @dataclass
 class TargetGrads:
-    """Q @ y per row of every block's features, sum_ij Q_ij <x_i, y_j>, and w_diag."""
-    img: torch.Tensor
-    txt: torch.Tensor
+    """Q @ y per row of every block's features (None: all zero), sum_ij Q_ij <x_i, y_j>,
+    and w_diag."""
+    img: Optional[torch.Tensor]
+    txt: Optional[torch.Tensor]
     t: torch.Tensor
     w_diag: torch.Tensor
     neg_txt: Optional[torch.Tensor] = None

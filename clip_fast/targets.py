@@ -105,6 +105,12 @@ def _group_sums(ids_x: torch.Tensor, ids_y: torch.Tensor, x: torch.Tensor, y: to
     return y_table[seg_x], x_table[seg_y]
 
 
+def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_i <x_i, y_i> as a float64 scalar: each row's dot in the inputs' dtype (D terms,
+    as a materialised loss forms them), the N row dots summed in float64."""
+    return (x * y).sum(1).to(torch.float64).sum()
+
+
 def match_counts(ids_x: torch.Tensor, ids_y: torch.Tensor) -> torch.Tensor:
     """For each entry of ``ids_x``, how many entries of ``ids_y`` equal it (float64).
 
@@ -188,7 +194,7 @@ def block_targets(x: torch.Tensor, y: torch.Tensor, *, a: float, b: float, eps: 
         if hi_p > lo_p:
             qx[lo_p:hi_p] += w_pos * y[lo_p + pair_offset:hi_p + pair_offset]
             qy[lo_p + pair_offset:hi_p + pair_offset] += w_pos * x[lo_p:hi_p]
-    t_pos = (x.to(torch.float64) * qx.to(torch.float64)).sum() if split_t else None
+    t_pos = dot64(x, qx) if split_t else None
     if u:
         ycol, xcol = y.sum(0), x.sum(0)
         qx += u * ycol
@@ -197,7 +203,7 @@ def block_targets(x: torch.Tensor, y: torch.Tensor, *, a: float, b: float, eps: 
             qx[rows] -= u * y[cols]
             qy[cols] -= u * x[rows]
             w_diag += u
-    t = (x.to(torch.float64) * qx.to(torch.float64)).sum()
+    t = dot64(x, qx)
     if split_t:
         # Q = a * (row targets) + b * (column targets): the positive part splits as a : b,
         # the uniform part as u_row : u_col.

@@ -22,7 +22,11 @@ from .cli import LOSSES
 CHECKPOINT_FORMAT = "clip_fast.train/1"
 # Arguments that must match for --resume to continue the same run (data order, schedule).
 RESUME_KEYS = ("dataset_type", "train_data", "train_limit", "batch_size", "epochs", "seed",
-               "lr", "warmup", "wd", "augment")
+               "lr", "warmup", "wd", "augment", "label_smoothing", "image_to_text_weight",
+               "positive_groups", "hard_negatives")
+# The loss options' values in checkpoints written before those flags existed.
+RESUME_DEFAULTS = {"label_smoothing": 0.0, "image_to_text_weight": 0.5, "positive_groups": "none",
+                   "hard_negatives": 0}
 # Checkpoints without a "loss" entry were written before --loss existed: all CLIP.
 DEFAULT_LOSS = "clip"
 
@@ -93,12 +97,12 @@ def restore_from_checkpoint(ckpt: dict, path: str, model, optimizer, args, model
                                   f"{k}={ckpt['model_config'].get(k)!r} (this run: "
                                   f"{model_cfg.to_dict().get(k)!r})" for k in diff))
     mine = run_config(args)
-    diff = [k for k in RESUME_KEYS if ckpt["run_config"].get(k) != mine[k]]
+    theirs = {k: ckpt["run_config"].get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+    diff = [k for k in RESUME_KEYS if theirs[k] != mine[k]]
     if diff:
         raise CheckpointError(f"checkpoint {path!r} belongs to a run with other arguments; "
                               "resume with the same ones: " + ", ".join(
-                                  f"{k}={ckpt['run_config'].get(k)!r} (this run: {mine[k]!r})"
-                                  for k in diff))
+                                  f"{k}={theirs[k]!r} (this run: {mine[k]!r})" for k in diff))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -284,10 +284,21 @@ def describe(t: Trainer) -> str:
         f"{args.model} ({n_params / 1e6:.2f} M params), contrastive batch {args.batch_size} over "
         f"{env.world_size} process(es), micro-batch {sched.micro_batch}"
         f"{' (gradient caching)' if sched.cached else ''}, {sched.total_steps} steps, "
-        f"device {t.device}, {'bf16 autocast' if t.use_bf16 else 'fp32'}, loss {t.loss_fn!r}; "
+        f"device {t.device}, {'bf16 autocast' if t.use_bf16 else 'fp32'}, loss {t.loss_fn!r}"
+        f"{_batch_options(args)}; "
         f"torch {torch.__version__}, python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
         f"{os.getloadavg()[0]:.2f}" + (f"; resumed at step {t.start_step}" if t.resumed else ""))
+
+
+def _batch_options(args) -> str:
+    """The per-batch loss inputs the flags add (positive groups, hard negatives), for the log line."""
+    out = []
+    if getattr(args, "positive_groups", "none") != "none":
+        out.append(f"positive groups by {args.positive_groups}")
+    if getattr(args, "hard_negatives", 0):
+        out.append(f"{args.hard_negatives} hard-negative captions")
+    return f" with {' and '.join(out)}" if out else ""
 
 
 # ------------------------------------------------------------------------------ steps

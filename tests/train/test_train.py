@@ -134,6 +134,18 @@ def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(fake_dir, tmp_path
     with pytest.raises(SystemExit, match="batch_size=64 .this run: 32"):
         main(_args(fake_dir, tmp_path, "r", "--epochs", "1", "--batch-size", "32",
                    "--train-limit", "128", "--resume"))
+    with pytest.raises(SystemExit, match="label_smoothing=0.0 .this run: 0.1"):
+        main(args + ["--resume", "--label-smoothing", "0.1"])
+    with pytest.raises(SystemExit, match="positive_groups='none' .this run: 'class'"):
+        main(args + ["--resume", "--positive-groups", "class"])
+    # A checkpoint from before the loss-option flags: its run had their defaults.
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("label_smoothing", "image_to_text_weight", "positive_groups", "hard_negatives"):
+        del ckpt["run_config"][key]
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match="hard_negatives=0 .this run: 4"):
+        main(args + ["--resume", "--hard-negatives", "4"])
+    path.write_bytes(good)
 
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(SystemExit, match="corrupt or not a clip_fast checkpoint"):
