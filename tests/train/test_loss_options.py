@@ -6,8 +6,6 @@ initial model's features for the same batch, built independently of the trainer'
 """
 import csv
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,18 +14,13 @@ import torch.nn.functional as F
 import clip_fast
 from clip_fast.train import data as D
 from clip_fast.train import loop, parse_args, run as main
-from train_helpers import TINY_MODEL, make_fake_fashion_mnist
+from train_helpers import make_fake_fashion_mnist, run_args as _args, single_and_torchrun
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def fake_dir(tmp_path_factory):
     return make_fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")), n_train=640, n_test=100)
-
-
-def _args(fake_dir, logs, name, *extra):
-    return ["--data-dir", fake_dir, "--logs-dir", str(logs), "--name", name, *TINY_MODEL, *extra]
 
 
 def _first_loss(run_dir):
@@ -180,18 +173,10 @@ def test_ddp_two_processes_with_loss_options_match_one(fake_dir, tmp_path):
     rank 1); the distributed loss gathers both, so the losses and weights equal a 1-process run's."""
     common = ["--epochs", "1", "--batch-size", "64", "--train-limit", "192", "--positive-groups", "class",
               "--hard-negatives", "40", "--label-smoothing", "0.1", "--image-to-text-weight", "0.7"]
-    main(_args(fake_dir, tmp_path, "single", *common))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clip_fast.train", *_args(fake_dir, tmp_path, "ddp", *common, "--micro-batch-size", "16")]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    with open(tmp_path / "single" / "metrics.csv") as a, open(tmp_path / "ddp" / "metrics.csv") as b:
-        one, two = list(csv.DictReader(a)), list(csv.DictReader(b))
+    (one, two), (ca, cb) = single_and_torchrun(fake_dir, tmp_path, common, ("--micro-batch-size", "16"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == ["1", "2", "3"]
     for ra, rb in zip(one, two):
         assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-5), ra["step"]
-    a = loop.load_checkpoint(str(tmp_path / "single" / "checkpoints" / "last.pt"))["model"]
-    b = loop.load_checkpoint(str(tmp_path / "ddp" / "checkpoints" / "last.pt"))["model"]
+    a, b = ca["model"], cb["model"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -4,10 +4,7 @@ The loss is checked against the float64 reference (tests/reference.py) on the fi
 the initialisation against SigLIP's (scale 10, bias -10), and the bias through gradient
 caching, checkpoints, resuming and two processes.
 """
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,26 +14,14 @@ from clip_fast.gradcache import grad_cache_step, plain_step
 from clip_fast.train import load_checkpoint, loop, run as main
 from clip_fast.train.models import CLIP, ModelConfig
 from reference import reference_clip_loss, reference_siglip_loss
-from train_helpers import TINY_MODEL, make_fake_fashion_mnist
+from train_helpers import make_fake_fashion_mnist, metrics_rows as _rows, run_args as _args, single_and_torchrun
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIGLIP = ["--loss", "siglip"]
 
 
 @pytest.fixture(scope="module")
 def fake_dir(tmp_path_factory):
     return make_fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")), n_train=640, n_test=100)
-
-
-def _args(fake_dir, logs, name, *extra):
-    return ["--data-dir", fake_dir, "--logs-dir", str(logs), "--name", name, *TINY_MODEL, *extra]
-
-
-def _rows(run_dir):
-    import csv
-
-    with open(os.path.join(run_dir, "metrics.csv"), newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _first_batch(t):
@@ -195,18 +180,9 @@ def test_ddp_two_processes_match_one_with_siglip(fake_dir, tmp_path):
     """torchrun, 2 gloo processes (open_clip's default dist_impl): the first loss and the final
     weights, bias included, equal a 1-process run's."""
     common = [*SIGLIP, "--epochs", "1", "--batch-size", "64", "--train-limit", "192"]
-    main(_args(fake_dir, tmp_path, "single", *common))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clip_fast.train", *_args(fake_dir, tmp_path, "ddp", *common)]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
-                         check=False)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    one, two = _rows(tmp_path / "single"), _rows(tmp_path / "ddp")
+    (one, two), (a, b) = single_and_torchrun(fake_dir, tmp_path, common)
     assert [r["step"] for r in one] == [r["step"] for r in two] == ["1", "2", "3"]
     assert float(two[0]["loss"]) == pytest.approx(float(one[0]["loss"]), rel=1e-5)
-    a = load_checkpoint(str(tmp_path / "single" / "checkpoints" / "last.pt"))
-    b = load_checkpoint(str(tmp_path / "ddp" / "checkpoints" / "last.pt"))
     assert b["world_size"] == 2 and b["loss"] == "siglip"
     assert a["model"]["logit_bias"].item() != -10.0
     for k in a["model"]:

@@ -3,7 +3,6 @@
 Kill-and-resume: a run is SIGKILLed mid-way and resumed; its final weights must equal
 those of an uninterrupted run (same step counter, optimizer, RNG and data order).
 """
-import csv
 import json
 import os
 import signal
@@ -16,23 +15,14 @@ import torch
 
 from clip_fast.train import data as D
 from clip_fast.train import CheckpointError, load_checkpoint, run as main
-from train_helpers import TINY_MODEL, make_fake_fashion_mnist
+from train_helpers import (REPO, TINY_MODEL, make_fake_fashion_mnist, metrics_rows as _rows, run_args as _args,
+                           single_and_torchrun)
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def fake_dir(tmp_path_factory):
     return make_fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")), n_train=3200, n_test=200)
-
-
-def _rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.csv"), newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _args(fake_dir, logs, name, *extra):
-    return ["--data-dir", fake_dir, "--logs-dir", str(logs), "--name", name, *TINY_MODEL, *extra]
 
 
 def test_train_writes_run_dir_and_learns(fake_dir, tmp_path):
@@ -232,17 +222,9 @@ def test_real_fashion_mnist_short_run(tmp_path):
 def test_ddp_two_processes_match_one(fake_dir, tmp_path):
     """torchrun, 2 gloo processes: the first loss and the final weights equal a 1-process run."""
     common = ["--epochs", "1", "--batch-size", "64", "--train-limit", "192"]
-    main(_args(fake_dir, tmp_path, "single", *common))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clip_fast.train", *_args(fake_dir, tmp_path, "ddp", *common)]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    one, two = _rows(tmp_path / "single"), _rows(tmp_path / "ddp")
+    (one, two), (a, b) = single_and_torchrun(fake_dir, tmp_path, common)
     assert [r["step"] for r in one] == [r["step"] for r in two] == ["1", "2", "3"]
     assert float(two[0]["loss"]) == pytest.approx(float(one[0]["loss"]), rel=1e-5)
-    a = load_checkpoint(str(tmp_path / "single" / "checkpoints" / "last.pt"))
-    b = load_checkpoint(str(tmp_path / "ddp" / "checkpoints" / "last.pt"))
     assert b["world_size"] == 2 and len(b["rng"]) == 2
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)

@@ -50,3 +50,38 @@ def make_fake_fashion_mnist(folder: str, n_train: int = 960, n_test: int = 200,
 # A model small enough for a CPU test step in a few milliseconds.
 TINY_MODEL = ["--cnn-widths", "8,16", "--embed-dim", "16", "--text-width", "32",
               "--text-layers", "1", "--threads", "1", "--no-progress"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_args(fake_dir, logs, name, *extra):
+    """The trainer's command line for a tiny run on the fake data, in ``logs/name``."""
+    return ["--data-dir", fake_dir, "--logs-dir", str(logs), "--name", name, *TINY_MODEL, *extra]
+
+
+def metrics_rows(run_dir):
+    """A run's metrics.csv as a list of dicts (strings)."""
+    import csv
+
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def single_and_torchrun(fake_dir, tmp_path, common, ddp_extra=()):
+    """Run ``common`` in this process ("single") and under torchrun with 2 gloo processes
+    ("ddp", plus ``ddp_extra``); return both runs' metrics rows and last checkpoints."""
+    import subprocess
+    import sys
+
+    from clip_fast.train import load_checkpoint, run
+
+    run(run_args(fake_dir, tmp_path, "single", *common))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "clip_fast.train", *run_args(fake_dir, tmp_path, "ddp", *common, *ddp_extra)]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [metrics_rows(tmp_path / name) for name in ("single", "ddp")]
+    ckpts = [load_checkpoint(str(tmp_path / name / "checkpoints" / "last.pt")) for name in ("single", "ddp")]
+    return rows, ckpts
