@@ -31,7 +31,7 @@ import torch
 
 from . import backends
 from .backends import compute_dtype, compute_scalar
-from .targets import Targets, block_targets, group_counts
+from .targets import block_targets, group_counts
 
 
 def fresh_output(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -117,7 +117,10 @@ class LossOptions:
     backend: str  # a resolved backend name: "torch", "triton" or "cuda"
     chunk_size: Optional[int] = None  # rows per strip, torch backend only
     loss_dtype: Optional[torch.dtype] = None  # default: the features' dtype (float32 under autocast)
-    targets: Targets = Targets()  # label smoothing and direction weight (clip_fast.targets)
+    # The target options of ``clip_fast.targets``: plain floats, not a nested object, so
+    # that torch.compile (2.11 included) can build the options inside a compiled region.
+    label_smoothing: float = 0.0
+    image_to_text_weight: float = 0.5
 
     def kwargs(self) -> dict:
         if self.backend == "torch" and self.chunk_size is not None:
@@ -164,7 +167,7 @@ class ClipLossFunction(torch.autograd.Function):
         impl = backends.get_loaded(opts.backend)
         acc = compute_dtype(img.dtype)
         s = compute_scalar(scale, acc)
-        plan = TargetPlan(img, txt, ids, neg_txt, neg_img, opts.targets)
+        plan = TargetPlan(img, txt, ids, neg_txt, neg_img, opts)
         lse_row, lse_col, diag = impl.lse_forward(img, txt, s, None, **opts.kwargs())
         # Hard negatives: their blocks' log-sum-exp partials join the row / column softmax.
         if plan.neg_txt is not None:
@@ -201,7 +204,7 @@ class ClipLossFunction(torch.autograd.Function):
         impl = backends.get_loaded(opts.backend)
         acc = compute_dtype(img.dtype)
         s = compute_scalar(scale, acc)
-        plan = TargetPlan(img, txt, ids, neg_txt, neg_img, opts.targets)
+        plan = TargetPlan(img, txt, ids, neg_txt, neg_img, opts)
         a, b = plan.a, plan.b
         kw = opts.kwargs()
         if plan.plain:
@@ -261,9 +264,9 @@ class TargetPlan:
     """One call's target terms (``clip_fast.targets``): the weights a = lam / N and
     b = (1 - lam) / N, which blocks exist, and the O(N * D) host sums."""
 
-    def __init__(self, img, txt, ids, neg_txt, neg_img, targets: Targets):
+    def __init__(self, img, txt, ids, neg_txt, neg_img, opts: LossOptions):
         n = img.shape[0]
-        lam, eps = targets.image_to_text_weight, targets.label_smoothing
+        lam, eps = opts.image_to_text_weight, opts.label_smoothing
         self.n, self.eps, self.ids = n, eps, ids
         self.a, self.b = lam / n, (1.0 - lam) / n
         # A block whose softmax has weight 0 contributes nothing: it is skipped.
@@ -271,7 +274,8 @@ class TargetPlan:
         self.neg_img = neg_img if neg_img is not None and neg_img.shape[0] and self.b else None
         self.inv_k_row = 1.0 / (n + (0 if neg_txt is None else neg_txt.shape[0]))
         self.inv_k_col = 1.0 / (n + (0 if neg_img is None else neg_img.shape[0]))
-        self.plain = targets.plain and ids is None and self.neg_txt is None and self.neg_img is None
+        self.plain = (eps == 0.0 and lam == 0.5 and ids is None and self.neg_txt is None
+                      and self.neg_img is None)
 
     def _main(self, img, txt, acc):
         counts = None if self.ids is None else group_counts(self.ids)

@@ -11,7 +11,6 @@ from . import backends
 from ._validation import (ScalarLike, check_chunk_size, check_direction_weight, check_group_ids,
                           check_inputs, check_label_smoothing, check_negatives)
 from .autograd import ClipLossFunction, LossOptions
-from .targets import Targets
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,8 @@ def prepare_call(image_features, text_features, logit_scale, logit_bias, backend
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
     chunk_size = check_chunk_size(chunk_size)
     ids = check_group_ids(group_ids, image_features)
-    targets = Targets(label_smoothing=check_label_smoothing(label_smoothing),
-                      image_to_text_weight=check_direction_weight(image_to_text_weight))
+    label_smoothing = check_label_smoothing(label_smoothing)
+    image_to_text_weight = check_direction_weight(image_to_text_weight)
     neg_txt = check_negatives(negative_text_features, image_features, "negative_text_features")
     neg_img = check_negatives(negative_image_features, image_features, "negative_image_features")
     img, txt, loss_dtype = autocast_features(image_features, text_features)
@@ -51,7 +50,8 @@ def prepare_call(image_features, text_features, logit_scale, logit_bias, backend
         txt = txt.view_as(txt)
     impl = backends.resolve_backend(backend, img.device, img.dtype)
     return Call(img, txt, scale, bias, LossOptions(backend=impl.NAME, chunk_size=chunk_size,
-                                                   loss_dtype=loss_dtype, targets=targets),
+                                                   loss_dtype=loss_dtype, label_smoothing=label_smoothing,
+                                                   image_to_text_weight=image_to_text_weight),
                 ids=ids, neg_txt=neg_txt, neg_img=neg_img)
 
 

@@ -53,22 +53,9 @@ whose first sum is the per-pair terms of the plain loss; the other two vanish ex
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-
-
-@dataclass(frozen=True)
-class Targets:
-    """The non-tensor target options of one call (hashable; part of ``LossOptions``)."""
-    label_smoothing: float = 0.0
-    image_to_text_weight: float = 0.5
-
-    @property
-    def plain(self) -> bool:
-        """Whether these are CLIP's own targets (no smoothing, equal direction weights)."""
-        return self.label_smoothing == 0.0 and self.image_to_text_weight == 0.5
 
 
 def segments(ids: torch.Tensor) -> torch.Tensor:

@@ -141,7 +141,7 @@ def _describe(call: Optional[Call], rank, world_size, local_loss, gather_with_gr
     needs_grad = ok and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (call.img, call.txt, call.scale, call.bias, call.neg_txt, call.neg_img))
-    targets = call.opts.targets if ok else None
+    targets = call.opts if ok else None
     return RankDescriptor(
         error=0 if ok else 1,
         n=call.img.shape[0] if ok else -1, d=call.img.shape[1] if ok else -1,

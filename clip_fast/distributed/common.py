@@ -40,7 +40,7 @@ class FamilyTargets:
 
     @classmethod
     def of(cls, layout: Layout) -> "FamilyTargets":
-        t = layout.opts.targets
+        t = layout.opts
         n = layout.n_global
         return cls(lam=t.image_to_text_weight, eps=t.label_smoothing, has_ids=layout.has_ids,
                    inv_k_row=1.0 / (n + layout.m_txt), inv_k_col=1.0 / (n + layout.m_img))
