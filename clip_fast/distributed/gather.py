@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from ..autograd import autocast_off, bias_meta, finish_grads, first_order_only, fresh_output
 from ..backends import compute_dtype
-from ..targets import group_counts
+from ..targets import dot64, group_counts
 from .agreement import Layout
 from .collectives import all_gather_rows, logsumexp_across_ranks, reduce_scatter_rows
 from .common import FamilyTargets, backend_args, rowdot
@@ -67,11 +67,12 @@ def _sub_targets(tg: FamilyTargets, d_x, d_y, x, y, a: float, b: float, offset: 
     w = a + b
     lo, hi = max(0, -offset), min(x.shape[0], y.shape[0] - offset)
     xs, ys = x[lo:hi].to(acc), y[lo + offset:hi + offset].to(acc)
+    # In place (addcmul_), no (n, D) temporary: the strips' (N, D) outputs are alive here.
     if d_x is not None:
-        d_x[lo:hi].sub_(ys * (w * s))
+        d_x[lo:hi].addcmul_(ys, s, value=-w)
     if d_y is not None:
-        d_y[lo + offset:hi + offset].sub_(xs * (w * s))
-    return w * rowdot(xs, ys, _F64).sum()
+        d_y[lo + offset:hi + offset].addcmul_(xs, s, value=-w)
+    return w * dot64(xs, ys)
 
 
 def _sub_uniform(tg: FamilyTargets, d_x, d_y, x, y, a: float, b: float, s, acc):
