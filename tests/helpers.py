@@ -101,3 +101,12 @@ def case_seed(cases, case, seed):
 PRECISION_FACTOR = 4.0
 DTYPE_UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
               torch.float64: 2.0 ** -53}
+
+
+def backend_params(with_cuda=True):
+    """pytest params for the backends: torch and triton (the interpreter on CPU), and cuda
+    marked ``gpu`` (run by benchmarks/gpu_check.sh)."""
+    import pytest
+
+    names = ("torch", "triton", "cuda") if with_cuda else ("torch", "triton")
+    return [pytest.param(n, marks=[pytest.mark.gpu] if n == "cuda" else [], id=n) for n in names]

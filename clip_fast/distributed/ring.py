@@ -74,6 +74,17 @@ class _Blocks:
     def block(self, txt, neg_txt):
         return torch.cat([txt, neg_txt]).contiguous() if self.use_nt else txt
 
+    def buffers(self, txt, ids):
+        """The two receive buffers of each thing that travels: text blocks, ids, and an
+        (c_rows, n) float64 pack beside them (one row without ids, two with), and c_rows."""
+        n_max, dim = max(self.sizes), txt.shape[1]
+        blk_max = max(self.rows(q) for q in range(len(self.sizes)))
+        c_rows = 1 if ids is None else 2
+        return ([txt.new_empty(blk_max, dim) for _ in range(2)],
+                None if ids is None else [ids.new_empty(n_max) for _ in range(2)],
+                [torch.empty(c_rows * n_max, dtype=_F64, device=txt.device) for _ in range(2)],
+                c_rows)
+
     def acc_len(self, q: int, dim: int) -> int:
         """The backward accumulator of block q: d txt_q, d neg_txt_q, and one d_scale float."""
         return self.rows(q) * dim + 1
@@ -89,15 +100,11 @@ class RingClipLoss(torch.autograd.Function):
         tg = FamilyTargets.of(layout)
         blocks = _Blocks(layout, tg)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
-        n, n_max, dim = sizes[r], max(sizes), img.shape[1]
+        n = sizes[r]
         img, txt = img.contiguous(), txt.contiguous()
         ring = Ring(layout)
-        blk_max = max(blocks.rows(q) for q in range(w))
-        blk_buf = [txt.new_empty(blk_max, dim) for _ in range(2)]
-        ids_buf = None if ids is None else [ids.new_empty(n_max) for _ in range(2)]
         # The column accumulator: lse partials, and with ids the positive pairs' dot sums.
-        c_rows = 1 if ids is None else 2
-        col_buf = [torch.empty(c_rows * n_max, dtype=_F64, device=img.device) for _ in range(2)]
+        blk_buf, ids_buf, col_buf, c_rows = blocks.buffers(txt, ids)
         counts = row_pos = None
         if ids is not None:
             counts = torch.zeros(n, dtype=_F64, device=img.device)
@@ -171,7 +178,7 @@ class RingClipLoss(torch.autograd.Function):
         tg = FamilyTargets.of(layout)
         blocks = _Blocks(layout, tg)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
-        n, n_max, dim = sizes[r], max(sizes), img.shape[1]
+        n, dim = sizes[r], img.shape[1]
         # Every rank's upstream gradient: the column term of block (r, q) belongs to loss_q.
         g = grad_loss.detach().reshape(1).to(acc).contiguous()
         g_all = torch.empty(w, 1, dtype=acc, device=img.device)
@@ -180,12 +187,8 @@ class RingClipLoss(torch.autograd.Function):
         coef_row = [gq * tg.weights(nq)[0] for gq, nq in zip(g_list, sizes)]
         coef_col = [gq * tg.weights(nq)[1] for gq, nq in zip(g_list, sizes)]
         ring = Ring(layout)
-        blk_max = max(blocks.rows(q) for q in range(w))
-        blk_buf = [txt.new_empty(blk_max, dim) for _ in range(2)]
-        ids_buf = None if ids is None else [ids.new_empty(n_max) for _ in range(2)]
         # What travels with the texts besides them: the column lse and, with ids, the group sizes.
-        c_rows = 1 if ids is None else 2
-        pack_buf = [torch.empty(c_rows * n_max, dtype=_F64, device=img.device) for _ in range(2)]
+        blk_buf, ids_buf, pack_buf, c_rows = blocks.buffers(txt, ids)
         acc_max = max(blocks.acc_len(q, dim) for q in range(w))
         acc_buf = [torch.empty(acc_max, dtype=acc, device=img.device) for _ in range(2)]
         use_ni = blocks.use_ni and neg_img.shape[0] > 0

@@ -30,18 +30,10 @@ if not torch.cuda.is_available():
 from reference import reference_clip_loss  # noqa: E402
 
 import clip_fast  # noqa: E402
-from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR  # noqa: E402
+from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, backend_params  # noqa: E402
 from clip_fast import backends  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _backends():
-    out = []
-    for name in ("torch", "triton", "cuda"):
-        marks = [pytest.mark.gpu] if name == "cuda" else []
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
 
 
 # ---- the cases: float64 (img, txt, scale, bias), each from its own generator ----
@@ -144,14 +136,14 @@ def _check(case, dtype, backend):
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_confident_rows_at_scale_100(backend, dtype):
     """P_ii - 1 cancels on a confident row; the diagonal must come from the forward's terms."""
     _check(confident_rows(), dtype, backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("norm", [1.0, 10.0, 30.0, 100.0, 1000.0])
 @pytest.mark.parametrize("noise", [0.5, 3.0], ids=["confident", "confused"])
 def test_large_logits(backend, norm, noise):
@@ -159,26 +151,26 @@ def test_large_logits(backend, norm, noise):
     _check(row_norm(norm, noise), torch.float32, backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_large_logits_half(backend, dtype):
     """Row norm 30 in fp16/bf16: the true gradient is ~0 and must stay ~0."""
     _check(row_norm(30.0, 0.5), dtype, backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_long_reduction(backend, kernel_blocks):
     """n^2 = 1.7e7 terms in d_scale and the loss: blocked or float64 sums, not one fp32 dot."""
     _check(long_reduction(), torch.float32, backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_duplicated_batch(backend, kernel_blocks):
     """Every row's top logit is tied with its duplicate's."""
     _check(duplicated_batch(), torch.float32, backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("bias", [-1e3, 1e3, 3e4])
 def test_large_bias(backend, bias):
     """The bias cancels from every softmax; it never enters the arithmetic, its gradient is 0."""
@@ -190,7 +182,7 @@ def test_large_bias(backend, bias):
     assert b.grad is not None and b.grad.item() == 0.0
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_small_loss(backend, dtype, kernel_blocks):
     """A loss of 1e-7 formed from per-pair terms, not as a difference of sums of size ~50 n."""

@@ -27,18 +27,11 @@ if not torch.cuda.is_available():
 from reference import family_targets, reference_family_loss  # noqa: E402
 
 import clip_fast  # noqa: E402
-from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR  # noqa: E402
+from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, backend_params  # noqa: E402
 from clip_fast import backends  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_neg_txt", "d_neg_img")
-
-
-def _backends(with_cuda=True):
-    out = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
-    if with_cuda:
-        out.append(pytest.param("cuda", marks=[pytest.mark.gpu], id="cuda"))
-    return out
 
 
 def _skip_unless(backend, dtype):
@@ -142,7 +135,7 @@ def _error(got, ref):
 
 # ---- fp32 / float64 values ----
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("n,d", [(37, 13), (64, 32)])
 def test_options_fp32(backend, option, n, d, kernel_blocks):
@@ -172,7 +165,7 @@ def test_options_float64(option, n, d):
         assert _error(g, r) <= 1e-11 * scale * max(1.0, r.numel() ** 0.5), f"{option} {what}"
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_distinct_ids_and_defaults_are_clip(backend, kernel_blocks):
     """All ids distinct, eps = 0, lam = 0.5 and no negatives is the plain CLIP loss."""
     _skip_unless(backend, torch.float32)
@@ -201,7 +194,7 @@ def _precision_cases():
     }
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(_precision_cases()))
 def test_precision_rule(backend, dtype, name, kernel_blocks):

@@ -19,19 +19,11 @@ if not torch.cuda.is_available():
 from reference import reference_siglip_loss  # noqa: E402
 
 import clip_fast  # noqa: E402
-from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR  # noqa: E402
+from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, backend_params  # noqa: E402
 from clip_fast.backends import siglip as siglip_backends  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_bias")
-
-
-def _backends():
-    out = []
-    for name in ("torch", "triton", "cuda"):
-        marks = [pytest.mark.gpu] if name == "cuda" else []
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
 
 
 def _features(n, d, seed, noise=1.0):
@@ -96,7 +88,7 @@ def _check_once(x, t, scale, bias, dtype, backend, ids=None, **kw):
 SHAPES = [(n, d) for n in (1, 2, 77, 1025) for d in (1, 33, 129, 512)]
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("n,d", SHAPES, ids=lambda v: str(v))
 def test_shapes_fp32(backend, n, d, kernel_blocks):
     """Every shape of the grid at SigLIP's initialisation (scale 10, bias -10)."""
@@ -115,7 +107,7 @@ def test_large_triton(backend, n, d, kernel_blocks):
     _check_once(x, t, 10.0, -10.0, torch.float32, backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scale,bias", [(1.0, 0.0), (10.0, -10.0), (100.0, -10.0), (100.0, 5.0),
                                         (30.0, 3.0)], ids=lambda v: str(v))
@@ -125,7 +117,7 @@ def test_scales_and_biases(backend, dtype, scale, bias):
     _check_once(x, t, scale, bias, dtype, backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_group_ids(backend, dtype):
     """Pairs with equal ids are positives of each other (5 groups over 77 pairs)."""
@@ -134,7 +126,7 @@ def test_group_ids(backend, dtype):
     _check_once(x, t, 10.0, -10.0, dtype, backend, ids=ids)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_distinct_ids_are_the_plain_loss(backend):
     """All ids distinct gives exactly the diagonal labels."""
     _skip_unless(backend, torch.float32)
@@ -145,7 +137,7 @@ def test_distinct_ids_are_the_plain_loss(backend):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_confident_pairs_at_scale_100(backend):
     """Every pair right by |S| = 90: each term e^-90 ~ 2^-130 is below fp32's normal range,
     their sum over 100^2 pairs is not; each is summed scaled by 2^96, not flushed."""
@@ -157,7 +149,7 @@ def test_confident_pairs_at_scale_100(backend):
     assert abs(got - ref) <= 4 * 2.0 ** -24 * ref, (got.item(), ref.item())
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_large_logits_do_not_overflow(backend):
     """Pairs wrong by |S| = 1e4: softplus(x) = x, no exp of a large positive number."""
     _skip_unless(backend, torch.float32)
@@ -169,7 +161,7 @@ def test_large_logits_do_not_overflow(backend):
         torch.testing.assert_close(g.double().cpu(), r, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_chunks_and_blocks(backend, monkeypatch):
     """A workspace of a few tiles (many blocks) and small torch strips give the same answer."""
     _skip_unless(backend, torch.float32)
@@ -179,7 +171,7 @@ def test_chunks_and_blocks(backend, monkeypatch):
     _check_once(x, t, 10.0, -10.0, torch.float32, backend, **kw)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_no_grad_forward(backend):
     """Under no_grad the forward skips the gradient GEMMs and gives the same loss."""
     _skip_unless(backend, torch.float32)
@@ -268,7 +260,7 @@ def test_input_errors_name_the_argument():
             (_ for _ in ()).throw(RuntimeError("backend='cuda'"))
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_autocast(backend):
     """Under autocast the features run in the autocast dtype and the loss is float32."""
     dtype = torch.bfloat16
@@ -285,7 +277,7 @@ def test_autocast(backend):
     assert abs(loss.item() - ref[0].item()) <= 1e-3 * ref[0].item()
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) of the module: same loss and gradients as eager."""
     _skip_unless(backend, torch.float32)
