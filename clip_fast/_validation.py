@@ -74,7 +74,9 @@ def as_scalar_tensor(name: str, value: Optional[ScalarLike], ref: torch.Tensor) 
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a 1-element floating tensor, got bool {value}")
     if isinstance(value, numbers.Real) and not isinstance(value, torch.Tensor):
-        return torch.tensor(float(value), dtype=torch.float32, device=ref.device)
+        # A number takes the precision the loss is computed in: float64 features keep it whole.
+        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        return torch.tensor(float(value), dtype=dtype, device=ref.device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a 1-element floating tensor, got {type(value).__name__}")
     if value.numel() != 1:

@@ -150,6 +150,19 @@ def finish_grads(d_img, d_txt, d_scale, grad_loss, img, txt, scale, bias_meta, n
             d_bias, None)
 
 
+def bias_guard(bias: Optional[torch.Tensor]) -> torch.Tensor | float:
+    """0 (float64) for a finite ``logit_bias``, NaN for a NaN or infinite one (0 without a bias).
+
+    The bias cancels from every softmax and never enters the arithmetic, but a bias that
+    has gone bad is a training failure: added to the loss, this makes it non-finite, as
+    the materialised loss would be.  No gradient flows through it (the Function gives
+    the bias its exact zero gradient).
+    """
+    if bias is None:
+        return 0.0
+    return (bias.detach().to(torch.float64) * 0.0).sum()
+
+
 def bias_meta(bias: Optional[torch.Tensor]):
     """What the backward needs of ``logit_bias`` to give it a zero gradient (no saved tensor)."""
     return None if bias is None else (bias.shape, bias.dtype, bias.device)
@@ -179,6 +192,7 @@ class ClipLossFunction(torch.autograd.Function):
         if not plan.plain:
             t, w_diag = plan.target_sums(img, txt, neg_txt, neg_img, acc)
             loss = loss + ((a + b - w_diag) * diag).sum() - s.to(torch.float64) * t
+        loss = loss + bias_guard(bias)
         return fresh_output(loss, opts.loss_dtype or img.dtype), lse_row, lse_col, diag
 
     @staticmethod

@@ -177,8 +177,9 @@ def reference_family_loss(img, txt, scale, bias=None, group_ids=None, label_smoo
 
 def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.5, neg_txts=None,
                                  neg_imgs=None, local_loss=True, gather_with_grad=True, upstream=None,
-                                 bias=None):
-    """Every rank's share of the generalised CLIP loss, materialised in float64.
+                                 bias=None, dtype=torch.float64):
+    """Every rank's share of the generalised CLIP loss, materialised in float64 (or, with
+    ``dtype``, in that dtype throughout: the materialised loss of the precision rule).
 
     Per-rank shards (lists): features, ids, hard negatives (None: not given; (0, D) allowed).
     Rank r's loss is open_clip's ``ClipLoss`` on its shard generalised to the options:
@@ -193,19 +194,19 @@ def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.
     """
     w = len(imgs)
     upstream = upstream or [1.0] * w
-    leaf = lambda x: x.detach().double().requires_grad_(True)  # noqa: E731
+    leaf = lambda x: x.detach().to(dtype).requires_grad_(True)  # noqa: E731
     I, T = [leaf(x) for x in imgs], [leaf(x) for x in txts]
     NT = None if neg_txts is None else [leaf(x) for x in neg_txts]
     NI = None if neg_imgs is None else [leaf(x) for x in neg_imgs]
-    S = [torch.tensor(float(scale), dtype=torch.float64, requires_grad=True) for _ in range(w)]
-    B = [torch.tensor(float(bias or 0.0), dtype=torch.float64, requires_grad=True) for _ in range(w)]
+    S = [torch.tensor(float(scale), dtype=dtype, requires_grad=True) for _ in range(w)]
+    B = [torch.tensor(float(bias or 0.0), dtype=dtype, requires_grad=True) for _ in range(w)]
     sizes = [x.shape[0] for x in imgs]
     n = sum(sizes)
     all_ids = None if ids is None else torch.cat([x.cpu().long() for x in ids])
     m_t = 0 if NT is None else sum(x.shape[0] for x in NT)
     m_i = 0 if NI is None else sum(x.shape[0] for x in NI)
-    q_row = family_targets(n, m_t, all_ids, eps)   # image rows over [texts, negative texts]
-    q_col = family_targets(n, m_i, all_ids, eps)   # text rows over [images, negative images]
+    q_row = family_targets(n, m_t, all_ids, eps).to(dtype)   # image rows over [texts, negative texts]
+    q_col = family_targets(n, m_i, all_ids, eps).to(dtype)   # text rows over [images, negative images]
 
     def gathered(parts, r):
         if parts is None:

@@ -16,39 +16,81 @@ TAG_TXT, TAG_LSE, TAG_ACC, TAG_IDS = 11, 12, 13, 14
 FORCE_REDUCE_SCATTER = False
 
 
-def all_gather_rows(x: torch.Tensor, layout: Layout, sizes: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
-    """Concatenate every rank's (n_q, ...) tensor in rank order; unequal n_q are padded.
+def rank_order(layout: Layout, rotate: bool) -> list:
+    """The ranks whose rows a gathered tensor holds, in order: 0..w-1, or with ``rotate``
+    this rank first (r, r+1, ..., w-1, 0, ..., r-1).
+
+    The gather mode's strips are built rotated: this rank's own pairs then sit on the
+    strips' diagonal (row i with column i), where the backends keep the label logits
+    exact (the diagonal contract of ``clip_fast.backends``).
+    """
+    w, r = layout.world_size, layout.rank
+    return [(r + k) % w for k in range(w)] if rotate else list(range(w))
+
+
+def all_gather_rows(x: torch.Tensor, layout: Layout, sizes: Optional[Tuple[int, ...]] = None,
+                    rotate: bool = False) -> torch.Tensor:
+    """Concatenate every rank's (n_q, ...) tensor in ``rank_order``; unequal n_q are padded.
 
     ``sizes``: the rows of every rank's tensor (default: the features' ``layout.sizes``).
     """
     sizes = layout.sizes if sizes is None else sizes
-    n_max = max(sizes)
+    n_max, w = max(sizes), layout.world_size
     x = x.contiguous()
     if x.shape[0] < n_max:
         x = torch.cat([x, x.new_zeros((n_max - x.shape[0],) + tuple(x.shape[1:]))])
-    out = x.new_empty((layout.world_size, n_max) + tuple(x.shape[1:]))
-    dist.all_gather(list(out.unbind(0)), x, group=layout.group)
+    out = x.new_empty((w, n_max) + tuple(x.shape[1:]))
+    order = rank_order(layout, rotate)
+    slots = out.unbind(0)
+    # all_gather writes rank q's tensor into list entry q: entry q is q's slot in ``order``.
+    dist.all_gather([slots[order.index(q)] for q in range(w)], x, group=layout.group)
     if all(n == n_max for n in sizes):
         return out.reshape((-1,) + tuple(x.shape[1:]))
-    return torch.cat([out[q, :n] for q, n in enumerate(sizes)])
+    return torch.cat([out[k, :sizes[q]] for k, q in enumerate(order)])
 
 
-def reduce_scatter_rows(full: torch.Tensor, layout: Layout, sizes: Optional[Tuple[int, ...]] = None
-                        ) -> torch.Tensor:
+def _roll_slots_(t: torch.Tensor, shift: int) -> torch.Tensor:
+    """``t.roll(shift, 0)`` in place, with one slot of scratch (three reversals)."""
+    w = t.shape[0]
+    shift %= w
+    tmp = None
+
+    def reverse(lo: int, hi: int) -> None:
+        nonlocal tmp
+        hi -= 1
+        while lo < hi:
+            tmp = t[lo].clone() if tmp is None else tmp.copy_(t[lo])
+            t[lo].copy_(t[hi])
+            t[hi].copy_(tmp)
+            lo, hi = lo + 1, hi - 1
+
+    if shift:
+        reverse(0, w)
+        reverse(0, shift)
+        reverse(shift, w)
+    return t
+
+
+def reduce_scatter_rows(full: torch.Tensor, layout: Layout, sizes: Optional[Tuple[int, ...]] = None,
+                        rotated: bool = False) -> torch.Tensor:
     """Sum an (N, D) tensor over ranks and return this rank's (n_r, D) rows.
 
-    ``sizes``: the rows of every rank's block of ``full`` (default: ``layout.sizes``).
+    ``sizes``: the rows of every rank's block of ``full`` (default: ``layout.sizes``);
+    ``rotated``: ``full``'s blocks are in ``rank_order(layout, True)`` (as ``all_gather_rows``
+    with ``rotate`` built them), and ``full`` is reordered in place (no (N, D) copy).
     """
     sizes = layout.sizes if sizes is None else sizes
     n_max, w, n_local = max(sizes), layout.world_size, sizes[layout.rank]
     if all(n == n_max for n in sizes):
         padded = full.contiguous().view(w, n_max, full.shape[1])
+        if rotated:  # slot k holds rank (r + k) % w: rolled by r, slot q holds rank q
+            _roll_slots_(padded, layout.rank)
     else:
         padded = full.new_zeros(w, n_max, full.shape[1])
         o = 0
-        for q, n in enumerate(sizes):
-            padded[q, :n] = full[o:o + n]
-            o += n
+        for q in rank_order(layout, rotated):
+            padded[q, :sizes[q]] = full[o:o + sizes[q]]
+            o += sizes[q]
     if layout.nccl or FORCE_REDUCE_SCATTER:
         out = padded.new_empty(n_max, padded.shape[2])
         dist.reduce_scatter_tensor(out, padded.view(w * n_max, -1), group=layout.group)
@@ -56,6 +98,16 @@ def reduce_scatter_rows(full: torch.Tensor, layout: Layout, sizes: Optional[Tupl
         dist.all_reduce(padded, group=layout.group)
         return padded[layout.rank, :n_local].clone()  # a copy: lets the (N, D) buffer go
     return out[:n_local]
+
+
+def unrotate(v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """An (N,) vector over a rotated strip's rows or columns, back in rank order."""
+    return torch.roll(v, layout.offsets[layout.rank]) if layout.world_size > 1 else v
+
+
+def rotate(v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """An (N,) vector in rank order, in ``rank_order(layout, True)``'s order (this rank first)."""
+    return torch.roll(v, -layout.offsets[layout.rank]) if layout.world_size > 1 else v
 
 
 def logsumexp_across_ranks(partial: torch.Tensor, layout: Layout) -> torch.Tensor:

@@ -47,7 +47,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from ..autograd import autocast_off, bias_meta, finish_grads, first_order_only, fresh_output
+from ..autograd import autocast_off, bias_guard, bias_meta, finish_grads, first_order_only, fresh_output
 from ..backends import compute_dtype
 from ..targets import match_counts, positive_dots
 from .agreement import Layout
@@ -166,7 +166,7 @@ class RingClipLoss(torch.autograd.Function):
         ctx.save_for_backward(img, txt, scale, lse_row, lse_col, diag, ids, counts, neg_txt, neg_img)
         ctx.layout = layout
         ctx.bias_meta = bias_meta(bias)
-        return fresh_output(loss, layout.opts.loss_dtype or img.dtype)
+        return fresh_output(loss + bias_guard(bias), layout.opts.loss_dtype or img.dtype)
 
     @staticmethod
     @autocast_off
