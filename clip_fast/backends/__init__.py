@@ -227,6 +227,24 @@ def diag_coef_scalar(coef_diag: Union[float, torch.Tensor]) -> float:
     return float(coef_diag)
 
 
+def scale_grad_from_rows(d_img: torch.Tensor, img: torch.Tensor, d_txt: torch.Tensor, txt: torch.Tensor,
+                         coef_row: float, scale: torch.Tensor, d_scale: torch.Tensor) -> torch.Tensor:
+    """d_scale = sum_ij G_ij <img_i, txt_j> re-formed as sum_i <(G @ txt)_i, img_i> / scale
+    from a kernel's ``d_img = scale * G @ txt`` (``d_scale``, the kernel's own sum, where
+    scale is 0), or, for a column-only G (``coef_row`` 0), as sum_j <(G.T @ img)_j, txt_j>.
+
+    Each row of a row-softmax G (each column of a column-softmax G) sums to about 0, so
+    the per-entry sum cancels terms of size |raw|; contracting along that direction first
+    keeps the cancellation inside the GEMM, as the materialised loss's autograd forms it,
+    and is the more accurate in fp32 at large |S|.  Row dots in the gradient's dtype,
+    summed in float64.
+    """
+    s = scale.detach().reshape(()).to(torch.float64)
+    d, x = (d_img, img) if coef_row else (d_txt, txt)
+    rows = (d * x.to(d.dtype)).sum(dim=1, dtype=torch.float64).sum()
+    return torch.where(s != 0, rows / torch.where(s != 0, s, 1.0), d_scale.to(torch.float64)).to(d_scale.dtype)
+
+
 def combine_diag(lse_off: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
     """float64 ``logaddexp(lse_off, diag)`` over the first len(diag) entries (see the contract)."""
     out = lse_off.to(torch.float64, copy=True)

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
+from . import diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse, scale_grad_from_rows
 
 NAME = "cuda"
 
@@ -118,7 +118,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         float(coef_row), float(coef_col), diag_coef_scalar(coef_diag), g_diag)
     if split_scale:  # no row term: all of d_scale is the rest
         return d_img, d_txt, torch.stack([torch.zeros_like(d_scale), d_scale])
-    return d_img, d_txt, d_scale
+    return d_img, d_txt, scale_grad_from_rows(d_img, img, d_txt, txt, coef_row, scale, d_scale)
 
 
 # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor ----

@@ -42,7 +42,12 @@ def strip_rows(m: int, k: int, chunk_size: Optional[int] = None) -> int:
 def _prepare(img, txt, scale, bias):
     cd = compute_dtype(img.dtype)
     x, y = img.to(cd), txt.to(cd)  # a copy only for half/bfloat16 inputs: O(N*D)
-    return cd, x, y, compute_scalar(scale, cd), compute_scalar(bias, cd)
+    s = compute_scalar(scale, cd)
+    # S = (scale * img) @ txt.T, the scale folded into the rows before the GEMM (one O(N*D)
+    # product), as the materialised loss forms its logits: two near-tied entries of a row
+    # then keep the correlated rounding of their dot products, where rounding each
+    # product scale * dot on its own would perturb their difference by up to |S| * 2^-24.
+    return cd, x, x * s, y, s, compute_scalar(bias, cd)
 
 
 def _strip_diag(strip: torch.Tensor, r0: int, k: int) -> torch.Tensor:
@@ -54,19 +59,19 @@ def _strip_diag(strip: torch.Tensor, r0: int, k: int) -> torch.Tensor:
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cd, x, y, s, b = _prepare(img, txt, scale, bias)
-    m, k = x.shape[0], y.shape[0]
+    cd, _, xs, y, s, b = _prepare(img, txt, scale, bias)
+    m, k = xs.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
-    lse_row = torch.empty(m, dtype=torch.float64, device=x.device)
-    diag = torch.empty(min(m, k), dtype=cd, device=x.device)
+    lse_row = torch.empty(m, dtype=torch.float64, device=xs.device)
+    diag = torch.empty(min(m, k), dtype=cd, device=xs.device)
     # Running column statistics of the off-diagonal entries: max and sum of exp(S - max),
     # merged strip by strip.
-    col_max = torch.full((k,), float("-inf"), dtype=cd, device=x.device)
-    col_sum = torch.zeros(k, dtype=cd, device=x.device)
+    col_max = torch.full((k,), float("-inf"), dtype=cd, device=xs.device)
+    col_sum = torch.zeros(k, dtype=cd, device=xs.device)
     for r0 in range(0, m, c):
         r1 = min(r0 + c, m)
         # 1. One strip of logits, S[r0:r1, :].
-        strip = torch.mm(x[r0:r1], y.T).mul_(s)
+        strip = torch.mm(xs[r0:r1], y.T)
         if b is not None:
             strip.add_(b)
         # 2. The diagonal S[i, i] of this strip's rows, then out of the sums (-inf).
@@ -109,7 +114,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   coef_diag: float, diag: Optional[torch.Tensor] = None,
                   chunk_size: Optional[int] = None, split_scale: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cd, x, y, s, b = _prepare(img, txt, scale, bias)
+    cd, x, xs, y, s, b = _prepare(img, txt, scale, bias)
     m, k = x.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
     d_img = torch.empty_like(x)
@@ -126,9 +131,8 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     cols = hi_lo(lse_col, cd)
     for r0 in range(0, m, c):
         r1 = min(r0 + c, m)
-        # 1. Recompute the strip once: raw = img @ txt.T, S = scale * raw + bias.
-        raw = torch.mm(x[r0:r1], y.T)
-        logits = raw * s
+        # 1. Recompute the strip once, as the forward formed it: S = (scale * img) @ txt.T + bias.
+        logits = torch.mm(xs[r0:r1], y.T)
         if b is not None:
             logits.add_(b)
         # 2. G = coef_row * P_row + coef_col * P_col - coef_diag * I, built in place.
@@ -136,7 +140,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
             grad = (torch.sub(logits, rows[0][r0:r1, None]).sub_(rows[1][r0:r1, None])
                     .exp_().mul_(coef_row))
             if split_scale:  # the row term alone, its diagonal left to the rest
-                row_part = grad.mul(raw)
+                row_part = grad.mul(torch.mm(x[r0:r1], y.T))
                 if g_diag is not None:
                     _strip_diag(row_part, r0, k).zero_()
                 d_scale_row += row_part.sum(dim=1).sum(dtype=torch.float64)
@@ -153,13 +157,17 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
             on_diag.copy_(g_diag[r0:r0 + on_diag.shape[0]])
         elif coef_diag:
             on_diag -= diag_coef_scalar(coef_diag)
-        # 3. Both directions' gradients from the same G; d_scale = <G, raw>, summed per
-        #    row (pairwise) and over rows in float64.
-        d_scale += torch.mul(grad, raw).sum(dim=1).sum(dtype=torch.float64)
-        del raw
+        # 3. Both directions' gradients from the same G; d_scale = <G, raw> = sum_i
+        #    <(G @ txt)_i, img_i>: the contraction over the columns first, as the
+        #    materialised loss's autograd forms it (G's rows sum to ~0, and G @ txt keeps
+        #    that cancellation inside one GEMM), the row dots summed in float64.
         d_img[r0:r1] = torch.mm(grad, y)
+        d_scale += (d_img[r0:r1] * x[r0:r1]).sum(dim=1).sum(dtype=torch.float64)
         d_txt.addmm_(grad.T, x[r0:r1])
         del grad
+    if coef_col and not coef_row:
+        # A column-only G sums to ~0 down each column: contract over the rows first.
+        d_scale = (d_txt * y).sum(dim=1, dtype=torch.float64).sum()
     d_img.mul_(s)
     d_txt.mul_(s)
     if split_scale:

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse
+from . import diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse, scale_grad_from_rows
 
 NAME = "triton"
 
@@ -59,6 +59,9 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g_diag = None if diag is None else diag_grad(lse_row, lse_col, diag, coef_row, coef_col, coef_diag)
     lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
-    return _grad_backward(img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
-                          float(coef_row), float(coef_col), diag_coef_scalar(coef_diag), g_diag,
-                          split_scale)
+    d_img, d_txt, d_scale = _grad_backward(img, txt, _scalar(scale, img), _scalar(bias, img), lse_row,
+                                           lse_col, float(coef_row), float(coef_col),
+                                           diag_coef_scalar(coef_diag), g_diag, split_scale)
+    if not split_scale:
+        d_scale = scale_grad_from_rows(d_img, img, d_txt, txt, coef_row, scale, d_scale)
+    return d_img, d_txt, d_scale
