@@ -136,7 +136,7 @@ def family_targets(n, k_extra, ids=None, eps=0.0):
 
 def reference_family_loss(img, txt, scale, bias=None, group_ids=None, label_smoothing=0.0,
                           image_to_text_weight=0.5, negative_text=None, negative_image=None,
-                          row_weights=None, col_weights=None):
+                          row_weights=None, col_weights=None, dtype=torch.float64):
     """The CLIP loss with positive groups, label smoothing, direction weights and hard
     negatives, materialised in float64: soft-target cross-entropy over
     S = scale * [img; negative_image] @ [txt; negative_text].T + bias.
@@ -145,13 +145,14 @@ def reference_family_loss(img, txt, scale, bias=None, group_ids=None, label_smoo
     of each image row's and text column's cross-entropy (a rank's share of a distributed
     loss puts zeros on the other ranks' rows and columns).
     Returns (loss, d_img, d_txt, d_scale, d_bias, d_negative_text, d_negative_image),
-    float64 (None for absent inputs).
+    float64 (None for absent inputs).  ``dtype``: the whole computation in that dtype instead
+    (the materialised loss of the precision rule).
     """
     def leaf(t):
-        return None if t is None else t.detach().double().requires_grad_(True)
+        return None if t is None else t.detach().to(dtype).requires_grad_(True)
 
     def scalar(v):
-        return None if v is None else torch.as_tensor(v, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
+        return None if v is None else torch.as_tensor(v, dtype=dtype).detach().clone().reshape(()).requires_grad_(True)
 
     x, y, nt, ni = leaf(img), leaf(txt), leaf(negative_text), leaf(negative_image)
     s, b = scalar(scale), scalar(bias)
@@ -162,10 +163,10 @@ def reference_family_loss(img, txt, scale, bias=None, group_ids=None, label_smoo
     if b is not None:
         logits = logits + b
     lam = image_to_text_weight
-    a = torch.full((n,), lam / n, dtype=torch.float64) if row_weights is None else row_weights.double()
-    c = torch.full((n,), (1 - lam) / n, dtype=torch.float64) if col_weights is None else col_weights.double()
-    q_row = family_targets(n, cols.shape[0] - n, group_ids, label_smoothing)
-    q_col = family_targets(n, rows.shape[0] - n, group_ids, label_smoothing)
+    a = torch.full((n,), lam / n, dtype=dtype) if row_weights is None else row_weights.to(dtype)
+    c = torch.full((n,), (1 - lam) / n, dtype=dtype) if col_weights is None else col_weights.to(dtype)
+    q_row = family_targets(n, cols.shape[0] - n, group_ids, label_smoothing).to(dtype)
+    q_col = family_targets(n, rows.shape[0] - n, group_ids, label_smoothing).to(dtype)
     ce_row = -(q_row * torch.log_softmax(logits[:n, :], dim=1)).sum(1)
     ce_col = -(q_col * torch.log_softmax(logits[:, :n].T, dim=1)).sum(1)
     loss = (a * ce_row).sum() + (c * ce_col).sum()

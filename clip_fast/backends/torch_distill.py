@@ -64,6 +64,7 @@ def distill_forward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse_
                     chunk_size: Optional[int] = None
                     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     cd, x, y, s, tx, ty, t = _prepare(img, txt, scale, timg, ttxt, tscale)
+    xs, txs = x * s, tx * t  # S as the CLIP torch backend's lse_forward forms it
     m, k = x.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
     rows = hi_lo(lse_row, cd) if tlse_row is not None else None
@@ -74,8 +75,8 @@ def distill_forward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse_
     for r0 in range(0, m, c):
         r1 = min(r0 + c, m)
         # 1. One strip of each model's logits, rows r0:r1.
-        s_strip = torch.mm(x[r0:r1], y.T).mul_(s)
-        t_strip = torch.mm(tx[r0:r1], ty.T).mul_(t)
+        s_strip = torch.mm(xs[r0:r1], y.T)
+        t_strip = torch.mm(txs[r0:r1], ty.T)
         # 2. Rows are complete inside the strip.
         if rows is not None:
             term = _row_p(t_strip, trows, r0, r1).mul_(_gap_row(rows, s_strip, r0, r1))
@@ -93,6 +94,7 @@ def distill_backward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse
                      row_term, col_term, coef_row: float, coef_col: float, teacher_grad: bool,
                      chunk_size: Optional[int] = None):
     cd, x, y, s, tx, ty, t = _prepare(img, txt, scale, timg, ttxt, tscale)
+    xs, txs = x * s, tx * t
     m, k = x.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
     rows, cols = hi_lo(lse_row, cd) if coef_row else None, hi_lo(lse_col, cd) if coef_col else None
@@ -107,9 +109,8 @@ def distill_backward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse
     for r0 in range(0, m, c):
         r1 = min(r0 + c, m)
         # 1. Recompute both strips once.
-        s_raw = torch.mm(x[r0:r1], y.T)
-        t_raw = torch.mm(tx[r0:r1], ty.T)
-        s_strip, t_strip = s_raw * s, t_raw * t
+        s_strip = torch.mm(xs[r0:r1], y.T)
+        t_strip = torch.mm(txs[r0:r1], ty.T)
         g_s = torch.zeros_like(s_strip)
         g_t = torch.zeros_like(t_strip) if teacher_grad else None
         # 2. G_S and G_T, one direction at a time.
@@ -127,14 +128,15 @@ def distill_backward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse
             del pt
         del s_strip, t_strip
         # 3. The gradient GEMMs of each model from its own G; scale gradients in float64.
-        d_scale += torch.mul(g_s, s_raw).sum(dim=1).sum(dtype=torch.float64)
+        #    d_scale = sum_i <(G_S @ txt)_i, img_i> (as in the CLIP torch backend).
         d_img[r0:r1] = torch.mm(g_s, y)
+        d_scale += (d_img[r0:r1] * x[r0:r1]).sum(dim=1).sum(dtype=torch.float64)
         d_txt.addmm_(g_s.T, x[r0:r1])
         if teacher_grad:
-            d_tscale += torch.mul(g_t, t_raw).sum(dim=1).sum(dtype=torch.float64)
             d_timg[r0:r1] = torch.mm(g_t, ty)
+            d_tscale += (d_timg[r0:r1] * tx[r0:r1]).sum(dim=1).sum(dtype=torch.float64)
             d_ttxt.addmm_(g_t.T, tx[r0:r1])
-        del s_raw, t_raw, g_s, g_t
+        del g_s, g_t
     d_img.mul_(s)
     d_txt.mul_(s)
     if teacher_grad:

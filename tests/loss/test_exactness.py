@@ -27,7 +27,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from reference import reference_clip_loss  # noqa: E402
+from reference import reference_clip_loss, reference_family_loss, reference_siglip_loss  # noqa: E402
 
 import clip_fast  # noqa: E402
 from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, backend_params  # noqa: E402
@@ -187,3 +187,105 @@ def test_large_bias(backend, bias):
 def test_small_loss(backend, dtype, kernel_blocks):
     """A loss of 1e-7 formed from per-pair terms, not as a difference of sums of size ~50 n."""
     _check(small_loss(), dtype, backend)
+
+
+# ---- the loss options in fp32, judged over seeds ----
+
+def _option_case(kind, n, d, seed):
+    """(img, txt, scale, negative texts, negative images), float64 values of fp32 numbers.
+    bigS: rows of norm sqrt(10) at scale 100 (|S| ~ 1e3); confident: unit rows, scale 100."""
+    g = _gen(100 + seed)
+    m = n // 3 + 1
+    norm = 10.0 ** 0.5 if kind == "bigS" else 1.0
+    noise = 0.8 if kind == "bigS" else 0.1
+    x = F.normalize(torch.randn(n, d, dtype=torch.float64, generator=g), dim=1)
+    t = F.normalize(x + noise * torch.randn(n, d, dtype=torch.float64, generator=g), dim=1)
+    nt = F.normalize(torch.randn(m, d, dtype=torch.float64, generator=g), dim=1)
+    ni = F.normalize(torch.randn(m, d, dtype=torch.float64, generator=g), dim=1)
+    return [(norm * v).float().double() for v in (x, t, nt, ni)]
+
+
+def _family_run(x, t, nt, ni, opts, dtype, backend):
+    """(loss, d_img, d_txt, d_scale, d_neg_txt, d_neg_img): the fused loss for a backend
+    name, else (backend=None) the materialised soft-target loss in ``dtype``."""
+    if not backend:
+        out = reference_family_loss(x, t, 100.0, negative_text=nt, negative_image=ni, dtype=dtype, **opts)
+        return [out[k].detach().double() for k in (0, 1, 2, 3, 5, 6)]
+    leaves = [v.to(device=DEV, dtype=dtype).requires_grad_(True) for v in (x, t, nt, ni)]
+    xf, tf, ntf, nif = leaves
+    sf = torch.tensor(100.0, dtype=dtype, device=DEV, requires_grad=True)
+    loss = clip_fast.clip_loss(xf, tf, sf, negative_text_features=ntf, negative_image_features=nif,
+                               backend=backend, **opts)
+    grads = torch.autograd.grad(loss, [xf, tf, sf, ntf, nif])
+    return [loss.detach().double().cpu()] + [g.detach().double().cpu() for g in grads]
+
+
+OPTION_CASES = {
+    "negatives-bigS": ("bigS", {}),
+    "negatives-confident": ("confident", {}),
+    "weight-bigS": ("bigS", dict(image_to_text_weight=0.3)),
+    "all-confident": ("confident", dict(image_to_text_weight=0.3, label_smoothing=0.1)),
+}
+
+
+def _option_params():
+    return [pytest.param(name, b.values[0], marks=b.marks, id=f"{name}-{b.values[0]}")
+            for name in OPTION_CASES for b in backend_params()]
+
+
+@pytest.mark.parametrize("name,backend", _option_params())
+def test_options_in_fp32_within_rule_over_seeds(name, backend):
+    """Hard negatives and unequal direction weights in fp32 at |S| ~ 1e3 and on confident rows:
+    the RMS error over 8 seeds is within the rule (as tests/loss/test_exactness_distributed.py)."""
+    reason = backends.unavailable_reason(backend, DEV, torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    kind, opts = OPTION_CASES[name]
+    n, d = (257, 65) if backend == "torch" else (97, 33)
+    what = ("loss", "d_img", "d_txt", "d_scale", "d_neg_txt", "d_neg_img")
+    e2, m2 = [0.0] * 6, [0.0] * 6
+    for seed in range(8):
+        x, t, nt, ni = _option_case(kind, n, d, seed)
+        ref = _family_run(x, t, nt, ni, opts, torch.float64, None)
+        mat = _family_run(x, t, nt, ni, opts, torch.float32, None)
+        got = _family_run(x, t, nt, ni, opts, torch.float32, backend)
+        for k in range(6):
+            r = ref[k].double()
+            e2[k] += (got[k].double().cpu() - r).norm().item() ** 2
+            m2[k] += max((mat[k].double() - r).norm().item(), UNIT[torch.float32] * r.norm().item()) ** 2
+    for k in range(6):
+        assert e2[k] <= FACTOR ** 2 * m2[k], (f"{backend} {name} {what[k]}: RMS error {(e2[k] / 8) ** 0.5:.3e} "
+                                              f"> {FACTOR} x materialised {(m2[k] / 8) ** 0.5:.3e}")
+
+
+# ---- logit_bias and Python-number scales ----
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("bias", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_bias_gives_non_finite_loss(backend, bias):
+    """A bias that has gone bad cancels mathematically, but the loss must show it, as open_clip's does."""
+    reason = backends.unavailable_reason(backend, DEV, torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    x, t, scale, _ = large_bias()
+    b = torch.tensor(bias, device=DEV)
+    xf, tf = x.float().to(DEV), t.float().to(DEV)
+    assert not torch.isfinite(clip_fast.clip_loss(xf, tf, scale, b, backend=backend))
+    assert not torch.isfinite(clip_fast.FastClipLoss(backend=backend)(xf, tf, scale, b))
+    assert not torch.isfinite(clip_fast.siglip_loss(xf, tf, scale, b, backend=backend))
+
+
+def test_python_number_scale_keeps_float64():
+    """A float logit_scale and bias with float64 features are used in float64, not rounded to fp32."""
+    x, t, _, _ = confident_rows()
+    scale, bias = 100.0 / 3.0, 1.0 / 7.0  # neither is an fp32 number
+    xs, ts = x.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    loss = clip_fast.clip_loss(xs, ts, scale, bias, backend="torch")
+    loss.backward()
+    ref = reference_clip_loss(x, t, scale, bias)
+    torch.testing.assert_close(loss, ref[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(xs.grad, ref[1], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ts.grad, ref[2], rtol=1e-10, atol=1e-14)
+    sig = clip_fast.siglip_loss(x, t, scale, bias, backend="torch")
+    sig_ref = reference_siglip_loss(x, t, scale, bias)[0]
+    torch.testing.assert_close(sig, sig_ref, rtol=1e-12, atol=0)
