@@ -106,7 +106,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default="")
+    ap.add_argument("--match", choices=("metaclip", "lenient"), default="metaclip",
+                    help="the matching rule (recorded in the note column)")
     args = ap.parse_args(argv)
+    args.note = " ".join(x for x in (f"match={args.match}", args.note) if x)
 
     from clip_fast.curate import queries as q
     from clip_fast.curate.match import Matcher
@@ -122,7 +125,7 @@ def main(argv=None):
     reset_peak_rss()  # the peak from here on: the matcher and the runs, not the caption generator
     before = rss_bytes()
     t0 = time.perf_counter()
-    _MATCHER = Matcher(q.read_queries(args.queries))
+    _MATCHER = Matcher(q.read_queries(args.queries), args.match)
     build_s = time.perf_counter() - t0
     matcher_mib = (rss_bytes() - before) / 2**20
     hits = [len(_MATCHER.match(c)) for c in _CAPTIONS[:20000]]

@@ -1,4 +1,4 @@
-"""Build the query list: the union of words, bigrams, titles and WordNet lemma names.
+"""Build the query list: the union of words, numbers, bigrams, titles and WordNet names.
 
 CLIP's WIT-400M searched for pairs whose text contains one of about 500K queries built
 from four sources (Radford et al., 2021, section 2.2); MetaCLIP (Xu et al., 2023)
@@ -9,17 +9,22 @@ entry is credited to the first source, in the order below, that produced it:
    The offline default is ``wordfreq``'s English list, whose frequencies are converted
    to counts for a stated corpus size (see :func:`wordfreq_counts`).  A user's own
    corpus (plain text) or word-count file replaces it.
-2. ``bigrams``: adjacent word pairs with a high pointwise mutual information (PMI, see
-   :func:`pmi`), from ``wordsegment``'s shipped unigram and bigram tables or from a
-   user's corpus; kept above a threshold or as the top K.
-3. ``titles``: lines of a user's titles file (Wikipedia article names), optionally with
-   a volume column and a minimum volume.
-4. ``wordnet``: every lemma name of every synset in WordNet 3.0, read from Debian's
-   ``wordnet-base`` files (``/usr/share/wordnet``) by nltk's ``WordNetCorpusReader``;
-   nothing is downloaded.
+2. ``numbers``: the numbers 0 to 99, which MetaCLIP's ``build_metadata.py`` adds to its
+   unigrams.
+3. ``bigrams``: adjacent word pairs with a high pointwise mutual information (NLTK's
+   PMI, see :func:`pmi`), from ``wordsegment``'s shipped unigram and bigram tables or
+   from a user's corpus; kept above a threshold or as the top K.
+4. ``titles``: lines of a user's titles file (Wikipedia article names), optionally with
+   a volume column (MetaCLIP: page views summed over its pageview days) and a minimum
+   volume.
+5. ``wordnet``: one name per synset of WordNet 3.0, read from Debian's ``wordnet-base``
+   files (``/usr/share/wordnet``) by nltk's ``WordNetCorpusReader``; nothing is
+   downloaded.  By default the synset's head name, as MetaCLIP takes it (see
+   :func:`wordnet_entries`); ``names="lemmas"`` takes every lemma name instead.
 
-All entries are normalised by :func:`normalize_entry` (lower case, ``_`` as a space,
-single spaces), the same rule :mod:`clip_fast.curate.match` applies to captions.
+Entries keep their case (MetaCLIP's matching is case-sensitive); :func:`normalize_entry`
+only reads ``_`` as a space and collapses runs of whitespace.  As in MetaCLIP, an entry
+that is a single punctuation character is dropped.
 
 The output is a tab-separated file with the header ``entry, source, evidence``; the
 evidence says why the source kept the entry (``count=…``, ``pmi=…``, ``volume=…``,
@@ -31,6 +36,7 @@ import csv
 import io
 import math
 import re
+import string
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -38,7 +44,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .errors import CurateError, require_file, where
 
-SOURCES = ("words", "bigrams", "titles", "wordnet")
+SOURCES = ("words", "numbers", "bigrams", "titles", "wordnet")
+WORDNET_NAMES = ("synsets", "lemmas")
 QUERY_HEADER = ("entry", "source", "evidence")
 
 # wordfreq gives frequencies, not counts.  A count is frequency * corpus size; the default
@@ -50,18 +57,26 @@ QUERY_HEADER = ("entry", "source", "evidence")
 DEFAULT_CORPUS_WORDS = 4_000_000_000
 DEFAULT_MIN_COUNT = 100
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
+# MetaCLIP's title cut: at least 70 page views summed over its pageview days.  Applied to
+# titles files that carry a volume column; a file without one is taken whole.
+DEFAULT_TITLE_MIN_VOLUME = 70.0
+# MetaCLIP drops entries that are one punctuation character.
+_FORBIDDEN = frozenset(string.punctuation)
 
 # Corpus tokens: runs of letters and digits, joined across inner apostrophes ("don't").
 _TOKEN_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 
 
 def normalize_entry(text: str) -> str:
-    """Lower case, ``_`` read as a space, runs of whitespace collapsed to one space."""
-    return " ".join(text.lower().replace("_", " ").split())
+    """``_`` read as a space, runs of whitespace collapsed to one space; case is kept."""
+    return " ".join(text.replace("_", " ").split())
 
 
 def tokenize(line: str) -> List[str]:
-    """The corpus tokenizer: lower-cased runs of letters/digits, with inner apostrophes."""
+    """The corpus tokenizer: lower-cased runs of letters/digits, with inner apostrophes.
+
+    Tokens are lower-cased so that a sentence-initial "The" counts as "the"; a corpus's
+    words therefore give lower-case entries.  A word-count file keeps its case."""
     return _TOKEN_RE.findall(line.lower())
 
 
@@ -117,8 +132,8 @@ def _tsv_lines(path: str, what: str):
 def read_word_counts(path: str) -> Dict[str, int]:
     """Read a word-count file: one ``word<TAB>count`` per line (blank lines skipped).
 
-    Counts are non-negative integers; words are normalised and the counts of words that
-    normalise alike are added.
+    Counts are non-negative integers; words are normalised (case kept) and the counts of
+    words that normalise alike are added.
     """
     out: Counter = Counter()
     for line_no, line, parts in _tsv_lines(path, "word-count"):
@@ -156,8 +171,8 @@ def wordsegment_counts() -> CorpusCounts:
     """``wordsegment``'s shipped tables: ~333K unigrams and ~250K bigrams (Google's web
     trillion-word corpus, Norvig's "Natural Language Corpus Data").
 
-    The tables give no bigram total; ``n_bigrams`` is taken equal to the token total
-    ``wordsegment.TOTAL``, as for a long text where pairs and tokens are nearly as many.
+    The tables give no bigram total; ``n_bigrams`` is set to the token total
+    ``wordsegment.TOTAL`` (PMI itself uses only the token total).
     """
     import wordsegment
 
@@ -174,13 +189,14 @@ def wordsegment_counts() -> CorpusCounts:
 # ------------------------------------------------------------------------------- PMI
 
 
-def pmi(c_xy: float, c_x: float, c_y: float, n_tokens: float, n_bigrams: float) -> float:
-    """Pointwise mutual information in bits of the pair ``x y``.
+def pmi(c_xy: float, c_x: float, c_y: float, n_tokens: float) -> float:
+    """Pointwise mutual information in bits of the pair ``x y``, as NLTK's
+    ``BigramAssocMeasures.pmi`` (the measure MetaCLIP's bigrams use).
 
-    PMI = log2( p(x y) / (p(x) p(y)) ) with p(x y) = c_xy / n_bigrams and
-    p(x) = c_x / n_tokens, p(y) = c_y / n_tokens.
+    PMI = log2( c_xy * n_tokens / (c_x * c_y) ), i.e. log2( p(x y) / (p(x) p(y)) ) with
+    every probability taken over the token total.
     """
-    return math.log2((c_xy / n_bigrams) / ((c_x / n_tokens) * (c_y / n_tokens)))
+    return math.log2(c_xy * n_tokens / (c_x * c_y))
 
 
 def bigram_pmis(counts: CorpusCounts, min_count: float = 1) -> Dict[Tuple[str, str], float]:
@@ -194,7 +210,7 @@ def bigram_pmis(counts: CorpusCounts, min_count: float = 1) -> Dict[Tuple[str, s
     for (a, b), c in counts.bigrams.items():
         if c < min_count or a not in uni or b not in uni:
             continue
-        out[(a, b)] = pmi(c, uni[a], uni[b], counts.n_tokens, counts.n_bigrams)
+        out[(a, b)] = pmi(c, uni[a], uni[b], counts.n_tokens)
     return out
 
 
@@ -217,11 +233,14 @@ def select_bigrams(pmis: Dict[Tuple[str, str], float], threshold: Optional[float
 # ---------------------------------------------------------------------------- titles
 
 
-def read_titles(path: str, min_volume: Optional[float] = None) -> List[Tuple[str, Optional[float]]]:
+def read_titles(path: str, min_volume: Optional[float] = None,
+                require_volume: bool = True) -> List[Tuple[str, Optional[float]]]:
     """Read a titles file: one title per line, optionally ``<TAB>volume``.
 
     Lines that carry a volume must all carry one (a number >= 0).  With ``min_volume``,
-    only titles whose volume is at least that are kept, and every line needs a volume.
+    only titles whose volume is at least that are kept; every line then needs a volume,
+    unless ``require_volume`` is False, in which case a file without volumes is kept
+    whole (the query builder's default cut applies only to files that have volumes).
     Titles are normalised (Wikipedia's ``_`` becomes a space); blank lines are skipped.
     """
     out: List[Tuple[str, Optional[float]]] = []
@@ -249,12 +268,11 @@ def read_titles(path: str, min_volume: Optional[float] = None) -> List[Tuple[str
             raise CurateError(f"{where(path, line_no)}: "
                               + ("this line has a volume column but earlier lines do not"
                                  if this_has else "no volume column, but earlier lines have one"))
-        if min_volume is not None:
-            if volume is None:
-                raise CurateError(f"{where(path, line_no)}: a minimum volume was "
-                                  f"given but this line has no volume column")
-            if volume < min_volume:
-                continue
+        if min_volume is not None and volume is None and require_volume:
+            raise CurateError(f"{where(path, line_no)}: a minimum volume was "
+                              f"given but this line has no volume column")
+        if min_volume is not None and volume is not None and volume < min_volume:
+            continue
         out.append((title, volume))
     return out
 
@@ -313,12 +331,29 @@ def wordnet_reader(root: str = DEFAULT_WORDNET_DIR):
         return _Reader(root, None)
 
 
-def wordnet_entries(root: str = DEFAULT_WORDNET_DIR) -> Iterator[Tuple[str, str]]:
-    """``(lemma name, synset name)`` for every lemma of every synset, synsets in file order."""
+def synset_head_name(synset_name: str) -> str:
+    """MetaCLIP's name for a synset: nltk's synset name (``dog.n.01``, built from the
+    synset's first lemma, lower-cased) up to its first ``.``, ``_`` read as a space.
+
+    Cutting at the first ``.`` shortens names that hold one ("st._louis.n.01" gives
+    "st", ".22_caliber.n.01" gives ""), as MetaCLIP's ``build_metadata.py`` does; empty
+    names are dropped by the query list."""
+    return normalize_entry(synset_name[:synset_name.find(".")])
+
+
+def wordnet_entries(root: str = DEFAULT_WORDNET_DIR, names: str = "synsets") -> Iterator[Tuple[str, str]]:
+    """``(name, synset name)`` per synset (``names="synsets"``: its head name, see
+    :func:`synset_head_name`) or per lemma of every synset (``names="lemmas"``), synsets
+    in file order."""
+    if names not in WORDNET_NAMES:
+        raise CurateError(f"wordnet names must be one of {', '.join(WORDNET_NAMES)}; got {names!r}")
     reader = wordnet_reader(root)
     for synset in reader.all_synsets():
-        for name in synset.lemma_names():
-            yield normalize_entry(name), synset.name()
+        if names == "synsets":
+            yield synset_head_name(synset.name()), synset.name()
+        else:
+            for name in synset.lemma_names():
+                yield normalize_entry(name), synset.name()
 
 
 # ----------------------------------------------------------------------------- union
@@ -329,6 +364,7 @@ class QueryOptions:
     """Which sources to use and how.  ``words``/``bigrams`` name where counts come from."""
 
     words: Optional[str] = "wordfreq"       # "wordfreq" | "corpus" | "counts" | None (off)
+    numbers: bool = True                    # the numbers 0 to 99
     min_count: int = DEFAULT_MIN_COUNT
     corpus_words: int = DEFAULT_CORPUS_WORDS
     corpus: Optional[str] = None            # plain text, for words="corpus"/bigrams="corpus"
@@ -338,13 +374,17 @@ class QueryOptions:
     bigram_top_k: Optional[int] = None
     bigram_min_count: float = 1
     titles: Optional[str] = None            # titles file; None switches the source off
-    title_min_volume: Optional[float] = None
+    title_min_volume: Optional[float] = DEFAULT_TITLE_MIN_VOLUME  # if the file has volumes
     wordnet: Optional[str] = DEFAULT_WORDNET_DIR  # folder of the WordNet files; None = off
+    wordnet_names: str = "synsets"          # "synsets" (head names) | "lemmas"
 
 
-# Default bigram selection: PMI >= 8 bits among wordsegment pairs seen >= 1 time, where
-# the pair is 256x more frequent than chance.  Stated here so the default list is fixed.
-DEFAULT_PMI_THRESHOLD = 8.0
+# Default bigram selection, per source.  MetaCLIP keeps Wikipedia bigrams of NLTK PMI
+# >= 30 bits; that is the default for a user's corpus.  wordsegment's pairs all have
+# PMI < 24 bits (their unigram table stops at count 12,711, so no pair is rare enough),
+# so 30 would keep none; its default is 8 bits, a pair 256x more frequent than chance.
+DEFAULT_PMI_THRESHOLDS = {"wordsegment": 8.0, "corpus": 30.0}
+DEFAULT_PMI_THRESHOLD = DEFAULT_PMI_THRESHOLDS["wordsegment"]
 
 
 def build_queries(opt: QueryOptions, log=print) -> List[Tuple[str, str, str]]:
@@ -355,7 +395,7 @@ def build_queries(opt: QueryOptions, log=print) -> List[Tuple[str, str, str]]:
     def add(items: Iterable[Tuple[str, str]], source: str) -> None:
         before = len(rows)
         for entry, evidence in items:
-            if entry and entry not in seen:
+            if entry and entry not in seen and entry not in _FORBIDDEN:
                 seen.add(entry)
                 rows.append((entry, source, evidence))
         log(f"queries: {source}: {len(rows) - before} new entries")
@@ -379,6 +419,8 @@ def build_queries(opt: QueryOptions, log=print) -> List[Tuple[str, str, str]]:
         kept = sorted(((w, c) for w, c in counts.items() if c >= opt.min_count),
                       key=lambda wc: (-wc[1], wc[0]))
         add(((normalize_entry(w), f"count={int(c)}") for w, c in kept), "words")
+    if opt.numbers:
+        add(((str(i), "") for i in range(100)), "numbers")
     if opt.bigrams is not None:
         if opt.bigrams == "wordsegment":
             bcounts = wordsegment_counts()
@@ -390,14 +432,15 @@ def build_queries(opt: QueryOptions, log=print) -> List[Tuple[str, str, str]]:
             raise ValueError(f"unknown bigrams source {opt.bigrams!r}")
         thr, k = opt.pmi_threshold, opt.bigram_top_k
         if thr is None and k is None:
-            thr = DEFAULT_PMI_THRESHOLD
+            thr = DEFAULT_PMI_THRESHOLDS[opt.bigrams]
         chosen = select_bigrams(bigram_pmis(bcounts, opt.bigram_min_count), thr, k)
         add(((normalize_entry(b), f"pmi={v:.4f}") for b, v in chosen), "bigrams")
     if opt.titles is not None:
-        titles = read_titles(opt.titles, opt.title_min_volume)
+        titles = read_titles(opt.titles, opt.title_min_volume, require_volume=False)
         add(((t, "" if v is None else f"volume={v:g}") for t, v in titles), "titles")
     if opt.wordnet is not None:
-        add(((e, f"synset={s}") for e, s in wordnet_entries(opt.wordnet)), "wordnet")
+        add(((e, f"synset={s}") for e, s in wordnet_entries(opt.wordnet, opt.wordnet_names)),
+            "wordnet")
     if not rows:
         raise CurateError("the query list is empty: every source is off or produced no entry")
     return rows

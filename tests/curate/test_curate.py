@@ -1,5 +1,7 @@
 """clip_fast.curate: the query list, matching and balancing, on corpora small enough that
-every count, PMI and probability below is worked out by hand in the comments."""
+every count, PMI and probability below is worked out by hand in the comments.  MetaCLIP's
+rules (matching, the 1 - prod balancing, synset head names) are also re-implemented here
+from their published description and compared with the package."""
 import csv
 import io
 import json
@@ -64,37 +66,59 @@ def test_corpus_counts_by_hand(tmp_path):
 def test_pmi_by_hand(tmp_path):
     c = queries.corpus_counts(_write(tmp_path / "c.txt", CORPUS))
     p = queries.bigram_pmis(c)
-    # PMI = log2( (c_xy / 6) / ((c_x / 9) (c_y / 9)) ) = log2(81 c_xy / (6 c_x c_y))
-    assert p[("the", "cat")] == pytest.approx(math.log2(6.75))   # 81*2 / (6*2*2)
-    assert p[("cat", "sat")] == pytest.approx(math.log2(3.375))  # 81 / (6*2*2)
-    assert p[("cat", "ran")] == pytest.approx(math.log2(6.75))   # 81 / (6*2*1)
-    assert p[("a", "dog")] == pytest.approx(math.log2(13.5))     # 81 / (6*1*1)
-    assert p[("dog", "sat")] == pytest.approx(math.log2(6.75))   # 81 / (6*1*2)
-    assert queries.select_bigrams(p, top_k=1) == [("a dog", pytest.approx(math.log2(13.5)))]
-    # Threshold log2(6.75): "a dog" first, then the three ties in text order.
-    got = [b for b, _ in queries.select_bigrams(p, threshold=math.log2(6.75) - 1e-12)]
+    # NLTK's PMI: log2( c_xy * N / (c_x c_y) ) with N = 9 tokens.
+    assert p[("the", "cat")] == pytest.approx(math.log2(4.5))   # 2*9 / (2*2)
+    assert p[("cat", "sat")] == pytest.approx(math.log2(2.25))  # 9 / (2*2)
+    assert p[("cat", "ran")] == pytest.approx(math.log2(4.5))   # 9 / (2*1)
+    assert p[("a", "dog")] == pytest.approx(math.log2(9))       # 9 / (1*1)
+    assert p[("dog", "sat")] == pytest.approx(math.log2(4.5))   # 9 / (1*2)
+    assert queries.select_bigrams(p, top_k=1) == [("a dog", pytest.approx(math.log2(9)))]
+    # Threshold log2(4.5): "a dog" first, then the three ties in text order.
+    got = [b for b, _ in queries.select_bigrams(p, threshold=math.log2(4.5) - 1e-12)]
     assert got == ["a dog", "cat ran", "dog sat", "the cat"]
     # A minimum bigram count of 2 leaves only (the cat).
     assert list(queries.bigram_pmis(c, min_count=2)) == [("the", "cat")]
 
 
+def test_pmi_equals_nltks_measure(tmp_path):
+    """MetaCLIP scores its bigrams with NLTK's BigramCollocationFinder and PMI measure."""
+    from nltk.collocations import BigramAssocMeasures, BigramCollocationFinder
+    from nltk.probability import FreqDist
+
+    c = queries.corpus_counts(_write(tmp_path / "c.txt", CORPUS))
+    finder = BigramCollocationFinder(FreqDist(c.unigrams), FreqDist(c.bigrams))
+    want = dict(finder.score_ngrams(BigramAssocMeasures.pmi))
+    assert queries.bigram_pmis(c) == pytest.approx(want)
+
+
 def test_words_and_bigrams_from_corpus(tmp_path):
     opt = queries.QueryOptions(words="corpus", min_count=2, corpus=_write(tmp_path / "c.txt", CORPUS),
-                               bigrams="corpus", bigram_top_k=2, wordnet=None)
+                               bigrams="corpus", bigram_top_k=2, wordnet=None, numbers=False)
     rows = queries.build_queries(opt, log=lambda s: None)
-    # Words with count >= 2, by count then text; bigrams: "a dog" (13.5), then "cat ran" (6.75).
+    # Words with count >= 2, by count then text; bigrams: "a dog" (9), then "cat ran" (4.5).
     assert rows == [("cat", "words", "count=2"), ("sat", "words", "count=2"),
                     ("the", "words", "count=2"),
-                    ("a dog", "bigrams", f"pmi={math.log2(13.5):.4f}"),
-                    ("cat ran", "bigrams", f"pmi={math.log2(6.75):.4f}")]
+                    ("a dog", "bigrams", f"pmi={math.log2(9):.4f}"),
+                    ("cat ran", "bigrams", f"pmi={math.log2(4.5):.4f}")]
+    # Without --bigram-top-k a corpus's bigrams are cut at MetaCLIP's 30 bits, which no
+    # pair of a 9-token corpus reaches (the largest PMI possible is log2(9)); the
+    # numbers 0 to 99 come after the words.
+    opt = queries.QueryOptions(words="corpus", min_count=2, corpus=opt.corpus, bigrams="corpus",
+                               wordnet=None)
+    rows = queries.build_queries(opt, log=lambda s: None)
+    assert [e for e, _, _ in rows] == ["cat", "sat", "the"] + [str(i) for i in range(100)]
+    assert {s for _, s, _ in rows[3:]} == {"numbers"}
 
 
 def test_word_count_file(tmp_path):
-    path = _write(tmp_path / "wc.tsv", "Cat\t5\ncat\t3\n\ndog\t2\nhot_dog\t7\n")
-    assert queries.read_word_counts(path) == {"cat": 8, "dog": 2, "hot dog": 7}
-    opt = queries.QueryOptions(words="counts", word_counts=path, min_count=3, bigrams=None, wordnet=None)
+    # Case is kept (MetaCLIP matches case-sensitively); forms that normalise alike add up.
+    path = _write(tmp_path / "wc.tsv", "Cat\t5\ncat\t3\n\ndog\t2\nhot_dog\t7\nhot dog\t1\n.\t900\n")
+    assert queries.read_word_counts(path) == {"Cat": 5, "cat": 3, "dog": 2, "hot dog": 8, ".": 900}
+    opt = queries.QueryOptions(words="counts", word_counts=path, min_count=3, bigrams=None, wordnet=None,
+                               numbers=False)
+    # "." is one punctuation character, which MetaCLIP's list leaves out.
     assert queries.build_queries(opt, log=lambda s: None) == [
-        ("cat", "words", "count=8"), ("hot dog", "words", "count=7")]
+        ("hot dog", "words", "count=8"), ("Cat", "words", "count=5"), ("cat", "words", "count=3")]
 
 
 def test_wordfreq_conversion():
@@ -130,6 +154,8 @@ def test_wordsegment_pmi_matches_the_shipped_tables():
     assert pmis[("dining", "room")] == pytest.approx(
         math.log2(bi["dining room"] * total / (uni["dining"] * uni["room"])))
     assert pmis[("dining", "room")] > queries.DEFAULT_PMI_THRESHOLD > pmis[("of", "the")]
+    # MetaCLIP's 30 bits would keep none of these pairs: the default for wordsegment is 8.
+    assert max(pmis.values()) < 30 == queries.DEFAULT_PMI_THRESHOLDS["corpus"]
 
 
 # ------------------------------------------------------------------------ titles
@@ -137,25 +163,30 @@ def test_wordsegment_pmi_matches_the_shipped_tables():
 
 def test_titles_with_volume_threshold(tmp_path):
     path = _write(tmp_path / "t.tsv", "New_York_City\t500\nParis\t50\nEiffel Tower\t100\n")
-    assert queries.read_titles(path, min_volume=100) == [("new york city", 500.0), ("eiffel tower", 100.0)]
-    assert [t for t, _ in queries.read_titles(path)] == ["new york city", "paris", "eiffel tower"]
+    assert queries.read_titles(path, min_volume=100) == [("New York City", 500.0), ("Eiffel Tower", 100.0)]
+    assert [t for t, _ in queries.read_titles(path)] == ["New York City", "Paris", "Eiffel Tower"]
     plain = _write(tmp_path / "p.txt", "Mona Lisa\n\nStarry_Night\n")
-    assert queries.read_titles(plain) == [("mona lisa", None), ("starry night", None)]
+    assert queries.read_titles(plain) == [("Mona Lisa", None), ("Starry Night", None)]
+    # The query builder's default cut (MetaCLIP's 70 views) keeps a file without volumes whole.
+    assert queries.read_titles(plain, 70, require_volume=False) == [("Mona Lisa", None), ("Starry Night", None)]
 
 
 def test_union_records_the_first_source(tmp_path):
+    # Titles: "paris" and "a dog" are already present; "Paris" differs in case, so it is a
+    # new entry; "Obscure" has fewer than the default 70 views.
     opt = queries.QueryOptions(
         words="counts", word_counts=_write(tmp_path / "wc.tsv", "paris\t200\ncat\t150\nrare\t3\n"),
-        bigrams="corpus", corpus=_write(tmp_path / "c.txt", CORPUS), bigram_top_k=1,
-        titles=_write(tmp_path / "t.tsv", "Paris\t9\nA_dog\t9\nMona_Lisa\t9\n"), wordnet=None)
+        bigrams="corpus", corpus=_write(tmp_path / "c.txt", CORPUS), bigram_top_k=1, numbers=False,
+        titles=_write(tmp_path / "t.tsv", "paris\t90\na_dog\t90\nMona_Lisa\t90\nParis\t70\nObscure\t69\n"),
+        wordnet=None)
     rows = queries.build_queries(opt, log=lambda s: None)
     assert rows == [("paris", "words", "count=200"), ("cat", "words", "count=150"),
-                    ("a dog", "bigrams", f"pmi={math.log2(13.5):.4f}"),
-                    ("mona lisa", "titles", "volume=9")]
+                    ("a dog", "bigrams", f"pmi={math.log2(9):.4f}"),
+                    ("Mona Lisa", "titles", "volume=90"), ("Paris", "titles", "volume=70")]
     out = tmp_path / "q.tsv"
     queries.write_queries(rows, str(out))
-    assert queries.read_queries(str(out)) == ["paris", "cat", "a dog", "mona lisa"]
-    assert _rows(out)[3] == {"entry": "mona lisa", "source": "titles", "evidence": "volume=9"}
+    assert queries.read_queries(str(out)) == ["paris", "cat", "a dog", "Mona Lisa", "Paris"]
+    assert _rows(out)[3] == {"entry": "Mona Lisa", "source": "titles", "evidence": "volume=90"}
 
 
 # ----------------------------------------------------------------------- WordNet
@@ -172,16 +203,16 @@ def test_wordnet_known_synsets():
 
 @needs_wordnet
 @pytest.mark.slow
-def test_wordnet_source_adds_lemma_names_not_already_present(tmp_path):
+def test_wordnet_lemmas_adds_lemma_names_not_already_present(tmp_path):
     opt = queries.QueryOptions(words="counts", word_counts=_write(tmp_path / "wc.tsv", "dog\t500\n"),
-                               bigrams=None, wordnet=WORDNET_DIR)
+                               bigrams=None, wordnet=WORDNET_DIR, wordnet_names="lemmas", numbers=False)
     rows = queries.build_queries(opt, log=lambda s: None)
     by_entry = {e: (s, ev) for e, s, ev in rows}
     assert len(by_entry) == len(rows)  # no entry twice
     assert by_entry["dog"] == ("words", "count=500")  # already present: stays a word
     # Lemma names found only in dog.n.01.
     assert by_entry["domestic dog"] == ("wordnet", "synset=dog.n.01")
-    assert by_entry["canis familiaris"] == ("wordnet", "synset=dog.n.01")
+    assert by_entry["Canis familiaris"] == ("wordnet", "synset=dog.n.01")  # case kept
     for name in ("car", "auto", "automobile", "machine", "motorcar"):
         assert by_entry[name][0] == "wordnet"
     # Every lemma of WordNet's index files (first field of each entry line), read here
@@ -191,15 +222,126 @@ def test_wordnet_source_adds_lemma_names_not_already_present(tmp_path):
         with open(os.path.join(WORDNET_DIR, f"index.{pos}"), encoding="latin-1") as fh:
             lemmas.update(queries.normalize_entry(line.split(" ", 1)[0])
                           for line in fh if not line.startswith(" "))
+    # nltk's lemma names keep the data files' case ("Canis_familiaris"); the index files
+    # are lower case, so the two sets are compared lower-cased.
     assert len(lemmas) == 147306
-    assert {e for e, s, _ in rows if s == "wordnet"} == lemmas - {"dog"}
+    assert {e.lower() for e, s, _ in rows if s == "wordnet"} == lemmas - {"dog"}
+
+
+def _head_names_from_data_files(root):
+    """MetaCLIP's WordNet entries, read from the database files without nltk.
+
+    Each synset line of data.{noun,verb,adj,adv} (wndb(5WN)) has its words from field 5
+    on; nltk names a synset after its first word, lower-cased, with an adjective's
+    syntactic marker ("(a)", "(p)", "(ip)") removed.  MetaCLIP keeps that name up to its
+    first "." and reads "_" as a space."""
+    import re
+
+    heads = set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        with open(os.path.join(root, f"data.{pos}"), encoding="latin-1") as fh:
+            for line in fh:
+                if line.startswith("  "):  # the licence header
+                    continue
+                word = re.sub(r"\((a|p|ip)\)$", "", line.split(" ")[4]).lower()
+                heads.add(word.split(".", 1)[0].replace("_", " "))
+    return heads
+
+
+@needs_wordnet
+@pytest.mark.slow
+def test_wordnet_default_is_one_head_name_per_synset(tmp_path):
+    """The issue's count: 86,555 distinct names, one of them empty (".22_caliber" and
+    the like are cut at their first "."), which the query list drops."""
+    heads = _head_names_from_data_files(WORDNET_DIR)
+    assert len(heads) == 86555 and "" in heads
+    assert {"dog", "car", "st", "jersey"} <= heads and "domestic dog" not in heads and "t-shirt" not in heads
+    opt = queries.QueryOptions(words=None, bigrams=None, numbers=False, wordnet=WORDNET_DIR)
+    rows = queries.build_queries(opt, log=lambda s: None)
+    assert len(rows) == len({e for e, _, _ in rows})
+    assert {e for e, _, _ in rows} == heads - {""}
+    # Each entry's evidence names a synset whose name begins with the entry.
+    assert all(ev.startswith("synset=") and ev[7:].split(".", 1)[0].replace("_", " ") == e
+               for e, _, ev in rows)
 
 
 # ---------------------------------------------------------------------- matching
 
 
+def _metaclip_reference(caption, entries):
+    """MetaCLIP's substr_matching as published: pad the text with spaces, put spaces
+    around , . ; : ? ! and the backtick, turn tab, newline and carriage return into
+    spaces, and report each entry whose " entry " occurs in the result."""
+    text = " " + caption + " "
+    for ch in [",", ".", ";", ":", "?", "!", "`"]:
+        text = text.replace(ch, " " + ch + " ")
+    for ch in ["\t", "\n", "\r"]:
+        text = text.replace(ch, " ")
+    return {e for e in entries if " " + e + " " in text}
+
+
+def _lenient_reference(caption, entries):
+    """The lenient rule by brute force: lower case, "_" as a space, single spaces; an
+    occurrence counts when its neighbours are not letters or digits."""
+    text = " ".join(caption.lower().replace("_", " ").split())
+    found = set()
+    for e in entries:
+        key = " ".join(e.lower().replace("_", " ").split())
+        for i in range(len(text) - len(key) + 1):
+            if (text[i:i + len(key)] == key and (i == 0 or not text[i - 1].isalnum())
+                    and (i + len(key) == len(text) or not text[i + len(key)].isalnum())):
+                found.add(key)
+    return found
+
+
+MATCH_ENTRIES = ["dog", "cat", "shirt", "T-shirt", "St. Louis", "Louis", "new york", "york",
+                 "hot dog", "c++", "e.g", "x;y", "rock 'n' roll", "dog show", "Dog"]
+# (caption, MetaCLIP's matches, worked out from the rule by hand)
+MATCH_TABLE = [
+    ("A Dog", {"Dog"}),                        # case-sensitive: "dog" does not match
+    ("a dog.", {"dog"}),                       # "." is padded
+    ("dog,cat;dog:cat?dog!", {"dog", "cat"}),  # every padded character, repeated entries
+    ("`dog`", {"dog"}),
+    ("(dog) toy", set()),                      # "(" and ")" are not padded
+    ("dog-friendly", set()), ("#dog", set()), ("dog/cat", set()), ("dog's bed", set()),
+    ("my T-shirt", {"T-shirt"}),               # not "shirt": "-" is not a separator
+    ("a shirt", {"shirt"}),
+    ("St. Louis", {"Louis"}),                  # the entry's "." is not padded, the caption's is
+    ("dog\tcat\nhot dog\r", {"dog", "cat", "hot dog"}),
+    ("new  york", {"york"}),                   # two spaces: "new york" does not occur
+    ("new york city", {"new york", "york"}),   # overlaps
+    ("I code c++!", {"c++"}),
+    ("e.g dog", {"dog"}),                      # an entry holding a padded character never matches
+    ("x;y", set()),
+    ("rock 'n' roll dog show", {"rock 'n' roll", "dog show", "dog"}),
+    ("hotdog", set()), ("", set()),
+]
+
+
+def test_match_metaclip_rule_against_the_published_algorithm():
+    m = Matcher(MATCH_ENTRIES)  # the default rule
+    assert m.rule == "metaclip"
+    for caption, by_hand in MATCH_TABLE:
+        assert _metaclip_reference(caption, MATCH_ENTRIES) == by_hand, caption
+        got = m.match(caption)
+        assert len(got) == len(set(got)) and set(got) == by_hand, caption
+
+
+def test_match_lenient_rule_against_brute_force():
+    m = Matcher(MATCH_ENTRIES, rule="lenient")
+    for caption, _ in MATCH_TABLE:
+        got = m.match(caption)
+        assert len(got) == len(set(got)) and set(got) == _lenient_reference(caption, MATCH_ENTRIES), caption
+    # What the lenient rule accepts and MetaCLIP's does not.
+    assert set(m.match("my T-shirt")) == {"t-shirt", "shirt"}
+    assert set(m.match("St. Louis")) == {"st. louis", "louis"}
+    assert set(m.match("(dog) toy")) == set(m.match("dog-friendly")) == {"dog"}
+    with pytest.raises(CurateError, match="match rule"):
+        Matcher(["dog"], rule="strict")
+
+
 def test_match_word_boundaries():
-    m = Matcher(["cat", "dog", "c++", "café"])
+    m = Matcher(["cat", "dog", "c++", "café"], rule="lenient")
     assert m.match("A cat.") == ["cat"]
     assert m.match("category") == []       # inside a word
     assert m.match("bobcat") == []         # end of a word
@@ -213,7 +355,7 @@ def test_match_word_boundaries():
 
 
 def test_match_overlaps_and_repeats():
-    m = Matcher(["new york", "york", "new york city", "city", "hot dog", "dog", "dog show"])
+    m = Matcher(["new york", "york", "new york city", "city", "hot dog", "dog", "dog show"], rule="lenient")
     assert m.match("New York City") == ["new york", "york", "new york city", "city"]
     assert m.match("hot dog dog show") == ["hot dog", "dog", "dog show"]  # dog once
     assert m.match("new  York_city") == ["new york", "york", "new york city", "city"]
@@ -257,8 +399,9 @@ def _tar_pool(path, captions):
 
 CAPTIONS = ["A cat on a mat", "category theory", "hot dog stand", "a dog and a cat",
             "nothing here", "Dog show in New York"]
-ENTRIES = ["cat", "dog", "hot dog", "new york", "york", "dog show"]
-MATCHED = [["cat"], ["hot dog", "dog"], ["dog", "cat"], ["dog", "dog show", "new york", "york"]]
+ENTRIES = ["cat", "dog", "hot dog", "New York", "York", "Dog show"]
+# MetaCLIP's rule: "Dog show" matches "Dog show" but "dog" does not.
+MATCHED = [{"cat"}, {"hot dog", "dog"}, {"dog", "cat"}, {"Dog show", "New York", "York"}]
 
 
 def test_match_csv_writes_matches_and_drops_the_rest(tmp_path):
@@ -268,7 +411,7 @@ def test_match_csv_writes_matches_and_drops_the_rest(tmp_path):
     r = pipeline.run_match(pool, q, out, mapper=pipeline.local_mapper(progress=False))
     assert r == {"shards": 1, "read": 6, "kept": 4}
     rows = _rows(os.path.join(out, "pool.csv"))
-    assert [json.loads(x["matches"]) for x in rows] == MATCHED
+    assert [set(json.loads(x["matches"])) for x in rows] == MATCHED
     assert [x["title"] for x in rows] == [CAPTIONS[i] for i in (0, 2, 3, 5)]
     # Image paths are rewritten relative to the output folder and still point at the files.
     assert rows[0]["filepath"] == os.path.join("..", "img", "pool.csv-0.png")
@@ -283,17 +426,85 @@ def test_match_tar_shards(tmp_path):
     assert r == {"shards": 1, "read": 6, "kept": 4}
     with tarfile.open(os.path.join(out, "pool-000.tar")) as tf:
         names = tf.getnames()
-        got = [json.loads(tf.extractfile(n).read()) for n in names if n.endswith(".matches.json")]
+        got = [set(json.loads(tf.extractfile(n).read())) for n in names if n.endswith(".matches.json")]
     assert got == MATCHED
     assert "s0001.png" not in names and "s0000.png" in names  # "category theory" dropped
 
 
 def test_keep_probability_by_hand():
     counts = {"a": 50, "b": 10, "c": 40}
-    assert pipeline.keep_probability(["a"], counts, 10) == pytest.approx(0.2)   # 10/50
-    assert pipeline.keep_probability(["a", "c"], counts, 10) == pytest.approx(0.25)  # max(10/50, 10/40)
-    assert pipeline.keep_probability(["a", "b"], counts, 10) == 1.0  # b is in the tail
-    assert pipeline.keep_probability([], counts, 10) == 0.0
+    for rule in ("any", "max"):
+        assert pipeline.keep_probability(["a"], counts, 10, rule) == pytest.approx(0.2)  # 10/50
+        assert pipeline.keep_probability(["a", "b"], counts, 10, rule) == 1.0  # b is in the tail
+        assert pipeline.keep_probability([], counts, 10, rule) == 0.0
+    # any (the default): 1 - (1 - 10/50)(1 - 10/40) = 1 - 0.8 * 0.75 = 0.4; max: 0.25.
+    assert pipeline.keep_probability(["a", "c"], counts, 10) == pytest.approx(0.4)
+    assert pipeline.keep_probability(["a", "c", "a"], counts, 10) == pytest.approx(0.4)  # once per entry
+    assert pipeline.keep_probability(["a", "c"], counts, 10, "max") == pytest.approx(0.25)
+    # The issue's example: counts 2,050 and 2,000 at t = 200.
+    big = {"x": 2050, "y": 2000}
+    assert pipeline.keep_probability(["x", "y"], big, 200) == pytest.approx(1 - (1 - 200 / 2050) * 0.9)
+    assert round(pipeline.keep_probability(["x", "y"], big, 200), 3) == 0.188
+    assert pipeline.keep_probability(["x", "y"], big, 200, "max") == pytest.approx(0.1)
+    with pytest.raises(CurateError, match="combine"):
+        pipeline.keep_probability(["a"], counts, 10, "min")
+
+
+# A pool where pairs hold 1, 2 and 3 head entries (t = 20): counts A 200, B 170, C 90.
+BALANCE_POOL = ([["A"]] * 100 + [["B"]] * 50 + [["C"]] * 30 + [["A", "B"]] * 60
+                + [["B", "C"]] * 20 + [["A", "B", "C"]] * 40)
+BALANCE_T = 20
+
+
+def _metaclip_pair_probability(entries, counts, t):
+    """MetaCLIP's balancing.py, as an expectation: each entry e is drawn with
+    probability t / max(count(e), t) and the pair is kept if any draw succeeds."""
+    p_fail = 1.0
+    for e in set(entries):
+        p_fail *= 1.0 - t / max(counts[e], t)
+    return 1.0 - p_fail
+
+
+def test_balance_any_rule_against_metaclip_over_seeds(tmp_path):
+    """Kept pairs, per entry and in total, averaged over 400 seeds, agree with MetaCLIP's
+    expectation within 5 standard errors (each pair is an independent Bernoulli draw, so
+    a kept count has variance sum p(1 - p) and its mean over S seeds that over S)."""
+    src = _matched_csv(tmp_path / "m.csv", BALANCE_POOL)
+    counts = {"A": 0, "B": 0, "C": 0}
+    for m in BALANCE_POOL:
+        for e in set(m):
+            counts[e] += 1
+    assert counts == {"A": 200, "B": 170, "C": 90}
+    probs = [_metaclip_pair_probability(m, counts, BALANCE_T) for m in BALANCE_POOL]
+    keys = ["total", "A", "B", "C"]
+    want = {k: sum(p for m, p in zip(BALANCE_POOL, probs) if k == "total" or k in m) for k in keys}
+    var = {k: sum(p * (1 - p) for m, p in zip(BALANCE_POOL, probs) if k == "total" or k in m) for k in keys}
+    seeds = 400
+    kept = {k: [] for k in keys}
+    for seed in range(seeds):
+        r = pipeline.sample_shard((0, src, None), counts, BALANCE_T, seed, Layout())
+        assert r.expected == pytest.approx({k: want[k] for k in "ABC"})  # the report's column
+        kept["total"].append(r.kept)
+        for e in "ABC":
+            kept[e].append(r.kept_counts[e])
+    for k in keys:
+        se = math.sqrt(var[k] / seeds)
+        assert abs(np.mean(kept[k]) - want[k]) < 5 * se, (k, np.mean(kept[k]), want[k], se)
+    # The max rule's expectation is lower by more than 20 standard errors here, so the
+    # test tells the two rules apart.
+    want_max = sum(max(BALANCE_T / max(counts[e], BALANCE_T) for e in m) for m in BALANCE_POOL)
+    assert want["total"] - want_max > 20 * math.sqrt(var["total"] / seeds)
+
+
+def test_balance_max_rule_over_seeds(tmp_path):
+    """--combine max: the same pool, the expectation sum of max_e p_e, same 5-sigma bound."""
+    src = _matched_csv(tmp_path / "m.csv", BALANCE_POOL)
+    counts = {"A": 200, "B": 170, "C": 90}
+    probs = [max(BALANCE_T / counts[e] for e in m) for m in BALANCE_POOL]
+    want, var = sum(probs), sum(p * (1 - p) for p in probs)
+    totals = [pipeline.sample_shard((0, src, None), counts, BALANCE_T, seed, Layout(), combine="max").kept
+              for seed in range(400)]
+    assert abs(np.mean(totals) - want) < 5 * math.sqrt(var / 400)
 
 
 def _matched_csv(path, match_lists):
@@ -359,6 +570,22 @@ def test_balance_is_reproducible_under_a_seed(tmp_path):
     c, _ = run(8, "c")
     assert a == b and ra.kept_counts == rb.kept_counts
     assert a != c
+
+
+@pytest.mark.parametrize("combine", ["any", "max"])
+def test_report_expected_follows_the_rule(tmp_path, combine):
+    # 30 pairs ["a"], 10 ["a", "c"], 10 ["c"]; t = 10: counts a 40, c 20; p_a 0.25, p_c 0.5.
+    # ["a", "c"]: any 1 - 0.75 * 0.5 = 0.625, max 0.5.
+    lists = [["a"]] * 30 + [["a", "c"]] * 10 + [["c"]] * 10
+    src = _matched_csv(tmp_path / "m.csv", lists)
+    out = str(tmp_path / "out")
+    res = pipeline.run_balance(src, out, t=10, seed=0, mapper=pipeline.local_mapper(progress=False),
+                               combine=combine)
+    pipeline.write_report(res, 10, os.path.join(out, "report.csv"), None)
+    shared = 0.625 if combine == "any" else 0.5
+    want = {"a": 30 * 0.25 + 10 * shared, "c": 10 * 0.5 + 10 * shared}
+    rows = {r["entry"]: float(r["expected_after"]) for r in _rows(os.path.join(out, "report.csv"))}
+    assert rows == pytest.approx(want, abs=5e-4)
 
 
 def test_report_and_plot(tmp_path):
@@ -470,7 +697,7 @@ def test_errors_name_the_file_and_line(tmp_path):
 
 
 def test_empty_query_list_is_an_error(tmp_path):
-    msg = _err(queries.build_queries, queries.QueryOptions(words=None, bigrams=None, wordnet=None),
+    msg = _err(queries.build_queries, queries.QueryOptions(words=None, bigrams=None, wordnet=None, numbers=False),
                log=lambda s: None)
     assert "empty" in msg
     empty = _write(tmp_path / "q.tsv", "entry\tsource\tevidence\n")
@@ -479,7 +706,7 @@ def test_empty_query_list_is_an_error(tmp_path):
     assert empty in _err(pipeline.run_match, pool, empty, str(tmp_path / "m"))
     # Counts too low for any word: the list is empty as well.
     opt = queries.QueryOptions(words="counts", word_counts=_write(tmp_path / "wc.tsv", "cat\t1\n"),
-                               bigrams=None, wordnet=None)
+                               bigrams=None, wordnet=None, numbers=False)
     assert "empty" in _err(queries.build_queries, opt, log=lambda s: None)
 
 
@@ -509,14 +736,57 @@ def test_cli_queries_sources_and_switches(tmp_path, capsys):
     out = str(tmp_path / "q.tsv")
     assert cli.main(["queries", "--out", out, "--words", "corpus", "--corpus", corpus, "--min-count", "2",
                      "--bigrams", "corpus", "--bigram-top-k", "1", "--titles", titles,
-                     "--title-min-volume", "10", "--no-wordnet"]) == 0
+                     "--title-min-volume", "10", "--no-wordnet", "--no-numbers"]) == 0
     assert [(r["entry"], r["source"]) for r in _rows(out)] == [
-        ("cat", "words"), ("sat", "words"), ("the", "words"), ("a dog", "bigrams"), ("mona lisa", "titles")]
+        ("cat", "words"), ("sat", "words"), ("the", "words"), ("a dog", "bigrams"), ("Mona Lisa", "titles")]
     # Every source off: an empty list is an error, and no file is written.
     empty = str(tmp_path / "none.tsv")
-    assert cli.main(["queries", "--out", empty, "--words", "off", "--bigrams", "off", "--no-wordnet"]) == 2
+    assert cli.main(["queries", "--out", empty, "--words", "off", "--bigrams", "off", "--no-wordnet",
+                     "--no-numbers"]) == 2
     assert "query list is empty" in capsys.readouterr().err and not os.path.exists(empty)
     # A missing corpus names the file.
     assert cli.main(["queries", "--out", empty, "--words", "corpus", "--corpus", str(tmp_path / "x.txt"),
                      "--bigrams", "off", "--no-wordnet"]) == 2
     assert str(tmp_path / "x.txt") in capsys.readouterr().err
+
+
+def test_cli_match_and_combine_options(tmp_path, capsys):
+    """--match lenient and --combine max reach the passes; the defaults are MetaCLIP's."""
+    pool = _csv_pool(str(tmp_path), ["A Dog", "dog-friendly", "a dog", "a cat and a dog"] * 5)
+    q = _query_file(tmp_path / "q.tsv", ["dog", "cat"])
+    assert cli.main(["match", "--queries", q, "--input", pool, "--out", str(tmp_path / "m")]) == 0
+    assert len(_rows(tmp_path / "m" / "pool.csv")) == 10  # "A Dog" and "dog-friendly" dropped
+    assert cli.main(["match", "--queries", q, "--input", pool, "--out", str(tmp_path / "ml"),
+                     "--match", "lenient"]) == 0
+    assert len(_rows(tmp_path / "ml" / "pool.csv")) == 20
+    # counts dog 10, cat 5; t = 2: p_dog 0.2, p_cat 0.4; ["cat", "dog"]: any 0.52, max 0.4.
+    for combine, p_shared in (("any", 0.52), ("max", 0.4)):
+        out = tmp_path / f"b-{combine}"
+        assert cli.main(["balance", "--input", str(tmp_path / "m"), "--out", str(out), "--max-per-query", "2",
+                         "--combine", combine, "--no-plot"]) == 0
+        rows = {r["entry"]: float(r["expected_after"]) for r in _rows(out / "report.csv")}
+        assert rows == pytest.approx({"dog": 5 * 0.2 + 5 * p_shared, "cat": 5 * p_shared}, abs=5e-4)
+    assert "combine=max" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["balance", "--input", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "--combine", "min"])
+
+
+@pytest.mark.parametrize("command, module", [
+    (["match", "--queries", "Q", "--input", "POOL", "--out", "OUT"], "ahocorasick"),
+    (["queries", "--out", "OUT", "--no-wordnet", "--bigrams", "off"], "wordfreq"),
+    (["queries", "--out", "OUT", "--words", "off", "--bigrams", "off"], "nltk"),
+    (["balance", "--input", "OUT", "--out", "OUT2", "--no-plot"], "numpy"),
+])
+def test_cli_names_the_extra_when_a_module_is_missing(tmp_path, command, module):
+    """Without the curate extra each command says what to install, with no traceback."""
+    pool = _csv_pool(str(tmp_path), CAPTIONS)
+    q = _query_file(tmp_path / "q.tsv", ENTRIES)
+    assert cli.main(["match", "--queries", q, "--input", pool, "--out", str(tmp_path / "OUT")]) == 0
+    args = [{"Q": q, "POOL": pool}.get(a, str(tmp_path / a) if a.startswith("OUT") else a) for a in command]
+    # The module is hidden the way Python reports an absent one (None in sys.modules).
+    code = (f"import sys; sys.modules[{module!r}] = None; "
+            f"from clip_fast.curate.__main__ import main; sys.exit(main({args!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"'{module}'" in out.stderr and "pip install 'clip-fast[curate]'" in out.stderr
