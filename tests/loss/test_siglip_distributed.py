@@ -31,6 +31,14 @@ def _cases(world_size):
               dict(name="gather-ids", sizes=uneven, impl="gather", ids=True),
               dict(name="bad-dim", sizes=even, impl="bidir", error="dim"),
               dict(name="bad-ids", sizes=even, impl="shift", error="ids")]
+    # The precision rule's regime: scale 100, bias 2.5, rows of norm 5 (|S| up to 2500),
+    # 8 seeds per implementation, open_clip's fp32 SigLipLoss as the materialised loss.
+    cases += [dict(name=f"exact-{impl}-s{seed}", sizes=even, impl=impl, open_clip=True, scale=100.0,
+                   bias=2.5, norm=5.0, noise=0.5)
+              for impl in ("bidir", "shift", "reduce", "gather") for seed in range(8)]
+    # A bias that has gone bad: every rank's loss is non-finite.
+    cases += [dict(name=f"bad-bias-{impl}", sizes=even, impl=impl, bias=float("nan"))
+              for impl in ("bidir", "gather")]
     return cases
 
 
@@ -38,14 +46,19 @@ def _global(case, seed):
     g = torch.Generator().manual_seed(seed)
     n = sum(case["sizes"])
     x = F.normalize(torch.randn(n, D, dtype=torch.float64, generator=g), dim=1)
-    t = F.normalize(x + torch.randn(n, D, dtype=torch.float64, generator=g), dim=1)
+    t = F.normalize(x + case.get("noise", 1.0) * torch.randn(n, D, dtype=torch.float64, generator=g), dim=1)
     ids = torch.randint(0, 4, (n,), generator=g) if case.get("ids") else None
-    return x, t, ids
+    norm = case.get("norm", 1.0)
+    return norm * x, norm * t, ids
 
 
 def _shard(case, rank):
     o = sum(case["sizes"][:rank])
     return slice(o, o + case["sizes"][rank])
+
+
+class _Skip(Exception):
+    """Ends a case after its forward."""
 
 
 def _run_case(case, rank, world_size, seed):
@@ -62,21 +75,27 @@ def _run_case(case, rank, world_size, seed):
         ids_r = torch.zeros(xi.shape[0] + 1, dtype=torch.int64)
     xi.requires_grad_(True)
     ti.requires_grad_(True)
-    s = torch.tensor(SCALE, requires_grad=True)
-    b = torch.tensor(BIAS, requires_grad=True)
+    s = torch.tensor(case.get("scale", SCALE), requires_grad=True)
+    b = torch.tensor(case.get("bias", BIAS), requires_grad=True)
     out = {}
     loss_fn = clip_fast.FastSigLipLoss(rank=rank, world_size=world_size, dist_impl=case["impl"])
     try:
         loss = loss_fn(xi, ti, s, b, group_ids=ids_r)
+        if not torch.isfinite(b):
+            out["loss"] = loss.detach()
+            raise _Skip
         loss.backward()
         out.update(loss=loss.detach(), d_img=xi.grad, d_txt=ti.grad, d_scale=s.grad, d_bias=b.grad)
+    except _Skip:  # the loss is all a non-finite bias's case needs
+        pass
     except Exception as exc:  # recorded: the test checks every rank raised the same
         out["error"] = f"{type(exc).__name__}: {exc}"
     if case.get("open_clip") and "error" not in out:
         from open_clip.loss import SigLipLoss
 
         xo, to = x[sl].float().clone().requires_grad_(True), t[sl].float().clone().requires_grad_(True)
-        so, bo = torch.tensor(SCALE, requires_grad=True), torch.tensor(BIAS, requires_grad=True)
+        so = torch.tensor(case.get("scale", SCALE), requires_grad=True)
+        bo = torch.tensor(case.get("bias", BIAS), requires_grad=True)
         oloss = SigLipLoss(rank=rank, world_size=world_size, dist_impl=case["impl"])(xo, to, so, bo)
         oloss.backward()
         out.update(oc_loss=oloss.detach(), oc_d_img=xo.grad, oc_d_txt=to.grad, oc_d_scale=so.grad,
@@ -101,8 +120,8 @@ def _reference(case, seed, world_size):
     losses, scales, biases = [], [], []
     for r in range(world_size):
         sl = _shard(case, r)
-        s = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True)
-        b = torch.tensor(BIAS, dtype=torch.float64, requires_grad=True)
+        s = torch.tensor(case.get("scale", SCALE), dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(case.get("bias", BIAS), dtype=torch.float64, requires_grad=True)
         logits = s * x[sl] @ t.T + b
         z = pos[sl].double() * 2 - 1
         losses.append(-F.logsigmoid(z * logits).sum() / logits.shape[0])
@@ -122,7 +141,8 @@ def _params(kind):
     out = []
     for w in (2, 3):
         for i, case in enumerate(_cases(w)):
-            if (case.get("error") is not None) == (kind == "error"):
+            special = case["name"].startswith(("exact-", "bad-bias-"))
+            if not special and (case.get("error") is not None) == (kind == "error"):
                 out.append(pytest.param(w, i, id=f"w{w}-{case['name']}"))
     return out
 
@@ -153,3 +173,46 @@ def test_bad_shard_raises_on_every_rank(spawned, world_size, index):
     assert all(e is not None for e in errors), errors
     assert len(set(errors)) == 1, errors
     assert ("embedding dimension D" in errors[0]) if case["error"] == "dim" else ("group_ids" in errors[0])
+
+
+_WHAT = ("loss", "d_img", "d_txt", "d_scale", "d_bias")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("impl", ["bidir", "shift", "reduce", "gather"])
+def test_precision_rule_at_scale_100(spawned, world_size, impl):
+    """Scale 100, bias 2.5, rows of norm 5 in fp32: every rank's RMS error over 8 seeds is at
+    most 4x open_clip's fp32 SigLipLoss's (same workers, same shards) against float64."""
+    from helpers import DTYPE_UNIT, PRECISION_FACTOR
+
+    cases = _cases(world_size)
+    sq = {}
+    for i, case in enumerate(cases):
+        if not case["name"].startswith(f"exact-{impl}-"):
+            continue
+        refs = _reference(case, SEED + i, world_size)
+        for r in range(world_size):
+            got = spawned(world_size)[r][case["name"]]
+            assert "error" not in got, got.get("error")
+            for what in _WHAT:
+                want = refs[r][what]
+                err = (got[what].double() - want).norm().item()
+                mat = max((got["oc_" + what].double() - want).norm().item(),
+                          DTYPE_UNIT[torch.float32] * want.norm().item())
+                acc = sq.setdefault((r, what), [0.0, 0.0])
+                acc[0] += err ** 2
+                acc[1] += mat ** 2
+    assert sq
+    for (r, what), (e2, m2) in sq.items():
+        assert e2 <= PRECISION_FACTOR ** 2 * m2, (f"rank {r} {what}: RMS error {(e2 / 8) ** 0.5:.3e} > "
+                                                  f"{PRECISION_FACTOR} x open_clip fp32 {(m2 / 8) ** 0.5:.3e}")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("impl", ["bidir", "gather"])
+def test_non_finite_bias_gives_non_finite_loss(spawned, world_size, impl):
+    """A NaN logit_bias: every rank's SigLIP loss is NaN, as open_clip's."""
+    for r, res in enumerate(spawned(world_size)):
+        got = res[f"bad-bias-{impl}"]
+        assert "error" not in got, got.get("error")
+        assert not torch.isfinite(got["loss"]), f"rank {r}: {got['loss']}"
