@@ -181,12 +181,12 @@ _WHAT = ("loss", "d_img", "d_txt", "d_scale", "d_bias")
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("impl", ["bidir", "shift", "reduce", "gather"])
 def test_precision_rule_at_scale_100(spawned, world_size, impl):
-    """Scale 100, bias 2.5, rows of norm 5 in fp32: every rank's RMS error over 8 seeds is at
-    most 4x open_clip's fp32 SigLipLoss's (same workers, same shards) against float64."""
-    from helpers import DTYPE_UNIT, PRECISION_FACTOR
+    """Scale 100, bias 2.5, rows of norm 5 in fp32: every rank's error against float64 within
+    4x open_clip's fp32 SigLipLoss's (same workers, same shards) over 8 seeds."""
+    from helpers import DTYPE_UNIT, PRECISION_FACTOR, seed_ratio
 
     cases = _cases(world_size)
-    sq = {}
+    pairs = {}
     for i, case in enumerate(cases):
         if not case["name"].startswith(f"exact-{impl}-"):
             continue
@@ -199,13 +199,12 @@ def test_precision_rule_at_scale_100(spawned, world_size, impl):
                 err = (got[what].double() - want).norm().item()
                 mat = max((got["oc_" + what].double() - want).norm().item(),
                           DTYPE_UNIT[torch.float32] * want.norm().item())
-                acc = sq.setdefault((r, what), [0.0, 0.0])
-                acc[0] += err ** 2
-                acc[1] += mat ** 2
-    assert sq
-    for (r, what), (e2, m2) in sq.items():
-        assert e2 <= PRECISION_FACTOR ** 2 * m2, (f"rank {r} {what}: RMS error {(e2 / 8) ** 0.5:.3e} > "
-                                                  f"{PRECISION_FACTOR} x open_clip fp32 {(m2 / 8) ** 0.5:.3e}")
+                pairs.setdefault((r, what), []).append((err, mat))
+    assert pairs
+    for (r, what), ps in pairs.items():
+        ratio = seed_ratio(*zip(*ps))
+        assert ratio <= PRECISION_FACTOR, (f"rank {r} {what}: {ratio:.2f} x open_clip's fp32 error over "
+                                           f"{len(ps)} seeds (worst seed {max(e / m for e, m in ps):.1f} x)")
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
