@@ -41,7 +41,7 @@ import triton.language as tl
 from . import config as _config
 from ..backends import kernel_lse
 from .grad_backward import _block_shape
-from .tile import fold_scale, tile_dot
+from .tile import tile_dot
 
 NAME = "triton"
 # Tiles (ptxas figures from ``python -m clip_fast.kernels.distill_aot``; speed unmeasured):
@@ -72,9 +72,8 @@ def _distill_forward_kernel(
     row_ok = offs_m < M
     img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
     timg_rows = timg_ptr + offs_m.to(tl.int64)[:, None] * stride_sm
-    # Both scales folded into fp32 rows, as the CLIP lse_forward forms S (kernels/tile.py).
-    s_pre, s2 = fold_scale(tl.load(scale_ptr).to(tl.float32) * _LOG2E_K, img_ptr)
-    t_pre, t2 = fold_scale(tl.load(tscale_ptr).to(tl.float32) * _LOG2E_K, timg_ptr)
+    s2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E_K
+    t2 = tl.load(tscale_ptr).to(tl.float32) * _LOG2E_K
     # Padded rows read lse 0: their P and gap stay finite and are masked out below.
     if HAS_ROW:
         r_hi = tl.load(r_hi_ptr + offs_m, mask=row_ok, other=0.0)
@@ -88,11 +87,11 @@ def _distill_forward_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         # 1. Both tiles (masked loads read 0 outside the block; those entries are masked).
         a = tile_dot(img_rows, txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk, row_ok, col_ok,
-                     D, stride_id, stride_td, s_pre, EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+                     D, stride_id, stride_td, EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
         b = tile_dot(timg_rows, ttxt_ptr + offs_n.to(tl.int64)[None, :] * stride_uk, row_ok, col_ok,
-                     TD, stride_sd, stride_ud, t_pre, EVEN_TD, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+                     TD, stride_sd, stride_ud, EVEN_TD, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
         S2 = a * s2
-        T2 = b * t2  # s2, t2: the post factors (1 for fp32 rows)
+        T2 = b * t2
         # 2. Row terms, kept in registers.
         if HAS_ROW:
             pt = tl.exp2((T2 - tr_hi[:, None]) - tr_lo[:, None])
@@ -132,20 +131,15 @@ def _distill_backward_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     offs_m = row0 + offs_r
     offs_n = col0 + offs_c
-    # 1. Recompute both tiles once, the scales folded as in the forward; a and b are
-    #    then the raw dots again for d_scale.
-    s_pre, s_post = fold_scale(tl.load(scale_ptr).to(tl.float32) * _LOG2E_K, img_ptr)
-    t_pre, t_post = fold_scale(tl.load(tscale_ptr).to(tl.float32) * _LOG2E_K, timg_ptr)
-    S2 = tile_dot(img_ptr + offs_m.to(tl.int64)[:, None] * stride_im,
-                  txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk, row_ok, col_ok,
-                  D, stride_id, stride_td, s_pre, EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
-    T2 = tile_dot(timg_ptr + offs_m.to(tl.int64)[:, None] * stride_sm,
-                  ttxt_ptr + offs_n.to(tl.int64)[None, :] * stride_uk, row_ok, col_ok,
-                  TD, stride_sd, stride_ud, t_pre, EVEN_TD, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
-    a = S2 * (1.0 / s_pre)
-    b = T2 * (1.0 / t_pre)
-    S2 = S2 * s_post
-    T2 = T2 * t_post
+    # 1. Recompute both tiles once.
+    a = tile_dot(img_ptr + offs_m.to(tl.int64)[:, None] * stride_im,
+                 txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk, row_ok, col_ok,
+                 D, stride_id, stride_td, EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+    b = tile_dot(timg_ptr + offs_m.to(tl.int64)[:, None] * stride_sm,
+                 ttxt_ptr + offs_n.to(tl.int64)[None, :] * stride_uk, row_ok, col_ok,
+                 TD, stride_sd, stride_ud, EVEN_TD, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+    S2 = a * (tl.load(scale_ptr).to(tl.float32) * _LOG2E_K)
+    T2 = b * (tl.load(tscale_ptr).to(tl.float32) * _LOG2E_K)
     # 2. G_S and G_T, one direction at a time (padded rows/columns read 0, masked below).
     gs = tl.zeros((BM, BN), tl.float32)
     gt = tl.zeros((BM, BN), tl.float32)

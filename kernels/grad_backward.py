@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import config as _config
-from .tile import fold_scale, tile_dot
+from .tile import tile_dot
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -83,19 +83,16 @@ def _grad_tile_kernel(
     txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
 
     # 1. Recompute the tile acc = img_blk @ txt_blk.T (masked loads read 0 outside).
-    #    The scale is folded into fp32 rows (tile_dot), as the forward formed S.
-    scale2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E_K
-    pre, post = fold_scale(scale2, img_ptr)
-    acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td, pre,
+    acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
                    EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
-    # 2. S in log2 units; raw = <img_i, txt_j> for d_scale.
+    # 2. S in log2 units.
+    scale2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E_K
     if HAS_BIAS:
         bias2 = tl.load(bias_ptr).to(tl.float32) * _LOG2E_K
     else:
         bias2 = 0.0
-    s2 = acc * post + bias2
-    raw = acc * (1.0 / pre)
+    s2 = acc * scale2 + bias2
 
     # 3. G = coef_row * P_row + coef_col * P_col (padded rows/cols: lse reads 0, masked below).
     #    Each lse arrives as a float-float pair in log2 units, lse2 = hi + lo with hi its
@@ -133,7 +130,7 @@ def _grad_tile_kernel(
             g_row = g
             if G_DIAG:
                 g_row = tl.where(offs_m[:, None] == offs_n[None, :], 0.0, g_row)
-            ds_row = tl.sum(tl.where(row_ok[:, None] & col_ok[None, :], g_row, 0.0) * raw, axis=1)
+            ds_row = tl.sum(tl.where(row_ok[:, None] & col_ok[None, :], g_row, 0.0) * acc, axis=1)
         if HAS_COL:
             g += coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :])
     if G_DIAG:
@@ -151,7 +148,7 @@ def _grad_tile_kernel(
     #    across tiles in one float64 cell per row (millions of terms per row otherwise).
     #    SPLIT_SCALE: the row term's share in d_scale_ptr, the rest (column term and
     #    diagonal) in d_scale_rest_ptr.
-    ds = tl.sum(g * raw, axis=1)
+    ds = tl.sum(g * acc, axis=1)
     if SPLIT_SCALE:
         tl.atomic_add(d_scale_ptr + offs_m, ds_row.to(tl.float64), mask=row_ok, sem="relaxed")
         tl.atomic_add(d_scale_rest_ptr + offs_m, (ds - ds_row).to(tl.float64), mask=row_ok,

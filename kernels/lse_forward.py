@@ -4,9 +4,8 @@ Layout: the grid runs over row blocks of ``img`` (BM rows each; optionally also 
 ``col_splits`` ranges of columns when the row blocks alone cannot fill the GPU).
 Each program loops over the column blocks of ``txt`` and, per tile of S:
 
-1. computes the tile ``acc = (pre * img_blk) @ txt_blk.T`` in fp32 (loop over D in BK
-   slices; ``pre`` folds the scale into fp32 rows, ``kernels/tile.py``);
-2. moves to log2 units, ``S2 = acc * post + b * log2 e`` (pre * post = s * log2 e), so every
+1. computes the tile ``acc = img_blk @ txt_blk.T`` in fp32 (loop over D in BK slices);
+2. moves to log2 units, ``S2 = acc * (s * log2 e) + b * log2 e``, so every
    exponential is a single ``exp2``;
 3. online (flash-style) row log-sum-exp in registers: running max ``m_i`` and
    running sum ``l_i`` -- exact, whatever the range of S;
@@ -42,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import config as _config
 from ..backends import combine_diag
-from .tile import fold_scale, tile_dot
+from .tile import tile_dot
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -97,7 +96,6 @@ def _lse_forward_kernel(
     img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
     scale = tl.load(scale_ptr).to(tl.float32)
     scale2 = scale * _LOG2E_K
-    pre, post = fold_scale(scale2, img_ptr)
     if HAS_BIAS:
         bias = tl.load(bias_ptr).to(tl.float32)
     else:
@@ -123,13 +121,11 @@ def _lse_forward_kernel(
         txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
         # 1. acc = img_blk @ txt_blk.T over D.  Masked loads: rows >= M and columns >= K
         #    read 0 (their S is then excluded below); features >= D read 0, adding nothing.
-        #    The exact column fallback (ROW_FLAGS) sweeps the transposed problem: the scale
-        #    goes on its column operand, img, so that S matches the main sweep's bit for bit.
-        acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td, pre,
-                       EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK, ROW_FLAGS)
+        acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                       EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
-        # 2. log2 units (the scale folded into fp32 rows by tile_dot: post = 1).
-        s2 = acc * post + bias2
+        # 2. log2 units.
+        s2 = acc * scale2 + bias2
         # 5. The diagonal, only on tiles whose column range meets this row block: S2_ii
         #    is written (log2 units, the very value the sums would have used) and then
         #    taken out of the sums (-inf); the host adds it back in float64.

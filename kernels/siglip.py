@@ -88,8 +88,7 @@ def _siglip_tile_kernel(
 
     # 1. The tile acc = img_blk @ txt_blk.T.  Masked loads read 0 outside the block;
     #    those entries are zeroed out of every sum below with ``ok``.
-    # The scale stays on the dot (pre = 1): SigLIP's one sweep recomputes nothing.
-    acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td, 1.0,
+    acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
                    EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
     # 2. S = acc * s + b (one rounding), then x = -z S (z = -1: x = S; z = +1: x = -S).

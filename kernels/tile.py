@@ -1,15 +1,8 @@
 """The tile recompute shared by the forward and backward kernels.
 
-``tile_dot`` returns ``acc = (pre * img_blk) @ txt_blk.T`` (BM x BN, fp32) for one tile of
-S, looping over D in BK slices.  It is a plain ``@triton.jit`` function: Triton inlines
+``tile_dot`` returns ``acc = img_blk @ txt_blk.T`` (BM x BN, fp32) for one tile of S,
+looping over D in BK slices.  It is a plain ``@triton.jit`` function: Triton inlines
 it into each kernel that calls it, with the caller's compile-time flags.
-
-``fold_scale`` splits the logit scale into ``pre`` (folded into fp32 img tiles before the
-dot) and ``post`` (applied to the dot), ``S = post * acc``.  Folding the scale into the
-rows forms S as the materialised loss does, ``(scale * img) @ txt.T``: two near-tied
-entries of a row then keep the correlated rounding of their dot products, where rounding
-each product ``scale * dot`` on its own perturbs their difference by up to |S| * 2^-24
-(the torch backend forms S the same way).
 """
 from __future__ import annotations
 
@@ -18,25 +11,10 @@ import triton.language as tl
 
 
 @triton.jit
-def fold_scale(scale2, img_ptr):
-    """(pre, post), pre * post = scale2: ``pre`` for ``tile_dot`` (1 for bf16/fp16 rows,
-    which cannot take it without a rounding back to their dtype, and for a zero scale).
-    For fp32 rows post is exactly 1 (or 0 for a zero scale)."""
-    if img_ptr.dtype.element_ty == tl.float32:
-        pre = tl.where(scale2 != 0.0, scale2, 1.0)
-    else:
-        pre = scale2 * 0.0 + 1.0
-    return pre, scale2 / pre
-
-
-@triton.jit
-def tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td, pre,
+def tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
              EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FOLD_COLS: tl.constexpr = False):
-    """acc = (pre * img_blk) @ txt_blk.T in fp32 over D (``pre`` from ``fold_scale``; it
-    multiplies fp32 operands only).  ``FOLD_COLS``: ``pre`` multiplies the column operand
-    instead, for a sweep of the transposed problem (txt as rows, img as columns) that
-    must reproduce S = (pre * img) @ txt.T bit for bit: the same products, in the same order.
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """acc = img_blk @ txt_blk.T in fp32 over D.
 
     img_rows: (BM, 1) pointers to the tile's img rows; txt_cols: (1, BN) pointers to its
     txt rows (the columns of S); row_ok / col_ok: which of them exist.  Masked loads:
@@ -55,11 +33,6 @@ def tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td, pre,
                         mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
             b = tl.load(txt_cols + d[:, None] * stride_td,
                         mask=col_ok[None, :] & (d[:, None] < D), other=0.0)
-        if a.dtype == tl.float32:
-            if FOLD_COLS:
-                b = b * pre
-            else:
-                a = a * pre
         if DOT_UPCAST:
             # Interpreter only: its bf16 tl.dot is broken; bf16 -> fp32 is exact.
             a = a.to(tl.float32)
