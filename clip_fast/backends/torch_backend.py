@@ -44,9 +44,9 @@ def _prepare(img, txt, scale, bias):
     x, y = img.to(cd), txt.to(cd)  # a copy only for half/bfloat16 inputs: O(N*D)
     s = compute_scalar(scale, cd)
     # S = (scale * img) @ txt.T, the scale folded into the rows before the GEMM (one O(N*D)
-    # product), as the materialised loss forms its logits: two near-tied entries of a row
-    # then keep the correlated rounding of their dot products, where rounding each
-    # product scale * dot on its own would perturb their difference by up to |S| * 2^-24.
+    # product), as the materialised loss forms its logits: with the same GEMM, every S is
+    # rounded as PyTorch's own loss rounds it, so where one logit decides an error (a near
+    # tie) both carry the same rounding instead of two independent ones.
     return cd, x, x * s, y, s, compute_scalar(bias, cd)
 
 
@@ -162,10 +162,11 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         #    materialised loss's autograd forms it (G's rows sum to ~0, and G @ txt keeps
         #    that cancellation inside one GEMM), the row dots summed in float64.
         d_img[r0:r1] = torch.mm(grad, y)
-        d_scale += (d_img[r0:r1] * x[r0:r1]).sum(dim=1).sum(dtype=torch.float64)
+        if coef_row:
+            d_scale += (d_img[r0:r1] * x[r0:r1]).sum(dim=1).sum(dtype=torch.float64)
         d_txt.addmm_(grad.T, x[r0:r1])
         del grad
-    if coef_col and not coef_row:
+    if not coef_row:
         # A column-only G sums to ~0 down each column: contract over the rows first.
         d_scale = (d_txt * y).sum(dim=1, dtype=torch.float64).sum()
     d_img.mul_(s)

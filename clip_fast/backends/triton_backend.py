@@ -15,7 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse, scale_grad_from_rows
+from . import (diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse,
+               scale_grad_from_rows)
 
 NAME = "triton"
 
