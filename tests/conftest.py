@@ -12,25 +12,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _hide_top_level_kernels():
-    """Keep the repository's ``kernels/`` folder (installed as ``clip_fast.kernels``) from
-    answering for the Hub's ``kernels`` package.
+from helpers import hide_top_level_kernels  # noqa: E402
 
-    ``python -m pytest`` puts the repository root on ``sys.path``, where ``kernels/`` looks
-    like a top-level package; transformers probes ``find_spec("kernels")`` and then imports
-    it, which fails.  A ``None`` entry in ``sys.modules`` makes ``find_spec`` answer None and
-    ``import kernels`` raise ImportError, as when the package is not installed.  An installed
-    Hub package (found outside this repository) is left alone.
-    """
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else None
-    if spec is not None and spec.origin and os.path.abspath(spec.origin).startswith(root + os.sep):
-        sys.modules["kernels"] = None
-
-
-_hide_top_level_kernels()
+hide_top_level_kernels()
 
 
 def pytest_configure(config):
