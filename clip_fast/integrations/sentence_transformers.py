@@ -42,14 +42,19 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sentence_transformers import util as st_util
-from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
+
+from ._kernels_name import hide_checkout_kernels
+
+hide_checkout_kernels()  # before transformers (through sentence_transformers) probes for `kernels`
+
+from sentence_transformers import util as st_util  # noqa: E402
+from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (  # noqa: E402
     CachedMultipleNegativesRankingLoss)
-from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
+from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (  # noqa: E402
     MultipleNegativesRankingLoss)
 
-import clip_fast
-from clip_fast.distributed import distributed_clip_loss
+import clip_fast  # noqa: E402
+from clip_fast.distributed import distributed_clip_loss  # noqa: E402
 
 __all__ = ["FastMultipleNegativesRankingLoss", "FastCachedMultipleNegativesRankingLoss",
            "FastMultipleNegativesSymmetricRankingLoss", "FastCachedMultipleNegativesSymmetricRankingLoss",
