@@ -223,14 +223,16 @@ def _assert_same(got, want, what):
 
 
 CACHED = [("default", dict()), ("symmetric", dict(directions=SYMMETRIC, partition_mode="per_direction")),
-          ("dot", dict(similarity_fct=util.dot_score, scale=1.0))]
+          ("dot", dict(similarity_fct=util.dot_score, scale=1.0)),
+          ("num_tokens", dict(mini_batch_num_tokens=24))]
 
 
 @pytest.mark.parametrize("name,opts", CACHED, ids=[c[0] for c in CACHED])
 @pytest.mark.parametrize("k", NEGATIVE_COLUMNS)
 def test_cached_twin_matches_library_on_a_model(tiny, name, opts, k):
     """The cached twin's loss and every parameter gradient against the library's cached loss
-    (mini-batches of 4 over 9 rows, dropout on, float64), within a relative 1e-9."""
+    (mini-batches of 4 rows, or of at most 24 tokens, over 9 rows; dropout on; float64),
+    within a relative 1e-9."""
     tiny.train()
     features = _columns(tiny, 9, k, seed=k)
     want = _param_grads(tiny, st_losses.CachedMultipleNegativesRankingLoss(tiny, mini_batch_size=4, **opts),
