@@ -146,6 +146,9 @@ def test_options_not_fused_are_refused_by_name(option, opts):
     """An option the fused loss cannot compute exactly raises, naming it, in both twins."""
     with pytest.raises(UnsupportedByClipFast, match=option.replace("(", r"\(")):
         FastMultipleNegativesRankingLoss(None, **opts)
+    stand_in = torch.nn.Sequential(torch.nn.Identity())  # the cached constructor inspects model[0]
+    with pytest.raises(UnsupportedByClipFast, match=option.replace("(", r"\(")):
+        FastCachedMultipleNegativesRankingLoss(stand_in, **opts)
 
 
 def test_option_changed_after_construction_is_refused_at_call():
