@@ -82,3 +82,22 @@ def test_trainer_cached_mnrl_and_fused_twin_agree(tmp_path):
 
     _compare(tmp_path, lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=4),
              lambda m: FastCachedMultipleNegativesRankingLoss(m, mini_batch_size=4))
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["mnrl", "cached"])
+def test_readme_finetuning_example_runs_offline(tmp_path, cached):
+    """examples/sentence_transformers_finetune.py (the README's example), 2 steps, through the switch."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, os.path.join(root, "examples", "sentence_transformers_finetune.py"), "--steps", "2",
+           "--batch-size", "8", "--out", str(tmp_path)] + (["--cached"] if cached else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    twin = "FastCachedMultipleNegativesRankingLoss" if cached else "FastMultipleNegativesRankingLoss"
+    assert f"loss: {twin}" in out.stdout
+    assert os.path.isdir(tmp_path / "final")
