@@ -7,6 +7,8 @@ travel between ranks are told apart) and keeps the loss and every embedding grad
 Equal shards of 5 rows on 2 and 3 ranks, 0, 1 and 3 hard-negative columns: float64 within
 a relative 1e-9 of the library, fp32 within the precision rule over 4 seeds.
 
+The cached twin's loss stage against the library's cached loss stage, on every rank, float64.
+
 Unequal last batches (5, 5, 3 rows): the library cannot run them (``all_gather`` needs equal
 shapes; gloo aborts the process), so the twin is judged against ``_oracle``, which
 materialises what the library computes on equal shards (every rank's local rows against the
@@ -45,6 +47,8 @@ def _cases(world_size):
               for opt in ("default", "symmetric") for s in range(4)]
     cases += [dict(name=f"unequal-{opt}-k{k}", opt=opt, k=k, dtype="float64", equal=False)
               for opt in ("default", "symmetric") for k in (0, 3)]
+    cases += [dict(name=f"cached-{opt}-k{k}", opt=opt, k=k, dtype="float64", equal=True, cached=True)
+              for opt in ("default", "symmetric") for k in (0, 1)]
     return cases
 
 
@@ -82,6 +86,23 @@ def _grads(loss_fn, cols, factor):
     return [loss.detach()] + [x.grad for x in leaves]
 
 
+def _cached_grads(loss_fn, cols):
+    """The cached loss stage: ``calculate_loss(with_backward=True)`` on mini-batches of 2 rows."""
+    reps = [[m.clone().requires_grad_(True) for m in c.split(2)] for c in cols]
+    loss = loss_fn.calculate_loss(reps, None, with_backward=True)
+    return [loss.detach()] + [torch.cat([m.grad for m in col]) for col in reps]
+
+
+def _run_cached(case, cols):
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    from clip_fast.integrations.sentence_transformers import FastCachedMultipleNegativesRankingLoss
+
+    stand_in = torch.nn.Sequential(torch.nn.Identity())  # the constructor inspects model[0]
+    return {"fast": _cached_grads(FastCachedMultipleNegativesRankingLoss(stand_in, **_options(case)), cols),
+            "lib": _cached_grads(CachedMultipleNegativesRankingLoss(stand_in, **_options(case)), cols)}
+
+
 def _run_case(case, rank, world_size, seed):
     import torch.distributed as dist
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -91,6 +112,10 @@ def _run_case(case, rank, world_size, seed):
     cols = [c.to(getattr(torch, case["dtype"])) for c in _shards(case, world_size, seed)[rank]]
     factor, out = _upstream(world_size)[rank], {}
     try:
+        if case.get("cached"):
+            out.update(_run_cached(case, cols))
+            dist.barrier()
+            return out
         out["fast"] = _grads(FastMultipleNegativesRankingLoss(None, **_options(case)), cols, factor)
         if case["equal"]:
             lib = MultipleNegativesRankingLoss(None, **_options(case))
@@ -140,7 +165,17 @@ def _params(select):
     return [pytest.param(w, c, id=f"w{w}-{c['name']}") for w in (2, 3) for c in _cases(w) if select(c)]
 
 
-@pytest.mark.parametrize("world_size,case", _params(lambda c: c["equal"] and c["dtype"] == "float64"))
+@pytest.mark.parametrize("world_size,case", _params(lambda c: c.get("cached")))
+def test_gathered_cached_loss_stage_matches_library_on_every_rank(spawned, world_size, case):
+    """The cached twin's loss stage (one fused call) against the library's (a loop over
+    mini-batches, each with its own backward): every rank's loss and embedding gradients."""
+    for r, res in enumerate(_results(spawned, world_size, case)):
+        for i, (got, want) in enumerate(zip(res["fast"], res["lib"])):
+            assert _rel(got, want) <= 1e-9, f"rank {r} output {i}: {_rel(got, want):.3e}"
+
+
+@pytest.mark.parametrize("world_size,case",
+                         _params(lambda c: c["equal"] and c["dtype"] == "float64" and not c.get("cached")))
 def test_gathered_float64_matches_library_on_every_rank(spawned, world_size, case):
     """Every rank's loss and embedding gradients within a relative 1e-9 of the library's,
     and the oracle used for unequal shards agrees with the library too."""
