@@ -187,6 +187,9 @@ def test_switch_swaps_the_classes_and_puts_them_back():
                 assert getattr(m, n).__module__ == "clip_fast.integrations.sentence_transformers", (m, n)
         sym = public_losses.MultipleNegativesSymmetricRankingLoss(None)
         assert (sym.directions, sym.partition_mode) == (SYMMETRIC, "per_direction")
+        cached_sym = st_losses.CachedMultipleNegativesSymmetricRankingLoss(torch.nn.Sequential(torch.nn.Identity()))
+        assert isinstance(cached_sym.loss, FastMultipleNegativesRankingLoss)
+        assert (cached_sym.directions, cached_sym.partition_mode) == (SYMMETRIC, "per_direction")
     for m, old in before.items():
         assert {n: getattr(m, n) for n in names} == old
 
