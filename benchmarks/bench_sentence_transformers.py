@@ -39,7 +39,8 @@ from bench_loss import RESULTS, environment, peak_rss_bytes, reset_peak_rss, rss
 
 CASES = ("st_mnrl", "fast_mnrl", "st_cached", "fast_cached")
 FIELDS = ["date", "device", "torch", "triton", "python", "sentence_transformers", "threads", "backend", "case",
-          "n", "d", "negatives", "mini_batch", "median_ms", "cpu_median_ms", "ratio", "cpu_ratio", "extra_mib", "mem_ratio",
+          "n", "d", "negatives", "mini_batch", "median_ms", "cpu_median_ms", "ratio", "cpu_ratio", "extra_mib",
+          "mem_ratio",
           "status"]
 
 
@@ -168,8 +169,8 @@ def table(rows) -> str:
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
         cpu_ratio = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "-"
         mem_ratio = f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"
-        out.append(f"| {r['n']} | {r['case']} | {r['median_ms']:.0f} | {r['cpu_median_ms']:.0f} | {ratio} | {cpu_ratio} | "
-                   f"{r['extra_mib']:.0f} | {mem_ratio} |")
+        out.append(f"| {r['n']} | {r['case']} | {r['median_ms']:.0f} | {r['cpu_median_ms']:.0f} | {ratio} | "
+                   f"{cpu_ratio} | {r['extra_mib']:.0f} | {mem_ratio} |")
     return "\n".join(out)
 
 
@@ -181,7 +182,8 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--mini-batch", type=int, default=32, help="the cached losses' mini_batch_size (library default)")
     p.add_argument("--backend", default="torch", help="clip_fast backend of the twins")
     p.add_argument("--max-logit-gib", type=float, default=4.0)
-    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/sentence_transformers_cpu_DATE.csv)")
+    p.add_argument("--out", default=None,
+                   help="CSV path (default benchmarks/results/sentence_transformers_cpu_DATE.csv)")
     p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker_memory:

@@ -40,7 +40,8 @@ def plot(path: str, out: str) -> str:
         ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"MNRL loss stage, D={first['d']}, 1 hard-negative column, fp32: {first['device']}, torch "
-                 f"{first['torch']}, sentence-transformers {first['sentence_transformers']}, {first['date']}", fontsize=9)
+                 f"{first['torch']}, sentence-transformers {first['sentence_transformers']}, {first['date']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
