@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._validation import check_inputs
+from .core.checks import check_inputs
 from .autograd import autocast_off, first_order_only, fresh_output
 from .functional import ScalarLike, autocast_features
 from .loss import FastClipLoss

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from ._validation import (ScalarLike, check_chunk_size, check_direction_weight, check_group_ids,
+from .core.checks import (ScalarLike, check_chunk_size, check_direction_weight, check_group_ids,
                           check_inputs, check_label_smoothing, check_negatives)
 from .autograd import ClipLossFunction, LossOptions
 

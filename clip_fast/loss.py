@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import backends
-from ._validation import ScalarLike, check_chunk_size, check_direction_weight, check_label_smoothing, check_mode
+from .core.checks import ScalarLike, check_chunk_size, check_direction_weight, check_label_smoothing, check_mode
 from .functional import clip_loss
 
 

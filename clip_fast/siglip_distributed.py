@@ -41,7 +41,7 @@ from .autograd import autocast_off, first_order_only, fresh_output
 from .distributed.agreement import Layout, _comm_device, check_across_ranks
 from .distributed.collectives import all_gather_rows
 from .siglip_function import backend_scalar
-from ._validation import check_group_ids
+from .core.checks import check_group_ids
 from .siglip_module import DIST_IMPLS
 
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ._validation import ScalarLike, check_chunk_size, check_group_ids, check_inputs
+from .core.checks import ScalarLike, check_chunk_size, check_group_ids, check_inputs
 from .backends import siglip as siglip_backends
 from .functional import autocast_features
 from .siglip_function import SigLipLossFunction, SigLipOptions

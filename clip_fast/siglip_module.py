@@ -8,7 +8,7 @@ from torch import nn
 
 from .backends import BACKENDS
 from .backends import siglip as siglip_backends
-from ._validation import ScalarLike, check_chunk_size
+from .core.checks import ScalarLike, check_chunk_size
 from .siglip_functional import siglip_loss
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")

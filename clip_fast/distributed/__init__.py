@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .._validation import MODES
+from ..core.checks import MODES
 from ..functional import apply_loss
 from .agreement import check_across_ranks
 from .gather import GatherClipLoss

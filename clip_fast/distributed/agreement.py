@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .._validation import MODES, check_mode
+from ..core.checks import MODES, check_mode
 from ..autograd import LossOptions
 from ..functional import Call, prepare_call
 
