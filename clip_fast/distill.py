@@ -38,9 +38,10 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .core.checks import check_inputs
-from .autograd import autocast_off, first_order_only, fresh_output
-from .functional import ScalarLike, autocast_features
+from .core.autograd import apply_function, autocast_features, autocast_off, first_order_only, fresh_output
+from .core.checks import ScalarLike, check_inputs
+from .core.numerics import backend_scalar
+from .core.registry import chunk_kwargs
 from .loss import FastClipLoss
 
 DISTILL_BACKENDS = ("torch", "triton")
@@ -91,11 +92,7 @@ class DistillOptions:
     loss_dtype: Optional[torch.dtype] = None
 
     def kwargs(self) -> dict:
-        return {"chunk_size": self.chunk_size} if self.backend == "torch" and self.chunk_size else {}
-
-
-def _scalar(t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(()).to(torch.float64 if features.dtype == torch.float64 else torch.float32)
+        return chunk_kwargs(self.backend, self.chunk_size)
 
 
 class DistillBlockFunction(torch.autograd.Function):
@@ -106,7 +103,7 @@ class DistillBlockFunction(torch.autograd.Function):
         lse_impl = backends.get_loaded(opts.backend)
         impl = _distill_impl(opts.backend)
         kw = opts.kwargs()
-        s, t = _scalar(scale, img), _scalar(tscale, img)
+        s, t = backend_scalar(scale, img), backend_scalar(tscale, img)
         img, txt, timg, ttxt = (x.contiguous() for x in (img, txt, timg, ttxt))
         # 1. The float64 log-sum-exps of both models (the CLIP forward sweep).
         lse_row, lse_col, _ = lse_impl.lse_forward(img, txt, s, None, **kw)
@@ -141,8 +138,8 @@ class DistillBlockFunction(torch.autograd.Function):
             coef_row = 1.0 / (2 * img.shape[0]) if opts.rows else 0.0
             coef_col = 1.0 / (2 * txt.shape[0]) if opts.cols else 0.0
             d_img, d_txt, d_s, d_timg, d_ttxt, d_t = impl.distill_backward(
-                img, txt, _scalar(scale, img), timg, ttxt, _scalar(tscale, img), lse_row, lse_col,
-                tlse_row, tlse_col, row_term, col_term, coef_row, coef_col, teacher, **opts.kwargs())
+                img, txt, backend_scalar(scale, img), timg, ttxt, backend_scalar(tscale, img), lse_row,
+                lse_col, tlse_row, tlse_col, row_term, col_term, coef_row, coef_col, teacher, **opts.kwargs())
             g = grad_loss.detach().to(d_img.dtype)
 
             def out(d, like, need):
@@ -157,10 +154,7 @@ class DistillBlockFunction(torch.autograd.Function):
 
 
 def _block(img, txt, scale, timg, ttxt, tscale, opts: DistillOptions) -> torch.Tensor:
-    if opts.loss_dtype is not None:  # autocast: features already cast, the loss in float32
-        with torch.autocast(img.device.type, enabled=False):
-            return DistillBlockFunction.apply(img, txt, scale, timg, ttxt, tscale, opts)
-    return DistillBlockFunction.apply(img, txt, scale, timg, ttxt, tscale, opts)
+    return apply_function(DistillBlockFunction, opts.loss_dtype, img, txt, scale, timg, ttxt, tscale, opts)
 
 
 def _prepare(image_features, text_features, logit_scale, dist_image_features, dist_text_features,

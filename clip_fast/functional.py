@@ -11,6 +11,7 @@ from . import backends
 from .core.checks import (ScalarLike, check_chunk_size, check_direction_weight, check_group_ids,
                           check_inputs, check_label_smoothing, check_negatives)
 from .autograd import ClipLossFunction, LossOptions
+from .core.autograd import apply_function, autocast_features
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,8 @@ def prepare_call(image_features, text_features, logit_scale, logit_bias, backend
 
 
 def apply_loss(fn, call: Call, *extra):
-    """``fn.apply`` on a prepared call, with autocast off inside when it cast the features
-    (the loss is formed in float32 from the already-cast features)."""
-    args = (call.img, call.txt, call.scale, call.bias, *extra)
-    if call.opts.loss_dtype is None:
-        return fn.apply(*args)
-    with torch.autocast(call.img.device.type, enabled=False):
-        return fn.apply(*args)
+    """``fn.apply`` on a prepared call (``clip_fast.core.autograd.apply_function``)."""
+    return apply_function(fn, call.opts.loss_dtype, call.img, call.txt, call.scale, call.bias, *extra)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: ScalarLike,
@@ -117,22 +113,3 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
                         negative_text_features=negative_text_features,
                         negative_image_features=negative_image_features)
     return apply_loss(ClipLossFunction, call, call.ids, call.neg_txt, call.neg_img, call.opts)[0]
-
-
-def autocast_features(image_features: torch.Tensor, text_features: torch.Tensor):
-    """Apply autocast's policy for a matmul to the features: ``(img, txt, loss_dtype)``.
-
-    Under ``torch.autocast`` a matmul runs floating inputs other than float64 in the
-    autocast dtype and leaves float64 alone; the loss the fused sweep returns is then
-    float32, as autocast's softmax/cross-entropy would give.  ``loss_dtype`` is None
-    when autocast is off (or leaves these features alone): the loss takes the features' dtype.
-    """
-    device_type = image_features.device.type
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta, ...): never cast
-        return image_features, text_features, None
-    if not enabled or image_features.dtype == torch.float64:
-        return image_features, text_features, None
-    dtype = torch.get_autocast_dtype(device_type)
-    return image_features.to(dtype), text_features.to(dtype), torch.float32

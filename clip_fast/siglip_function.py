@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 
 from .backends import siglip as siglip_backends
-from .autograd import autocast_off, first_order_only, fresh_output
+from .core.autograd import autocast_off, first_order_only, fresh_output
+from .core.numerics import backend_scalar
+from .core.registry import chunk_kwargs
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,7 @@ class SigLipOptions:
     n_norm: Optional[int] = None  # the loss's divisor (default: the block's row count)
 
     def kwargs(self) -> dict:
-        if self.backend == "torch" and self.chunk_size is not None:
-            return {"chunk_size": self.chunk_size}
-        return {}
-
-
-def backend_scalar(t: Optional[torch.Tensor], features: torch.Tensor) -> Optional[torch.Tensor]:
-    """``logit_scale``/``logit_bias`` as a backend reads them: 0-d float32 (float64 for float64)."""
-    if t is None:
-        return None
-    return t.detach().reshape(()).to(torch.float64 if features.dtype == torch.float64 else torch.float32)
+        return chunk_kwargs(self.backend, self.chunk_size)
 
 
 class SigLipLossFunction(torch.autograd.Function):

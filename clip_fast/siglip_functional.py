@@ -7,13 +7,8 @@ import torch
 
 from .core.checks import ScalarLike, check_chunk_size, check_group_ids, check_inputs
 from .backends import siglip as siglip_backends
-from .functional import autocast_features
+from .core.autograd import apply_function, autocast_features, needs_grad
 from .siglip_function import SigLipLossFunction, SigLipOptions
-
-def needs_grad(*tensors) -> bool:
-    """Whether autograd will want a gradient of any of ``tensors`` from this call."""
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: ScalarLike,
@@ -53,7 +48,5 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     opts = SigLipOptions(backend=impl.NAME,
                          need_grad=needs_grad(image_features, text_features, scale, bias),
                          chunk_size=chunk_size, loss_dtype=loss_dtype)
-    if loss_dtype is not None:
-        with torch.autocast(image_features.device.type, enabled=False):
-            return SigLipLossFunction.apply(image_features, text_features, scale, bias, ids, ids, opts)[0]
-    return SigLipLossFunction.apply(image_features, text_features, scale, bias, ids, ids, opts)[0]
+    return apply_function(SigLipLossFunction, loss_dtype, image_features, text_features, scale, bias,
+                          ids, ids, opts)[0]

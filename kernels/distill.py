@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import config as _config
-from ..backends import kernel_lse
+from ..core.numerics import kernel_lse
 from .grad_backward import _block_shape
 from .tile import tile_dot
 

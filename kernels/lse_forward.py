@@ -40,7 +40,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import config as _config
-from ..backends import combine_diag
+from ..core.numerics import combine_diag
 from .tile import tile_dot
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).

@@ -44,8 +44,7 @@ import triton.language as tl
 from . import config as _config
 from .grad_backward import _block_shape, _mm_f32
 from .tile import tile_dot
-from ..backends.siglip import TINY_SHIFT
-from ..backends.siglip import siglip_block_meta
+from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
 # log2(e) as a float32 pair (hi + lo), hi split again in 12-bit halves (hh + hl), and ln 2.
 _LOG2E_HI = tl.constexpr(1.4426950216293335)

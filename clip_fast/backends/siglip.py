@@ -52,15 +52,11 @@ Each SigLIP backend module also defines ``unavailable_reason(device, dtype)`` an
 """
 from __future__ import annotations
 
-import torch
-
-from . import BackendFamily
-
-# Tiny terms are summed scaled by 2^TINY_SHIFT (numerics, step 3).
-TINY_SHIFT = 96.0
+from ..core.numerics import TINY_SHIFT, siglip_block_meta  # noqa: F401  (numerics step 3; the ops' fakes)
+from ..core.registry import BackendFamily
 
 # The SigLIP backends, loaded and chosen by the same rule as the CLIP loss's
-# (``clip_fast.backends.BackendFamily``: the CUDA extension is not auto-picked before a
+# (``clip_fast.core.registry.BackendFamily``: the CUDA extension is not auto-picked before a
 # committed GPU measurement shows it faster).
 _SIGLIP = BackendFamily("SigLIP ", {
     "torch": "clip_fast.backends.siglip_torch",
@@ -71,15 +67,3 @@ preload = _SIGLIP.preload
 unavailable_reason = _SIGLIP.unavailable_reason
 resolve_backend = _SIGLIP.resolve
 get_loaded = _SIGLIP.get_loaded
-
-
-def siglip_block_meta(img, txt, need_grad: bool):
-    """The shapes and dtypes ``siglip_block`` returns (loss, d_img, d_txt, d_scale, d_bias), for
-    the Triton and CUDA ops' fake implementations: float64 sums, float32 gradients, and
-    empty gradients when none is needed."""
-    f32, f64 = torch.float32, torch.float64
-    m = img.shape[0] if need_grad else 0
-    k = txt.shape[0] if need_grad else 0
-    return (img.new_empty((), dtype=f64), img.new_empty((m, img.shape[1]), dtype=f32),
-            txt.new_empty((k, txt.shape[1]), dtype=f32), img.new_empty((), dtype=f64),
-            img.new_empty((), dtype=f64))

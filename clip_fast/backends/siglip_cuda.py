@@ -14,7 +14,7 @@ import torch
 
 from . import f32_scalar as _scalar
 from .cuda_backend import _C, unavailable_reason  # noqa: F401  (same build, same devices)
-from .siglip import siglip_block_meta
+from ..core.numerics import siglip_block_meta
 
 NAME = "cuda"
 

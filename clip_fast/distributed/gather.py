@@ -46,9 +46,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..autograd import (autocast_off, bias_guard, bias_meta, finish_grads, first_order_only,
+from ..core.autograd import (autocast_off, bias_guard, bias_meta, finish_grads, first_order_only,
                         fresh_output)
-from ..backends import compute_dtype
+from ..core.numerics import compute_dtype
 from ..targets import group_counts
 from .agreement import Layout
 from .collectives import all_gather_rows, logsumexp_across_ranks, reduce_scatter_rows, rotate, unrotate

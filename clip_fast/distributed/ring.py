@@ -47,8 +47,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from ..autograd import autocast_off, bias_guard, bias_meta, finish_grads, first_order_only, fresh_output
-from ..backends import compute_dtype
+from ..core.autograd import autocast_off, bias_guard, bias_meta, finish_grads, first_order_only, fresh_output
+from ..core.numerics import compute_dtype
 from ..targets import match_counts, positive_dots
 from .agreement import Layout
 from .collectives import TAG_ACC, TAG_IDS, TAG_LSE, TAG_TXT, Ring, wait_all
