@@ -40,6 +40,7 @@ import torch.distributed as dist
 from . import backends
 from .core.autograd import apply_function, autocast_features, autocast_off, first_order_only, fresh_output
 from .core.checks import ScalarLike, check_inputs
+from .core.distributed import require_initialized
 from .core.numerics import backend_scalar
 from .core.registry import chunk_kwargs
 from .loss import FastClipLoss
@@ -224,8 +225,7 @@ def distributed_distill_loss(image_features, text_features, logit_scale, dist_im
 
     Every rank must call it (and its backward) collectively, with equal shard sizes.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"clip_fast: world_size={world_size} > 1 needs torch.distributed to be initialised")
+    require_initialized(world_size)
     img, txt, scale, timg, ttxt, tscale, loss_dtype, name = _prepare(
         image_features, text_features, logit_scale, dist_image_features, dist_text_features,
         dist_logit_scale, backend)

@@ -8,6 +8,7 @@ from torch import nn
 
 from . import backends
 from .core.checks import ScalarLike, check_chunk_size, check_direction_weight, check_label_smoothing, check_mode
+from .core.distributed import check_world_size
 from .functional import clip_loss
 
 
@@ -55,10 +56,7 @@ class FastClipLoss(nn.Module):
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + backends.BACKENDS}, got {backend!r}")
         check_mode(distributed, local_loss, gather_with_grad)
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        check_world_size(world_size, rank)
         self.local_loss = bool(local_loss)
         self.gather_with_grad = bool(gather_with_grad)
         self.cache_labels = bool(cache_labels)

@@ -9,6 +9,7 @@ from torch import nn
 from .backends import BACKENDS
 from .backends import siglip as siglip_backends
 from .core.checks import ScalarLike, check_chunk_size
+from .core.distributed import check_world_size
 from .siglip_functional import siglip_loss
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -58,10 +59,7 @@ class FastSigLipLoss(nn.Module):
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        check_world_size(world_size, rank)
         self.cache_labels = bool(cache_labels)
         self.rank = rank
         self.world_size = world_size

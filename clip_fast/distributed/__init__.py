@@ -26,9 +26,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ..core.checks import MODES
+from ..core.distributed import require_initialized
 from ..functional import apply_loss
 from .agreement import check_across_ranks
 from .gather import GatherClipLoss
@@ -77,11 +77,7 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
     Every rank must call this (and the backward) collectively.  A bad shard or mismatched
     options on any rank make every rank raise the same ValueError.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"clip_fast: world_size={world_size} > 1 needs torch.distributed to be initialised "
-            "(torch.distributed.init_process_group, e.g. under torchrun)"
-        )
+    require_initialized(world_size)
     layout, call = check_across_ranks(
         image_features, text_features, logit_scale, logit_bias, rank=rank, world_size=world_size,
         local_loss=local_loss, gather_with_grad=gather_with_grad, mode=mode, backend=backend,

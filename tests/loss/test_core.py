@@ -405,3 +405,19 @@ def test_mixed_devices():
 def test_bad_module_arguments(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         FastClipLoss(**kwargs)
+
+
+@pytest.mark.parametrize("module", ["FastClipLoss", "FastSigLipLoss", "FastDistillClipLoss"])
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"world_size": True}, "world_size must be an int >= 1, got True"),
+    ({"world_size": 2.0}, "world_size must be an int >= 1"),
+    ({"world_size": 2, "rank": True}, r"rank must be an int in \[0, world_size=2\), got True"),
+    ({"world_size": 2, "rank": -1}, r"rank must be an int in \[0, world_size=2\)"),
+])
+def test_world_size_checked_alike(module, kwargs, pattern):
+    """Every loss module checks ``world_size`` and ``rank`` by the one core rule (a bool is
+    not a world size)."""
+    import clip_fast
+
+    with pytest.raises(ValueError, match=pattern):
+        getattr(clip_fast, module)(**kwargs)
