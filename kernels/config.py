@@ -157,3 +157,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     if allow or torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+# ---- ahead-of-time compile variants (``python -m clip_fast.kernels.aot_check``) ----
+
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def feature_ptr(dtype: torch.dtype) -> str:
+    """Triton's pointer type for features of ``dtype`` ("*bf16", "*fp16", "*fp32")."""
+    return "*" + _TRITON_DTYPE[dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class AotVariant:
+    """One compile variant of a Triton kernel, declared beside the kernel as its module's
+    ``aot_variants(dtype, arch)``: the argument types Triton gives a launch on contiguous
+    inputs (unit feature strides as constants, 16-divisible sizes and strides)."""
+    kind: str                  # the report's label for the kernel ("forward", "siglip", ...)
+    name: str                  # the variant ("sweep", "tile row-only", ...)
+    kernel: object             # the @triton.jit function
+    tile: KernelConfig         # the tile a launch on this arch and dtype uses
+    constexprs: dict           # every constexpr argument but BM, BN, BK (from the tile)
+    ints: frozenset            # i32 arguments
+    div16: frozenset           # arguments Triton sees as 16-divisible (pointers always are)
+    floats: frozenset = frozenset()   # fp32 scalar arguments
+    pointers: tuple = ()       # (argument, type) for pointers that are not "*fp32"

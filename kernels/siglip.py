@@ -247,3 +247,21 @@ def siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool, n
     """(loss_sum, d_img, d_txt, d_scale, d_bias) of one block (``clip_fast.backends.siglip``)."""
     return torch.ops.clip_fast.triton_siglip_block(img, txt, scale, bias, ids_row, ids_col,
                                                    bool(diag_positive), bool(need_grad))
+
+
+def aot_variants(dtype: torch.dtype, arch: int):
+    """The compile variants of ``_siglip_tile_kernel`` (``python -m clip_fast.kernels.aot_check``):
+    each label mode, with a bias, at the GPU tile of ``tile_config``."""
+    tile = dataclasses.replace(_config.table_configs(arch // 10, dtype).backward, BM=64, BN=128, num_warps=8)
+    feat = _config.feature_ptr(dtype)
+    ptrs = {n: "*fp64" for n in _siglip_tile_kernel.arg_names if n.endswith("_ptr")}
+    ptrs.update(img_ptr=feat, txt_ptr=feat, ws_ptr=feat, scale_ptr="*fp32", bias_ptr="*fp32",
+                ids_row_ptr="*i64", ids_col_ptr="*i64")
+    ints = frozenset({"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"})
+    base = dict(HAS_BIAS=True, NEED_GRAD=True, EVEN_D=True, DOT_UPCAST=False, GROUP_M=8,
+                DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                stride_id=1, stride_td=1, stride_wc=1)
+    for labels, name in ((0, "negatives"), (1, "diagonal"), (2, "group ids")):
+        yield _config.AotVariant("siglip", f"tile {name}", _siglip_tile_kernel, tile,
+                                 dict(base, LABELS=labels), ints=ints, div16=ints,
+                                 pointers=tuple(ptrs.items()))

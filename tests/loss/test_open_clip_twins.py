@@ -233,19 +233,19 @@ def test_coca_horovod_refused():
 @pytest.mark.slow
 def test_distill_kernels_compile_for_sm90_without_gpu():
     """Compiled mode (not the interpreter): every distillation kernel variant compiles for
-    sm_90 at the tile the launcher uses, without spills (``python -m clip_fast.kernels.distill_aot``)."""
+    sm_90 at the tile the launcher uses, without spills (``python -m clip_fast.kernels.aot_check``)."""
     import re
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.distill_aot", "--arch", "90", "--dtype", "bf16"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.aot_check", "--arch", "90", "--dtype", "bf16",
+                          "--only", "distill:"], env=env, capture_output=True, text=True, timeout=600)
     report = out.stdout + out.stderr
     if "spill_stores=?" in report:
         pytest.skip("Triton's bundled ptxas is missing")
     assert out.returncode == 0, report
-    assert "distill_aot: 0 failure(s)" in report, report
+    assert "aot_check: 0 failure(s)" in report, report
     spills = [int(x) for x in re.findall(r"spill_stores=(\d+)B", report)]
     assert len(spills) == 5 and max(spills) == 0, report

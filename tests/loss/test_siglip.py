@@ -308,24 +308,13 @@ def test_double_backward_raises():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,labels", [(torch.bfloat16, 1), (torch.float32, 2)], ids=str)
 def test_triton_kernel_compiles_for_sm90(dtype, labels):
-    """The SigLIP tile kernel through Triton's full compiler and ptxas for sm_90, no GPU."""
+    """The SigLIP tile kernel's declared variants through Triton's full compiler for sm_90,
+    no GPU (the route ``python -m clip_fast.kernels.aot_check`` takes)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("the kernel was decorated under the interpreter; run with TRITON_INTERPRET=0")
-    from clip_fast.kernels.aot_check import _compile
-    from clip_fast.kernels.siglip import _siglip_tile_kernel as kernel, tile_config
+    from clip_fast.kernels import aot_check, siglip
 
-    cfg = tile_config(torch.device("cuda"), dtype) if torch.cuda.is_available() else None
-    if cfg is None:
-        from clip_fast.kernels import config as kconfig
-        import dataclasses
-        cfg = dataclasses.replace(kconfig.table_configs(9, dtype).backward, BM=64, BN=128, num_warps=8)
-    tdt = "*bf16" if dtype == torch.bfloat16 else "*fp32"
-    ptrs = {n: "*fp64" for n in kernel.arg_names if n.endswith("_ptr")}
-    ptrs.update(img_ptr=tdt, txt_ptr=tdt, ws_ptr=tdt, scale_ptr="*fp32", bias_ptr="*fp32",
-                ids_row_ptr="*i64", ids_col_ptr="*i64")
-    ints = {"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"}
-    ce = dict(HAS_BIAS=True, LABELS=labels, NEED_GRAD=True, EVEN_D=True,
-              DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", DOT_UPCAST=False,
-              GROUP_M=8, stride_id=1, stride_td=1, stride_wc=1)
-    compiled = _compile(kernel, ptrs, ints=ints, floats=set(), constexprs=ce, div16=ints, cfg=cfg, arch=90)
+    (variant,) = [v for v in siglip.aot_variants(dtype, 90) if v.constexprs["LABELS"] == labels]
+    assert variant.tile.BM == 64 and variant.tile.BN == 128  # the GPU tile of siglip.tile_config
+    compiled = aot_check.compile_variant(variant, arch=90)
     assert compiled.asm["cubin"]

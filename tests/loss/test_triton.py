@@ -333,7 +333,9 @@ def test_torch_compile_module_fullgraph():
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_gpu():
-    """Compiled mode (not the interpreter): every kernel variant compiles for sm_90, no spills.
+    """Compiled mode (not the interpreter): every kernel variant of every loss compiles for
+    sm_90; the CLIP and distillation kernels without spills (SigLIP's 64 x 128 tile spills a
+    little, see ``kernels.siglip.tile_config``).
 
     Runs `python -m clip_fast.kernels.aot_check` in a subprocess without TRITON_INTERPRET:
     Triton's real compiler down to PTX plus ptxas, for an explicit target, no GPU needed.
@@ -349,8 +351,13 @@ def test_kernels_compile_for_sm90_without_gpu():
         pytest.skip("Triton's bundled ptxas is missing")
     assert out.returncode == 0, report
     assert "aot_check: 0 failure(s)" in report, report
-    spills = [int(x) for x in __import__("re").findall(r"spill_stores=(\d+)B", report)]
-    assert spills and max(spills) == 0, report
+    import re
+    kinds = re.findall(r"^sm_90 bf16 (\w+) ", report, flags=re.M)
+    assert {"forward", "backward", "siglip", "distill"} <= set(kinds), report
+    spills = [int(x) for x in re.findall(r"^sm_90 bf16 (?:forward|backward|distill) .* spill_stores=(\d+)B",
+                                         report, flags=re.M)]
+    assert len(spills) == kinds.count("forward") + kinds.count("backward") + kinds.count("distill"), report
+    assert max(spills) == 0, report
 
 
 # ---- GPU only: real tensor-core dots, default block table, large N, torch.compile ----
