@@ -13,9 +13,10 @@ moment S_ij is; a tile of S can be turned into its loss terms and its gradient
 contributions at once.  Recomputing in the backward would redo the S GEMM (2 N^2 D of the
 6 N^2 D flops, a third more work) to save O(N*D) memory that the inputs already cost.
 When no input needs a gradient (evaluation, ``torch.no_grad``) the forward skips the two
-gradient GEMMs.  The price: a double backward is not available (it never was: the
-gradient is a fused sweep), and the gradients are formed before the upstream gradient is
-known, so they are scaled by it afterwards (exact for the scalar loss).
+gradient GEMMs.  The price: the gradients are formed before the upstream gradient is
+known, so they are scaled by it afterwards (exact for the scalar loss).  A double
+backward raises, as for every clip_fast loss: the gradient is a fused sweep with no
+derivative of its own.
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ for it with ``CLIP_FAST_AUTOTUNE=1`` (cut-cross-entropy style), so that tests st
 reproducible and first calls stay fast.
 
 Calibration: a plain Triton row-lse tile loop (no column sums) is reported to reach
-0.71 of the bf16 GEMM rate on an H200 with BM=128, BN=256, BK=64, 8 warps, 3 stages;
-no clip_fast kernel has been timed on a GPU yet (benchmarks/results/ holds no GPU
-file).  The forward also reduces columns, so the sm_90 entry uses BN=128 (register
-pressure, see the table's comment); benchmarks/bench_gpu.py sweeps a few forward
+0.71 of the bf16 GEMM rate on an H200 with BM=128, BN=256, BK=64, 8 warps, 3 stages.
+The forward also reduces columns, so the sm_90 entry uses BN=128 (register pressure,
+see the table's comment).  The GPU measurements behind the table, when there are any,
+are the files of benchmarks/results/; benchmarks/bench_gpu.py sweeps a few forward
 configurations so the table can be corrected from data.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ steps below cite its numbered numerics.  Per tile of S = s * img @ txt.T + b:
 6. G (in [-1, 1]) stored into a bounded workspace block in the input dtype; cuBLAS then
    adds ``ws @ txt_blk`` to d_img and ``ws.T @ img_blk`` to d_txt, fp32 accumulation.
 
-Why the gradients are formed here, in the forward (the choice the issue asks to justify):
+Why the gradients are formed here, in the forward, rather than recomputed in a backward:
 with no normaliser, G_ij depends on S_ij alone, so the tile that gives the loss terms
 gives G too.  Saving d_img and d_txt (O(N*D) float32, the size of the inputs) costs the
 6 N^2 D floor of flops once: S, then G @ txt and G.T @ img.  Recomputing in the backward
