@@ -39,7 +39,7 @@ import torch.distributed as dist
 from .backends import siglip as siglip_backends
 from .core.autograd import autocast_off, first_order_only, fresh_output
 from .distributed.agreement import Layout, _comm_device, check_across_ranks
-from .distributed.collectives import all_gather_rows
+from .core.collectives import all_gather_rows
 from .core.numerics import backend_scalar
 from .core.checks import check_group_ids
 from .siglip_module import DIST_IMPLS

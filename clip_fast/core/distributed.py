@@ -1,8 +1,22 @@
 """The distributed primitives every loss shares: the place of this process (``rank``,
-``world_size``) checked one way, and the check that ``torch.distributed`` is running."""
+``world_size``) checked one way, the check that ``torch.distributed`` is running, and
+what the collectives (``clip_fast.core.collectives``) read of a layout."""
 from __future__ import annotations
 
+from typing import Optional, Protocol, Tuple
+
 import torch.distributed as dist
+
+
+class RankLayout(Protocol):
+    """What the collectives read of a distributed call's layout
+    (``clip_fast.distributed.agreement.Layout`` is one)."""
+    rank: int
+    world_size: int
+    group: Optional[object]           # the process group (None: the world)
+    nccl: bool                        # whether the group's backend is NCCL
+    sizes: Tuple[int, ...]            # every rank's row count
+    offsets: Tuple[int, ...]          # every rank's first row in the gathered rows
 
 
 def check_world_size(world_size, rank) -> None:

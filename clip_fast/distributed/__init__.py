@@ -9,7 +9,8 @@ Every sweep is a backend call (``lse_forward`` / ``grad_backward``) on a rectang
 Modules:
     agreement    one all_gather of a per-rank descriptor, then the same verdict (or the
                  same error) on every rank; the :class:`~.agreement.Layout` of the call
-    collectives  row all_gather / reduce_scatter, logsumexp across ranks, the ring's P2P
+    (the collectives, row all_gather / reduce_scatter, logsumexp across ranks and the
+    ring's P2P, are shared with SigLIP: ``clip_fast.core.collectives``)
     gather       ``mode="gather"``: open_clip's ``ClipLoss`` semantics, all four flags
     ring         ``mode="ring"``: ``local_loss=True, gather_with_grad=True`` with text
                  blocks travelling around the ring, O(n * D) memory per rank

@@ -31,7 +31,7 @@ The target terms beyond the softmaxes (Q of ``clip_fast.targets``) are O(N * D) 
 sums per strip.
 
 Exactness: every gathered tensor is built rotated, this rank's rows first
-(``collectives.rank_order``), so in the strips (img_r, TXT) and (IMG, txt_r) the rank's
+(``clip_fast.core.collectives.rank_order``), so in the strips (img_r, TXT) and (IMG, txt_r) the rank's
 own pairs sit on the diagonal.  The backends then keep the label logits out of the
 log-sum-exp sums and return them in float64 (``diag``); the loss is formed from the
 per-pair terms ``lse - diag`` and G's diagonal from ``diag_grad``, exactly as in the
@@ -51,7 +51,7 @@ from ..core.autograd import (autocast_off, bias_guard, bias_meta, finish_grads, 
 from ..core.numerics import compute_dtype
 from ..targets import group_counts
 from .agreement import Layout
-from .collectives import all_gather_rows, logsumexp_across_ranks, reduce_scatter_rows, rotate, unrotate
+from ..core.collectives import all_gather_rows, logsumexp_across_ranks, reduce_scatter_rows, rotate, unrotate
 from .common import FamilyTargets, backend_args
 
 _F64 = torch.float64

@@ -51,7 +51,7 @@ from ..core.autograd import autocast_off, bias_guard, bias_meta, finish_grads, f
 from ..core.numerics import compute_dtype
 from ..targets import match_counts, positive_dots
 from .agreement import Layout
-from .collectives import TAG_ACC, TAG_IDS, TAG_LSE, TAG_TXT, Ring, wait_all
+from ..core.collectives import TAG_ACC, TAG_IDS, TAG_LSE, TAG_TXT, Ring, wait_all
 from .common import FamilyTargets, backend_args, rowdot
 from .gather import _neg_out
 

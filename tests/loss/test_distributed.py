@@ -144,7 +144,7 @@ def reference_distributed(imgs, txts, scale, bias, local_loss, gather_with_grad,
 def _run_case(case, rank, world_size, seed):
     import torch.distributed as dist
 
-    import clip_fast.distributed.collectives as cf_collectives
+    import clip_fast.core.collectives as cf_collectives
     from clip_fast import FastClipLoss
     from clip_fast.distributed import distributed_clip_loss
 

@@ -186,7 +186,7 @@ def _run_case(case, rank, world_size, seed):
 
     import torch.distributed as dist
 
-    import clip_fast.distributed.collectives as cf_collectives
+    import clip_fast.core.collectives as cf_collectives
     from clip_fast import FastClipLoss
     from clip_fast.distributed import distributed_clip_loss
 

@@ -1,5 +1,8 @@
 """The collectives of the distributed losses (contiguous buffers on the features' device:
-NCCL-safe), and the ring's point-to-point exchange."""
+NCCL-safe), and the ring's point-to-point exchange.
+
+``layout`` is any ``RankLayout`` (``clip_fast.core.distributed``): this rank's place and
+every rank's row count, as the distributed losses' agreement builds it."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -7,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .agreement import Layout
+from .distributed import RankLayout
 
 # P2P tags: gloo matches messages by (peer, tag); NCCL ignores tags and matches in order.
 TAG_TXT, TAG_LSE, TAG_ACC, TAG_IDS = 11, 12, 13, 14
@@ -16,7 +19,7 @@ TAG_TXT, TAG_LSE, TAG_ACC, TAG_IDS = 11, 12, 13, 14
 FORCE_REDUCE_SCATTER = False
 
 
-def rank_order(layout: Layout, rotate: bool) -> list:
+def rank_order(layout: RankLayout, rotate: bool) -> list:
     """The ranks whose rows a gathered tensor holds, in order: 0..w-1, or with ``rotate``
     this rank first (r, r+1, ..., w-1, 0, ..., r-1).
 
@@ -28,7 +31,7 @@ def rank_order(layout: Layout, rotate: bool) -> list:
     return [(r + k) % w for k in range(w)] if rotate else list(range(w))
 
 
-def all_gather_rows(x: torch.Tensor, layout: Layout, sizes: Optional[Tuple[int, ...]] = None,
+def all_gather_rows(x: torch.Tensor, layout: RankLayout, sizes: Optional[Tuple[int, ...]] = None,
                     rotate: bool = False) -> torch.Tensor:
     """Concatenate every rank's (n_q, ...) tensor in ``rank_order``; unequal n_q are padded.
 
@@ -71,7 +74,7 @@ def _roll_slots_(t: torch.Tensor, shift: int) -> torch.Tensor:
     return t
 
 
-def reduce_scatter_rows(full: torch.Tensor, layout: Layout, sizes: Optional[Tuple[int, ...]] = None,
+def reduce_scatter_rows(full: torch.Tensor, layout: RankLayout, sizes: Optional[Tuple[int, ...]] = None,
                         rotated: bool = False) -> torch.Tensor:
     """Sum an (N, D) tensor over ranks and return this rank's (n_r, D) rows.
 
@@ -100,17 +103,17 @@ def reduce_scatter_rows(full: torch.Tensor, layout: Layout, sizes: Optional[Tupl
     return out[:n_local]
 
 
-def unrotate(v: torch.Tensor, layout: Layout) -> torch.Tensor:
+def unrotate(v: torch.Tensor, layout: RankLayout) -> torch.Tensor:
     """An (N,) vector over a rotated strip's rows or columns, back in rank order."""
     return torch.roll(v, layout.offsets[layout.rank]) if layout.world_size > 1 else v
 
 
-def rotate(v: torch.Tensor, layout: Layout) -> torch.Tensor:
+def rotate(v: torch.Tensor, layout: RankLayout) -> torch.Tensor:
     """An (N,) vector in rank order, in ``rank_order(layout, True)``'s order (this rank first)."""
     return torch.roll(v, -layout.offsets[layout.rank]) if layout.world_size > 1 else v
 
 
-def logsumexp_across_ranks(partial: torch.Tensor, layout: Layout) -> torch.Tensor:
+def logsumexp_across_ranks(partial: torch.Tensor, layout: RankLayout) -> torch.Tensor:
     """Elementwise logsumexp over ranks of an (N,) tensor: a max and a sum all_reduce."""
     top = partial.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=layout.group)
@@ -122,7 +125,7 @@ def logsumexp_across_ranks(partial: torch.Tensor, layout: Layout) -> torch.Tenso
 class Ring:
     """Point-to-point exchange with the ring neighbours (send to r+1, receive from r-1)."""
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: RankLayout):
         w, r, group = layout.world_size, layout.rank, layout.group
         nxt, prv = (r + 1) % w, (r - 1) % w
         if group is not None:
