@@ -53,7 +53,7 @@ from ..targets import match_counts, positive_dots
 from .agreement import Layout
 from ..core.collectives import TAG_ACC, TAG_IDS, TAG_LSE, TAG_TXT, Ring, wait_all
 from .common import FamilyTargets, backend_args, rowdot
-from .gather import _neg_out
+from .gather import _neg_out, _sub_uniform
 
 _F64 = torch.float64
 
@@ -287,17 +287,6 @@ class RingClipLoss(torch.autograd.Function):
         out = finish_grads(d_img, d_txt, d_scale.to(acc), None, img, txt, scale, ctx.bias_meta, needs)
         grads = out[:4] + (None, _neg_out(d_nt, neg_txt, needs[5]), _neg_out(d_ni, neg_img, needs[6]), None)
         return first_order_only("clip_fast's distributed CLIP loss", grads)
-
-
-def _sub_uniform(tg: FamilyTargets, d_x, d_y, x, y, a: float, b: float, s, acc):
-    """A hard-negative block's smoothing targets: subtracted from d_x, d_y; returns t (0 without)."""
-    terms = tg.uniform(x, y, a, b, acc)
-    if terms is None:
-        return 0.0
-    qx, qy, t = terms
-    d_x.sub_(qx * s)
-    d_y.sub_(qy * s)
-    return t
 
 
 def _target_loss(tg: FamilyTargets, img, txt, neg_txt, neg_img, diag, counts: Optional[torch.Tensor],
