@@ -9,7 +9,7 @@
 // raw = img_blk @ txt_blk.T in float32 (fp16/bf16 with fp32 output; float32 follows
 // torch's TF32 setting), csrc/siglip.cu turns it into the loss terms, G and the float64
 // row sums, and cuBLAS adds G @ txt_blk to d_img and G.T @ img_blk to d_txt.
-// clip_fast/backends/siglip_cuda.py registers the fake (meta) implementation.
+// clip_fast/siglip/backends/cuda.py registers the fake (meta) implementation.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -1,6 +1,6 @@
 """SigLIP: the sigmoid loss and all its gradients from ONE sweep over the tiles of S.
 
-The contract and the numerics are on one page, ``clip_fast.backends.siglip``; the
+The contract and the numerics are on one page, ``clip_fast.siglip.backends``; the
 steps below cite its numbered numerics.  Per tile of S = s * img @ txt.T + b:
 
 1. ``acc = img_blk @ txt_blk.T`` in fp32 (loop over D in BK slices, ``tile_dot``);
@@ -119,7 +119,7 @@ def _siglip_tile_kernel(
     #    softplus(x) = max(x, 0) + log1p(e), log1p(e) = ln 2 log2(u) e / (u - 1) with
     #    u = 1 + e (log1p-accurate); where u rounds to 1, log1p(e) = e, summed as eb in
     #    the tiny row sum (the host multiplies it by 2^-96).
-    #    (96 is clip_fast.backends.siglip.TINY_SHIFT, which the host's 2^-96 matches.)
+    #    (96 is clip_fast.siglip.backends.TINY_SHIFT, which the host's 2^-96 matches.)
     a = tl.abs(x)
     y = a * _LOG2E_HI
     # The rounding error of a * LOG2E_HI by Dekker's product (no fma: the interpreter's
@@ -244,7 +244,7 @@ def _(img, txt, scale, bias, ids_row, ids_col, diag_positive, need_grad):
 
 
 def siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool, need_grad: bool):
-    """(loss_sum, d_img, d_txt, d_scale, d_bias) of one block (``clip_fast.backends.siglip``)."""
+    """(loss_sum, d_img, d_txt, d_scale, d_bias) of one block (``clip_fast.siglip.backends``)."""
     return torch.ops.clip_fast.triton_siglip_block(img, txt, scale, bias, ids_row, ids_col,
                                                    bool(diag_positive), bool(need_grad))
 

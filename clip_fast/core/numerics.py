@@ -4,7 +4,7 @@ The compute dtype, the one conversion of ``logit_scale``/``logit_bias`` to the s
 backend reads, the float-float lse a kernel backward reads, G's diagonal from the
 forward's float64 loss terms, d_scale from the gradient's rows, and the SigLIP kernels'
 tiny-term shift.  The contract they serve is in ``clip_fast.backends`` (CLIP) and
-``clip_fast.backends.siglip`` (SigLIP).
+``clip_fast.siglip.backends`` (SigLIP).
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def backend_scalar(t: Optional[torch.Tensor], features: torch.Tensor) -> Optiona
     return compute_scalar(t, compute_dtype(features.dtype))
 
 
-# SigLIP: tiny terms are summed scaled by 2^TINY_SHIFT (``clip_fast.backends.siglip``,
+# SigLIP: tiny terms are summed scaled by 2^TINY_SHIFT (``clip_fast.siglip.backends``,
 # numerics step 3).
 TINY_SHIFT = 96.0
 

@@ -16,8 +16,9 @@ AUTO_ORDER_CUDA = ("triton", "torch")
 
 
 class BackendFamily:
-    """The backend modules of one loss (CLIP's here; SigLIP's in ``backends.siglip``):
-    lazy imports that remember why a backend failed, and the one backend-choice rule.
+    """The backend modules of one loss (CLIP's in ``clip_fast.backends``, SigLIP's in
+    ``clip_fast.siglip.backends``): lazy imports that remember why a backend failed, and
+    the one backend-choice rule.
 
     ``auto`` (or ``CLIP_FAST_BACKEND``) tries ``AUTO_ORDER_CUDA`` on CUDA and the torch
     backend elsewhere, falling back quietly; a backend asked for by name raises when it

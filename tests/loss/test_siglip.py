@@ -20,7 +20,7 @@ from reference import reference_siglip_loss  # noqa: E402
 
 import clip_fast  # noqa: E402
 from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, backend_params  # noqa: E402
-from clip_fast.backends import siglip as siglip_backends  # noqa: E402
+from clip_fast.siglip import backends as siglip_backends  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_bias")

@@ -5,10 +5,10 @@ from typing import Optional
 
 import torch
 
-from .core.checks import ScalarLike, check_chunk_size, check_group_ids, check_inputs
-from .backends import siglip as siglip_backends
-from .core.autograd import apply_function, autocast_features, needs_grad
-from .siglip_function import SigLipLossFunction, SigLipOptions
+from . import backends as siglip_backends
+from ..core.autograd import apply_function, autocast_features, needs_grad
+from ..core.checks import ScalarLike, check_chunk_size, check_group_ids, check_inputs
+from .function import SigLipLossFunction, SigLipOptions
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: ScalarLike,
@@ -32,7 +32,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         chunk_size: rows per strip for the torch backend (default: from a memory budget).
 
     To call it inside ``torch.compile(fullgraph=True)``, import the backends first with
-    ``clip_fast.backends.siglip.preload()`` (``FastSigLipLoss`` does this in its constructor).
+    ``clip_fast.siglip.backends.preload()`` (``FastSigLipLoss`` does this in its constructor).
 
     Returns:
         The scalar loss, in the features' dtype (float32 under autocast).  Gradients flow

@@ -6,13 +6,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backends import BACKENDS
-from .backends import siglip as siglip_backends
-from .core.checks import ScalarLike, check_chunk_size
-from .core.distributed import check_world_size
-from .siglip_functional import siglip_loss
-
-DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+from . import backends as siglip_backends
+from ..core.checks import ScalarLike, check_chunk_size
+from ..core.distributed import check_world_size
+from ..core.registry import BACKENDS
+from .distributed import DIST_IMPLS
+from .functional import siglip_loss
 
 
 class FastSigLipLoss(nn.Module):
@@ -78,7 +77,7 @@ class FastSigLipLoss(nn.Module):
                 logit_scale: ScalarLike, logit_bias: Optional[ScalarLike] = None,
                 output_dict: bool = False, *, group_ids: Optional[torch.Tensor] = None):
         if self.world_size > 1:
-            from .siglip_distributed import distributed_siglip_loss
+            from .distributed import distributed_siglip_loss
 
             loss = distributed_siglip_loss(
                 image_features, text_features, logit_scale, logit_bias, group_ids=group_ids,

@@ -1,6 +1,6 @@
 """SigLIP backends: one tiled sweep gives the sigmoid loss and every gradient.
 
-Every SigLIP backend module (``siglip_torch``, ``siglip_triton``, ``siglip_cuda``)
+Every SigLIP backend module (``torch``, ``triton``, ``cuda`` beside this file)
 implements one function on one *block* ``S = scale * img @ txt.T + bias`` of shape
 (M, K).  Nothing of size M x K is returned or kept (a bounded workspace at most).
 
@@ -52,16 +52,16 @@ Each SigLIP backend module also defines ``unavailable_reason(device, dtype)`` an
 """
 from __future__ import annotations
 
-from ..core.numerics import TINY_SHIFT, siglip_block_meta  # noqa: F401  (numerics step 3; the ops' fakes)
-from ..core.registry import BackendFamily
+from ...core.numerics import TINY_SHIFT, siglip_block_meta  # noqa: F401  (numerics step 3; the ops' fakes)
+from ...core.registry import BackendFamily
 
 # The SigLIP backends, loaded and chosen by the same rule as the CLIP loss's
 # (``clip_fast.core.registry.BackendFamily``: the CUDA extension is not auto-picked before a
 # committed GPU measurement shows it faster).
 _SIGLIP = BackendFamily("SigLIP ", {
-    "torch": "clip_fast.backends.siglip_torch",
-    "triton": "clip_fast.backends.siglip_triton",
-    "cuda": "clip_fast.backends.siglip_cuda",
+    "torch": "clip_fast.siglip.backends.torch",
+    "triton": "clip_fast.siglip.backends.triton",
+    "cuda": "clip_fast.siglip.backends.cuda",
 })
 preload = _SIGLIP.preload
 unavailable_reason = _SIGLIP.unavailable_reason

@@ -5,7 +5,7 @@ and is freed before the next, so memory is O(C*K + (M + K)*D), never M x K.  It 
 fallback where Triton and the CUDA extension are missing, and the oracle the fused
 kernels are tested against.
 
-Precision (the contract in ``clip_fast.backends.siglip``): the strip GEMM and the
+Precision (the contract in ``clip_fast.siglip.backends``): the strip GEMM and the
 elementwise softplus and sigmoid run in float32 for half, bfloat16 and float32 inputs
 (float64 for float64), as the kernels do; torch's float32 exp and log1p are accurate to
 an ulp, and the terms below float32's normal range (|x| > 87) are summed shifted by
@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .torch_backend import _strip_diag, strip_rows
+from ...backends.torch_backend import _strip_diag, strip_rows
 
 NAME = "torch"
 # |x| above which exp(-|x|) leaves float32's normal range (2^-126 = e^-87.3), and the

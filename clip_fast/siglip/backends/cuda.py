@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from . import f32_scalar as _scalar
-from .cuda_backend import _C, unavailable_reason  # noqa: F401  (same build, same devices)
-from ..core.numerics import siglip_block_meta
+from ...backends.cuda_backend import _C, unavailable_reason  # noqa: F401  (same build, same devices)
+from ...core.numerics import f32_scalar as _scalar
+from ...core.numerics import siglip_block_meta
 
 NAME = "cuda"
 

@@ -36,13 +36,15 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .backends import siglip as siglip_backends
-from .core.autograd import autocast_off, first_order_only, fresh_output
-from .distributed.agreement import Layout, _comm_device, check_across_ranks
-from .core.collectives import all_gather_rows
-from .core.numerics import backend_scalar
-from .core.checks import check_group_ids
-from .siglip_module import DIST_IMPLS
+from . import backends as siglip_backends
+from ..core.autograd import autocast_off, first_order_only, fresh_output
+from ..distributed.agreement import Layout, _comm_device, check_across_ranks
+from ..core.collectives import all_gather_rows
+from ..core.numerics import backend_scalar
+from ..core.checks import check_group_ids
+
+# open_clip's exchanges of the other ranks' texts (``SigLipLoss(dist_impl=...)``).
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from typing import Optional
 
 import torch
 
-from . import f32_scalar as _scalar
-from .triton_backend import unavailable_reason  # noqa: F401  (same devices and dtypes)
+from ...backends.triton_backend import unavailable_reason  # noqa: F401  (same devices and dtypes)
+from ...core.numerics import f32_scalar as _scalar
 
 NAME = "triton"
 
 try:
-    from ..kernels import siglip as _kernels
+    from ...kernels import siglip as _kernels
 except Exception:  # triton missing: unavailable_reason (imported above) says why
     _kernels = None
 

@@ -25,10 +25,10 @@ from typing import Optional
 
 import torch
 
-from .backends import siglip as siglip_backends
-from .core.autograd import autocast_off, first_order_only, fresh_output
-from .core.numerics import backend_scalar
-from .core.registry import chunk_kwargs
+from . import backends as siglip_backends
+from ..core.autograd import autocast_off, first_order_only, fresh_output
+from ..core.numerics import backend_scalar
+from ..core.registry import chunk_kwargs
 
 
 @dataclass(frozen=True)
