@@ -1,6 +1,6 @@
 """Triton sweeps of open_clip's distillation term (``clip_fast.distill``), nothing N x N stored.
 
-Same contract as ``clip_fast.backends.torch_distill`` (read its module doc for the maths):
+Same contract as ``clip_fast.distill.backends.torch`` (read its module doc for the maths):
 student S = s * img @ txt.T, teacher T = t * timg @ ttxt.T on one (M, K) block, the four
 float64 log-sum-exps known from ``lse_forward``.  Each lse arrives as the float-float pair
 of ``clip_fast.backends.kernel_lse`` (log2 units): P = 2^((X2 - hi) - lo) and the gap

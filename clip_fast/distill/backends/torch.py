@@ -22,7 +22,7 @@ of both already known (``lse_forward`` of the backend contract in ``clip_fast.ba
     float64.  Outputs are float32 (float64 for float64 inputs).
 
 Each strip recomputes S and T once per sweep; half and bfloat16 inputs are upcast to
-float32 for the strip GEMMs, as in ``torch_backend``.
+float32 for the strip GEMMs, as in ``clip_fast.backends.torch_backend``.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import compute_dtype
-from .torch_backend import hi_lo, strip_rows
+from ...backends.torch_backend import hi_lo, strip_rows, unavailable_reason  # noqa: F401  (any device)
+from ...core.numerics import compute_dtype
 
 NAME = "torch"
 
