@@ -161,8 +161,8 @@ TESTS_LOG="$LOGDIR/tests.log"
 t=$(limit $TEST_S 90)
 if [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for the tests (under 10 s)"; : > "$LOGDIR/tests.log"; else
 # The Triton file first (this check's own subject), then every other test file's gpu tests.
-FILES="tests/loss/test_triton.py"
-for f in tests/loss/test_*.py tests/*/test_*.py; do
+FILES="tests/kernels/test_triton.py"
+for f in tests/*/test_*.py; do
   case " $FILES " in *" $f "*) ;; *) [ -f "$f" ] && FILES="$FILES $f" ;; esac
 done
 # SIGINT, not SIGTERM: pytest treats it as KeyboardInterrupt and still prints the short

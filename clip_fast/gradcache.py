@@ -13,7 +13,7 @@ embeddings.  So one step over a batch of N is done in micro-batches of m:
 
 Peak activation memory is that of one micro-batch; the parameter gradients equal
 those of one autograd graph over the whole batch with the same dropout masks
-(tests/loss/test_gradcache.py checks this in float64, with and without dropout).
+(tests/train/test_gradcache.py checks this in float64, with and without dropout).
 The cost is one extra forward pass.
 
 The model returns ``(image_emb, text_emb, scale)`` or ``(image_emb, text_emb, scale,

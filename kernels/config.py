@@ -43,7 +43,7 @@ class Configs:
     # instead of two.  Off by default: a shared exponent is taken relative to the tile's
     # largest lse, so an entry of a row whose lse sits d (log2 units) below it carries the
     # rounding of |S2 - hi| ~ d instead of |S2 - lse_i|: up to ~60 ulps on P, beyond the
-    # precision rule (tests/loss/test_exactness.py).  Tests switch it on to keep the path working.
+    # precision rule (tests/clip/test_exactness.py).  Tests switch it on to keep the path working.
     share_exp: bool = False
 
 

@@ -195,7 +195,7 @@ def _run_case(case, rank, world_size, seed):
     kwargs = dict(rank=rank, world_size=world_size, local_loss=case["local"], gather_with_grad=case["gwg"])
     blocks = contextlib.nullcontext()
     if case["backend"] == "triton" and not torch.cuda.is_available():
-        # Large tiles under the interpreter, which pays per tile (as tests/loss/conftest.py's kernel_blocks).
+        # Large tiles under the interpreter, which pays per tile (as tests/conftest.py's kernel_blocks).
         from clip_fast.kernels import config as kconfig
 
         big = kconfig.Configs(forward=kconfig.KernelConfig(256, 256, 128, 4, 1),
