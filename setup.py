@@ -17,7 +17,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["clip_fast", "clip_fast.core",  # the core every loss uses
-            "clip_fast.backends", "clip_fast.distributed",  # the CLIP loss's backends and distributed modes
+            "clip_fast.clip", "clip_fast.clip.backends", "clip_fast.clip.distributed",  # the CLIP loss
             "clip_fast.distill", "clip_fast.distill.backends",  # the distillation term
             "clip_fast.siglip", "clip_fast.siglip.backends",  # the SigLIP loss
             "clip_fast.kernels",  # the Triton kernels (the top-level kernels/ folder)

@@ -148,7 +148,7 @@ fi
 timeout -k $KILL_S 20 "$PY" - <<'PYEOF' 2>&1 | indent
 import torch
 try:
-    import clip_fast.backends as b
+    import clip_fast.clip.backends as b
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for dt in (torch.bfloat16, torch.float32):
         print(f"backends on {dev} for {dt}:", b.available_backends(dev, dt))

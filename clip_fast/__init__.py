@@ -5,9 +5,8 @@
     loss = clip_fast.FastSigLipLoss()(image_features, text_features, logit_scale, logit_bias)
     loss = clip_fast.siglip_loss(image_features, text_features, logit_scale, logit_bias)
 """
-from .backends import available_backends
-from .functional import clip_loss
-from .loss import FastClipLoss
+from .clip import FastClipLoss, clip_loss
+from .clip.backends import available_backends
 from .siglip import FastSigLipLoss, siglip_loss
 
 __version__ = "0.1.0"

@@ -1,9 +1,9 @@
 """Triton sweeps of open_clip's distillation term (``clip_fast.distill``), nothing N x N stored.
 
-Same contract as ``clip_fast.distill.backends.torch`` (read its module doc for the maths):
+Same contract as ``clip_fast.distill.backends.torch_backend`` (read its module doc for the maths):
 student S = s * img @ txt.T, teacher T = t * timg @ ttxt.T on one (M, K) block, the four
 float64 log-sum-exps known from ``lse_forward``.  Each lse arrives as the float-float pair
-of ``clip_fast.backends.kernel_lse`` (log2 units): P = 2^((X2 - hi) - lo) and the gap
+of ``clip_fast.core.numerics.kernel_lse`` (log2 units): P = 2^((X2 - hi) - lo) and the gap
 lse - S = ((hi - S2) + lo) * ln 2 are exact near the top of a row, as in grad_backward.py.
 Student and teacher may have different embedding dimensions (D and TD).
 

@@ -308,7 +308,7 @@ def grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, c
                   g_diag=None, split_scale=False):
     """(d_img, d_txt, d_scale) for G = coef_row P_row + coef_col P_col - coef_diag I.
 
-    ``g_diag`` (min(M, K),), when given, replaces G's diagonal (``clip_fast.backends.diag_grad``).
+    ``g_diag`` (min(M, K),), when given, replaces G's diagonal (``clip_fast.core.numerics.diag_grad``).
     ``split_scale``: d_scale as (2,), [the row term's share off that diagonal, the rest].
     """
     return torch.ops.clip_fast.triton_grad_backward(

@@ -25,7 +25,7 @@ def rank_order(layout: RankLayout, rotate: bool) -> list:
 
     The gather mode's strips are built rotated: this rank's own pairs then sit on the
     strips' diagonal (row i with column i), where the backends keep the label logits
-    exact (the diagonal contract of ``clip_fast.backends``).
+    exact (the diagonal contract of ``clip_fast.clip.backends``).
     """
     w, r = layout.world_size, layout.rank
     return [(r + k) % w for k in range(w)] if rotate else list(range(w))

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 class RankLayout(Protocol):
     """What the collectives read of a distributed call's layout
-    (``clip_fast.distributed.agreement.Layout`` is one)."""
+    (``clip_fast.clip.distributed.agreement.Layout`` is one)."""
     rank: int
     world_size: int
     group: Optional[object]           # the process group (None: the world)

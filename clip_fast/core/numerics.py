@@ -3,7 +3,7 @@
 The compute dtype, the one conversion of ``logit_scale``/``logit_bias`` to the scalar a
 backend reads, the float-float lse a kernel backward reads, G's diagonal from the
 forward's float64 loss terms, d_scale from the gradient's rows, and the SigLIP kernels'
-tiny-term shift.  The contract they serve is in ``clip_fast.backends`` (CLIP) and
+tiny-term shift.  The contract they serve is in ``clip_fast.clip.backends`` (CLIP) and
 ``clip_fast.siglip.backends`` (SigLIP).
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def diag_grad(lse_row: Optional[torch.Tensor], lse_col: Optional[torch.Tensor],
     + (coef_row + coef_col - coef_diag)``: for the CLIP loss the constant is 0 and the
     two expm1 terms are small and accurate on a confident row, where ``P_ii - 1`` in
     float32 would be pure rounding.  ``coef_diag`` may be a float64 vector (one target
-    weight per row: positive groups and label smoothing, see ``clip_fast.targets``).
+    weight per row: positive groups and label smoothing, see ``clip_fast.clip.targets``).
     """
     n = diag.shape[0]
     out = torch.full((n,), float(coef_row) + float(coef_col), dtype=torch.float64, device=diag.device)

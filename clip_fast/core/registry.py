@@ -16,7 +16,7 @@ AUTO_ORDER_CUDA = ("triton", "torch")
 
 
 class BackendFamily:
-    """The backend modules of one loss (CLIP's in ``clip_fast.backends``, SigLIP's in
+    """The backend modules of one loss (CLIP's in ``clip_fast.clip.backends``, SigLIP's in
     ``clip_fast.siglip.backends``): lazy imports that remember why a backend failed, and
     the one backend-choice rule.
 

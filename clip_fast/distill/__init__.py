@@ -24,7 +24,7 @@ Without ``local_loss`` every rank computes the global term on one (N, N) block; 
 rank r's image rows are the row direction of the block (img_r, all_txt) and its text
 rows the column direction of the block (all_img, txt_r).
 
-Backends: "torch" (``clip_fast.distill.backends.torch``, any device) and "triton"
+Backends: "torch" (``clip_fast.distill.backends.torch_backend``, any device) and "triton"
 (``clip_fast.kernels.distill``, CUDA, or CPU under TRITON_INTERPRET=1).  There is no
 CUDA-extension kernel for this loss: ``backend="cuda"`` raises and names the two that can.
 

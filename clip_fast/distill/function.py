@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends as clip_backends
+from ..clip import backends as clip_backends
 from ..core.autograd import apply_function, autocast_off, first_order_only, fresh_output
 from ..core.numerics import backend_scalar
 from ..core.registry import chunk_kwargs

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends as clip_backends
+from ..clip import backends as clip_backends
 from ..core.autograd import autocast_features
 from ..core.checks import ScalarLike, check_inputs
 from . import backends as distill_backends

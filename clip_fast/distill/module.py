@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..loss import FastClipLoss
+from ..clip.module import FastClipLoss
 from . import backends as distill_backends
 from .distributed import distributed_distill_loss
 from .functional import distill_loss

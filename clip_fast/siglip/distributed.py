@@ -25,7 +25,7 @@ backward: d txt_q contributions: each remote block is swept again (it gives G @ 
           more but keeps memory O(N_local * D): keeping them from the forward would hold
           every rank's (n_q, D) block, O(N_global * D).
 
-Inputs are checked across ranks first (``clip_fast.distributed``'s descriptor check): a
+Inputs are checked across ranks first (``clip_fast.clip.distributed``'s descriptor check): a
 bad shard on any rank raises the same error on every rank, none hangs.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from . import backends as siglip_backends
 from ..core.autograd import autocast_off, first_order_only, fresh_output
-from ..distributed.agreement import Layout, _comm_device, check_across_ranks
+from ..clip.distributed.agreement import Layout, _comm_device, check_across_ranks
 from ..core.collectives import all_gather_rows
 from ..core.numerics import backend_scalar
 from ..core.checks import check_group_ids

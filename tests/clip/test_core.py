@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import clip_fast
 from clip_fast import FastClipLoss, clip_loss
-from clip_fast.backends import torch_backend
+from clip_fast.clip.backends import torch_backend
 from helpers import paired_features
 from reference import (reference_block, reference_block_grads, reference_block_scale_split, reference_clip_loss,
                        reference_magnitudes)

@@ -1,4 +1,4 @@
-"""Multi-process tests of clip_fast.distributed on CPU (gloo), against a float64 reference.
+"""Multi-process tests of clip_fast.clip.distributed on CPU (gloo), against a float64 reference.
 
 One spawn per world size (2 and 3) runs every case below in the worker processes and
 saves each rank's loss and gradients; the tests then compare them with a single-process
@@ -146,7 +146,7 @@ def _run_case(case, rank, world_size, seed):
 
     import clip_fast.core.collectives as cf_collectives
     from clip_fast import FastClipLoss
-    from clip_fast.distributed import distributed_clip_loss
+    from clip_fast.clip.distributed import distributed_clip_loss
 
     imgs, txts = _global_features(case, seed)
     img = imgs[rank].clone().requires_grad_(True)

@@ -31,7 +31,7 @@ from reference import reference_clip_loss, reference_family_loss, reference_sigl
 
 import clip_fast  # noqa: E402
 from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, backend_params  # noqa: E402
-from clip_fast import backends  # noqa: E402
+from clip_fast.clip import backends  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -110,7 +110,7 @@ def _upstream(world_size):
 
 def _loss(case, img, txt, scale, bias, ids, rank, world_size):
     from clip_fast import FastClipLoss  # noqa: F401  (imported in the worker)
-    from clip_fast.distributed import distributed_clip_loss
+    from clip_fast.clip.distributed import distributed_clip_loss
 
     flags = dict(rank=rank, world_size=world_size, local_loss=case["local"], gather_with_grad=case["gwg"])
     if case["via"] == "coca":

@@ -28,7 +28,7 @@ from reference import family_targets, reference_family_loss  # noqa: E402
 
 import clip_fast  # noqa: E402
 from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, backend_params  # noqa: E402
-from clip_fast import backends  # noqa: E402
+from clip_fast.clip import backends  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_neg_txt", "d_neg_img")
@@ -256,7 +256,7 @@ def test_autocast_casts_negatives():
 
 def test_compile_fullgraph_with_options():
     case = _case(24, 8, seed=35, n_groups=5, eps=0.1, lam=0.3, m_txt=3, m_img=2)
-    clip_fast.backends.preload("torch")
+    clip_fast.clip.backends.preload("torch")
 
     def f(x, t, s, ids, nt, ni):
         return clip_fast.clip_loss(x, t, s, group_ids=ids, label_smoothing=0.1, image_to_text_weight=0.3,

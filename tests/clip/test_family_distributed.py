@@ -188,7 +188,7 @@ def _run_case(case, rank, world_size, seed):
 
     import clip_fast.core.collectives as cf_collectives
     from clip_fast import FastClipLoss
-    from clip_fast.distributed import distributed_clip_loss
+    from clip_fast.clip.distributed import distributed_clip_loss
 
     shards = _global_case(case, world_size, seed)
     img, txt, scale, bias, nt, ni, opts = _inputs(case, shards, rank, world_size)

@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_fast import backends, clip_loss
-from clip_fast.backends import cuda_backend, torch_backend
+from clip_fast import clip_loss
+from clip_fast.clip import backends
+from clip_fast.clip.backends import cuda_backend, torch_backend
 from helpers import paired_features
 from reference import (reference_block, reference_block_grads, reference_block_magnitudes,
                        reference_block_scale_split, reference_clip_loss, reference_magnitudes)

@@ -31,7 +31,7 @@ from reference import (  # noqa: E402
     reference_block, reference_block_grads, reference_block_magnitudes, reference_block_scale_split,
     reference_clip_loss)
 
-from clip_fast.backends import torch_backend, triton_backend  # noqa: E402
+from clip_fast.clip.backends import torch_backend, triton_backend  # noqa: E402
 from clip_fast.kernels import config as kconfig  # noqa: E402
 from clip_fast.kernels.lse_forward import (  # noqa: E402
     COL_UNDERFLOW, LOG2E, _lse_forward_kernel, column_bounds_log2, headroom_log2)

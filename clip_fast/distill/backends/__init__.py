@@ -1,7 +1,7 @@
 """The distillation term's backends: ``torch`` (any device) and ``triton`` (``clip_fast.kernels.distill``).
 
 Both implement ``distill_forward`` and ``distill_backward`` on one block, the contract in
-``clip_fast.distill.backends.torch``; the four log-sum-exps they read come from the CLIP
+``clip_fast.distill.backends.torch_backend``; the four log-sum-exps they read come from the CLIP
 backend of the same name (``lse_forward``).  Loaded and chosen by the one rule of
 ``clip_fast.core.registry.BackendFamily``; there is no CUDA-extension kernel.
 """
@@ -14,8 +14,8 @@ from ...core.registry import BackendFamily
 DISTILL_BACKENDS = ("torch", "triton")
 
 _DISTILL = BackendFamily("distillation ", {
-    "torch": "clip_fast.distill.backends.torch",
-    "triton": "clip_fast.distill.backends.triton",
+    "torch": "clip_fast.distill.backends.torch_backend",
+    "triton": "clip_fast.distill.backends.triton_backend",
 })
 preload = _DISTILL.preload
 get_loaded = _DISTILL.get_loaded

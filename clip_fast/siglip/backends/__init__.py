@@ -1,6 +1,6 @@
 """SigLIP backends: one tiled sweep gives the sigmoid loss and every gradient.
 
-Every SigLIP backend module (``torch``, ``triton``, ``cuda`` beside this file)
+Every SigLIP backend module (``torch_backend``, ``triton_backend``, ``cuda_backend`` beside this file)
 implements one function on one *block* ``S = scale * img @ txt.T + bias`` of shape
 (M, K).  Nothing of size M x K is returned or kept (a bounded workspace at most).
 
@@ -59,9 +59,9 @@ from ...core.registry import BackendFamily
 # (``clip_fast.core.registry.BackendFamily``: the CUDA extension is not auto-picked before a
 # committed GPU measurement shows it faster).
 _SIGLIP = BackendFamily("SigLIP ", {
-    "torch": "clip_fast.siglip.backends.torch",
-    "triton": "clip_fast.siglip.backends.triton",
-    "cuda": "clip_fast.siglip.backends.cuda",
+    "torch": "clip_fast.siglip.backends.torch_backend",
+    "triton": "clip_fast.siglip.backends.triton_backend",
+    "cuda": "clip_fast.siglip.backends.cuda_backend",
 })
 preload = _SIGLIP.preload
 unavailable_reason = _SIGLIP.unavailable_reason

@@ -29,7 +29,7 @@ def rowdot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 @dataclass(frozen=True)
 class FamilyTargets:
-    """A distributed call's target options (``clip_fast.targets``) with the global sizes
+    """A distributed call's target options (``clip_fast.clip.targets``) with the global sizes
     they need: the softmaxes span every rank's rows and hard negatives, so
     K_r = N + M_t and K_c = N + M_i over the whole group."""
     lam: float          # image_to_text_weight
@@ -55,7 +55,7 @@ class FamilyTargets:
         return self.lam / n, (1.0 - self.lam) / n
 
     def block(self, x, y, a: float, b: float, acc: torch.dtype, **kw):
-        """``clip_fast.targets.block_targets`` of one block, in the compute dtype."""
+        """``clip_fast.clip.targets.block_targets`` of one block, in the compute dtype."""
         return block_targets(x.to(acc), y.to(acc), a=a, b=b, eps=self.eps, inv_k_row=self.inv_k_row,
                              inv_k_col=self.inv_k_col, **kw)
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ...backends.cuda_backend import _C, unavailable_reason  # noqa: F401  (same build, same devices)
+from ...clip.backends.cuda_backend import _C, unavailable_reason  # noqa: F401  (same build, same devices)
 from ...core.numerics import f32_scalar as _scalar
 from ...core.numerics import siglip_block_meta
 

@@ -17,7 +17,7 @@ Modules:
 
 Unequal shard sizes are supported in both modes: labels are offset by ``o_r`` and every
 mean is over the rows it covers (open_clip itself cannot gather unequal shards).
-The options of ``clip_fast.targets`` (positive groups, label smoothing, direction weight,
+The options of ``clip_fast.clip.targets`` (positive groups, label smoothing, direction weight,
 hard negatives) take global semantics in both modes: group sizes over the global batch,
 every rank's hard negatives in every softmax (see :func:`distributed_clip_loss`).
 All ranks must call the loss, and its backward, in the same order (as with open_clip's gather).
@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from ..core.checks import MODES
-from ..core.distributed import require_initialized
+from ...core.checks import MODES
+from ...core.distributed import require_initialized
 from ..functional import apply_loss
 from .agreement import check_across_ranks
 from .gather import GatherClipLoss

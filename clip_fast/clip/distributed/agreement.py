@@ -14,8 +14,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..core.checks import MODES, check_mode
-from ..autograd import LossOptions
+from ...core.checks import MODES, check_mode
+from ..function import LossOptions
 from ..functional import Call, prepare_call
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from . import backends
-from .core.checks import ScalarLike, check_chunk_size, check_direction_weight, check_label_smoothing, check_mode
-from .core.distributed import check_world_size
+from ..core.checks import ScalarLike, check_chunk_size, check_direction_weight, check_label_smoothing, check_mode
+from ..core.distributed import check_world_size
 from .functional import clip_loss
 
 

@@ -8,7 +8,7 @@ and the backend the fused kernels are checked against.
 Precision: half and bfloat16 inputs are upcast to float32 for the strip GEMMs, so S
 is accumulated and rounded in float32 exactly as in the fused kernels; float64
 inputs stay float64 (this is what makes ``torch.autograd.gradcheck`` possible).
-As the contract in ``clip_fast.backends`` asks, the diagonal is kept out of the row
+As the contract in ``clip_fast.clip.backends`` asks, the diagonal is kept out of the row
 and column sums and added back in float64, and d_scale is reduced in float64.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ of shape (M, K).  Nothing of size M x K is ever returned or kept.
         d_scale = sum_ij G_ij * <img_i, txt_j>   (0-d)
     coef_* are Python floats; a zero coefficient switches its term off (its lse may
     then be None).  With ``diag`` given, ``coef_diag`` may also be a float64 (min(M, K),)
-    vector, one target weight per pair (``clip_fast.targets``).  ``diag``, the forward's diag, makes G's diagonal come from the
+    vector, one target weight per pair (``clip_fast.clip.targets``).  ``diag``, the forward's diag, makes G's diagonal come from the
     forward's float64 loss terms (:func:`diag_grad`) instead of the recomputed tile:
     on a confident row G_ii = coef_row * (P_ii - 1) + ... cancels, and a recomputed S_ii
     that differs from the forward's by one fp32 rounding of |S| would leave an error of
@@ -59,15 +59,15 @@ import torch
 
 # The registry and the numerics helpers live in the core (``clip_fast.core``); they are
 # re-exported here because every backend module reads them as ``from . import ...``.
-from ..core.numerics import (KERNEL_DTYPES, LOG2E, combine_diag, compute_dtype,  # noqa: F401
+from ...core.numerics import (KERNEL_DTYPES, LOG2E, combine_diag, compute_dtype,  # noqa: F401
                              compute_scalar, diag_coef_scalar, diag_grad, f32_scalar,
                              kernel_dtype_reason, kernel_lse, scale_grad_from_rows, split_float)
-from ..core.registry import AUTO_ORDER_CUDA, BACKENDS, BackendFamily  # noqa: F401
+from ...core.registry import AUTO_ORDER_CUDA, BACKENDS, BackendFamily  # noqa: F401
 
 _CLIP = BackendFamily("", {
-    "torch": "clip_fast.backends.torch_backend",
-    "triton": "clip_fast.backends.triton_backend",
-    "cuda": "clip_fast.backends.cuda_backend",
+    "torch": "clip_fast.clip.backends.torch_backend",
+    "triton": "clip_fast.clip.backends.triton_backend",
+    "cuda": "clip_fast.clip.backends.cuda_backend",
 })
 
 

@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 
 from . import backends
-from .core.checks import (ScalarLike, check_chunk_size, check_direction_weight, check_group_ids,
+from ..core.checks import (ScalarLike, check_chunk_size, check_direction_weight, check_group_ids,
                           check_inputs, check_label_smoothing, check_negatives)
-from .autograd import ClipLossFunction, LossOptions
-from .core.autograd import apply_function, autocast_features
+from .function import ClipLossFunction, LossOptions
+from ..core.autograd import apply_function, autocast_features
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def prepare_call(image_features, text_features, logit_scale, logit_bias, backend
                  negative_text_features=None, negative_image_features=None) -> Call:
     """Every per-call rule, in one place, for the single-process and distributed losses:
     input checks, ``logit_scale``/``logit_bias`` to tensors, the chunk-size check, the
-    target options (``clip_fast.targets``), autocast's cast policy, one tensor for both
+    target options (``clip_fast.clip.targets``), autocast's cast policy, one tensor for both
     towers, and the backend choice."""
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
     chunk_size = check_chunk_size(chunk_size)
@@ -72,7 +72,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     ``S = logit_scale * image_features @ text_features.T + logit_bias`` and the loss is
     ``(mean_i CE(S[i, :], i) + mean_j CE(S[:, j], j)) / 2``, exactly open_clip's ``ClipLoss``
     with the default options; the options below generalise the targets (derivation in
-    ``clip_fast.targets``) at O(N * D) extra cost, plus the hard negatives' blocks.
+    ``clip_fast.clip.targets``) at O(N * D) extra cost, plus the hard negatives' blocks.
 
     Args:
         image_features, text_features: (N, D) embeddings (normalised or not) of the same
@@ -101,7 +101,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         chunk_size: rows per strip for the torch backend (default: from a memory budget).
 
     To call it inside ``torch.compile(fullgraph=True)``, import the backends first with
-    ``clip_fast.backends.preload()`` (``FastClipLoss`` does this in its constructor).
+    ``clip_fast.clip.backends.preload()`` (``FastClipLoss`` does this in its constructor).
 
     Returns:
         The scalar loss, in the features' dtype (float32 under autocast). Gradients flow

@@ -26,9 +26,9 @@ except Exception as exc:  # not installed, or a broken install
     _TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
 
 if _TRITON_ERROR is None:
-    from ..kernels import config as _config
-    from ..kernels.grad_backward import grad_backward as _grad_backward
-    from ..kernels.lse_forward import lse_forward as _lse_forward
+    from ...kernels import config as _config
+    from ...kernels.grad_backward import grad_backward as _grad_backward
+    from ...kernels.lse_forward import lse_forward as _lse_forward
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:

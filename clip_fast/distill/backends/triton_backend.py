@@ -1,8 +1,8 @@
 """The distillation term's Triton backend: the kernels of ``clip_fast.kernels.distill``
-(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); contract in ``clip_fast.distill.backends.torch``."""
+(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); contract in ``clip_fast.distill.backends.torch_backend``."""
 from __future__ import annotations
 
-from ...backends.triton_backend import unavailable_reason  # noqa: F401  (same devices and dtypes)
+from ...clip.backends.triton_backend import unavailable_reason  # noqa: F401  (same devices and dtypes)
 
 NAME = "triton"
 

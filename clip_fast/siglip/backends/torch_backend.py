@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ...backends.torch_backend import _strip_diag, strip_rows
+from ...clip.backends.torch_backend import _strip_diag, strip_rows
 
 NAME = "torch"
 # |x| above which exp(-|x|) leaves float32's normal range (2^-126 = e^-87.3), and the

@@ -9,11 +9,11 @@ forward:  backend.lse_forward  -> row/column log-sum-exp and the diagonal (float
           loss is not the difference of two large sums.
 backward: backend.grad_backward -> d_img, d_txt, d_scale from one recompute of each tile,
           with G = (P_row + P_col - 2I) / (2N) and G's diagonal taken from the forward's
-          float64 terms (see ``clip_fast.backends.diag_grad``).
+          float64 terms (see ``clip_fast.clip.backends.diag_grad``).
 Saved for backward: the inputs and three O(N) float64 vectors, nothing N x N.
 
 Positive groups, label smoothing, direction weights and hard negatives
-(``clip_fast.targets``) add O(N * D) host terms and, for hard negatives, the sweeps of
+(``clip_fast.clip.targets``) add O(N * D) host terms and, for hard negatives, the sweeps of
 their rectangular blocks (img x negative texts: rows only; negative images x txt:
 columns only).
 
@@ -29,10 +29,10 @@ from typing import Optional
 import torch
 
 from . import backends
-from .core.autograd import (autocast_off, bias_guard, bias_meta, finish_grads,  # noqa: F401
+from ..core.autograd import (autocast_off, bias_guard, bias_meta, finish_grads,  # noqa: F401
                             first_order_only, fresh_output)
-from .core.numerics import compute_dtype, compute_scalar
-from .core.registry import chunk_kwargs
+from ..core.numerics import compute_dtype, compute_scalar
+from ..core.registry import chunk_kwargs
 from .targets import block_targets, group_counts
 
 
@@ -42,7 +42,7 @@ class LossOptions:
     backend: str  # a resolved backend name: "torch", "triton" or "cuda"
     chunk_size: Optional[int] = None  # rows per strip, torch backend only
     loss_dtype: Optional[torch.dtype] = None  # default: the features' dtype (float32 under autocast)
-    # The target options of ``clip_fast.targets``: plain floats, not a nested object, so
+    # The target options of ``clip_fast.clip.targets``: plain floats, not a nested object, so
     # that torch.compile (2.11 included) can build the options inside a compiled region.
     label_smoothing: float = 0.0
     image_to_text_weight: float = 0.5
@@ -158,7 +158,7 @@ def _neg_grad(d, g, like, needed):
 
 
 class TargetPlan:
-    """One call's target terms (``clip_fast.targets``): the weights a = lam / N and
+    """One call's target terms (``clip_fast.clip.targets``): the weights a = lam / N and
     b = (1 - lam) / N, which blocks exist, and the O(N * D) host sums."""
 
     def __init__(self, img, txt, ids, neg_txt, neg_img, opts: LossOptions):

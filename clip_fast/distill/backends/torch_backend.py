@@ -2,7 +2,7 @@
 
 On one block, student ``S = scale * img @ txt.T`` and teacher ``T = tscale * timg @ ttxt.T``
 (both (M, K), never materialised beyond a strip of C rows), with the float64 log-sum-exps
-of both already known (``lse_forward`` of the backend contract in ``clip_fast.backends``):
+of both already known (``lse_forward`` of the backend contract in ``clip_fast.clip.backends``):
 
 ``distill_forward(...) -> (row_term, col_term)``, float64
     row_term_i = sum_j PT_row_ij (lse_row_i - S_ij),   PT_row = exp(T - tlse_row[:, None])
@@ -22,7 +22,7 @@ of both already known (``lse_forward`` of the backend contract in ``clip_fast.ba
     float64.  Outputs are float32 (float64 for float64 inputs).
 
 Each strip recomputes S and T once per sweep; half and bfloat16 inputs are upcast to
-float32 for the strip GEMMs, as in ``clip_fast.backends.torch_backend``.
+float32 for the strip GEMMs, as in ``clip_fast.clip.backends.torch_backend``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ...backends.torch_backend import hi_lo, strip_rows, unavailable_reason  # noqa: F401  (any device)
+from ...clip.backends.torch_backend import hi_lo, strip_rows, unavailable_reason  # noqa: F401  (any device)
 from ...core.numerics import compute_dtype
 
 NAME = "torch"

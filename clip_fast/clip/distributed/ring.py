@@ -26,7 +26,7 @@ each column part travels home to q as one extra float of the d txt_q accumulator
 own block (r, r) is wholly rank r's: one unsplit sweep, with its label terms on G's
 diagonal from the forward's float64 loss terms (``diag``), so a confident row stays exact.
 
-Options (``clip_fast.targets``), with global softmaxes as in gather mode:
+Options (``clip_fast.clip.targets``), with global softmaxes as in gather mode:
     group_ids      travel with the text block; the forward counts each local id's global
                    group size as they pass, and sums the positive pairs' dot products per
                    row (kept) and per column (travelling with the column lse), so a rank's
@@ -47,11 +47,11 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from ..core.autograd import autocast_off, bias_guard, bias_meta, finish_grads, first_order_only, fresh_output
-from ..core.numerics import compute_dtype
+from ...core.autograd import autocast_off, bias_guard, bias_meta, finish_grads, first_order_only, fresh_output
+from ...core.numerics import compute_dtype
 from ..targets import match_counts, positive_dots
 from .agreement import Layout
-from ..core.collectives import TAG_ACC, TAG_IDS, TAG_LSE, TAG_TXT, Ring, wait_all
+from ...core.collectives import TAG_ACC, TAG_IDS, TAG_LSE, TAG_TXT, Ring, wait_all
 from .common import FamilyTargets, backend_args, rowdot
 from .gather import _neg_out, _sub_uniform
 
@@ -291,7 +291,7 @@ class RingClipLoss(torch.autograd.Function):
 
 def _target_loss(tg: FamilyTargets, img, txt, neg_txt, neg_img, diag, counts: Optional[torch.Tensor],
                  row_pos, col_pos, a: float, b: float, s, layout: Layout) -> torch.Tensor:
-    """Rank r's target terms beyond the per-pair loss terms (``clip_fast.targets``):
+    """Rank r's target terms beyond the per-pair loss terms (``clip_fast.clip.targets``):
     sum_i (a + b - w_i) S_ii - s * t, with w_i the own pair's target weight and t the
     target sum of every other entry of rank r's rows and columns, from the positive-pair
     sums the ring accumulated and the global feature sums (one all_reduce of two D-vectors)."""

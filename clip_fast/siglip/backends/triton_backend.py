@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ...backends.triton_backend import unavailable_reason  # noqa: F401  (same devices and dtypes)
+from ...clip.backends.triton_backend import unavailable_reason  # noqa: F401  (same devices and dtypes)
 from ...core.numerics import f32_scalar as _scalar
 
 NAME = "triton"

@@ -13,7 +13,7 @@ shards (``d_logit_scale`` included: the gradient of the loss *that rank* compute
               exactly like the backward of open_clip's ``torch.distributed.nn.all_gather``.
               not local_loss: one all_reduce of 2 floats (d_scale of the global loss).
 
-The options of ``clip_fast.targets`` take open_clip's gather as it would apply to them:
+The options of ``clip_fast.clip.targets`` take open_clip's gather as it would apply to them:
 ``group_ids`` are gathered with the features (group sizes count the whole global batch);
 hard negatives are gathered like the features (any M per rank, 0 included) and join
 every rank's softmaxes: the negative texts are extra columns of every image row
@@ -27,7 +27,7 @@ without it only the rank's own loss does, through its own shard as open_clip re-
 it when not local_loss -- with local_loss=True, gather_with_grad=False the negatives
 appear only as gathered (constant) copies, so their gradient is zero, as open_clip's
 gather would give.
-The target terms beyond the softmaxes (Q of ``clip_fast.targets``) are O(N * D) host
+The target terms beyond the softmaxes (Q of ``clip_fast.clip.targets``) are O(N * D) host
 sums per strip.
 
 Exactness: every gathered tensor is built rotated, this rank's rows first
@@ -46,12 +46,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..core.autograd import (autocast_off, bias_guard, bias_meta, finish_grads, first_order_only,
+from ...core.autograd import (autocast_off, bias_guard, bias_meta, finish_grads, first_order_only,
                         fresh_output)
-from ..core.numerics import compute_dtype
+from ...core.numerics import compute_dtype
 from ..targets import group_counts
 from .agreement import Layout
-from ..core.collectives import all_gather_rows, logsumexp_across_ranks, reduce_scatter_rows, rotate, unrotate
+from ...core.collectives import all_gather_rows, logsumexp_across_ranks, reduce_scatter_rows, rotate, unrotate
 from .common import FamilyTargets, backend_args
 
 _F64 = torch.float64

@@ -23,7 +23,7 @@ from . import diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_r
 NAME = "cuda"
 
 try:
-    from .. import _C  # noqa: F401  (loading it registers torch.ops.clip_fast_cuda)
+    from ... import _C  # noqa: F401  (loading it registers torch.ops.clip_fast_cuda)
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # not built, or built against another torch
     _C = None
