@@ -110,3 +110,16 @@ def backend_params(with_cuda=True):
 
     names = ("torch", "triton", "cuda") if with_cuda else ("torch", "triton")
     return [pytest.param(n, marks=[pytest.mark.gpu] if n == "cuda" else [], id=n) for n in names]
+
+
+def aot_check_report(*args):
+    """``python -m clip_fast.kernels.aot_check *args`` in a subprocess without TRITON_INTERPRET
+    (Triton's real compiler for an explicit target, no GPU): (exit status, stdout + stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.aot_check", *args], env=env,
+                         capture_output=True, text=True, timeout=600)
+    return out.returncode, out.stdout + out.stderr

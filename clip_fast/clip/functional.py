@@ -101,7 +101,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         chunk_size: rows per strip for the torch backend (default: from a memory budget).
 
     To call it inside ``torch.compile(fullgraph=True)``, import the backends first with
-    ``clip_fast.clip.backends.preload()`` (``FastClipLoss`` does this in its constructor).
+    ``clip_fast.backends.preload()`` (``FastClipLoss`` does this in its constructor).
 
     Returns:
         The scalar loss, in the features' dtype (float32 under autocast). Gradients flow

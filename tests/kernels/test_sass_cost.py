@@ -1,10 +1,8 @@
 """The kernel cost report (``python -m clip_fast.kernels.aot_check --sass``): no GPU needed."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
+from helpers import aot_check_report
 
 from clip_fast.kernels import sass
 
@@ -56,14 +54,10 @@ def test_static_counts_on_a_toy_kernel():
 @pytest.mark.slow
 def test_cost_report_reads_a_bf16_sm90_forward():
     """`aot_check --sass` on one variant: wgmma (HGMMA) at 64 per tile for D = 512, sane counts."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.aot_check", "--sass", "--dtype", "bf16",
-                          "--only", "forward:sweep", "--no-cuda", "--d", "512"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    report = out.stdout + out.stderr
+    rc, report = aot_check_report("--sass", "--dtype", "bf16", "--only", "forward:sweep", "--no-cuda", "--d", "512")
     if "ptxas not found" in report or "nvdisasm not found" in report:
         pytest.skip("Triton's bundled ptxas/nvdisasm is missing: " + report[-300:])
-    assert out.returncode == 0, report
+    assert rc == 0, report
     row = next((line for line in report.splitlines() if line.startswith("triton bf16 forward sweep ")), None)
     assert row is not None, report
     cols = re.split(r"\s{2,}", row.strip())

@@ -340,18 +340,15 @@ def test_kernels_compile_for_sm90_without_gpu():
     Runs `python -m clip_fast.kernels.aot_check` in a subprocess without TRITON_INTERPRET:
     Triton's real compiler down to PTX plus ptxas, for an explicit target, no GPU needed.
     """
-    import subprocess
-    import sys
+    import re
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.aot_check", "--arch", "90",
-                          "--dtype", "bf16"], env=env, capture_output=True, text=True, timeout=600)
-    report = out.stdout + out.stderr
+    from helpers import aot_check_report
+
+    rc, report = aot_check_report("--arch", "90", "--dtype", "bf16")
     if "ptxas not found" in report:
         pytest.skip("Triton's bundled ptxas is missing")
-    assert out.returncode == 0, report
+    assert rc == 0, report
     assert "aot_check: 0 failure(s)" in report, report
-    import re
     kinds = re.findall(r"^sm_90 bf16 (\w+) ", report, flags=re.M)
     assert {"forward", "backward", "siglip", "distill"} <= set(kinds), report
     spills = [int(x) for x in re.findall(r"^sm_90 bf16 (?:forward|backward|distill) .* spill_stores=(\d+)B",
