@@ -96,7 +96,7 @@ class FastClipLoss(nn.Module):
             loss = distributed_clip_loss(
                 image_features, text_features, logit_scale, logit_bias,
                 rank=self.rank, world_size=self.world_size, local_loss=self.local_loss,
-                gather_with_grad=self.gather_with_grad, mode=self.distributed, group=self.group,
+                gather_with_grad=self.gather_with_grad, distributed=self.distributed, group=self.group,
                 **options)
         else:
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias, **options)

@@ -115,11 +115,23 @@ def check_chunk_size(chunk_size) -> Optional[int]:
 MODES = ("gather", "ring")
 
 
+def aliased(owner: str, name: str, value, alias: str, alias_value, default):
+    """An option with one name (``name``) that is also accepted under an older or open_clip
+    name (``alias``): the value given, ``default`` when neither is, and an error naming
+    both when they are given with different values."""
+    if alias_value is None:
+        return default if value is None else value
+    if value is not None and value != alias_value:
+        raise ValueError(f"{owner} got {name}={value!r} and {alias}={alias_value!r} ({alias} is another "
+                         f"name for {name}); pass only {name}")
+    return alias_value
+
+
 def check_mode(mode, local_loss: bool, gather_with_grad: bool) -> None:
     """The distributed mode, and ring mode's requirement (the only semantics it computes)."""
     if mode not in MODES:
-        raise ValueError(f"distributed must be one of {MODES} (FastClipLoss's distributed=, "
-                         f"distributed_clip_loss's mode=), got {mode!r}")
+        raise ValueError(f"distributed must be one of {MODES} (FastClipLoss's and distributed_clip_loss's "
+                         f"distributed=; mode= is accepted as another name), got {mode!r}")
     if mode == "ring" and not (local_loss and gather_with_grad):
         raise ValueError(
             "distributed mode='ring' computes the local_loss=True, gather_with_grad=True semantics; "

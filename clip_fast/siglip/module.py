@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import backends as siglip_backends
-from ..core.checks import ScalarLike, check_chunk_size
+from ..core.checks import ScalarLike, aliased, check_chunk_size
 from ..core.distributed import check_world_size
 from ..core.registry import BACKENDS
 from .distributed import DIST_IMPLS
@@ -31,6 +31,8 @@ class FastSigLipLoss(nn.Module):
         bidir: True means dist_impl="bidir", False means "shift" (open_clip < 2.24).
         use_horovod: not supported (raises NotImplementedError when True).
     clip_fast keywords:
+        distributed: the same choice under the name every clip_fast loss takes
+            (``FastClipLoss(distributed=...)``); ``dist_impl`` is open_clip's name for it.
         backend: "auto", "torch", "triton" or "cuda" (see ``clip_fast.available_backends``).
         chunk_size: rows per strip for the torch backend.
         group: the ``torch.distributed`` process group (default: the world).
@@ -42,7 +44,7 @@ class FastSigLipLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, bidir: Optional[bool] = None,
                  use_horovod: bool = False, backend: str = "auto",
-                 chunk_size: Optional[int] = None, group=None):
+                 chunk_size: Optional[int] = None, group=None, distributed: Optional[str] = None):
         super().__init__()
         if use_horovod:
             raise NotImplementedError(
@@ -53,7 +55,7 @@ class FastSigLipLoss(nn.Module):
                 raise ValueError(f"FastSigLipLoss got bidir={bidir} (meaning dist_impl={implied!r}) and "
                                  f"dist_impl={dist_impl!r}; pass only dist_impl")
             dist_impl = implied
-        dist_impl = dist_impl or "bidir"
+        dist_impl = aliased("FastSigLipLoss", "distributed", distributed, "dist_impl", dist_impl, "bidir")
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
         if backend != "auto" and backend not in BACKENDS:
@@ -62,7 +64,7 @@ class FastSigLipLoss(nn.Module):
         self.cache_labels = bool(cache_labels)
         self.rank = rank
         self.world_size = world_size
-        self.dist_impl = dist_impl
+        self.dist_impl = self.distributed = dist_impl
         self.bidir = dist_impl == "bidir"
         self.use_horovod = False
         self.backend = backend

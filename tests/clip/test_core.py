@@ -407,6 +407,18 @@ def test_bad_module_arguments(kwargs, exc, pattern):
         FastClipLoss(**kwargs)
 
 
+def test_distributed_clip_loss_takes_distributed_mode_is_an_alias():
+    """``distributed_clip_loss(distributed=...)``, the name ``FastClipLoss`` takes; ``mode=``
+    is accepted, and both given with different values raise before any collective."""
+    from clip_fast.distributed import distributed_clip_loss
+
+    img, txt = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="distributed='ring' and mode='gather'"):
+        distributed_clip_loss(img, txt, 1.0, rank=0, world_size=2, distributed="ring", mode="gather")
+    with pytest.raises(RuntimeError, match="needs torch.distributed to be initialised"):
+        distributed_clip_loss(img, txt, 1.0, rank=0, world_size=2, mode="ring")
+
+
 @pytest.mark.parametrize("module", ["FastClipLoss", "FastSigLipLoss", "FastDistillClipLoss"])
 @pytest.mark.parametrize("kwargs,pattern", [
     ({"world_size": True}, "world_size must be an int >= 1, got True"),

@@ -318,3 +318,16 @@ def test_triton_kernel_compiles_for_sm90(dtype, labels):
     assert variant.tile.BM == 64 and variant.tile.BN == 128  # the GPU tile of siglip.tile_config
     compiled = aot_check.compile_variant(variant, arch=90)
     assert compiled.asm["cubin"]
+
+
+def test_distributed_is_the_one_name_dist_impl_and_bidir_are_aliases():
+    """``distributed=`` is the name every loss module takes; open_clip's ``dist_impl`` (and
+    its older ``bidir``) name the same choice, and conflicting values raise naming both."""
+    assert clip_fast.FastSigLipLoss(distributed="shift").dist_impl == "shift"
+    assert clip_fast.FastSigLipLoss(dist_impl="reduce").distributed == "reduce"
+    assert clip_fast.FastSigLipLoss(distributed="shift", bidir=False).distributed == "shift"
+    assert clip_fast.FastSigLipLoss().distributed == "bidir"
+    with pytest.raises(ValueError, match="distributed='gather' and dist_impl='shift'"):
+        clip_fast.FastSigLipLoss(dist_impl="shift", distributed="gather")
+    with pytest.raises(ValueError, match="dist_impl must be one of"):
+        clip_fast.FastSigLipLoss(distributed="ring")

@@ -11,8 +11,8 @@ Modules:
                  same error) on every rank; the :class:`~.agreement.Layout` of the call
     (the collectives, row all_gather / reduce_scatter, logsumexp across ranks and the
     ring's P2P, are shared with SigLIP: ``clip_fast.core.collectives``)
-    gather       ``mode="gather"``: open_clip's ``ClipLoss`` semantics, all four flags
-    ring         ``mode="ring"``: ``local_loss=True, gather_with_grad=True`` with text
+    gather       ``distributed="gather"``: open_clip's ``ClipLoss`` semantics, all four flags
+    ring         ``distributed="ring"``: ``local_loss=True, gather_with_grad=True`` with text
                  blocks travelling around the ring, O(n * D) memory per rank
 
 Unequal shard sizes are supported in both modes: labels are offset by ``o_r`` and every
@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ...core.checks import MODES
+from ...core.checks import MODES, aliased
 from ...core.distributed import require_initialized
 from ..functional import apply_loss
 from .agreement import check_across_ranks
@@ -40,19 +40,21 @@ __all__ = ["MODES", "distributed_clip_loss"]
 
 def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                           logit_bias=None, *, rank: int, world_size: int, local_loss: bool = False,
-                          gather_with_grad: bool = False, mode: str = "gather", backend: str = "auto",
-                          chunk_size: Optional[int] = None, group=None, group_ids=None,
-                          label_smoothing: float = 0.0, image_to_text_weight: float = 0.5,
-                          negative_text_features=None, negative_image_features=None) -> torch.Tensor:
+                          gather_with_grad: bool = False, distributed: Optional[str] = None,
+                          backend: str = "auto", chunk_size: Optional[int] = None, group=None,
+                          group_ids=None, label_smoothing: float = 0.0, image_to_text_weight: float = 0.5,
+                          negative_text_features=None, negative_image_features=None,
+                          mode: Optional[str] = None) -> torch.Tensor:
     """The CLIP loss of a batch sharded over ``group`` (default: the world), as a scalar.
 
     Args:
         image_features, text_features: this rank's (n_r, D) shard; n_r may differ across ranks.
         logit_scale, logit_bias: as in ``clip_loss``; must be bitwise equal on every rank.
         rank, world_size: this process's rank in ``group`` and the group's size (checked).
-        local_loss, gather_with_grad: open_clip's meaning (``mode="gather"``).
-        mode: "gather" (open_clip's semantics) or "ring" (requires ``local_loss=True`` and
-            ``gather_with_grad=True``: those are the semantics it computes).
+        local_loss, gather_with_grad: open_clip's meaning (``distributed="gather"``).
+        distributed: "gather" (the default: open_clip's semantics) or "ring" (requires
+            ``local_loss=True`` and ``gather_with_grad=True``: those are the semantics it
+            computes); the name ``FastClipLoss`` takes.  ``mode`` is accepted as another name.
         backend, chunk_size: as in ``clip_loss``.
         group: a ``torch.distributed`` process group, or None for the default group.
         group_ids: this rank's (n_r,) integer ids, or None (on every rank).  Pairs with equal
@@ -78,12 +80,13 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
     Every rank must call this (and the backward) collectively.  A bad shard or mismatched
     options on any rank make every rank raise the same ValueError.
     """
+    distributed = aliased("distributed_clip_loss", "distributed", distributed, "mode", mode, "gather")
     require_initialized(world_size)
     layout, call = check_across_ranks(
         image_features, text_features, logit_scale, logit_bias, rank=rank, world_size=world_size,
-        local_loss=local_loss, gather_with_grad=gather_with_grad, mode=mode, backend=backend,
+        local_loss=local_loss, gather_with_grad=gather_with_grad, mode=distributed, backend=backend,
         chunk_size=chunk_size, group=group, group_ids=group_ids, label_smoothing=label_smoothing,
         image_to_text_weight=image_to_text_weight, negative_text_features=negative_text_features,
         negative_image_features=negative_image_features)
-    return apply_loss(RingClipLoss if mode == "ring" else GatherClipLoss, call, call.ids, call.neg_txt,
+    return apply_loss(RingClipLoss if distributed == "ring" else GatherClipLoss, call, call.ids, call.neg_txt,
                       call.neg_img, layout)
