@@ -56,11 +56,6 @@ def prepare_call(image_features, text_features, logit_scale, logit_bias, backend
                 ids=ids, neg_txt=neg_txt, neg_img=neg_img)
 
 
-def apply_loss(fn, call: Call, *extra):
-    """``fn.apply`` on a prepared call (``clip_fast.core.autograd.apply_function``)."""
-    return apply_function(fn, call.opts.loss_dtype, call.img, call.txt, call.scale, call.bias, *extra)
-
-
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: ScalarLike,
               logit_bias: Optional[ScalarLike] = None, *, group_ids: Optional[torch.Tensor] = None,
               label_smoothing: float = 0.0, image_to_text_weight: float = 0.5,
@@ -112,4 +107,5 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
                         image_to_text_weight=image_to_text_weight,
                         negative_text_features=negative_text_features,
                         negative_image_features=negative_image_features)
-    return apply_loss(ClipLossFunction, call, call.ids, call.neg_txt, call.neg_img, call.opts)[0]
+    return apply_function(ClipLossFunction, call.opts.loss_dtype, call.img, call.txt, call.scale, call.bias,
+                          call.ids, call.neg_txt, call.neg_img, call.opts)[0]

@@ -28,9 +28,9 @@ from typing import Optional
 
 import torch
 
+from ...core.autograd import apply_function
 from ...core.checks import MODES, aliased
 from ...core.distributed import require_initialized
-from ..functional import apply_loss
 from .agreement import check_across_ranks
 from .gather import GatherClipLoss
 from .ring import RingClipLoss
@@ -88,5 +88,6 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         chunk_size=chunk_size, group=group, group_ids=group_ids, label_smoothing=label_smoothing,
         image_to_text_weight=image_to_text_weight, negative_text_features=negative_text_features,
         negative_image_features=negative_image_features)
-    return apply_loss(RingClipLoss if distributed == "ring" else GatherClipLoss, call, call.ids, call.neg_txt,
-                      call.neg_img, layout)
+    fn = RingClipLoss if distributed == "ring" else GatherClipLoss
+    return apply_function(fn, call.opts.loss_dtype, call.img, call.txt, call.scale, call.bias, call.ids,
+                          call.neg_txt, call.neg_img, layout)
