@@ -1,7 +1,7 @@
 // clip_fast._C: input checks, the host side of both sweeps, and the bindings.
 //
-// The two entry points are torch custom ops (namespace clip_fast_cuda), so that
-// torch.compile sees them as single graph nodes; clip_fast/backends/cuda_backend.py
+// The entry points are torch custom ops, all in one namespace (clip_fast_cuda), so that
+// torch.compile sees them as single graph nodes; clip_fast/clip/backends/cuda_backend.py
 // registers their fake (meta) implementations.
 //
 //   clip_fast_cuda::lse_forward(img, txt, scale, bias?, allow_tf32?) -> (lse_row, lse_col, diag)
@@ -10,13 +10,14 @@
 //                                 coef_row, coef_col, coef_diag, g_diag?, allow_tf32?)
 //                                 -> (d_img, d_txt, d_scale)
 //                                 (lse in log2 units, float32; d_scale reduced in float64)
+//   clip_fast_cuda::siglip_block(...)  SigLIP's one-sweep op (siglip_op.cpp, declared in siglip_op.h)
 //
 // allow_tf32 (float32 inputs only): None follows torch's cuBLAS setting
 // (at::globalContext().allowTF32CuBLAS(), i.e. torch.backends.cuda.matmul.allow_tf32 /
 // torch.set_float32_matmul_precision), read when the op runs; True/False force it for the
 // fused tile products (the backward's two cuBLAS GEMMs always follow torch's setting).
 //
-// Semantics are the backend contract in clip_fast/backends/__init__.py.  Inputs may be
+// Semantics are the backend contract in clip_fast/clip/backends/__init__.py.  Inputs may be
 // strided: they are made contiguous here (a copy only when they are not already).
 // The same functions are registered for the CPU dispatch key too, where they stop at the
 // first failed check ("img must be a CUDA tensor ..."): a clear error instead of the
@@ -41,6 +42,7 @@
 #include <tuple>
 
 #include "launch.h"
+#include "siglip_op.h"
 #include "workspace.h"
 
 #define CLIP_FAST_STR_(x) #x
@@ -314,17 +316,22 @@ TORCH_LIBRARY(clip_fast_cuda, m) {
         " Tensor? lse_col, float coef_row, float coef_col, float coef_diag, Tensor? g_diag=None,"
         " bool? allow_tf32=None)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("siglip_block(Tensor img, Tensor txt, Tensor scale, Tensor? bias, Tensor? ids_row, "
+        "Tensor? ids_col, bool diag_positive, bool need_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(clip_fast_cuda, CUDA, m) {
   m.impl("lse_forward", &clip_fast::lse_forward);
   m.impl("grad_backward", &clip_fast::grad_backward);
+  m.impl("siglip_block", &clip_fast::siglip_block);
 }
 
-// CPU: the same functions, which stop at a named check (img must be a CUDA tensor ...).
+// CPU: functions that stop at a named check (img must be a CUDA tensor ...).
 TORCH_LIBRARY_IMPL(clip_fast_cuda, CPU, m) {
   m.impl("lse_forward", &clip_fast::lse_forward);
   m.impl("grad_backward", &clip_fast::grad_backward);
+  m.impl("siglip_block", &clip_fast::siglip_block_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

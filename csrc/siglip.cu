@@ -1,5 +1,5 @@
 // SigLIP: the elementwise sweep of one block of S, giving the loss terms, G and the
-// d_scale / d_bias row sums (clip_fast/backends/siglip.py holds the contract and the
+// d_scale / d_bias row sums (clip_fast/siglip/backends/__init__.py holds the contract and the
 // numbered numerics this file follows; kernels/siglip.py is the Triton twin).
 //
 // One CTA per row of the block: its threads stride over the columns, each keeping
