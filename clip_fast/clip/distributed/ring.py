@@ -95,6 +95,9 @@ class RingClipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, img, txt, scale, bias, ids, neg_txt, neg_img, layout: Layout):
+        # Long: one loop over the ring's steps whose stages share the buffers in flight (the
+        # block being received while this one is swept); split, they would travel as arguments
+        # and the overlap of the exchange with the sweep would no longer be visible in one place.
         acc = compute_dtype(img.dtype)
         impl, kw, s = backend_args(layout, scale, acc)
         tg = FamilyTargets.of(layout)
@@ -171,6 +174,8 @@ class RingClipLoss(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def backward(ctx, grad_loss):
+        # Long for the forward's reason: the numbered steps of one ring loop share the text
+        # block and the gradient accumulator travelling with it, double-buffered.
         img, txt, scale, lse_row, lse_col, diag, ids, counts, neg_txt, neg_img = ctx.saved_tensors
         layout: Layout = ctx.layout
         acc = compute_dtype(img.dtype)

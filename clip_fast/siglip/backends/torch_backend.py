@@ -51,6 +51,8 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                  ids_col: Optional[torch.Tensor], diag_positive: bool, need_grad: bool,
                  chunk_size: Optional[int] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Long: the numbered numerics of the contract, applied strip by strip in one loop, in the
+    # order the kernels apply them per tile, so the oracle reads beside them step for step.
     cd = torch.float64 if img.dtype == torch.float64 else torch.float32
     f64 = torch.float64
     x, y = img.to(cd), txt.to(cd)  # a copy only for half/bfloat16 inputs: O(N*D)
