@@ -29,8 +29,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from ..core.autograd import (autocast_off, bias_guard, bias_meta, finish_grads,  # noqa: F401
-                            first_order_only, fresh_output)
+from ..core.autograd import bias_guard, bias_meta, finish_grads, fresh_output, fused_backward, refuse_vmap
 from ..core.numerics import compute_dtype, compute_scalar
 from ..core.registry import chunk_kwargs
 from .targets import block_targets, group_counts
@@ -88,13 +87,6 @@ class ClipLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse_row, lse_col, diag)
 
     @staticmethod
-    @autocast_off
-    def backward(ctx, grad_loss: torch.Tensor, *unused):
-        with torch.no_grad():
-            grads = ClipLossFunction._grads(ctx, grad_loss)
-        return first_order_only("clip_fast's CLIP loss", grads)
-
-    @staticmethod
     def _grads(ctx, grad_loss: torch.Tensor):
         img, txt, scale, lse_row, lse_col, diag, ids, neg_txt, neg_img = ctx.saved_tensors
         opts: LossOptions = ctx.opts
@@ -140,11 +132,9 @@ class ClipLossFunction(torch.autograd.Function):
                  _neg_grad(d_neg_img, g, neg_img, ctx.needs_input_grad[6]))
         return out[:4] + extra + out[4:]
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise NotImplementedError(
-            "clip_fast's CLIP loss does not support torch.func.vmap (a batch of losses); "
-            "call it once per batch element, or stack the batches along N")
+    backward = fused_backward("clip_fast's CLIP loss", _grads.__func__)
+
+    vmap = refuse_vmap("clip_fast's CLIP loss", "call it once per batch element, or stack the batches along N")
 
 
 def _neg_grad(d, g, like, needed):

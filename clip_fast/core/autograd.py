@@ -3,6 +3,8 @@
 * ``fresh_output``      -- a forward returns a new tensor, never an intermediate it holds.
 * ``autocast_off``      -- a backward runs with autocast off.
 * ``first_order_only``  -- gradients that raise on a second differentiation.
+* ``fused_backward``    -- a Function's backward from its gradient sweep, with the three rules above.
+* ``refuse_vmap``       -- a Function's ``vmap`` that says torch.func.vmap is not supported.
 * ``finish_grads``      -- the backward tail: upstream gradient, dtypes, the bias's exact zero.
 * ``bias_guard``, ``bias_meta`` -- a ``logit_bias`` that cancels from a softmax loss.
 * ``autocast_features`` -- autocast's matmul cast policy applied to the features.
@@ -92,6 +94,26 @@ def first_order_only(what: str, grads: tuple) -> tuple:
     for i, w in zip(live, wrapped):
         out[i] = w
     return tuple(out)
+
+
+def fused_backward(what: str, grads: Callable) -> staticmethod:
+    """A Function's ``backward`` from ``grads(ctx, grad_loss) -> tuple``, the fused sweep:
+    autocast off (``autocast_off``), no autograd graph inside it, and gradients that refuse
+    a second differentiation (``first_order_only``, whose messages name ``what``)."""
+    @autocast_off
+    def backward(ctx, grad_loss: torch.Tensor, *unused):
+        with torch.no_grad():
+            out = grads(ctx, grad_loss)
+        return first_order_only(what, out)
+    return staticmethod(backward)
+
+
+def refuse_vmap(what: str, advice: str) -> staticmethod:
+    """A Function's ``vmap`` rule that raises: a batch of losses would need a batch of fused
+    sweeps, which the kernels do not take; ``advice`` says what to do instead."""
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(f"{what} does not support torch.func.vmap (a batch of losses); {advice}")
+    return staticmethod(vmap)
 
 
 def finish_grads(d_img, d_txt, d_scale, grad_loss, img, txt, scale, bias_meta, needs) -> tuple:

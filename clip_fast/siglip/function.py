@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import backends as siglip_backends
-from ..core.autograd import autocast_off, first_order_only, fresh_output
+from ..core.autograd import fresh_output, fused_backward, refuse_vmap
 from ..core.numerics import backend_scalar
 from ..core.registry import chunk_kwargs
 
@@ -69,13 +69,6 @@ class SigLipLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(d_img, d_txt, d_scale, d_bias)
 
     @staticmethod
-    @autocast_off
-    def backward(ctx, grad_loss: torch.Tensor, *unused):
-        with torch.no_grad():
-            grads = SigLipLossFunction._grads(ctx, grad_loss)
-        return first_order_only("clip_fast's SigLIP loss", grads)
-
-    @staticmethod
     def _grads(ctx, grad_loss: torch.Tensor):
         d_img, d_txt, d_scale, d_bias = ctx.saved_tensors
         if not ctx.opts.need_grad:
@@ -94,8 +87,6 @@ class SigLipLossFunction(torch.autograd.Function):
             out_bias = (d_bias * g).to(bias_meta[0]).reshape(bias_meta[1])
         return out_img, out_txt, out_scale, out_bias, None, None, None
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise NotImplementedError(
-            "clip_fast's SigLIP loss does not support torch.func.vmap (a batch of losses); "
-            "call it once per batch element")
+    backward = fused_backward("clip_fast's SigLIP loss", _grads.__func__)
+
+    vmap = refuse_vmap("clip_fast's SigLIP loss", "call it once per batch element")
