@@ -1,7 +1,7 @@
 // Host-side declarations of the kernel launchers in csrc/*.cu.
 //
 // The .cu files see only raw pointers, sizes and a cudaStream_t: they include no
-// torch headers, so nvcc compiles them quickly.  csrc/clip_fast.cpp does every
+// torch headers, so nvcc compiles them quickly.  csrc/clip_op.cpp does every
 // tensor-level job (checks, allocation, .contiguous(), the cuBLAS GEMMs via at::mm)
 // and calls these.  Every launcher returns the cudaError_t of its launch(es).
 #pragma once
