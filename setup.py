@@ -16,7 +16,11 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["clip_fast", "clip_fast.backends", "clip_fast.distributed", "clip_fast.kernels",  # the loss library
+PACKAGES = ["clip_fast", "clip_fast.core",  # the core every loss uses
+            "clip_fast.clip", "clip_fast.clip.backends", "clip_fast.clip.distributed",  # the CLIP loss
+            "clip_fast.distill", "clip_fast.distill.backends",  # the distillation term
+            "clip_fast.siglip", "clip_fast.siglip.backends",  # the SigLIP loss
+            "clip_fast.kernels",  # the Triton kernels (the top-level kernels/ folder)
             "clip_fast.integrations",  # the open_clip switch, the sentence-transformers twins
             "clip_fast.train",  # the reference trainer (extra: train)
             "clip_fast.curate"]  # data curation (extra: curate)

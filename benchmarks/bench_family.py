@@ -12,7 +12,7 @@ Cases (forward+backward of ``FastClipLoss``; the options as ``clip_fast.clip_los
     hard_negatives         ``--neg-frac`` * N hard-negative texts and as many images
     all                    all of the above together
 
-The option terms are O(N * D) host work (``clip_fast.targets``), so every case but the hard
+The option terms are O(N * D) host work (``clip_fast.clip.targets``), so every case but the hard
 negatives should cost about what plain costs.  Hard negatives add the sweeps of their two
 rectangular blocks, N x M_t and M_i x N; ``work`` in the table is the logit entries swept
 relative to plain, ``(N^2 + N M_t + M_i N) / N^2``, the ratio those blocks alone would give.

@@ -256,7 +256,7 @@ def interpreter_note(exc: BaseException) -> str:
 
 
 def run_config_sweep(table, device, dry_run, deadline):
-    from clip_fast.backends import triton_backend
+    from clip_fast.clip.backends import triton_backend
     from clip_fast.kernels import config as kconfig
 
     if triton_backend.unavailable_reason(device, torch.bfloat16) is not None:
@@ -425,7 +425,7 @@ def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_
                                f"(cap {per_case_cap_s:.0f} s per case, {left:.0f} s left); estimate: {how}")
                 continue
             if impl in ("triton", "cuda", "torch"):
-                from clip_fast.backends import available_backends
+                from clip_fast.clip.backends import available_backends
                 reason = available_backends(device, dtype).get(impl)
                 if reason:
                     table.add(**row, status="skipped", note=f"unavailable: {reason}"[:300])

@@ -50,7 +50,7 @@ def build_loss(impl: str) -> Callable:
 
         backend = impl.split(":", 1)[1]
         if backend != "auto":
-            import clip_fast.backends.siglip as sb
+            import clip_fast.siglip.backends as sb
             reason = sb.unavailable_reason(backend, torch.device(_DEVICE), torch.float32)
             if reason:
                 raise RuntimeError(reason)

@@ -148,7 +148,7 @@ fi
 timeout -k $KILL_S 20 "$PY" - <<'PYEOF' 2>&1 | indent
 import torch
 try:
-    import clip_fast.backends as b
+    import clip_fast.clip.backends as b
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for dt in (torch.bfloat16, torch.float32):
         print(f"backends on {dev} for {dt}:", b.available_backends(dev, dt))
@@ -161,8 +161,8 @@ TESTS_LOG="$LOGDIR/tests.log"
 t=$(limit $TEST_S 90)
 if [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for the tests (under 10 s)"; : > "$LOGDIR/tests.log"; else
 # The Triton file first (this check's own subject), then every other test file's gpu tests.
-FILES="tests/loss/test_triton.py"
-for f in tests/loss/test_*.py tests/*/test_*.py; do
+FILES="tests/kernels/test_triton.py"
+for f in tests/*/test_*.py; do
   case " $FILES " in *" $f "*) ;; *) [ -f "$f" ] && FILES="$FILES $f" ;; esac
 done
 # SIGINT, not SIGTERM: pytest treats it as KeyboardInterrupt and still prints the short

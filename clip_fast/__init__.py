@@ -5,11 +5,9 @@
     loss = clip_fast.FastSigLipLoss()(image_features, text_features, logit_scale, logit_bias)
     loss = clip_fast.siglip_loss(image_features, text_features, logit_scale, logit_bias)
 """
-from .backends import available_backends
-from .functional import clip_loss
-from .loss import FastClipLoss
-from .siglip_functional import siglip_loss
-from .siglip_module import FastSigLipLoss
+from .clip import FastClipLoss, clip_loss
+from .clip.backends import available_backends
+from .siglip import FastSigLipLoss, siglip_loss
 
 __version__ = "0.1.0"
 __all__ = ["FastClipLoss", "clip_loss", "available_backends", "__version__"]
@@ -20,5 +18,5 @@ from .distill import FastDistillClipLoss  # noqa: E402
 
 __all__ += ["FastCoCaLoss", "FastDistillClipLoss"]
 
-# SigLIP's sigmoid loss (see clip_fast.siglip_module).
+# SigLIP's sigmoid loss (see clip_fast.siglip).
 __all__ += ["FastSigLipLoss", "siglip_loss"]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .loss import FastClipLoss
+from .clip.module import FastClipLoss
 
 
 class FastCoCaLoss(FastClipLoss):

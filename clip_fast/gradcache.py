@@ -13,7 +13,7 @@ embeddings.  So one step over a batch of N is done in micro-batches of m:
 
 Peak activation memory is that of one micro-batch; the parameter gradients equal
 those of one autograd graph over the whole batch with the same dropout masks
-(tests/loss/test_gradcache.py checks this in float64, with and without dropout).
+(tests/train/test_gradcache.py checks this in float64, with and without dropout).
 The cost is one extra forward pass.
 
 The model returns ``(image_emb, text_emb, scale)`` or ``(image_emb, text_emb, scale,
@@ -129,56 +129,79 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
                          f"images {tuple(images.shape)} and tokens {tuple(tokens.shape)}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    device = images.device
     img_chunks = images.split(micro_batch_size)
     tok_chunks = tokens.split(micro_batch_size)
     # No negatives on this process (None or zero rows): no text-only micro-batch.
     neg_chunks = () if neg_tokens is None or not neg_tokens.shape[0] else neg_tokens.split(micro_batch_size)
-
     # 1. Embed everything without autograd, remembering each micro-batch's RNG state.
-    states: List[dict] = []
-    neg_states: List[dict] = []
-    img_embs, txt_embs, neg_embs = [], [], []
+    emb = _embed_without_grad(model, img_chunks, tok_chunks, neg_chunks, autocast, images.device)
+    # 2. Loss and embedding gradients on leaf tensors (the scale and bias too).
+    loss, grads = _cached_grads(emb, loss_fn, micro_batch_size, group_ids, neg_tokens is not None)
+    # 3. Re-run each micro-batch with autograd and push its cached gradient through.
+    _rerun(model, img_chunks, tok_chunks, neg_chunks, emb, grads, autocast, no_sync, images.device)
+    return loss.detach()
+
+
+class _Embedded:
+    """Step 1's output: every micro-batch's embeddings (float32, no graph) and RNG states."""
+
+    def __init__(self):
+        self.img, self.txt, self.neg = [], [], []
+        self.states: List[dict] = []
+        self.neg_states: List[dict] = []
+        self.scalars: tuple = ()
+
+
+def _embed_without_grad(model, img_chunks, tok_chunks, neg_chunks, autocast, device) -> _Embedded:
+    out = _Embedded()
     with torch.no_grad():
         for im, tk in zip(img_chunks, tok_chunks):
-            states.append(capture_rng(device))
+            out.states.append(capture_rng(device))
             with autocast():
-                img, txt, scalars = _split_outputs(model(im, tk))
-            img_embs.append(_f32(img))
-            txt_embs.append(_f32(txt))
+                img, txt, out.scalars = _split_outputs(model(im, tk))
+            out.img.append(_f32(img))
+            out.txt.append(_f32(txt))
         for tk in neg_chunks:
-            neg_states.append(capture_rng(device))
+            out.neg_states.append(capture_rng(device))
             with autocast():
-                neg_embs.append(_f32(model(None, tk)[1]))
+                out.neg.append(_f32(model(None, tk)[1]))
+    return out
 
-    # 2. Loss and embedding gradients on leaf tensors (the scale and bias too).
-    img_all = torch.cat(img_embs).requires_grad_(True)
-    txt_all = torch.cat(txt_embs).requires_grad_(True)
-    scalar_leaves = [_f32(s.detach()).requires_grad_(True) for s in scalars]
+
+def _cached_grads(emb: _Embedded, loss_fn, micro_batch_size: int, group_ids, has_neg: bool):
+    """The loss over the whole batch's embeddings (as leaves) and their gradients, split
+    back into micro-batches: (loss, (d_img, d_txt, d_scalars, d_neg))."""
+    img_all = torch.cat(emb.img).requires_grad_(True)
+    txt_all = torch.cat(emb.txt).requires_grad_(True)
+    scalar_leaves = [_f32(s.detach()).requires_grad_(True) for s in emb.scalars]
     neg_all = None
-    if neg_tokens is not None:
-        neg_all = (torch.cat(neg_embs) if neg_embs else
+    if has_neg:
+        neg_all = (torch.cat(emb.neg) if emb.neg else
                    txt_all.new_zeros((0, txt_all.shape[1]))).requires_grad_(True)
-    del img_embs, txt_embs, neg_embs
+    emb.img, emb.txt, emb.neg = [], [], []  # the batch's embeddings now live in the leaves only
     loss = loss_fn(img_all, txt_all, *scalar_leaves, **loss_extras(group_ids, neg_all))
     loss.backward()
     d_img = img_all.grad.split(micro_batch_size)
     d_txt = txt_all.grad.split(micro_batch_size)
     d_scalars = [s.grad for s in scalar_leaves]
     d_neg = () if neg_all is None or neg_all.grad is None else neg_all.grad.split(micro_batch_size)
+    return loss, (d_img, d_txt, d_scalars, d_neg)
 
-    # 3. Re-run each micro-batch with autograd and push its cached gradient through:
-    #    the hard negatives' text-only micro-batches first, then the paired ones.
+
+def _rerun(model, img_chunks, tok_chunks, neg_chunks, emb: _Embedded, grads, autocast, no_sync, device):
+    """Step 3: the hard negatives' text-only micro-batches first, then the paired ones; only
+    the last re-run synchronises (``no_sync`` for the others)."""
+    d_img, d_txt, d_scalars, d_neg = grads
     for k, tk in enumerate(neg_chunks[:len(d_neg)]):
         sync = no_sync() if no_sync is not None else contextlib.nullcontext()
-        with sync, replay_rng(neg_states[k], device):
+        with sync, replay_rng(emb.neg_states[k], device):
             with autocast():
                 neg = model(None, tk)[1]
             (_f32(neg) * d_neg[k]).sum().backward()
     last = len(img_chunks) - 1
     for k, (im, tk) in enumerate(zip(img_chunks, tok_chunks)):
         sync = no_sync() if (no_sync is not None and k < last) else contextlib.nullcontext()
-        with sync, replay_rng(states[k], device):
+        with sync, replay_rng(emb.states[k], device):
             with autocast():
                 img, txt, scalars = _split_outputs(model(im, tk))
             surrogate = (_f32(img) * d_img[k]).sum() + (_f32(txt) * d_txt[k]).sum()
@@ -187,4 +210,3 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
                     if d_s is not None:
                         surrogate = surrogate + _f32(s) * d_s
             surrogate.backward()
-    return loss.detach()

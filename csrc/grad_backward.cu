@@ -4,7 +4,7 @@
 // d_txt = scale * G.T @ img).  With D = 512..1024 a CTA cannot hold a 64 x D fp32
 // accumulator for both, so the fused part here is the recompute: every tile of S is
 // computed exactly ONCE, turned into G and the d_scale partial sum, and G is written to a
-// bounded (R x K) workspace W in the input dtype.  The host (csrc/clip_fast.cpp) then
+// bounded (R x K) workspace W in the input dtype.  The host (csrc/clip_op.cpp) then
 // runs two cuBLAS GEMMs per strip (at::mm with a float32 output):
 //     d_img[strip] = omega * W @ txt,      d_txt += omega * W.T @ img[strip]
 // and multiplies both by scale at the end.  W holds G / omega with omega the largest

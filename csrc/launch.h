@@ -1,7 +1,7 @@
 // Host-side declarations of the kernel launchers in csrc/*.cu.
 //
 // The .cu files see only raw pointers, sizes and a cudaStream_t: they include no
-// torch headers, so nvcc compiles them quickly.  csrc/clip_fast.cpp does every
+// torch headers, so nvcc compiles them quickly.  csrc/clip_op.cpp does every
 // tensor-level job (checks, allocation, .contiguous(), the cuBLAS GEMMs via at::mm)
 // and calls these.  Every launcher returns the cudaError_t of its launch(es).
 #pragma once
@@ -60,7 +60,7 @@ cudaError_t launch_lse_forward(InputKind kind, const void* img, const void* txt,
 //   W[i - row_begin, j] = G_ij / omega   (input dtype, row-major, leading dimension K)
 // for every i in the strip and every j < K, and adds sum_ij G_ij * <img_i, txt_j> over
 // the strip into *d_scale (float64, device).  Each lse is a float-float pair in log2 units,
-// lse = hi + lo (clip_fast.backends.kernel_lse), and P = 2^((S2 - hi) - lo); a pair's
+// lse = hi + lo (clip_fast.core.numerics.kernel_lse), and P = 2^((S2 - hi) - lo); a pair's
 // pointers may be nullptr when the matching coefficient is zero.  g_diag (min(M, K) floats, or nullptr)
 // replaces G's diagonal when given; otherwise G_ii gets - coef_diag.
 cudaError_t launch_grad_strip(InputKind kind, const void* img, const void* txt, int64_t M,

@@ -2,7 +2,7 @@
 // S = scale * img @ txt.T + bias in one pass over the tiles of S, nothing M x K stored.
 // The diagonal is kept out of every sum and added back by the host in float64
 // (lse = logaddexp(lse_offdiag, S_ii)), so lse - S_ii keeps its precision on a confident
-// row; the backend contract in clip_fast/backends/__init__.py says why.
+// row; the backend contract in clip_fast/clip/backends/__init__.py says why.
 //
 // Launches (all on the caller's stream):
 //   0. row_norms_kernel   : |txt_j| for every j, max_i |img_i| (one warp per row), O((M+K)D).

@@ -1,5 +1,5 @@
 // SigLIP: the elementwise sweep of one block of S, giving the loss terms, G and the
-// d_scale / d_bias row sums (clip_fast/backends/siglip.py holds the contract and the
+// d_scale / d_bias row sums (clip_fast/siglip/backends/__init__.py holds the contract and the
 // numbered numerics this file follows; kernels/siglip.py is the Triton twin).
 //
 // One CTA per row of the block: its threads stride over the columns, each keeping
@@ -20,7 +20,7 @@ constexpr int kThreads = 256;
 constexpr float kLog2eHi = 1.4426950216293335f;
 constexpr float kLog2eLo = 1.925963001510248e-08f;
 constexpr float kLn2 = 0.6931471805599453f;
-// 2^-TINY_SHIFT with TINY_SHIFT = 96 (clip_fast.backends.siglip.TINY_SHIFT).
+// 2^-TINY_SHIFT with TINY_SHIFT = 96 (clip_fast.core.numerics.TINY_SHIFT).
 constexpr float kTinyShift = 96.0f;
 constexpr float kTinyUnshift = 1.262177448353619e-29f;
 constexpr float kTinyInverse = 7.922816251426434e+28f;  // 2^96

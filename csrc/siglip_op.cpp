@@ -1,15 +1,16 @@
 // clip_fast._C's SigLIP op: input checks and the host side of one block's sweep.
 //
-//   clip_fast_siglip::siglip_block(img, txt, scale, bias?, ids_row?, ids_col?,
-//                                  diag_positive, need_grad)
+//   clip_fast_cuda::siglip_block(img, txt, scale, bias?, ids_row?, ids_col?,
+//                                diag_positive, need_grad)
 //       -> (loss_sum, d_img, d_txt, d_scale, d_bias)
 //
-// Semantics are the contract in clip_fast/backends/siglip.py.  Per block of at most
+// Bound with the CLIP ops in clip_fast.cpp (siglip_op.h declares it).
+// Semantics are the contract in clip_fast/siglip/backends/__init__.py.  Per block of at most
 // CLIP_FAST_WORKSPACE_MB (raw float32 + G in the input dtype): cuBLAS gives
 // raw = img_blk @ txt_blk.T in float32 (fp16/bf16 with fp32 output; float32 follows
 // torch's TF32 setting), csrc/siglip.cu turns it into the loss terms, G and the float64
 // row sums, and cuBLAS adds G @ txt_blk to d_img and G.T @ img_blk to d_txt.
-// clip_fast/backends/siglip_cuda.py registers the fake (meta) implementation.
+// clip_fast/siglip/backends/cuda_backend.py registers the fake (meta) implementation.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -24,6 +25,7 @@
 #include <tuple>
 
 #include "siglip.h"
+#include "siglip_op.h"
 #include "workspace.h"
 
 namespace clip_fast {
@@ -76,6 +78,8 @@ Tensor mm_f32(const Tensor& a, const Tensor& b) {
   if (a.scalar_type() == at::kFloat) return at::mm(a, b);
   return at::mm(a, b, at::kFloat);
 }
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> siglip_block(
     const Tensor& img_in, const Tensor& txt_in, const Tensor& scale_in, const OptTensor& bias_in,
@@ -147,19 +151,4 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> siglip_block_cpu(
   TORCH_CHECK(false, "clip_fast cuda siglip: unreachable");
 }
 
-}  // namespace
 }  // namespace clip_fast
-
-TORCH_LIBRARY(clip_fast_siglip, m) {
-  m.def("siglip_block(Tensor img, Tensor txt, Tensor scale, Tensor? bias, Tensor? ids_row, "
-        "Tensor? ids_col, bool diag_positive, bool need_grad) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(clip_fast_siglip, CUDA, m) {
-  m.impl("siglip_block", &clip_fast::siglip_block);
-}
-
-TORCH_LIBRARY_IMPL(clip_fast_siglip, CPU, m) {
-  m.impl("siglip_block", &clip_fast::siglip_block_cpu);
-}

@@ -9,8 +9,10 @@ Both are registered as torch.library ops (``clip_fast::triton_lse_forward``,
 ``clip_fast::triton_grad_backward``) so torch.compile keeps them in its graph.
 
 Modules (not re-exported as functions, so ``clip_fast.kernels.lse_forward`` stays the
-module): ``lse_forward``, ``grad_backward``, ``config`` (block sizes), ``aot_check``
-(``python -m clip_fast.kernels.aot_check``: compile every variant for sm_80/sm_90, no GPU).
+module): ``lse_forward``, ``grad_backward``, ``siglip``, ``distill``, ``config`` (block
+sizes, the ``AotVariant`` each kernel module declares as ``aot_variants``), ``aot_check``
+(``python -m clip_fast.kernels.aot_check``: compile every variant of every kernel for
+sm_80/sm_90, no GPU) and ``sass`` (its cost report).
 """
 from . import config, grad_backward, lse_forward  # noqa: F401  (registers the torch.library ops)
 

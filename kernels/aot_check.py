@@ -1,7 +1,13 @@
-"""Compile every kernel variant for sm_80 / sm_90 without a GPU and report ptxas usage.
+"""Compile every Triton kernel variant of every loss for sm_80 / sm_90 without a GPU and
+report ptxas usage.
 
     python -m clip_fast.kernels.aot_check [--arch 90 80] [--configs "128,128,64,8,3;..."]
     python -m clip_fast.kernels.aot_check --sass [--d 512] [--only forward:sweep] [--no-cuda]
+
+The variants are declared beside the kernels: each module of ``KERNEL_MODULES`` (the CLIP
+forward and backward, SigLIP, distillation) has ``aot_variants(dtype, arch)`` yielding
+``config.AotVariant`` (kind, name, tile, argument types).  ``--only`` keeps the variants
+whose ``kind:name`` contains one of its words (kinds: forward, backward, siglip, distill).
 
 Runs Triton's full compiler (TTIR -> TTGIR -> LLVM -> PTX) for an explicit target and
 then the ptxas bundled with Triton on the PTX, so kernel code that only fails in
@@ -9,7 +15,9 @@ compiled mode (types across branches, layouts, shared memory) is caught on a CPU
 machine.  Integer arguments get the specialisations Triton gives them at run time for
 contiguous inputs (unit feature stride as a constant, 16-divisible sizes/strides), so
 the software pipelining and the register/spill figures are those of a real launch.
-It measures nothing about speed.  Exit status 1 if any variant fails to compile.
+It measures nothing about speed.  Exit status 1 if any variant fails to compile or needs
+more shared memory than the arch has; spills are reported, not failed (the tests hold the
+variants that must not spill to it).
 
 ``--sass`` adds the kernel cost report (sm_90 only): every Triton variant's cubin, and
 the CUDA kernels of csrc/ compiled with nvcc (``-cubin -arch=sm_90 -O3 -lineinfo``, the
@@ -47,11 +55,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import config as _config
-from . import sass as _sass
-from .grad_backward import _grad_tile_kernel
-from .lse_forward import _lse_forward_kernel
+from . import distill, grad_backward, lse_forward, sass as _sass, siglip
 
-_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Every module with Triton kernels; each declares its variants as ``aot_variants(dtype, arch)``.
+KERNEL_MODULES = (lse_forward, grad_backward, siglip, distill)
+_TRITON_DTYPE = _config._TRITON_DTYPE
 _SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
@@ -80,13 +88,6 @@ def _ptxas_usage(ptx: str, arch: int) -> Optional[Dict[str, str]]:
     regs = re.findall(r"Used (\d+) registers", out)
     spills = re.findall(r"(\d+) bytes spill stores", out)
     return {"regs": ",".join(regs) or "?", "spill": ",".join(spills) or "?"}
-
-
-def _ptxas_report(ptx: str, arch: int) -> str:
-    usage = _ptxas_usage(ptx, arch)
-    if usage is None:
-        return "ptxas not found"
-    return f"regs={usage['regs']} spill_stores={usage['spill']}B"
 
 
 def _disassemble(cubin: bytes) -> str:
@@ -176,31 +177,12 @@ def _compile(fn, ptr_types, ints, floats, constexprs, div16, cfg, arch):
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-def forward_variants(dtype):
-    prec = "tf32" if dtype == torch.float32 else "ieee"
-    # The production default: two exponentials per element (config.Configs.share_exp).
-    base = dict(HAS_BIAS=False, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False,
-                SHARE_EXP=False, EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False)
-    yield "sweep", base
-    yield "sweep padded odd-D bias", dict(base, EVEN_MK=False, EVEN_D=False, HAS_BIAS=True)
-    yield "sweep shared-exp", dict(base, SHARE_EXP=True)
-    yield "fallback", dict(base, COMPUTE_COL=False, WRITE_DIAG=False, ROW_FLAGS=True, SHARE_EXP=False,
-                           EVEN_MK=False)
-    if dtype == torch.float32:
-        yield "sweep ieee", dict(base, DOT_PRECISION="ieee")
-
-
-def backward_variants(dtype):
-    prec = "tf32" if dtype == torch.float32 else "ieee"
-    base = dict(HAS_BIAS=False, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True, G_DIAG=True,
-                SHARE_EXP=False, SPLIT_SCALE=False, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
-                GROUP_M=8)
-    yield "tile", base
-    yield "tile coef-diag bias odd-D", dict(base, G_DIAG=False, HAS_BIAS=True, EVEN_D=False)
-    yield "tile shared-exp", dict(base, SHARE_EXP=True)
-    yield "tile row-only", dict(base, HAS_COL=False)
-    # The ring's off-diagonal blocks: d_scale split into the row term and the rest.
-    yield "tile split-scale", dict(base, HAS_DIAG=False, G_DIAG=False, SPLIT_SCALE=True)
+def compile_variant(v: _config.AotVariant, arch: int, tile: Optional[_config.KernelConfig] = None):
+    """Compile one declared variant for ``sm_<arch>`` (at ``tile``, default the variant's own)."""
+    ptrs = {n: "*fp32" for n in v.kernel.arg_names if n.endswith("_ptr")}
+    ptrs.update(dict(v.pointers))
+    return _compile(v.kernel, ptrs, ints=v.ints, floats=v.floats, constexprs=v.constexprs,
+                    div16=v.div16, cfg=tile or v.tile, arch=arch)
 
 
 def _sass_row(k, kind: str, name: str, dtype, cfg, D: int, arch: int) -> None:
@@ -218,61 +200,38 @@ def _wanted(only: Optional[List[str]], kind: str, name: str) -> bool:
     return not only or any(o in f"{kind}:{name}" for o in only)
 
 
-def check(arch: int, dtype: torch.dtype, fwd_cfg, bwd_cfg, sass_d: Optional[int] = None,
+def check(arch: int, dtype: torch.dtype, forward_tile=None, sass_d: Optional[int] = None,
           only: Optional[List[str]] = None) -> int:
-    """Compile every variant; with ``sass_d`` (sm_90) add its row to the cost report."""
+    """Compile every declared variant of every kernel; with ``sass_d`` (sm_90) add its row to
+    the cost report.  ``forward_tile`` replaces the CLIP forward's tile (``--configs``)."""
     failures = 0
-    tdt = "*" + _TRITON_DTYPE[dtype]
-    # Forward.
-    ptrs = {n: "*fp32" for n in _lse_forward_kernel.arg_names if n.endswith("_ptr")}
-    ptrs.update(img_ptr=tdt, txt_ptr=tdt, row_flag_ptr="*i32")
-    for name, ce in forward_variants(dtype):
-        if not _wanted(only, "forward", name):
-            continue
-        ce = dict(ce, stride_id=1, stride_td=1)
-        t0 = time.time()
-        try:
-            k = _compile(_lse_forward_kernel, ptrs,
-                         ints={"M", "K", "D", "num_splits", "stride_im", "stride_tk"},
-                         floats={"H2"}, constexprs=ce,
-                         div16={"M", "K", "D", "stride_im", "stride_tk"}, cfg=fwd_cfg, arch=arch)
-            smem = k.metadata.shared
-            over = " OVER LIMIT" if smem > _SMEM_LIMIT.get(arch, 1 << 30) else ""
-            print(f"sm_{arch} {_TRITON_DTYPE[dtype]:4s} forward  {fwd_cfg} {name:26s} "
-                  f"{_ptxas_report(k.asm['ptx'], arch)} smem={smem}{over} ({time.time() - t0:.1f}s)",
-                  flush=True)
-            failures += bool(over)
-            if sass_d is not None and arch == 90:
-                _sass_row(k, "forward", name, dtype, fwd_cfg, sass_d, arch)
-        except Exception as exc:  # report and keep going
-            failures += 1
-            print(f"sm_{arch} {_TRITON_DTYPE[dtype]} forward {name}: FAILED {type(exc).__name__}: {exc}")
-    # Backward.
-    ptrs = {n: "*fp32" for n in _grad_tile_kernel.arg_names if n.endswith("_ptr")}
-    ptrs.update(img_ptr=tdt, txt_ptr=tdt, ws_ptr=tdt, d_scale_ptr="*fp64", d_scale_rest_ptr="*fp64")
-    for name, ce in backward_variants(dtype):
-        if not _wanted(only, "backward", name):
-            continue
-        ce = dict(ce, stride_id=1, stride_td=1, stride_wc=1)
-        t0 = time.time()
-        try:
-            k = _compile(_grad_tile_kernel, ptrs,
-                         ints={"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"},
-                         floats={"coef_row", "coef_col", "coef_diag", "gscale"}, constexprs=ce,
-                         div16={"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"},
-                         cfg=bwd_cfg, arch=arch)
-            smem = k.metadata.shared
-            over = " OVER LIMIT" if smem > _SMEM_LIMIT.get(arch, 1 << 30) else ""
-            print(f"sm_{arch} {_TRITON_DTYPE[dtype]:4s} backward {bwd_cfg} {name:26s} "
-                  f"{_ptxas_report(k.asm['ptx'], arch)} smem={smem}{over} ({time.time() - t0:.1f}s)",
-                  flush=True)
-            failures += bool(over)
-            if sass_d is not None and arch == 90:
-                _sass_row(k, "backward", name, dtype, bwd_cfg, sass_d, arch)
-        except Exception as exc:
-            failures += 1
-            print(f"sm_{arch} {_TRITON_DTYPE[dtype]} backward {name}: FAILED {type(exc).__name__}: {exc}")
+    for module in KERNEL_MODULES:
+        for v in module.aot_variants(dtype, arch):
+            if _wanted(only, v.kind, v.name):
+                failures += _check_variant(v, arch, dtype, forward_tile if v.kind == "forward" else None,
+                                           sass_d)
     return failures
+
+
+def _check_variant(v: _config.AotVariant, arch: int, dtype: torch.dtype, tile, sass_d) -> int:
+    """Compile, print one line, and return 1 on a failure (compile error, shared memory over
+    the arch's limit)."""
+    cfg = tile or v.tile
+    t0 = time.time()
+    try:
+        k = compile_variant(v, arch, cfg)
+    except Exception as exc:  # report and keep going
+        print(f"sm_{arch} {_TRITON_DTYPE[dtype]} {v.kind} {v.name}: FAILED {type(exc).__name__}: {exc}")
+        return 1
+    usage = _ptxas_usage(k.asm["ptx"], arch)
+    smem = k.metadata.shared
+    over = " OVER LIMIT" if smem > _SMEM_LIMIT.get(arch, 1 << 30) else ""
+    report = "ptxas not found" if usage is None else f"regs={usage['regs']} spill_stores={usage['spill']}B"
+    print(f"sm_{arch} {_TRITON_DTYPE[dtype]:4s} {v.kind:8s} {cfg} {v.name:26s} "
+          f"{report} smem={smem}{over} ({time.time() - t0:.1f}s)", flush=True)
+    if sass_d is not None and arch == 90:
+        _sass_row(k, v.kind, v.name, dtype, cfg, sass_d, arch)
+    return int(bool(over))
 
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -367,12 +326,13 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=None, help="default: 90 80 (90 with --sass)")
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"])
     ap.add_argument("--configs", default=None,
-                    help="forward configs to try instead of the table: 'BM,BN,BK,warps,stages;...'")
+                    help="CLIP forward configs to try instead of the table: 'BM,BN,BK,warps,stages;...'")
     ap.add_argument("--sass", action="store_true",
                     help="add the kernel cost report (sm_90 SASS: MMA kind, exp2, shuffles, barriers)")
     ap.add_argument("--d", type=int, default=512, help="feature dimension D for the per-tile counts")
     ap.add_argument("--only", nargs="+", default=None,
-                    help="variants whose 'forward:NAME' / 'backward:NAME' contains one of these")
+                    help="variants whose 'KIND:NAME' (e.g. 'forward:sweep', 'siglip:', 'distill:') "
+                         "contains one of these")
     ap.add_argument("--no-cuda", action="store_true", help="--sass without the CUDA kernels")
     args = ap.parse_args(argv)
     if args.arch is None:
@@ -385,12 +345,12 @@ def main(argv=None) -> int:
     for arch in args.arch:
         for dname in args.dtype:
             dtype = dtypes[dname]
-            cfg = _config.table_configs(arch // 10, dtype)
-            fwds = [cfg.forward]
-            if args.configs:
-                fwds = [_config.KernelConfig(*map(int, c.split(","))) for c in args.configs.split(";")]
-            for f in fwds:
-                failures += check(arch, dtype, f, cfg.backward, args.d if args.sass else None, args.only)
+            if not args.configs:
+                failures += check(arch, dtype, None, args.d if args.sass else None, args.only)
+                continue
+            for c in args.configs.split(";"):  # each forward tile, the other kernels at their own
+                f = _config.KernelConfig(*map(int, c.split(",")))
+                failures += check(arch, dtype, f, args.d if args.sass else None, args.only)
     if args.sass:
         if not args.no_cuda:
             failures += cuda_cost_rows(args.d)

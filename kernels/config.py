@@ -7,10 +7,10 @@ for it with ``CLIP_FAST_AUTOTUNE=1`` (cut-cross-entropy style), so that tests st
 reproducible and first calls stay fast.
 
 Calibration: a plain Triton row-lse tile loop (no column sums) is reported to reach
-0.71 of the bf16 GEMM rate on an H200 with BM=128, BN=256, BK=64, 8 warps, 3 stages;
-no clip_fast kernel has been timed on a GPU yet (benchmarks/results/ holds no GPU
-file).  The forward also reduces columns, so the sm_90 entry uses BN=128 (register
-pressure, see the table's comment); benchmarks/bench_gpu.py sweeps a few forward
+0.71 of the bf16 GEMM rate on an H200 with BM=128, BN=256, BK=64, 8 warps, 3 stages.
+The forward also reduces columns, so the sm_90 entry uses BN=128 (register pressure,
+see the table's comment).  The GPU measurements behind the table, when there are any,
+are the files of benchmarks/results/; benchmarks/bench_gpu.py sweeps a few forward
 configurations so the table can be corrected from data.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Configs:
     # instead of two.  Off by default: a shared exponent is taken relative to the tile's
     # largest lse, so an entry of a row whose lse sits d (log2 units) below it carries the
     # rounding of |S2 - hi| ~ d instead of |S2 - lse_i|: up to ~60 ulps on P, beyond the
-    # precision rule (tests/loss/test_exactness.py).  Tests switch it on to keep the path working.
+    # precision rule (tests/clip/test_exactness.py).  Tests switch it on to keep the path working.
     share_exp: bool = False
 
 
@@ -157,3 +157,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     if allow or torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+# ---- ahead-of-time compile variants (``python -m clip_fast.kernels.aot_check``) ----
+
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def feature_ptr(dtype: torch.dtype) -> str:
+    """Triton's pointer type for features of ``dtype`` ("*bf16", "*fp16", "*fp32")."""
+    return "*" + _TRITON_DTYPE[dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class AotVariant:
+    """One compile variant of a Triton kernel, declared beside the kernel as its module's
+    ``aot_variants(dtype, arch)``: the argument types Triton gives a launch on contiguous
+    inputs (unit feature strides as constants, 16-divisible sizes and strides)."""
+    kind: str                  # the report's label for the kernel ("forward", "siglip", ...)
+    name: str                  # the variant ("sweep", "tile row-only", ...)
+    kernel: object             # the @triton.jit function
+    tile: KernelConfig         # the tile a launch on this arch and dtype uses
+    constexprs: dict           # every constexpr argument but BM, BN, BK (from the tile)
+    ints: frozenset            # i32 arguments
+    div16: frozenset           # arguments Triton sees as 16-divisible (pointers always are)
+    floats: frozenset = frozenset()   # fp32 scalar arguments
+    pointers: tuple = ()       # (argument, type) for pointers that are not "*fp32"

@@ -1,9 +1,9 @@
 """Triton sweeps of open_clip's distillation term (``clip_fast.distill``), nothing N x N stored.
 
-Same contract as ``clip_fast.backends.torch_distill`` (read its module doc for the maths):
+Same contract as ``clip_fast.distill.backends.torch_backend`` (read its module doc for the maths):
 student S = s * img @ txt.T, teacher T = t * timg @ ttxt.T on one (M, K) block, the four
 float64 log-sum-exps known from ``lse_forward``.  Each lse arrives as the float-float pair
-of ``clip_fast.backends.kernel_lse`` (log2 units): P = 2^((X2 - hi) - lo) and the gap
+of ``clip_fast.core.numerics.kernel_lse`` (log2 units): P = 2^((X2 - hi) - lo) and the gap
 lse - S = ((hi - S2) + lo) * ln 2 are exact near the top of a row, as in grad_backward.py.
 Student and teacher may have different embedding dimensions (D and TD).
 
@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import config as _config
-from ..backends import kernel_lse
+from ..core.numerics import kernel_lse
 from .grad_backward import _block_shape
 from .tile import tile_dot
 
@@ -271,3 +271,28 @@ def distill_backward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse
         d_ttxt.mul_(t32)
         d_tscale = d_tscale_rows.sum().to(f32)
     return d_img, d_txt, d_scale, d_timg, d_ttxt, d_tscale
+
+
+def aot_variants(dtype: torch.dtype, arch: int):
+    """The compile variants of the two distillation kernels (``python -m clip_fast.kernels.aot_check``),
+    at the tile ``tile_config`` gives on sm_80+."""
+    tile = dataclasses.replace(GPU_TILE, BK=min(GPU_TILE.BK, 32)) if dtype == torch.float32 else GPU_TILE
+    feat = _config.feature_ptr(dtype)
+    prec = "tf32" if dtype == torch.float32 else "ieee"
+    strides = dict(DOT_PRECISION=prec, DOT_UPCAST=False, stride_id=1, stride_td=1, stride_sd=1, stride_ud=1)
+    fwd = dict(HAS_ROW=True, HAS_COL=True, EVEN_D=True, EVEN_TD=True, **strides)
+    bwd = dict(fwd, TEACHER=True)
+    ints_fwd = frozenset({"M", "K", "D", "TD", "stride_im", "stride_tk", "stride_sm", "stride_uk"})
+    ints_bwd = frozenset({"row0", "col0", "R", "C", "D", "TD", "stride_im", "stride_tk", "stride_sm",
+                          "stride_uk", "stride_wr"})
+    feats = (("img_ptr", feat), ("txt_ptr", feat), ("timg_ptr", feat), ("ttxt_ptr", feat))
+    f64 = (("d_scale_ptr", "*fp64"), ("d_tscale_ptr", "*fp64"))
+    coefs = frozenset({"coef_row", "coef_col"})
+    for name, ce in (("forward", fwd),
+                     ("forward row-only odd-D", dict(fwd, HAS_COL=False, EVEN_D=False, EVEN_TD=False))):
+        yield _config.AotVariant("distill", name, _distill_forward_kernel, tile, ce, ints=ints_fwd,
+                                 div16=ints_fwd, pointers=feats)
+    for name, ce in (("backward", bwd), ("backward frozen-teacher", dict(bwd, TEACHER=False)),
+                     ("backward column-only odd-D", dict(bwd, HAS_ROW=False, EVEN_D=False, EVEN_TD=False))):
+        yield _config.AotVariant("distill", name, _distill_backward_kernel, tile, ce, ints=ints_bwd,
+                                 div16=ints_bwd, floats=coefs, pointers=feats + f64)

@@ -308,9 +308,31 @@ def grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row, coef_col, c
                   g_diag=None, split_scale=False):
     """(d_img, d_txt, d_scale) for G = coef_row P_row + coef_col P_col - coef_diag I.
 
-    ``g_diag`` (min(M, K),), when given, replaces G's diagonal (``clip_fast.backends.diag_grad``).
+    ``g_diag`` (min(M, K),), when given, replaces G's diagonal (``clip_fast.core.numerics.diag_grad``).
     ``split_scale``: d_scale as (2,), [the row term's share off that diagonal, the rest].
     """
     return torch.ops.clip_fast.triton_grad_backward(
         img, txt, scale, bias, lse_row, lse_col,
         float(coef_row), float(coef_col), float(coef_diag), g_diag, bool(split_scale))
+
+
+def aot_variants(dtype: torch.dtype, arch: int):
+    """The compile variants of ``_grad_tile_kernel`` (``python -m clip_fast.kernels.aot_check``)."""
+    prec = "tf32" if dtype == torch.float32 else "ieee"
+    base = dict(HAS_BIAS=False, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True, G_DIAG=True,
+                SHARE_EXP=False, SPLIT_SCALE=False, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                GROUP_M=8, stride_id=1, stride_td=1, stride_wc=1)
+    variants = [("tile", base),
+                ("tile coef-diag bias odd-D", dict(base, G_DIAG=False, HAS_BIAS=True, EVEN_D=False)),
+                ("tile shared-exp", dict(base, SHARE_EXP=True)),
+                ("tile row-only", dict(base, HAS_COL=False)),
+                # The ring's off-diagonal blocks: d_scale split into the row term and the rest.
+                ("tile split-scale", dict(base, HAS_DIAG=False, G_DIAG=False, SPLIT_SCALE=True))]
+    feat = _config.feature_ptr(dtype)
+    ints = frozenset({"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"})
+    for name, ce in variants:
+        yield _config.AotVariant(
+            "backward", name, _grad_tile_kernel, _config.table_configs(arch // 10, dtype).backward, ce,
+            ints=ints, div16=ints, floats=frozenset({"coef_row", "coef_col", "coef_diag", "gscale"}),
+            pointers=(("img_ptr", feat), ("txt_ptr", feat), ("ws_ptr", feat),
+                      ("d_scale_ptr", "*fp64"), ("d_scale_rest_ptr", "*fp64")))

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import config as _config
-from ..backends import combine_diag
+from ..core.numerics import combine_diag
 from .tile import tile_dot
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
@@ -375,3 +375,25 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None):
     """(lse_row, lse_col, diag) of S = scale * img @ txt.T + bias; see the module doc."""
     return torch.ops.clip_fast.triton_lse_forward(img, txt, scale, bias)
+
+
+def aot_variants(dtype: torch.dtype, arch: int):
+    """The compile variants of ``_lse_forward_kernel`` (``python -m clip_fast.kernels.aot_check``)."""
+    prec = "tf32" if dtype == torch.float32 else "ieee"
+    # The production default: two exponentials per element (config.Configs.share_exp).
+    base = dict(HAS_BIAS=False, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False,
+                SHARE_EXP=False, EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                stride_id=1, stride_td=1)
+    variants = [("sweep", base),
+                ("sweep padded odd-D bias", dict(base, EVEN_MK=False, EVEN_D=False, HAS_BIAS=True)),
+                ("sweep shared-exp", dict(base, SHARE_EXP=True)),
+                ("fallback", dict(base, COMPUTE_COL=False, WRITE_DIAG=False, ROW_FLAGS=True, EVEN_MK=False))]
+    if dtype == torch.float32:
+        variants.append(("sweep ieee", dict(base, DOT_PRECISION="ieee")))
+    feat = _config.feature_ptr(dtype)
+    ints = frozenset({"M", "K", "D", "num_splits", "stride_im", "stride_tk"})
+    for name, ce in variants:
+        yield _config.AotVariant(
+            "forward", name, _lse_forward_kernel, _config.table_configs(arch // 10, dtype).forward, ce,
+            ints=ints, div16=ints - {"num_splits"}, floats=frozenset({"H2"}),
+            pointers=(("img_ptr", feat), ("txt_ptr", feat), ("row_flag_ptr", "*i32")))

@@ -1,6 +1,6 @@
 """SigLIP: the sigmoid loss and all its gradients from ONE sweep over the tiles of S.
 
-The contract and the numerics are on one page, ``clip_fast.backends.siglip``; the
+The contract and the numerics are on one page, ``clip_fast.siglip.backends``; the
 steps below cite its numbered numerics.  Per tile of S = s * img @ txt.T + b:
 
 1. ``acc = img_blk @ txt_blk.T`` in fp32 (loop over D in BK slices, ``tile_dot``);
@@ -16,7 +16,7 @@ steps below cite its numbered numerics.  Per tile of S = s * img @ txt.T + b:
 6. G (in [-1, 1]) stored into a bounded workspace block in the input dtype; cuBLAS then
    adds ``ws @ txt_blk`` to d_img and ``ws.T @ img_blk`` to d_txt, fp32 accumulation.
 
-Why the gradients are formed here, in the forward (the choice the issue asks to justify):
+Why the gradients are formed here, in the forward, rather than recomputed in a backward:
 with no normaliser, G_ij depends on S_ij alone, so the tile that gives the loss terms
 gives G too.  Saving d_img and d_txt (O(N*D) float32, the size of the inputs) costs the
 6 N^2 D floor of flops once: S, then G @ txt and G.T @ img.  Recomputing in the backward
@@ -44,8 +44,7 @@ import triton.language as tl
 from . import config as _config
 from .grad_backward import _block_shape, _mm_f32
 from .tile import tile_dot
-from ..backends.siglip import TINY_SHIFT
-from ..backends.siglip import siglip_block_meta
+from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
 # log2(e) as a float32 pair (hi + lo), hi split again in 12-bit halves (hh + hl), and ln 2.
 _LOG2E_HI = tl.constexpr(1.4426950216293335)
@@ -120,7 +119,7 @@ def _siglip_tile_kernel(
     #    softplus(x) = max(x, 0) + log1p(e), log1p(e) = ln 2 log2(u) e / (u - 1) with
     #    u = 1 + e (log1p-accurate); where u rounds to 1, log1p(e) = e, summed as eb in
     #    the tiny row sum (the host multiplies it by 2^-96).
-    #    (96 is clip_fast.backends.siglip.TINY_SHIFT, which the host's 2^-96 matches.)
+    #    (96 is clip_fast.siglip.backends.TINY_SHIFT, which the host's 2^-96 matches.)
     a = tl.abs(x)
     y = a * _LOG2E_HI
     # The rounding error of a * LOG2E_HI by Dekker's product (no fma: the interpreter's
@@ -245,6 +244,24 @@ def _(img, txt, scale, bias, ids_row, ids_col, diag_positive, need_grad):
 
 
 def siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool, need_grad: bool):
-    """(loss_sum, d_img, d_txt, d_scale, d_bias) of one block (``clip_fast.backends.siglip``)."""
+    """(loss_sum, d_img, d_txt, d_scale, d_bias) of one block (``clip_fast.siglip.backends``)."""
     return torch.ops.clip_fast.triton_siglip_block(img, txt, scale, bias, ids_row, ids_col,
                                                    bool(diag_positive), bool(need_grad))
+
+
+def aot_variants(dtype: torch.dtype, arch: int):
+    """The compile variants of ``_siglip_tile_kernel`` (``python -m clip_fast.kernels.aot_check``):
+    each label mode, with a bias, at the GPU tile of ``tile_config``."""
+    tile = dataclasses.replace(_config.table_configs(arch // 10, dtype).backward, BM=64, BN=128, num_warps=8)
+    feat = _config.feature_ptr(dtype)
+    ptrs = {n: "*fp64" for n in _siglip_tile_kernel.arg_names if n.endswith("_ptr")}
+    ptrs.update(img_ptr=feat, txt_ptr=feat, ws_ptr=feat, scale_ptr="*fp32", bias_ptr="*fp32",
+                ids_row_ptr="*i64", ids_col_ptr="*i64")
+    ints = frozenset({"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"})
+    base = dict(HAS_BIAS=True, NEED_GRAD=True, EVEN_D=True, DOT_UPCAST=False, GROUP_M=8,
+                DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                stride_id=1, stride_td=1, stride_wc=1)
+    for labels, name in ((0, "negatives"), (1, "diagonal"), (2, "group ids")):
+        yield _config.AotVariant("siglip", f"tile {name}", _siglip_tile_kernel, tile,
+                                 dict(base, LABELS=labels), ints=ints, div16=ints,
+                                 pointers=tuple(ptrs.items()))

@@ -149,3 +149,16 @@ def seed_ratio(errors, floors):
     logs = [math.log(max(1.0, e / f)) if f > 0 else (0.0 if e == 0 else math.inf)
             for e, f in zip(errors, floors)]
     return math.exp(sum(logs) / len(logs))
+
+
+def aot_check_report(*args):
+    """``python -m clip_fast.kernels.aot_check *args`` in a subprocess without TRITON_INTERPRET
+    (Triton's real compiler for an explicit target, no GPU): (exit status, stdout + stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.aot_check", *args], env=env,
+                         capture_output=True, text=True, timeout=600)
+    return out.returncode, out.stdout + out.stderr

@@ -73,6 +73,7 @@ def _layout(args) -> Layout:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long as the flag list is: one add_argument per flag of the three subcommands.
     from .match import DEFAULT_MATCH_RULE, MATCH_RULES
     from .pipeline import COMBINE_RULES, DEFAULT_COMBINE, DEFAULT_MAX_PER_QUERY
     from .queries import (DEFAULT_CORPUS_WORDS, DEFAULT_MIN_COUNT, DEFAULT_PMI_THRESHOLDS,

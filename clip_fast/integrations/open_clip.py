@@ -13,14 +13,13 @@ What ``create_fast_loss(args)`` builds, in open_clip's order of precedence:
 
     args.distill            FastDistillClipLoss   (open_clip: DistillClipLoss)
     "coca" in args.model    FastCoCaLoss          (CoCaLoss)
-    args.siglip             clip_fast.FastSigLipLoss where this clip_fast has it (SigLipLoss);
-                            else refused
+    args.siglip             FastSigLipLoss        (SigLipLoss, with args.loss_dist_impl)
     otherwise               FastClipLoss          (ClipLoss)
 
 with open_clip's arguments (``local_loss``, ``gather_with_grad``, ``cache_labels=True``,
-``rank``, ``world_size``).  What clip_fast does not provide is refused with a message
-saying what, never quietly built with open_clip's loss: ``--horovod``, and SigLIP where
-``clip_fast.FastSigLipLoss`` does not exist.  open_clip's loss classes themselves
+``rank``, ``world_size``) and the switch's ``backend`` and ``chunk_size``, which reach every
+loss built.  What clip_fast does not provide is refused with a message saying what, never
+quietly built with open_clip's loss: ``--horovod``.  open_clip's loss classes themselves
 (``open_clip.ClipLoss``, ...) are left alone: code that builds them by name still gets them.
 """
 from __future__ import annotations
@@ -49,19 +48,16 @@ def create_fast_loss(args, *, backend: str = "auto", chunk_size: Optional[int] =
     if getattr(args, "horovod", False):
         _refuse("--horovod is not supported (clip_fast's distributed losses use torch.distributed; "
                 "launch with torchrun instead)")
-    common = dict(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
-                  rank=args.rank, world_size=args.world_size, use_horovod=False,
-                  backend=backend, chunk_size=chunk_size)
+    every = dict(cache_labels=True, rank=args.rank, world_size=args.world_size, use_horovod=False,
+                 backend=backend, chunk_size=chunk_size)
+    common = dict(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, **every)
     if getattr(args, "distill", False):
         return clip_fast.FastDistillClipLoss(**common)
     if "coca" in args.model.lower():
         return clip_fast.FastCoCaLoss(caption_loss_weight=args.coca_caption_loss_weight,
                                       clip_loss_weight=args.coca_contrastive_loss_weight, **common)
     if getattr(args, "siglip", False):
-        siglip = getattr(clip_fast, "FastSigLipLoss", None)
-        if siglip is None:
-            _refuse("--siglip asks for open_clip's SigLipLoss, and this clip_fast has no FastSigLipLoss")
-        return siglip(rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl)
+        return clip_fast.FastSigLipLoss(dist_impl=getattr(args, "loss_dist_impl", None), **every)
     return clip_fast.FastClipLoss(**common)
 
 

@@ -10,7 +10,8 @@ LOSSES = ("clip", "siglip")  # --loss: FastClipLoss or FastSigLipLoss
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The trainer's flags and defaults, in five groups: data, model, optimisation, run, loss options."""
+    """The trainer's flags and defaults, in five groups: data, model, optimisation, run, loss options
+    (long as the flag list is: one add_argument per flag, nothing else)."""
     p = argparse.ArgumentParser(
         prog="python -m clip_fast.train",
         description="Train a small CLIP with clip_fast.FastClipLoss, or with SigLIP's sigmoid "

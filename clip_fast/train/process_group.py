@@ -1,7 +1,7 @@
 """The trainer's process group: rank, world size and device under ``torchrun``, or one process.
 
 This is the trainer's process setup (DistributedDataParallel, barriers); the loss's
-own collectives live in :mod:`clip_fast.distributed`.
+own collectives live in :mod:`clip_fast.clip.distributed`.
 """
 from __future__ import annotations
 

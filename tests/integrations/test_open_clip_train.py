@@ -220,17 +220,20 @@ def test_switch_refuses_horovod():
         create_fast_loss(_args(horovod=True))
 
 
-def test_switch_siglip_maps_or_refuses(monkeypatch):
-    """SigLIP: clip_fast.FastSigLipLoss when this clip_fast has it, else a refusal saying so."""
-    if hasattr(clip_fast, "FastSigLipLoss"):
-        monkeypatch.delattr(clip_fast, "FastSigLipLoss")
-    with pytest.raises(UnsupportedByClipFast, match="--siglip.*no FastSigLipLoss"):
-        create_fast_loss(_args(siglip=True))
-
-    class FakeSigLip:
-        def __init__(self, **kw):
-            self.kw = kw
-
-    monkeypatch.setattr(clip_fast, "FastSigLipLoss", FakeSigLip, raising=False)
+def test_switch_siglip_maps_open_clip_arguments():
+    """--siglip builds FastSigLipLoss with open_clip's rank, world_size and loss_dist_impl."""
     loss = create_fast_loss(_args(siglip=True, world_size=2, rank=1, loss_dist_impl="gather"))
-    assert isinstance(loss, FakeSigLip) and loss.kw == dict(rank=1, world_size=2, dist_impl="gather")
+    assert isinstance(loss, clip_fast.FastSigLipLoss)
+    assert (loss.rank, loss.world_size, loss.dist_impl) == (1, 2, "gather")
+    assert create_fast_loss(_args(siglip=True)).dist_impl == "bidir"  # open_clip's default
+
+
+@pytest.mark.parametrize("kind", [{}, {"model": "coca_ViT-B-32"}, {"distill": True}, {"siglip": True}])
+def test_switch_passes_backend_and_chunk_size_to_every_loss(kind):
+    """use_fast_losses(backend=..., chunk_size=...) reaches every loss it builds, SigLIP's too
+    (it once built FastSigLipLoss without them, silently ignoring the choice)."""
+    import open_clip
+
+    with use_fast_losses(backend="torch", chunk_size=7):
+        loss = open_clip.create_loss(_args(**kind))
+    assert (loss.backend, loss.chunk_size) == ("torch", 7)

@@ -1,0 +1,52 @@
+"""Functional form of the SigLIP (sigmoid) loss, mirroring ``torch.nn.functional``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends as siglip_backends
+from ..core.autograd import apply_function, autocast_features, needs_grad
+from ..core.checks import ScalarLike, check_chunk_size, check_group_ids, check_inputs
+from .function import SigLipLossFunction, SigLipOptions
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: ScalarLike,
+                logit_bias: Optional[ScalarLike] = None, *, group_ids: Optional[torch.Tensor] = None,
+                backend: str = "auto", chunk_size: Optional[int] = None) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss, without materialising the N x N logits.
+
+    ``S = logit_scale * image_features @ text_features.T + logit_bias`` and the loss is
+    ``-sum_ij log sigmoid(z_ij S_ij) / N`` with z_ij = +1 for a positive pair (i == j)
+    and -1 otherwise: exactly open_clip's ``SigLipLoss`` on one process.
+
+    Args:
+        image_features, text_features: (N, D) embeddings of the same floating dtype and
+            device; row i of one is paired with row i of the other.
+        logit_scale: the multiplier, already exponentiated (open_clip passes
+            ``model.logit_scale.exp()``): a float or a 0-d / 1-element tensor.
+        logit_bias: the additive bias (SigLIP initialises it at -10), or None.
+        group_ids: optional (N,) integer tensor; pairs (i, j) with equal ids are positives
+            (z_ij = +1) in both directions.  All ids distinct is the plain loss.
+        backend: "auto", "torch", "triton" or "cuda", as for ``clip_loss``.
+        chunk_size: rows per strip for the torch backend (default: from a memory budget).
+
+    To call it inside ``torch.compile(fullgraph=True)``, import the backends first with
+    ``clip_fast.siglip.backends.preload()`` (``FastSigLipLoss`` does this in its constructor).
+
+    Returns:
+        The scalar loss, in the features' dtype (float32 under autocast).  Gradients flow
+        to both features, ``logit_scale`` and ``logit_bias``.
+    """
+    scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
+    ids = check_group_ids(group_ids, image_features)
+    chunk_size = check_chunk_size(chunk_size)
+    image_features, text_features, loss_dtype = autocast_features(image_features, text_features)
+    if text_features is image_features:
+        text_features = text_features.view_as(text_features)
+    impl = siglip_backends.resolve_backend(backend, image_features.device, image_features.dtype)
+    opts = SigLipOptions(backend=impl.NAME,
+                         need_grad=needs_grad(image_features, text_features, scale, bias),
+                         chunk_size=chunk_size, loss_dtype=loss_dtype)
+    return apply_function(SigLipLossFunction, loss_dtype, image_features, text_features, scale, bias,
+                          ids, ids, opts)[0]
