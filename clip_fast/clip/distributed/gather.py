@@ -6,7 +6,8 @@ shards (``d_logit_scale`` included: the gradient of the loss *that rank* compute
     forward   all_gather IMG, TXT (N x D)                      open_clip does the same
               row strip (img_r, TXT): lse_row of rank r's rows, column partials (N,)
               lse_col = logsumexp over ranks of the partials   2 all_reduce of N floats
-              not local_loss: all_gather lse_row (N floats); every rank forms the global loss
+              not local_loss: each rank forms its rows', columns' and strip's share of the
+              global loss, one all_reduce sums them; all_gather lse_row (N floats) for the backward
     backward  row strip (img_r, TXT) -> d img_r      column strip (IMG, txt_r) -> d txt_r
               local_loss, gather_with_grad: the strips' other outputs (the gradient that
               rank r's loss sends to the other ranks' features) are reduce-scattered,
@@ -31,8 +32,8 @@ The target terms beyond the softmaxes (Q of ``clip_fast.clip.targets``) are O(N 
 sums per strip.
 
 Exactness: every gathered tensor is built rotated, this rank's rows first
-(``clip_fast.core.collectives.rank_order``), so in the strips (img_r, TXT) and (IMG, txt_r) the rank's
-own pairs sit on the diagonal.  The backends then keep the label logits out of the
+(``clip_fast.core.collectives.rank_order``), so in the strips (img_r, TXT) and (IMG, txt_r)
+the rank's own pairs sit on the diagonal.  The backends then keep the label logits out of the
 log-sum-exp sums and return them in float64 (``diag``); the loss is formed from the
 per-pair terms ``lse - diag`` and G's diagonal from ``diag_grad``, exactly as in the
 single-process loss, so a confident row at scale 100 loses nothing to the rounding of
@@ -47,11 +48,11 @@ import torch
 import torch.distributed as dist
 
 from ...core.autograd import (autocast_off, bias_guard, bias_meta, finish_grads, first_order_only,
-                        fresh_output)
+                              fresh_output)
+from ...core.collectives import all_gather_rows, logsumexp_across_ranks, reduce_scatter_rows, rotate, unrotate
 from ...core.numerics import compute_dtype
 from ..targets import group_counts
 from .agreement import Layout
-from ...core.collectives import all_gather_rows, logsumexp_across_ranks, reduce_scatter_rows, rotate, unrotate
 from .common import FamilyTargets, backend_args
 
 _F64 = torch.float64
@@ -110,7 +111,7 @@ def _neg_out(d: Optional[torch.Tensor], like: Optional[torch.Tensor], needed: bo
 
 
 class _Gathered:
-    """One call's gathered tensors, rotated (this rank's rows first), and its sizes."""
+    """One call's gathered tensors, rotated (this rank's rows first), and its local row count."""
 
     def __init__(self, layout: Layout, tg: FamilyTargets, img, txt, ids, neg_txt, neg_img):
         self.n = layout.n_local
@@ -130,7 +131,7 @@ class _Gathered:
         return None if self.counts is None else self.counts[:self.n]
 
 
-def _local_forward(tg: FamilyTargets, layout: Layout, g: _Gathered, img, txt, ids, neg_img,
+def _local_forward(tg: FamilyTargets, layout: Layout, g: _Gathered, img, txt, ids,
                    lse_row, lse_col_r, diag, s, acc):
     """Rank r's own loss (local_loss): lam / n_r * its rows' CE + (1 - lam) / n_r * its
     columns' CE.  Returns (loss, w_row, w_col): the diagonals' target weights."""
@@ -196,8 +197,8 @@ class GatherClipLoss(torch.autograd.Function):
         lse_col = logsumexp_across_ranks(unrotate(col_partial, layout), layout)
         lse_col_r = lse_col[o:o + n]
         if layout.local_loss:
-            loss, w_row, w_col = _local_forward(tg, layout, g, img, txt, ids, neg_img, lse_row,
-                                                lse_col_r, diag, s, acc)
+            loss, w_row, w_col = _local_forward(tg, layout, g, img, txt, ids, lse_row, lse_col_r,
+                                                diag, s, acc)
             lse_row_all = None
         else:
             loss, w_row = _global_forward(tg, layout, g, img, ids, neg_img, lse_row, lse_col_r,
