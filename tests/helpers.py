@@ -1,4 +1,5 @@
-"""Test inputs shared by the loss tests (no clip_fast imports: inputs only)."""
+"""Test inputs and helpers shared by the test folders (clip_fast is imported only inside the
+helpers that need it)."""
 from __future__ import annotations
 
 import torch
@@ -7,23 +8,12 @@ import torch.nn.functional as F
 
 def hide_top_level_kernels():
     """Keep the repository's ``kernels/`` folder (installed as ``clip_fast.kernels``) from
-    answering for the Hub's ``kernels`` package.
+    answering for the Hub's ``kernels`` package, before transformers probes for it: the
+    library's own rule (``clip_fast.integrations._kernels_name``).  Called by ``conftest`` and
+    by spawned workers that import transformers."""
+    from clip_fast.integrations._kernels_name import hide_checkout_kernels
 
-    ``python -m pytest`` puts the repository root on ``sys.path``, where ``kernels/`` looks
-    like a top-level package; transformers probes ``find_spec("kernels")`` and then imports
-    it, which fails.  A ``None`` entry in ``sys.modules`` makes ``find_spec`` answer None and
-    ``import kernels`` raise ImportError, as when the package is not installed.  An installed
-    Hub package (found outside this repository) is left alone.  Called by ``conftest`` and by
-    spawned workers that import transformers.
-    """
-    import importlib.util
-    import os
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else None
-    if spec is not None and spec.origin and os.path.abspath(spec.origin).startswith(root + os.sep):
-        sys.modules["kernels"] = None
+    hide_checkout_kernels()
 
 
 def features(m, d, dtype=torch.float32, normalise=True, device="cpu"):
