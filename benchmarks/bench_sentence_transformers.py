@@ -53,7 +53,7 @@ def make_inputs(n: int, d: int, seed: int = 0) -> List[torch.Tensor]:
 
 def build(case: str, backend: str, mini_batch: int):
     """The loss object of ``case`` (no model: only the loss stage is used)."""
-    from clip_fast.integrations import sentence_transformers as fast  # first: see its _kernels_name
+    from clip_fast.integrations import sentence_transformers as fast
     from sentence_transformers.sentence_transformer import losses
 
     if case == "st_mnrl":
@@ -130,7 +130,7 @@ def time_cases(cases, n, d, backend, mini_batch, reps) -> Dict[str, Dict]:
 
 
 def run(args) -> List[Dict]:
-    import clip_fast.integrations.sentence_transformers  # noqa: F401  (first: see its _kernels_name)
+    import clip_fast.integrations.sentence_transformers  # noqa: F401
     import sentence_transformers
 
     env = dict(environment("cpu"), sentence_transformers=sentence_transformers.__version__,

@@ -14,6 +14,15 @@ sizes, the ``AotVariant`` each kernel module declares as ``aot_variants``), ``ao
 (``python -m clip_fast.kernels.aot_check``: compile every variant of every kernel for
 sm_80/sm_90, no GPU) and ``sass`` (its cost report).
 """
-from . import config, grad_backward, lse_forward  # noqa: F401  (registers the torch.library ops)
+if __package__ == "kernels":
+    # Imported as a top-level ``kernels`` because a source checkout's root is on sys.path. That
+    # name belongs to the Hugging Face Hub's package, which transformers probes for by importing
+    # it. With no ``__file__`` and no ``__version__`` this module reads as a PEP 420 namespace
+    # shadow, which transformers counts as "not installed"; the kernels themselves load only
+    # as ``clip_fast.kernels``.
+    __file__ = None
+    __all__: list = []
+else:
+    from . import config, grad_backward, lse_forward  # noqa: F401  (registers the torch.library ops)
 
-__all__ = ["config", "grad_backward", "lse_forward"]
+    __all__ = ["config", "grad_backward", "lse_forward"]

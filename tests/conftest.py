@@ -14,11 +14,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-from helpers import hide_top_level_kernels  # noqa: E402
-
-hide_top_level_kernels()
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (run by benchmarks/gpu_check.sh)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")

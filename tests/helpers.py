@@ -6,16 +6,6 @@ import torch
 import torch.nn.functional as F
 
 
-def hide_top_level_kernels():
-    """Keep the repository's ``kernels/`` folder (installed as ``clip_fast.kernels``) from
-    answering for the Hub's ``kernels`` package, before transformers probes for it: the
-    library's own rule (``clip_fast.integrations._kernels_name``).  Called by ``conftest`` and
-    by spawned workers that import transformers."""
-    from clip_fast.integrations._kernels_name import hide_checkout_kernels
-
-    hide_checkout_kernels()
-
-
 def features(m, d, dtype=torch.float32, normalise=True, device="cpu"):
     """(m, d) random rows, unit-norm by default, drawn in float64 and cast once."""
     x = torch.randn(m, d, dtype=torch.float64)

@@ -43,18 +43,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ._kernels_name import hide_checkout_kernels
-
-hide_checkout_kernels()  # before transformers (through sentence_transformers) probes for `kernels`
-
-from sentence_transformers import util as st_util  # noqa: E402
-from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (  # noqa: E402
+from sentence_transformers import util as st_util
+from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
     CachedMultipleNegativesRankingLoss)
-from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (  # noqa: E402
+from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
     MultipleNegativesRankingLoss)
 
-import clip_fast  # noqa: E402
-from clip_fast.distributed import distributed_clip_loss  # noqa: E402
+import clip_fast
+from clip_fast.distributed import distributed_clip_loss
 
 __all__ = ["FastMultipleNegativesRankingLoss", "FastCachedMultipleNegativesRankingLoss",
            "FastMultipleNegativesSymmetricRankingLoss", "FastCachedMultipleNegativesSymmetricRankingLoss",

@@ -23,10 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (DTYPE_UNIT, PRECISION_FACTOR, case_seed, hide_top_level_kernels, seed_ratio,
-                     spawned_cases)
+from helpers import DTYPE_UNIT, PRECISION_FACTOR, case_seed, seed_ratio, spawned_cases
 
-hide_top_level_kernels()  # spawned workers import this module without conftest
 pytest.importorskip("sentence_transformers", reason="the sentence-transformers extra is not installed")
 
 pytestmark = pytest.mark.slow  # process spawns
