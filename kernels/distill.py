@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import config as _config
 from ..core.numerics import kernel_lse
-from .grad_backward import _block_shape
+from .workspace import block_shape
 from .tile import tile_dot
 
 NAME = "triton"
@@ -236,7 +236,7 @@ def distill_backward(img, txt, scale, timg, ttxt, tscale, lse_row, lse_col, tlse
     d_ttxt = torch.zeros(ttxt.shape, device=dev, dtype=f32) if teacher_grad else None
     d_tscale_rows = torch.zeros((M,), device=dev, dtype=torch.float64)
     # Two float32 workspaces share the budget: 8 bytes per element of the block.
-    R, C = _block_shape(M, K, 8 if teacher_grad else 4, cfg.BM, cfg.BN)
+    R, C = block_shape(M, K, 8 if teacher_grad else 4, cfg.BM, cfg.BN)
     ws_s = torch.empty((R, C), device=dev, dtype=f32)
     ws_t = torch.empty((R, C), device=dev, dtype=f32) if teacher_grad else ws_s
     rt = row_term.to(f32).contiguous() if has_row else d_scale_rows

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from . import config as _config
 from .tile import tile_dot
+from .workspace import block_shape, mm_f32
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -177,32 +178,6 @@ def _kernel(autotune: bool):
     return _autotuned
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation and fp32 output (inputs fp16/bf16/fp32)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)   # torch >= 2.8 on CUDA
-        except (TypeError, RuntimeError, NotImplementedError):
-            return torch.mm(a, b).float()
-    # CPU (interpreter tests): upcast, exact for fp16/bf16 values.
-    return torch.mm(a.float(), b.float())
-
-
-def _block_shape(M: int, K: int, itemsize: int, bm: int, bn: int) -> Tuple[int, int]:
-    """Workspace block R x C: everything if it fits the budget, else as square as allowed."""
-    budget = max(_config.workspace_bytes() // itemsize, bm * bn)
-    if M * K <= budget:
-        return M, K
-    side = int(math.isqrt(budget))
-    R = min(M, max(bm, side // bm * bm))
-    C = min(K, max(bn, (budget // R) // bn * bn))
-    if C == K:   # columns all fit: give the rest of the budget to rows
-        R = min(M, max(bm, (budget // K) // bm * bm))
-    return R, C
-
-
 def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                         coef_row: float, coef_col: float, coef_diag: float, g_diag=None,
                         split_scale: bool = False):
@@ -234,7 +209,7 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     gmax = max(abs(coef_row) + abs(coef_col), abs(coef_diag))
     gscale = 2.0 ** math.floor(-math.log2(gmax))
     ws_dtype = img.dtype
-    R, C = _block_shape(M, K, img.element_size(), 256 if autotune else bwd.BM,
+    R, C = block_shape(M, K, img.element_size(), 256 if autotune else bwd.BM,
                         256 if autotune else bwd.BN)
     ws = torch.empty((R, C), device=dev, dtype=ws_dtype)
     dummy = d_img
@@ -273,8 +248,8 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                 kernel[grid](*ptrs, **args, EVEN_D=D % bwd.BK == 0, BM=bwd.BM, BN=bwd.BN,
                              BK=bwd.BK, num_warps=bwd.num_warps, num_stages=bwd.num_stages)
             # cuBLAS: both gradient GEMMs from the same workspace block.
-            d_img[r0:r0 + r].add_(_mm_f32(block, txt[c0:c0 + c]))
-            d_txt[c0:c0 + c].add_(_mm_f32(block.t(), img[r0:r0 + r]))
+            d_img[r0:r0 + r].add_(mm_f32(block, txt[c0:c0 + c]))
+            d_txt[c0:c0 + c].add_(mm_f32(block.t(), img[r0:r0 + r]))
     factor = scale.to(f32) / gscale
     d_img.mul_(factor)
     d_txt.mul_(factor)

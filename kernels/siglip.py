@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import config as _config
-from .grad_backward import _block_shape, _mm_f32
+from .workspace import block_shape, mm_f32
 from .tile import tile_dot
 from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
@@ -191,7 +191,7 @@ def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: b
     cfg = tile_config(dev, img.dtype)
     labels = _labels_mode(ids_row, diag_positive)
     if need_grad:
-        R, C = _block_shape(M, K, img.element_size(), cfg.BM, cfg.BN)
+        R, C = block_shape(M, K, img.element_size(), cfg.BM, cfg.BN)
         ws = torch.empty((R, C), device=dev, dtype=img.dtype)
     else:
         R, C, ws = M, K, None
@@ -218,8 +218,8 @@ def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: b
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if block is not None:
                 # cuBLAS: both gradient GEMMs from the same workspace block.
-                d_img[r0:r0 + r].add_(_mm_f32(block, txt[c0:c0 + c]))
-                d_txt[c0:c0 + c].add_(_mm_f32(block.t(), img[r0:r0 + r]))
+                d_img[r0:r0 + r].add_(mm_f32(block, txt[c0:c0 + c]))
+                d_txt[c0:c0 + c].add_(mm_f32(block.t(), img[r0:r0 + r]))
     loss = rows[0].sum() + rows[1].sum() * 2.0 ** -TINY_SHIFT
     if need_grad:
         s = scale.to(f32)
