@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's curation demo, run with MetaCLIP's defaults and with each lenient option.
+# The curation demo of docs/curate.md, run with MetaCLIP's defaults and with each lenient option.
 #
 #     bash examples/curate_demo.sh WORK_DIR [RESULTS_DIR]
 #
