@@ -48,11 +48,10 @@ import torch
 import torch.distributed as dist
 
 from ...core.autograd import autocast_off, bias_guard, bias_meta, finish_grads, first_order_only, fresh_output
-from ...core.numerics import compute_dtype
 from ..targets import match_counts, positive_dots
 from .agreement import Layout
 from ...core.collectives import TAG_ACC, TAG_IDS, TAG_LSE, TAG_TXT, Ring, wait_all
-from .common import FamilyTargets, backend_args, rowdot
+from .common import FamilyTargets, rowdot, sweep_setup
 from .gather import _neg_out, _sub_uniform
 
 _F64 = torch.float64
@@ -98,9 +97,7 @@ class RingClipLoss(torch.autograd.Function):
         # Long: one loop over the ring's steps whose stages share the buffers in flight (the
         # block being received while this one is swept); split, they would travel as arguments
         # and the overlap of the exchange with the sweep would no longer be visible in one place.
-        acc = compute_dtype(img.dtype)
-        impl, kw, s = backend_args(layout, scale, acc)
-        tg = FamilyTargets.of(layout)
+        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
         blocks = _Blocks(layout, tg)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
         n = sizes[r]
@@ -178,9 +175,7 @@ class RingClipLoss(torch.autograd.Function):
         # block and the gradient accumulator travelling with it, double-buffered.
         img, txt, scale, lse_row, lse_col, diag, ids, counts, neg_txt, neg_img = ctx.saved_tensors
         layout: Layout = ctx.layout
-        acc = compute_dtype(img.dtype)
-        impl, kw, s = backend_args(layout, scale, acc)
-        tg = FamilyTargets.of(layout)
+        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
         blocks = _Blocks(layout, tg)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
         n, dim = sizes[r], img.shape[1]
