@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .clip.module import FastClipLoss
+from .module import FastClipLoss
 
 
 class FastCoCaLoss(FastClipLoss):
