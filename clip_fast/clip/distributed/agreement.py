@@ -3,6 +3,8 @@
 Before any other collective, one ``all_gather`` of a small int64 descriptor (a
 :class:`RankDescriptor` per rank) lets every rank raise the same ``ValueError`` when any
 shard is bad or the ranks disagree, instead of leaving the others hanging in a collective.
+The exchange and the fields every loss shares are the core's
+(``clip_fast.core.distributed``); this module adds the CLIP loss's options.
 """
 from __future__ import annotations
 
