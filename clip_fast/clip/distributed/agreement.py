@@ -12,7 +12,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 
 from ...core.autograd import needs_grad
