@@ -172,7 +172,8 @@ class RingClipLoss(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_loss):
         # Long for the forward's reason: the numbered steps of one ring loop share the text
-        # block and the gradient accumulator travelling with it, double-buffered.
+        # block and the gradient accumulator travelling with it, double-buffered (the
+        # block's own sweeps, steps 2-4, are ``_Sweeps.block``).
         img, txt, scale, lse_row, lse_col, diag, ids, counts, neg_txt, neg_img = ctx.saved_tensors
         layout: Layout = ctx.layout
         impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
