@@ -336,6 +336,17 @@ def write_csv(rows, path, fields=FIELDS, float_format=".4f"):
             w.writerow({k: (format(v, float_format) if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def parse_or_serve(p: argparse.ArgumentParser, argv, worker: Callable) -> Optional[argparse.Namespace]:
+    """``p``'s arguments, or None in a memory-measuring subprocess (the hidden
+    ``--worker-memory JSON`` flag): there ``worker(*JSON)`` runs and its result is printed as JSON."""
+    p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker_memory:
+        print(json.dumps(worker(*json.loads(args.worker_memory))))
+        return None
+    return args
+
+
 def main(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -346,10 +357,8 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--mode", default="full", choices=["full", "forward", "backward"])
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions per impl")
     p.add_argument("--csv", default=None, help="CSV to append to (default: benchmarks/results/loss_<device>_<date>.csv)")
-    p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker_memory:
-        print(json.dumps(cpu_memory_worker(*json.loads(args.worker_memory))))
+    args = parse_or_serve(p, argv, cpu_memory_worker)
+    if args is None:
         return
     rows = run_table(args)
     path = args.csv or os.path.join(RESULTS, f"loss_{args.device}_{datetime.date.today().isoformat()}.csv")

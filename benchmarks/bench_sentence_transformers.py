@@ -35,7 +35,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import RESULTS, environment, peak_rss_bytes, reset_peak_rss, rss_bytes, write_csv  # noqa: E402
+from bench_loss import (RESULTS, environment, parse_or_serve, peak_rss_bytes, reset_peak_rss, rss_bytes,  # noqa: E402
+                        write_csv)
 
 CASES = ("st_mnrl", "fast_mnrl", "st_cached", "fast_cached")
 FIELDS = ["date", "device", "torch", "triton", "python", "sentence_transformers", "threads", "backend", "case",
@@ -184,10 +185,8 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--max-logit-gib", type=float, default=4.0)
     p.add_argument("--out", default=None,
                    help="CSV path (default benchmarks/results/sentence_transformers_cpu_DATE.csv)")
-    p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker_memory:
-        print(json.dumps(memory_worker(*json.loads(args.worker_memory))))
+    args = parse_or_serve(p, argv, memory_worker)
+    if args is None:
         return
     rows = run(args)
     out = args.out or os.path.join(RESULTS, f"sentence_transformers_cpu_{rows[0]['date']}.csv")

@@ -12,8 +12,8 @@ from .siglip import FastSigLipLoss, siglip_loss
 __version__ = "0.1.0"
 __all__ = ["FastClipLoss", "clip_loss", "available_backends", "__version__"]
 
-# open_clip's other contrastive losses, fused twins (see clip_fast.coca, clip_fast.distill).
-from .coca import FastCoCaLoss  # noqa: E402
+# open_clip's other contrastive losses, fused twins (see clip_fast.clip.coca, clip_fast.distill).
+from .clip.coca import FastCoCaLoss  # noqa: E402
 from .distill import FastDistillClipLoss  # noqa: E402
 
 __all__ += ["FastCoCaLoss", "FastDistillClipLoss"]

@@ -148,6 +148,65 @@ void add_back_diagonal(Tensor& lse_off, const Tensor& diag) {
   head.copy_(at::logaddexp(head, diag));
 }
 
+// grad_backward's checks: the features and scalars, finite coefficients, each lse present when
+// its coefficient is nonzero, and every tensor's shape and device.
+void check_backward_inputs(const Tensor& img_in, const Tensor& txt_in, const Tensor& scale,
+                           const OptTensor& bias, const OptTensor& lse_row, const OptTensor& lse_col,
+                           double coef_row, double coef_col, double coef_diag,
+                           const OptTensor& g_diag) {
+  check_features(img_in, txt_in);
+  check_scalar(scale, "scale");
+  if (bias.has_value()) check_scalar(*bias, "bias");
+  const int64_t M = img_in.size(0), K = txt_in.size(0);
+  TORCH_CHECK(std::isfinite(coef_row) && std::isfinite(coef_col) && std::isfinite(coef_diag),
+              "clip_fast cuda: coef_row, coef_col and coef_diag must be finite, got ", coef_row,
+              ", ", coef_col, ", ", coef_diag);
+  TORCH_CHECK(coef_row == 0.0 || lse_row.has_value(),
+              "clip_fast cuda: lse_row is required when coef_row != 0 (got None, coef_row=",
+              coef_row, ")");
+  TORCH_CHECK(coef_col == 0.0 || lse_col.has_value(),
+              "clip_fast cuda: lse_col is required when coef_col != 0 (got None, coef_col=",
+              coef_col, ")");
+  if (lse_row.has_value()) check_pair(*lse_row, "lse_row", M);
+  if (lse_col.has_value()) check_pair(*lse_col, "lse_col", K);
+  if (g_diag.has_value()) check_vector(*g_diag, "g_diag", std::min(M, K));
+  check_all_devices(img_in, txt_in, scale, bias);
+  if (g_diag.has_value()) check_device(img_in, *g_diag, "g_diag");
+  if (lse_row.has_value()) check_device(img_in, *lse_row, "lse_row");
+  if (lse_col.has_value()) check_device(img_in, *lse_col, "lse_col");
+}
+
+// The backward's strip height R: a multiple of 64 rows (at least 64, at most M) with
+// R * K * itemsize within the workspace budget (workspace.h).  Clamped while still a double:
+// a huge CLIP_FAST_WORKSPACE_MB must not overflow the cast.
+int64_t strip_rows(int64_t M, int64_t K, int64_t itemsize) {
+  const double budget_elems = workspace_bytes() / static_cast<double>(itemsize);
+  const double budget_blocks = std::min(budget_elems / static_cast<double>(K * kBlockM),
+                                        static_cast<double>(kMaxStripBlocks));
+  const int64_t R = std::max<int64_t>(1, static_cast<int64_t>(budget_blocks)) * kBlockM;
+  return std::min(R, M);
+}
+
+// Step 2 of the backward on the strip of rows r0..r0+rows: both products from the same W
+// (cuBLAS, fp32 accumulation and output).  float16/bfloat16 strips after the first land
+// W.T @ img in d_txt_part (allocated once), then add it.
+void add_strip_products(const Tensor& W, const Tensor& img, const Tensor& txt, int64_t r0,
+                        int64_t rows, Tensor& d_img, Tensor& d_txt, Tensor& d_txt_part) {
+  const Tensor Ws = W.narrow(0, 0, rows);
+  const Tensor img_s = img.narrow(0, r0, rows);
+  Tensor d_img_s = d_img.narrow(0, r0, rows);
+  mm_float_out(d_img_s, Ws, txt);
+  if (r0 == 0) {
+    mm_float_out(d_txt, Ws.t(), img_s);
+  } else if (img.scalar_type() == at::kFloat) {
+    d_txt.addmm_(Ws.t(), img_s);
+  } else {
+    if (!d_txt_part.defined()) d_txt_part = at::empty(d_txt.sizes(), d_txt.options());
+    mm_float_out(d_txt_part, Ws.t(), img_s);
+    d_txt.add_(d_txt_part);
+  }
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> lse_forward(const Tensor& img_in, const Tensor& txt_in,
@@ -208,26 +267,9 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
                                                  double coef_col, double coef_diag,
                                                  const OptTensor& g_diag,
                                                  std::optional<bool> allow_tf32) {
-  check_features(img_in, txt_in);
-  check_scalar(scale, "scale");
-  if (bias.has_value()) check_scalar(*bias, "bias");
+  check_backward_inputs(img_in, txt_in, scale, bias, lse_row, lse_col, coef_row, coef_col, coef_diag,
+                        g_diag);
   const int64_t M = img_in.size(0), K = txt_in.size(0), D = img_in.size(1);
-  TORCH_CHECK(std::isfinite(coef_row) && std::isfinite(coef_col) && std::isfinite(coef_diag),
-              "clip_fast cuda: coef_row, coef_col and coef_diag must be finite, got ", coef_row,
-              ", ", coef_col, ", ", coef_diag);
-  TORCH_CHECK(coef_row == 0.0 || lse_row.has_value(),
-              "clip_fast cuda: lse_row is required when coef_row != 0 (got None, coef_row=",
-              coef_row, ")");
-  TORCH_CHECK(coef_col == 0.0 || lse_col.has_value(),
-              "clip_fast cuda: lse_col is required when coef_col != 0 (got None, coef_col=",
-              coef_col, ")");
-  if (lse_row.has_value()) check_pair(*lse_row, "lse_row", M);
-  if (lse_col.has_value()) check_pair(*lse_col, "lse_col", K);
-  if (g_diag.has_value()) check_vector(*g_diag, "g_diag", std::min(M, K));
-  check_all_devices(img_in, txt_in, scale, bias);
-  if (g_diag.has_value()) check_device(img_in, *g_diag, "g_diag");
-  if (lse_row.has_value()) check_device(img_in, *lse_row, "lse_row");
-  if (lse_col.has_value()) check_device(img_in, *lse_col, "lse_col");
 
   const c10::cuda::CUDAGuard guard(img_in.device());
   const Tensor img = img_in.contiguous();
@@ -247,21 +289,14 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
   const Tensor lse_c = lse_col.has_value() ? lse_col->contiguous() : Tensor();
   const bool use_row = coef_row != 0.0, use_col = coef_col != 0.0;
 
-  // Strip height R: a multiple of 64 rows with R * K * itemsize <= the budget (at least 64).
-  // (Clamped while still a double: a huge CLIP_FAST_WORKSPACE_MB must not overflow the cast.)
-  const double budget_elems = workspace_bytes() / static_cast<double>(img.element_size());
-  const double budget_blocks = std::min(budget_elems / static_cast<double>(K * kBlockM),
-                                        static_cast<double>(kMaxStripBlocks));
-  int64_t R = std::max<int64_t>(1, static_cast<int64_t>(budget_blocks)) * kBlockM;
-  R = std::min(R, M);
+  const int64_t R = strip_rows(M, K, img.element_size());
   Tensor W = at::empty({R, K}, img.options());
-  Tensor d_txt_part;  // float16/bfloat16 strips after the first: W.T @ img lands here, then adds
+  Tensor d_txt_part;  // float16/bfloat16 strips after the first (add_strip_products)
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(img.device().index()).stream();
   const InputKind kind = input_kind(img.scalar_type(), allow_tf32);
 
   for (int64_t r0 = 0; r0 < M; r0 += R) {
     const int64_t r1 = std::min(M, r0 + R);
-    const int64_t rows = r1 - r0;
     // 1. One fused pass over the strip's tiles: W = G / omega, d_scale += <G, img@txt.T>.
     C10_CUDA_CHECK(launch_grad_strip(
         kind, img.data_ptr(), txt.data_ptr(), M, K, D, r0, r1, scale.data_ptr<float>(),
@@ -274,19 +309,7 @@ std::tuple<Tensor, Tensor, Tensor> grad_backward(const Tensor& img_in, const Ten
         static_cast<float>(1.0 / omega), W.data_ptr(), d_scale.data_ptr<double>(), stream));
     if (D == 0) continue;
     // 2. Both products from the same W (cuBLAS, fp32 accumulation and output).
-    const Tensor Ws = W.narrow(0, 0, rows);
-    const Tensor img_s = img.narrow(0, r0, rows);
-    Tensor d_img_s = d_img.narrow(0, r0, rows);
-    mm_float_out(d_img_s, Ws, txt);
-    if (r0 == 0) {
-      mm_float_out(d_txt, Ws.t(), img_s);
-    } else if (img.scalar_type() == at::kFloat) {
-      d_txt.addmm_(Ws.t(), img_s);
-    } else {
-      if (!d_txt_part.defined()) d_txt_part = at::empty({K, D}, f32);
-      mm_float_out(d_txt_part, Ws.t(), img_s);
-      d_txt.add_(d_txt_part);
-    }
+    add_strip_products(W, img, txt, r0, r1 - r0, d_img, d_txt, d_txt_part);
   }
   // 3. Undo the 1/omega of W and apply the scale: d_img = scale * G @ txt, etc.
   //    (scale stays on the device: no host synchronisation.)

@@ -178,6 +178,36 @@ def _kernel(autotune: bool):
     return _autotuned
 
 
+def _kernel_flags(cfg, dtype, has_bias: bool, coef_row, coef_col, coef_diag, gscale, has_g_diag: bool,
+                  split_scale: bool) -> dict:
+    """The kernel arguments that are the same for every workspace block of one call."""
+    has_row, has_col = coef_row != 0.0, coef_col != 0.0
+    return dict(
+        coef_row=float(coef_row), coef_col=float(coef_col),
+        coef_diag=float(coef_diag), gscale=float(gscale),
+        HAS_BIAS=has_bias, HAS_ROW=has_row, HAS_COL=has_col,
+        HAS_DIAG=coef_diag != 0.0, G_DIAG=has_g_diag,
+        SHARE_EXP=bool(cfg.share_exp) and has_row and has_col and not split_scale,
+        SPLIT_SCALE=bool(split_scale),
+        DOT_PRECISION=_config.dot_precision(dtype),
+        DOT_UPCAST=_config.interpreter_active() and dtype == torch.bfloat16,
+        GROUP_M=8,
+    )
+
+
+def _launch_block(kernel, bwd, ptrs, args: dict) -> None:
+    """One workspace block's launch: the configured tile shape ``bwd``, or (None) the
+    autotuner's choice."""
+    r, c, D = args["R"], args["C"], args["D"]
+    if bwd is None:
+        grid = lambda meta: (triton.cdiv(r, meta["BM"]) * triton.cdiv(c, meta["BN"]),)  # noqa: E731
+        kernel[grid](*ptrs, **args, EVEN_D=False)
+    else:
+        grid = (triton.cdiv(r, bwd.BM) * triton.cdiv(c, bwd.BN),)
+        kernel[grid](*ptrs, **args, EVEN_D=D % bwd.BK == 0, BM=bwd.BM, BN=bwd.BN,
+                     BK=bwd.BK, num_warps=bwd.num_warps, num_stages=bwd.num_stages)
+
+
 def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                         coef_row: float, coef_col: float, coef_diag: float, g_diag=None,
                         split_scale: bool = False):
@@ -217,36 +247,21 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     lse_col_t = lse_col.contiguous() if has_col else dummy.new_zeros((2, 1))
     g_diag_t = g_diag.to(f32).contiguous() if g_diag is not None else dummy
     kernel = _kernel(autotune)
+    flags = _kernel_flags(cfg, img.dtype, bias is not None, coef_row, coef_col, coef_diag, gscale,
+                          g_diag is not None, split_scale)
     for r0 in range(0, M, R):
         r = min(R, M - r0)
         for c0 in range(0, K, C):
             c = min(C, K - c0)
             block = ws[:r, :c]
-            args = dict(
-                row0=r0, col0=c0, R=r, C=c, D=D,
-                stride_im=img.stride(0), stride_id=img.stride(1),
-                stride_tk=txt.stride(0), stride_td=txt.stride(1),
-                stride_wr=block.stride(0), stride_wc=block.stride(1),
-                coef_row=float(coef_row), coef_col=float(coef_col),
-                coef_diag=float(coef_diag), gscale=float(gscale),
-                HAS_BIAS=bias is not None, HAS_ROW=has_row, HAS_COL=has_col,
-                HAS_DIAG=coef_diag != 0.0, G_DIAG=g_diag is not None,
-                SHARE_EXP=bool(cfg.share_exp) and has_row and has_col and not split_scale,
-                SPLIT_SCALE=bool(split_scale),
-                DOT_PRECISION=_config.dot_precision(img.dtype),
-                DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
-                GROUP_M=8,
-            )
             ptrs = (img, txt, scale, bias if bias is not None else scale,
                     lse_row_t[0], lse_row_t[1], lse_col_t[0], lse_col_t[1], g_diag_t, block,
                     d_scale_rows[0], d_scale_rows[-1])
-            if autotune:
-                grid = lambda meta: (triton.cdiv(r, meta["BM"]) * triton.cdiv(c, meta["BN"]),)  # noqa: E731
-                kernel[grid](*ptrs, **args, EVEN_D=False)
-            else:
-                grid = (triton.cdiv(r, bwd.BM) * triton.cdiv(c, bwd.BN),)
-                kernel[grid](*ptrs, **args, EVEN_D=D % bwd.BK == 0, BM=bwd.BM, BN=bwd.BN,
-                             BK=bwd.BK, num_warps=bwd.num_warps, num_stages=bwd.num_stages)
+            _launch_block(kernel, None if autotune else bwd, ptrs, dict(
+                flags, row0=r0, col0=c0, R=r, C=c, D=D,
+                stride_im=img.stride(0), stride_id=img.stride(1),
+                stride_tk=txt.stride(0), stride_td=txt.stride(1),
+                stride_wr=block.stride(0), stride_wc=block.stride(1)))
             # cuBLAS: both gradient GEMMs from the same workspace block.
             d_img[r0:r0 + r].add_(mm_f32(block, txt[c0:c0 + c]))
             d_txt[c0:c0 + c].add_(mm_f32(block.t(), img[r0:r0 + r]))

@@ -91,6 +91,15 @@ def spawned_cases(tmp_path_factory, module_name, seed, deadline_s, gloo_timeout_
     return get
 
 
+def case_params(cases, kind, world_sizes=(2, 3)):
+    """pytest params ``(world_size, case)`` over ``cases(world_size)`` for every world size:
+    the cases that expect an error (``kind == "error"``: ``case["error"]`` set) or the others."""
+    import pytest
+
+    return [pytest.param(w, case, id=f"w{w}-{case['name']}") for w in world_sizes for case in cases(w)
+            if (kind == "error") == (case["error"] is not None)]
+
+
 def case_seed(cases, case, seed):
     """The seed ``gloo_worker`` gave ``case``: ``seed`` plus its index in ``cases``."""
     return seed + [c["name"] for c in cases].index(case["name"])

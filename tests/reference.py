@@ -9,17 +9,21 @@ import torch
 import torch.nn.functional as F
 
 
+def _leaves(img, txt, scale, bias):
+    """float64 leaf copies of the inputs, for torch's autograd (bias None stays None)."""
+    def scalar(v):
+        return torch.as_tensor(v, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
+
+    return (img.detach().double().requires_grad_(True), txt.detach().double().requires_grad_(True),
+            scalar(scale), None if bias is None else scalar(bias))
+
+
 def reference_clip_loss(img, txt, scale, bias=None):
     """Loss in float64 and the gradients of all inputs (d_bias None without bias).
 
     Returns (loss, d_img, d_txt, d_scale, d_bias), all float64.
     """
-    x = img.detach().double().requires_grad_(True)
-    y = txt.detach().double().requires_grad_(True)
-    s = torch.as_tensor(scale, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
-    b = None
-    if bias is not None:
-        b = torch.as_tensor(bias, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
+    x, y, s, b = _leaves(img, txt, scale, bias)
     logits = s * x @ y.T
     if b is not None:
         logits = logits + b
@@ -101,12 +105,7 @@ def reference_siglip_loss(img, txt, scale, bias=None, group_ids=None, negative_o
     are equal), -1 elsewhere; every z is -1 with ``negative_only``.
     Returns (loss, d_img, d_txt, d_scale, d_bias), all float64 (d_bias None without bias).
     """
-    x = img.detach().double().requires_grad_(True)
-    y = txt.detach().double().requires_grad_(True)
-    s = torch.as_tensor(scale, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
-    b = None
-    if bias is not None:
-        b = torch.as_tensor(bias, dtype=torch.float64).detach().clone().reshape(()).requires_grad_(True)
+    x, y, s, b = _leaves(img, txt, scale, bias)
     logits = s * x @ y.T
     if b is not None:
         logits = logits + b

@@ -4,6 +4,7 @@
 * ``functional``  -- ``clip_loss`` and the per-call rules (``prepare_call``).
 * ``function``    -- the autograd Function over one square block.
 * ``targets``     -- positive groups, label smoothing, direction weights, hard negatives.
+* ``coca``        -- ``FastCoCaLoss``: this loss plus CoCa's caption cross-entropy.
 * ``distributed`` -- the gather and ring modes across ranks.
 * ``backends``    -- the two-sweep contract, and its ``torch``, ``triton`` and ``cuda``
   implementations.

@@ -30,7 +30,7 @@ import torch
 
 from . import backends
 from ..core.autograd import bias_guard, bias_meta, finish_grads, fresh_output, fused_backward, refuse_vmap
-from ..core.numerics import compute_dtype, compute_scalar
+from ..core.numerics import compute_dtype
 from ..core.registry import chunk_kwargs
 from .targets import block_targets, group_counts
 
@@ -61,7 +61,7 @@ class ClipLossFunction(torch.autograd.Function):
                 opts: LossOptions):
         impl = backends.get_loaded(opts.backend)
         acc = compute_dtype(img.dtype)
-        s = compute_scalar(scale, acc)
+        s = scale  # already the backends' 0-d scalar (``clip_fast.core.checks.as_scalar_tensor``)
         plan = TargetPlan(img, txt, ids, neg_txt, neg_img, opts)
         lse_row, lse_col, diag = impl.lse_forward(img, txt, s, None, **opts.kwargs())
         # Hard negatives: their blocks' log-sum-exp partials join the row / column softmax.
@@ -92,7 +92,7 @@ class ClipLossFunction(torch.autograd.Function):
         opts: LossOptions = ctx.opts
         impl = backends.get_loaded(opts.backend)
         acc = compute_dtype(img.dtype)
-        s = compute_scalar(scale, acc)
+        s = scale
         plan = TargetPlan(img, txt, ids, neg_txt, neg_img, opts)
         a, b = plan.a, plan.b
         kw = opts.kwargs()

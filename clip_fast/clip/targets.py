@@ -155,6 +155,8 @@ def block_targets(x: torch.Tensor, y: torch.Tensor, *, a: float, b: float, eps: 
     row weight a, the part of the column weight b] (for a block without a kernel diagonal),
     so a block whose rows and columns belong to two ranks' losses splits d_scale between them.
     """
+    # Long by its docstring (the contract every caller relies on); the body is three steps:
+    # the positives' part, the uniform part, and the optional split of t.
     m, k = x.shape[0], y.shape[0]
     w_pos = (1.0 - eps) * (a + b) if positives else 0.0
     u_row, u_col = eps * a * inv_k_row, eps * b * inv_k_col

@@ -10,6 +10,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .numerics import compute_dtype
+
 ScalarLike = Union[torch.Tensor, float, int]  # logit_scale / logit_bias: a number or a 1-element tensor
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,15 +69,20 @@ def check_features(image_features: torch.Tensor, text_features: torch.Tensor) ->
 def as_scalar_tensor(name: str, value: Optional[ScalarLike], ref: torch.Tensor) -> Optional[torch.Tensor]:
     """``logit_scale`` / ``logit_bias``: a Python number, or a 0-d / 1-element floating tensor on ref's device.
 
-    Returns a tensor (the caller's own tensor when one was given, so its gradient flows) or None.
+    Returns the scalar every backend and kernel reads (None stays None): a 0-d tensor in the
+    dtype S is accumulated in (``compute_dtype`` of ref's dtype: float32, float64 for
+    float64 features) on ref's device.  This is the one conversion of the scalars: the
+    Functions, backends and kernels take it as it is.  A tensor is converted by ``reshape``
+    and ``to``, which autograd follows, so the caller's tensor still gets its gradient, in
+    its own dtype and shape.
     """
     if value is None:
         return None
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a 1-element floating tensor, got bool {value}")
+    dtype = compute_dtype(ref.dtype)
     if isinstance(value, numbers.Real) and not isinstance(value, torch.Tensor):
         # A number takes the precision the loss is computed in: float64 features keep it whole.
-        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
         return torch.tensor(float(value), dtype=dtype, device=ref.device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a 1-element floating tensor, got {type(value).__name__}")
@@ -89,12 +96,13 @@ def as_scalar_tensor(name: str, value: Optional[ScalarLike], ref: torch.Tensor) 
         raise ValueError(
             f"{name} is on {value.device} but the features are on {ref.device}; move {name} to {ref.device}"
         )
-    return value
+    return value.reshape(()).to(dtype)
 
 
 def check_inputs(image_features, text_features, logit_scale, logit_bias=None
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Validate everything; return (scale, bias) as tensors (bias may be None)."""
+    """Validate everything; return (scale, bias) as the backends' 0-d scalars
+    (``as_scalar_tensor``; bias may be None)."""
     check_features(image_features, text_features)
     if logit_scale is None:
         raise TypeError("logit_scale is required (a float or a 1-element tensor, already exponentiated)")

@@ -123,11 +123,12 @@ def logsumexp_across_ranks(partial: torch.Tensor, layout: RankLayout) -> torch.T
 
 
 class Ring:
-    """Point-to-point exchange with the ring neighbours (send to r+1, receive from r-1)."""
+    """Point-to-point exchange with the ranks ``step`` away: send to r + step, receive from
+    r - step (the default, 1: the ring neighbours; a negative step sends the other way)."""
 
-    def __init__(self, layout: RankLayout):
+    def __init__(self, layout: RankLayout, step: int = 1):
         w, r, group = layout.world_size, layout.rank, layout.group
-        nxt, prv = (r + 1) % w, (r - 1) % w
+        nxt, prv = (r + step) % w, (r - step) % w
         if group is not None:
             nxt, prv = dist.get_global_rank(group, nxt), dist.get_global_rank(group, prv)
         self.nxt, self.prv, self.group = nxt, prv, group
@@ -137,6 +138,12 @@ class Ring:
         ops = [dist.P2POp(dist.isend, t, self.nxt, self.group, tag) for t, tag in zip(sends, tags)]
         ops += [dist.P2POp(dist.irecv, t, self.prv, self.group, tag) for t, tag in zip(recvs, tags)]
         return dist.batch_isend_irecv(ops)
+
+    def swap(self, send: torch.Tensor, recv_shape, tag: int = TAG_TXT) -> torch.Tensor:
+        """Send ``send`` to r + step and return the ``recv_shape`` tensor received from r - step."""
+        recv = send.new_empty(recv_shape)
+        wait_all(self.exchange([send.contiguous()], [recv], [tag]))
+        return recv
 
 
 def wait_all(works: list) -> None:

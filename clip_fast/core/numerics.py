@@ -1,7 +1,7 @@
 """The numerics helpers shared by the backends and the kernels (``docs/numerics.md``).
 
-The compute dtype, the one conversion of ``logit_scale``/``logit_bias`` to the scalar a
-backend reads, the float-float lse a kernel backward reads, G's diagonal from the
+The compute dtype (``clip_fast.core.checks.as_scalar_tensor`` converts ``logit_scale`` and
+``logit_bias`` to it once, for every backend and kernel), the float-float lse a kernel backward reads, G's diagonal from the
 forward's float64 loss terms, d_scale from the gradient's rows, and the SigLIP kernels'
 tiny-term shift.  The contract they serve is in ``clip_fast.clip.backends`` (CLIP) and
 ``clip_fast.siglip.backends`` (SigLIP).
@@ -19,15 +19,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def compute_scalar(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """``scale``/``bias`` as the detached 0-d tensor of ``dtype`` a backend reads (None stays None)."""
+    """A detached 0-d tensor of ``dtype`` (None stays None): the torch backend's reading of
+    ``scale``/``bias`` for its own compute dtype, which a direct caller may choose."""
     if t is None:
         return None
     return t.detach().reshape(()).to(dtype)
-
-
-def f32_scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """``scale``/``bias`` as the 0-d float32 tensor on ``like``'s device the kernels read."""
-    return None if t is None else compute_scalar(t, torch.float32).to(like.device)
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,12 +116,6 @@ def combine_diag(lse_off: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
     n = diag.shape[0]
     out[:n] = torch.logaddexp(out[:n], diag.to(torch.float64))
     return out
-
-
-def backend_scalar(t: Optional[torch.Tensor], features: torch.Tensor) -> Optional[torch.Tensor]:
-    """``scale``/``bias`` as a backend reads them for ``features``: :func:`compute_scalar` in
-    the features' compute dtype (0-d float32, float64 for float64 features)."""
-    return compute_scalar(t, compute_dtype(features.dtype))
 
 
 # SigLIP: tiny terms are summed scaled by 2^TINY_SHIFT (``clip_fast.siglip.backends``,

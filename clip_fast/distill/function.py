@@ -9,7 +9,6 @@ import torch
 
 from ..clip import backends as clip_backends
 from ..core.autograd import apply_function, autocast_off, first_order_only, fresh_output
-from ..core.numerics import backend_scalar
 from ..core.registry import chunk_kwargs
 from . import backends as distill_backends
 
@@ -35,7 +34,7 @@ class DistillBlockFunction(torch.autograd.Function):
         lse_impl = clip_backends.get_loaded(opts.backend)
         impl = distill_backends.get_loaded(opts.backend)
         kw = opts.kwargs()
-        s, t = backend_scalar(scale, img), backend_scalar(tscale, img)
+        s, t = scale, tscale  # the backends' 0-d scalars (``clip_fast.core.checks``)
         img, txt, timg, ttxt = (x.contiguous() for x in (img, txt, timg, ttxt))
         # 1. The float64 log-sum-exps of both models (the CLIP forward sweep).
         lse_row, lse_col, _ = lse_impl.lse_forward(img, txt, s, None, **kw)
@@ -70,7 +69,7 @@ class DistillBlockFunction(torch.autograd.Function):
             coef_row = 1.0 / (2 * img.shape[0]) if opts.rows else 0.0
             coef_col = 1.0 / (2 * txt.shape[0]) if opts.cols else 0.0
             d_img, d_txt, d_s, d_timg, d_ttxt, d_t = impl.distill_backward(
-                img, txt, backend_scalar(scale, img), timg, ttxt, backend_scalar(tscale, img), lse_row,
+                img, txt, scale, timg, ttxt, tscale, lse_row,
                 lse_col, tlse_row, tlse_col, row_term, col_term, coef_row, coef_col, teacher, **opts.kwargs())
             g = grad_loss.detach().to(d_img.dtype)
 

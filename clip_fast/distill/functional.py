@@ -29,6 +29,7 @@ def prepare(image_features, text_features, logit_scale, dist_image_features, dis
     if timg.dtype != img.dtype:
         # The teacher may have its own precision; the sweep reads one dtype.
         timg, ttxt = timg.to(img.dtype), ttxt.to(img.dtype)
+        tscale = tscale.to(scale.dtype)  # and its scale to the student's compute dtype
     name = distill_backends.resolve_backend(backend, img.device, img.dtype)
     clip_backends.preload(name)  # the log-sum-exps come from the CLIP backend of that name
     return img, txt, scale, timg, ttxt, tscale, loss_dtype, name

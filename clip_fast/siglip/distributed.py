@@ -25,8 +25,9 @@ backward: d txt_q contributions: each remote block is swept again (it gives G @ 
           more but keeps memory O(N_local * D): keeping them from the forward would hold
           every rank's (n_q, D) block, O(N_global * D).
 
-Inputs are checked across ranks first (``clip_fast.clip.distributed``'s descriptor check): a
-bad shard on any rank raises the same error on every rank, none hangs.
+Inputs are checked across ranks first (SigLIP's descriptor on the core's agreement,
+``clip_fast.core.distributed.share_verdicts``): a bad shard on any rank raises the same
+error on every rank, none hangs.
 """
 from __future__ import annotations
 
@@ -37,106 +38,101 @@ import torch
 import torch.distributed as dist
 
 from . import backends as siglip_backends
-from ..core.autograd import autocast_off, first_order_only, fresh_output
-from ..clip.distributed.agreement import Layout, _comm_device, check_across_ranks
-from ..core.collectives import all_gather_rows
-from ..core.numerics import backend_scalar
-from ..core.checks import check_group_ids
+from ..core.autograd import apply_function, fresh_output, fused_backward, refuse_vmap
+from ..core.collectives import TAG_ACC, TAG_IDS, TAG_TXT, Ring, all_gather_rows
+from ..core.distributed import (FEATURE_FIELDS, ShardLayout, agree_features, agree_needs_grad, check_comm_device,
+                                features_row, mismatch, require_initialized, share_verdicts)
+from ..core.registry import chunk_kwargs
+from .functional import Call, prepare_call
 
 # open_clip's exchanges of the other ranks' texts (``SigLipLoss(dist_impl=...)``).
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+_LOSS = "clip_fast distributed SigLIP loss"
+_FIELDS = FEATURE_FIELDS + ("dist_impl",)  # a descriptor row (``_describe``)
 
 
 @dataclass(frozen=True)
-class _DistOptions:
-    layout: Layout
+class SigLipLayout(ShardLayout):
+    """Everything the Function needs besides tensors (the same on every rank)."""
     dist_impl: str
-    backend: str       # resolved SigLIP backend name
+    backend: str                       # resolved SigLIP backend name
     need_grad: bool
-    has_ids: bool
+    chunk_size: Optional[int]
+    loss_dtype: Optional[torch.dtype]
+
+    def kwargs(self) -> dict:
+        return chunk_kwargs(self.backend, self.chunk_size)
 
 
 def distributed_siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *,
                             group_ids=None, rank: int, world_size: int, dist_impl: str = "bidir",
                             backend: str = "auto", chunk_size: Optional[int] = None, group=None):
     """This rank's SigLIP loss with open_clip's distributed semantics (module doc)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"clip_fast: world_size={world_size} > 1 needs torch.distributed to be initialised "
-            "(torch.distributed.init_process_group, e.g. under torchrun)")
-    # The CLIP loss's descriptor check (shapes, dtypes, devices, equal scale and bias, who
-    # needs gradients), asked for the one mode whose checks all apply here.
-    layout, call = check_across_ranks(
-        image_features, text_features, logit_scale, logit_bias, rank=rank, world_size=world_size,
-        local_loss=True, gather_with_grad=True, mode="ring", backend=backend,
-        chunk_size=chunk_size, group=group)
-    img, txt, scale, bias = call.img, call.txt, call.scale, call.bias
-    ids = _check_siglip_across_ranks(group_ids, img, dist_impl, layout)
-    impl = siglip_backends.resolve_backend(backend, img.device, img.dtype)
-    need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (img, txt, scale, bias))
-    opts = _DistOptions(layout=layout, dist_impl=dist_impl, backend=impl.NAME, need_grad=need_grad,
-                        has_ids=ids is not None)
-    if layout.opts.loss_dtype is not None:
-        with torch.autocast(img.device.type, enabled=False):
-            return _DistSigLipLoss.apply(img, txt, scale, bias, ids, opts)
-    return _DistSigLipLoss.apply(img, txt, scale, bias, ids, opts)
+    require_initialized(world_size)
+    layout, call = check_across_ranks(image_features, text_features, logit_scale, logit_bias, group_ids,
+                                      rank=rank, world_size=world_size, dist_impl=dist_impl,
+                                      backend=backend, chunk_size=chunk_size, group=group)
+    return apply_function(DistSigLipLoss, layout.loss_dtype, call.img, call.txt, call.scale, call.bias,
+                          call.ids, layout)[0]
 
 
-def _check_siglip_across_ranks(group_ids, img, dist_impl, layout: Layout) -> Optional[torch.Tensor]:
-    """group_ids and dist_impl, checked locally and then agreed by every rank."""
-    local_error = None
-    ids = None
-    try:
-        if dist_impl not in DIST_IMPLS:
-            raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
-        ids = check_group_ids(group_ids, img)
-    except Exception as exc:  # raised alone, it would leave the other ranks hanging
-        local_error = f"{type(exc).__name__}: {exc}"
-    header = torch.tensor([int(local_error is not None),
-                           DIST_IMPLS.index(dist_impl) if dist_impl in DIST_IMPLS else -1,
-                           int(group_ids is not None)], dtype=torch.int64,
-                          device=_comm_device(layout.group, img))
-    gathered = [torch.empty_like(header) for _ in range(layout.world_size)]
-    dist.all_gather(gathered, header, group=layout.group)
-    rows = [t.tolist() for t in gathered]
-    bad = [q for q, row in enumerate(rows) if row[0]]
-    if bad:
-        messages: List[Optional[str]] = [None] * layout.world_size
-        dist.all_gather_object(messages, local_error, group=layout.group)
-        detail = "\n".join(f"  rank {q}: {messages[q]}" for q in bad)
-        raise ValueError(f"clip_fast distributed SigLIP loss: invalid input on rank(s) {bad}:\n{detail}")
-    if len({row[1] for row in rows}) > 1:
-        listing = ", ".join(f"rank {q}: {DIST_IMPLS[row[1]]}" for q, row in enumerate(rows))
-        raise ValueError(f"clip_fast distributed SigLIP loss: dist_impl differs across ranks ({listing})")
-    if len({row[2] for row in rows}) > 1:
-        listing = ", ".join(f"rank {q}: {bool(row[2])}" for q, row in enumerate(rows))
-        raise ValueError("clip_fast distributed SigLIP loss: whether group_ids is given differs across "
-                         f"ranks ({listing})")
-    return ids
+def _local_call(img, txt, logit_scale, logit_bias, group_ids, dist_impl, backend, chunk_size,
+                comm_name) -> Call:
+    """This rank's own checks (raising here alone would leave the other ranks hanging)."""
+    if dist_impl not in DIST_IMPLS:
+        raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+    call = prepare_call(img, txt, logit_scale, logit_bias, group_ids, backend, chunk_size)
+    check_comm_device(comm_name, call.img)
+    return call
+
+
+def _describe(call: Optional[Call], rank, world_size, dist_impl) -> List[int]:
+    """The core's shared fields, then the index of ``dist_impl`` (-1 unknown)."""
+    ok = call is not None
+    shared = features_row(call.img if ok else None, call.scale if ok else None, call.bias if ok else None,
+                          rank, world_size, ok and call.opts.need_grad, ok and call.ids is not None)
+    return shared + [DIST_IMPLS.index(dist_impl) if dist_impl in DIST_IMPLS else -1]
+
+
+def check_across_ranks(img, txt, logit_scale, logit_bias, group_ids, *, rank, world_size, dist_impl,
+                       backend, chunk_size, group) -> Tuple[SigLipLayout, Call]:
+    """Check this rank's call, share the verdicts, and raise the same error on every rank."""
+    group_size = dist.get_world_size(group)
+    comm_name = str(dist.get_backend(group)).lower()
+    call, rows = share_verdicts(
+        lambda: _local_call(img, txt, logit_scale, logit_bias, group_ids, dist_impl, backend, chunk_size,
+                            comm_name),
+        lambda call: _describe(call, rank, world_size, dist_impl), group, img, _LOSS)
+    def field(name):
+        k = _FIELDS.index(name)
+        return [row[k] for row in rows]
+
+    agree_features(field, group_size, _LOSS)
+    if len(set(field("dist_impl"))) > 1:
+        mismatch("dist_impl", [DIST_IMPLS[v] for v in field("dist_impl")], loss=_LOSS)
+    agree_needs_grad(field, _LOSS)
+    layout = SigLipLayout(rank=rank, world_size=group_size, sizes=tuple(field("n")), group=group,
+                          nccl=comm_name == "nccl", dist_impl=dist_impl, backend=call.opts.backend,
+                          need_grad=call.opts.need_grad, chunk_size=call.opts.chunk_size,
+                          loss_dtype=call.opts.loss_dtype)
+    return layout, call
 
 
 # ---- transport ----
 
-def _exchange(send: torch.Tensor, to: int, recv_shape, frm: int, layout: Layout) -> torch.Tensor:
-    """Send ``send`` to rank ``to`` and receive a ``recv_shape`` tensor from rank ``frm``."""
-    ranks = dist.get_process_group_ranks(layout.group) if layout.group is not None else None
-    g_to = ranks[to] if ranks else to
-    g_frm = ranks[frm] if ranks else frm
-    recv = send.new_empty(recv_shape)
-    ops = [dist.P2POp(dist.isend, send.contiguous(), g_to, group=layout.group),
-           dist.P2POp(dist.irecv, recv, g_frm, group=layout.group)]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return recv
+def _swap(lay: SigLipLayout, step: int, txt: torch.Tensor, ids: Optional[torch.Tensor], n_recv: int):
+    """Send (txt, ids) to rank r + step; receive rank r - step's, of ``n_recv`` rows."""
+    ring = Ring(lay, step)
+    txt_q = ring.swap(txt, (n_recv, txt.shape[1]), TAG_TXT)
+    ids_q = ring.swap(ids, (n_recv,), TAG_IDS) if ids is not None else None
+    return txt_q, ids_q
 
 
-def _remote_shards(txt: torch.Tensor, ids: Optional[torch.Tensor], opts: _DistOptions
+def _remote_shards(txt: torch.Tensor, ids: Optional[torch.Tensor], lay: SigLipLayout
                    ) -> Iterator[Tuple[int, torch.Tensor, Optional[torch.Tensor]]]:
     """(q, txt_q, ids_q) for every rank q != r, one at a time (module doc)."""
-    lay = opts.layout
     r, w = lay.rank, lay.world_size
-    if opts.dist_impl == "gather":
+    if lay.dist_impl == "gather":
         all_txt = all_gather_rows(txt, lay)
         all_ids = all_gather_rows(ids, lay) if ids is not None else None
         for q in range(w):
@@ -145,53 +141,46 @@ def _remote_shards(txt: torch.Tensor, ids: Optional[torch.Tensor], opts: _DistOp
                 yield q, all_txt[o:o + n], (all_ids[o:o + n] if all_ids is not None else None)
         return
     for k in range(1, w):
-        to, frm = (r + k) % w, (r - k) % w
-        txt_q = _exchange(txt, to, (lay.sizes[frm], txt.shape[1]), frm, lay)
-        ids_q = _exchange(ids, to, (lay.sizes[frm],), frm, lay) if ids is not None else None
-        yield frm, txt_q, ids_q
+        frm = (r - k) % w
+        yield (frm,) + _swap(lay, k, txt, ids, lay.sizes[frm])
 
 
-class _DistSigLipLoss(torch.autograd.Function):
+class DistSigLipLoss(torch.autograd.Function):
+    """Inputs: (img, txt, scale, bias, ids, layout); the loss of this rank (module doc)."""
+
     @staticmethod
-    def forward(ctx, img, txt, scale, bias, ids, opts: _DistOptions):
-        impl = siglip_backends.get_loaded(opts.backend)
-        lay = opts.layout
-        chunk = lay.opts.chunk_size
-        kw = {"chunk_size": chunk} if opts.backend == "torch" and chunk else {}
-        s, b = backend_scalar(scale, img), backend_scalar(bias, img)
+    def forward(img, txt, scale, bias, ids, lay: SigLipLayout):
+        impl = siglip_backends.get_loaded(lay.backend)
+        kw = lay.kwargs()
         loss, d_img, d_txt, d_scale, d_bias = impl.siglip_block(
-            img, txt, s, b, ids, ids, True, opts.need_grad, **kw)
-        for _q, txt_q, ids_q in _remote_shards(txt, ids, opts):
+            img, txt, scale, bias, ids, ids, True, lay.need_grad, **kw)
+        for _q, txt_q, ids_q in _remote_shards(txt, ids, lay):
             l_q, di_q, _, ds_q, db_q = impl.siglip_block(
-                img, txt_q, s, b, ids, ids_q, False, opts.need_grad, **kw)
+                img, txt_q, scale, bias, ids, ids_q, False, lay.need_grad, **kw)
             loss = loss + l_q
-            if opts.need_grad:
+            if lay.need_grad:
                 d_img += di_q
                 d_scale = d_scale + ds_q
                 d_bias = d_bias + db_q
-        ctx.opts = opts
-        ctx.kw = kw
-        ctx.scalars = (s, b)
-        ctx.meta = [(t.dtype, t.shape) if t is not None else None for t in (img, txt, scale, bias)]
-        ctx.save_for_backward(img, txt, ids, d_img, d_txt, d_scale, d_bias)
-        return fresh_output(loss / lay.n_local, lay.opts.loss_dtype or img.dtype)
+        return fresh_output(loss / lay.n_local, lay.loss_dtype or img.dtype), d_img, d_txt, d_scale, d_bias
 
     @staticmethod
-    @autocast_off
-    def backward(ctx, grad_loss):
-        with torch.no_grad():
-            grads = _DistSigLipLoss._grads(ctx, grad_loss)
-        return first_order_only("clip_fast's distributed SigLIP loss", grads)
+    def setup_context(ctx, inputs, output):
+        img, txt, scale, bias, ids, lay = inputs
+        _, d_img, d_txt, d_scale, d_bias = output
+        ctx.lay = lay
+        ctx.meta = [(t.dtype, t.shape) if t is not None else None for t in (img, txt, scale, bias)]
+        ctx.save_for_backward(img, txt, scale, bias, ids, d_img, d_txt, d_scale, d_bias)
+        ctx.mark_non_differentiable(d_img, d_txt, d_scale, d_bias)
 
     @staticmethod
     def _grads(ctx, grad_loss):
-        img, txt, ids, d_img, d_txt, d_scale, d_bias = ctx.saved_tensors
-        opts: _DistOptions = ctx.opts
-        lay = opts.layout
-        if not opts.need_grad:
+        img, txt, scale, bias, ids, d_img, d_txt, d_scale, d_bias = ctx.saved_tensors
+        lay: SigLipLayout = ctx.lay
+        if not lay.need_grad:
             raise RuntimeError("clip_fast's distributed SigLIP loss was computed without gradients, "
                                "so it cannot be backpropagated")
-        impl = siglip_backends.get_loaded(opts.backend)
+        impl = siglip_backends.get_loaded(lay.backend)
         (img_dt, _), (txt_dt, _), (scale_dt, scale_shape), bias_meta = ctx.meta
         g = grad_loss.detach().to(torch.float64) / lay.n_local
         gi = g.to(d_img.dtype)
@@ -199,15 +188,14 @@ class _DistSigLipLoss(torch.autograd.Function):
         # remote block per step, recomputed by its image owner and sent back here.
         total_txt = d_txt * gi
         r, w = lay.rank, lay.world_size
-        s, b = ctx.scalars
         for k in range(1, w):
-            to, frm = (r + k) % w, (r - k) % w
+            frm = (r - k) % w
             # Texts of rank frm (they are needed again: the forward kept none).
-            txt_q = _exchange(txt, to, (lay.sizes[frm], txt.shape[1]), frm, lay)
-            ids_q = _exchange(ids, to, (lay.sizes[frm],), frm, lay) if ids is not None else None
-            _, _, dt_q, _, _ = impl.siglip_block(img, txt_q, s, b, ids, ids_q, False, True, **ctx.kw)
-            # Send my share of d txt_frm back to frm; receive rank to's share of my d txt.
-            total_txt += _exchange((dt_q * gi).contiguous(), frm, tuple(txt.shape), to, lay)
+            txt_q, ids_q = _swap(lay, k, txt, ids, lay.sizes[frm])
+            _, _, dt_q, _, _ = impl.siglip_block(img, txt_q, scale, bias, ids, ids_q, False, True,
+                                                 **lay.kwargs())
+            # Send my share of d txt_frm back to frm; receive rank r + k's share of my d txt.
+            total_txt += Ring(lay, -k).swap(dt_q * gi, tuple(txt.shape), TAG_ACC)
         needs = ctx.needs_input_grad
         out_img = (d_img * gi).to(img_dt) if needs[0] else None
         out_txt = total_txt.to(txt_dt) if needs[1] else None
@@ -217,3 +205,6 @@ class _DistSigLipLoss(torch.autograd.Function):
             out_bias = (d_bias * g).to(bias_meta[0]).reshape(bias_meta[1])
         return out_img, out_txt, out_scale, out_bias, None, None
 
+    backward = fused_backward("clip_fast's distributed SigLIP loss", _grads.__func__)
+
+    vmap = refuse_vmap("clip_fast's distributed SigLIP loss", "call it once per batch element")

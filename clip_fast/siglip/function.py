@@ -27,7 +27,6 @@ import torch
 
 from . import backends as siglip_backends
 from ..core.autograd import fresh_output, fused_backward, refuse_vmap
-from ..core.numerics import backend_scalar
 from ..core.registry import chunk_kwargs
 
 
@@ -52,7 +51,7 @@ class SigLipLossFunction(torch.autograd.Function):
                 ids_col: Optional[torch.Tensor], opts: SigLipOptions):
         impl = siglip_backends.get_loaded(opts.backend)
         loss_sum, d_img, d_txt, d_scale, d_bias = impl.siglip_block(
-            img, txt, backend_scalar(scale, img), backend_scalar(bias, img), ids_row, ids_col,
+            img, txt, scale, bias, ids_row, ids_col,
             opts.diag_positive, opts.need_grad, **opts.kwargs())
         n = opts.n_norm or img.shape[0]
         loss = fresh_output(loss_sum / n, opts.loss_dtype or img.dtype)

@@ -1,6 +1,7 @@
 """Functional form of the SigLIP (sigmoid) loss, mirroring ``torch.nn.functional``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -38,15 +39,35 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         The scalar loss, in the features' dtype (float32 under autocast).  Gradients flow
         to both features, ``logit_scale`` and ``logit_bias``.
     """
+    call = prepare_call(image_features, text_features, logit_scale, logit_bias, group_ids, backend,
+                        chunk_size)
+    return apply_function(SigLipLossFunction, call.opts.loss_dtype, call.img, call.txt, call.scale,
+                          call.bias, call.ids, call.ids, call.opts)[0]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call's inputs after the per-call rules: what an autograd Function is applied to."""
+    img: torch.Tensor
+    txt: torch.Tensor
+    scale: torch.Tensor            # the backends' 0-d scalar (``clip_fast.core.checks``)
+    bias: Optional[torch.Tensor]
+    ids: Optional[torch.Tensor]    # group_ids as int64
+    opts: SigLipOptions
+
+
+def prepare_call(image_features, text_features, logit_scale, logit_bias, group_ids, backend: str,
+                 chunk_size) -> Call:
+    """Every per-call rule, in one place, for the single-process and distributed losses:
+    input checks, the scalars, autocast's cast policy, one tensor for both towers, the
+    backend choice and whether the forward forms gradients."""
     scale, bias = check_inputs(image_features, text_features, logit_scale, logit_bias)
     ids = check_group_ids(group_ids, image_features)
     chunk_size = check_chunk_size(chunk_size)
-    image_features, text_features, loss_dtype = autocast_features(image_features, text_features)
-    if text_features is image_features:
-        text_features = text_features.view_as(text_features)
-    impl = siglip_backends.resolve_backend(backend, image_features.device, image_features.dtype)
-    opts = SigLipOptions(backend=impl.NAME,
-                         need_grad=needs_grad(image_features, text_features, scale, bias),
+    img, txt, loss_dtype = autocast_features(image_features, text_features)
+    if txt is img:  # a view: two distinct inputs for the Function (torch.compile needs them)
+        txt = txt.view_as(txt)
+    impl = siglip_backends.resolve_backend(backend, img.device, img.dtype)
+    opts = SigLipOptions(backend=impl.NAME, need_grad=needs_grad(img, txt, scale, bias),
                          chunk_size=chunk_size, loss_dtype=loss_dtype)
-    return apply_function(SigLipLossFunction, loss_dtype, image_features, text_features, scale, bias,
-                          ids, ids, opts)[0]
+    return Call(img, txt, scale, bias, ids, opts)

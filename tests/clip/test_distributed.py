@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import case_seed, spawned_cases
+from helpers import case_params, case_seed, spawned_cases
 
 pytestmark = pytest.mark.slow  # two process spawns, about a minute on 2 cores
 
@@ -215,13 +215,7 @@ def spawned(tmp_path_factory):
 
 
 def _params(kind):
-    out = []
-    for w in (2, 3):
-        for case in _cases(w):
-            is_error = case["error"] is not None
-            if (kind == "error") == is_error:
-                out.append(pytest.param(w, case, id=f"w{w}-{case['name']}"))
-    return out
+    return case_params(_cases, kind)
 
 
 def _tolerances(dtype):

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import case_seed, spawned_cases
+from helpers import case_params, case_seed, spawned_cases
 from reference import reference_family_distributed
 
 pytestmark = pytest.mark.slow  # two process spawns
@@ -245,12 +245,7 @@ def spawned(tmp_path_factory):
 
 
 def _params(kind):
-    out = []
-    for w in (2, 3):
-        for case in _cases(w):
-            if (kind == "error") == (case["error"] is not None):
-                out.append(pytest.param(w, case, id=f"w{w}-{case['name']}"))
-    return out
+    return case_params(_cases, kind)
 
 
 def _assert_close(got, want, what, dtype, mag):

@@ -6,8 +6,9 @@ of shape (M, K).  Nothing of size M x K is ever returned or kept.
 
 ``lse_forward(img, txt, scale, bias) -> (lse_row, lse_col, diag)``
     img: (M, D), txt: (K, D), same floating dtype and device, any strides.
-    scale: 0-d float32 tensor on the same device (already exponentiated).
-    bias: 0-d float32 tensor on the same device, or None.
+    scale: 0-d float32 tensor on the same device (float64 for float64 inputs; already
+           exponentiated), as ``clip_fast.core.checks.as_scalar_tensor`` makes it.
+    bias: 0-d tensor like scale, or None.
     lse_row: (M,)  logsumexp_j S_ij
     lse_col: (K,)  logsumexp_i S_ij
     diag:    (min(M, K),)  S_ii
@@ -60,7 +61,7 @@ import torch
 # The registry and the numerics helpers live in the core (``clip_fast.core``); they are
 # re-exported here because every backend module reads them as ``from . import ...``.
 from ...core.numerics import (KERNEL_DTYPES, LOG2E, combine_diag, compute_dtype,  # noqa: F401
-                             compute_scalar, diag_coef_scalar, diag_grad, f32_scalar,
+                             compute_scalar, diag_coef_scalar, diag_grad,
                              kernel_dtype_reason, kernel_lse, scale_grad_from_rows, split_float)
 from ...core.registry import AUTO_ORDER_CUDA, BACKENDS, BackendFamily  # noqa: F401
 

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import (diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse,
+from . import (diag_coef_scalar, diag_grad, kernel_dtype_reason, kernel_lse,
                scale_grad_from_rows)
 
 NAME = "cuda"
@@ -82,7 +82,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.ops.clip_fast_cuda.lse_forward(
-        img, txt, _scalar(scale, img), _scalar(bias, img))
+        img, txt, scale, bias)
 
 
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
@@ -98,7 +98,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         # It costs a second recompute of every tile; only the ring's off-diagonal blocks ask.
         k_row = kernel_lse(lse_row, coef_row)
         d_img, d_txt, ds_row = torch.ops.clip_fast_cuda.grad_backward(
-            img, txt, _scalar(scale, img), _scalar(bias, img), k_row, None,
+            img, txt, scale, bias, k_row, None,
             float(coef_row), 0.0, 0.0, None if g_diag is None else torch.zeros_like(g_diag))
         # With g_diag the op reads coef_diag only for its workspace scaling, which must cover
         # the diagonal (it still carries the row term there).
@@ -107,7 +107,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
             diag_scale = max(abs(diag_scale), float(g_diag.abs().max()))
         if coef_col or diag_scale:
             di, dt, ds_rest = torch.ops.clip_fast_cuda.grad_backward(
-                img, txt, _scalar(scale, img), _scalar(bias, img), None,
+                img, txt, scale, bias, None,
                 kernel_lse(lse_col, coef_col), 0.0, float(coef_col), diag_scale, g_diag)
             d_img, d_txt = d_img.add_(di), d_txt.add_(dt)
         else:
@@ -115,7 +115,7 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         return d_img, d_txt, torch.stack([ds_row, ds_rest])
     lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
     d_img, d_txt, d_scale = torch.ops.clip_fast_cuda.grad_backward(
-        img, txt, _scalar(scale, img), _scalar(bias, img), lse_row, lse_col,
+        img, txt, scale, bias, lse_row, lse_col,
         float(coef_row), float(coef_col), diag_coef_scalar(coef_diag), g_diag)
     if split_scale:  # no row term: all of d_scale is the rest
         return d_img, d_txt, torch.stack([torch.zeros_like(d_scale), d_scale])

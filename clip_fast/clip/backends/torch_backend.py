@@ -107,6 +107,37 @@ def hi_lo(lse: Optional[torch.Tensor], cd: torch.dtype):
     return split_float(lse.to(torch.float64))
 
 
+def _strip_g(logits, x_strip, y, rows, cols, r0: int, coef_row, coef_col, coef_diag, g_diag,
+             split_scale: bool):
+    """Step 2 of ``grad_backward`` on the strip of rows r0.. : G = coef_row * P_row + coef_col
+    * P_col - coef_diag * I, built in place of ``logits`` where it can be, and with
+    ``split_scale`` the row term's share of d_scale off the diagonal (float64; 0.0 without)."""
+    k = logits.shape[1]
+    r1 = r0 + logits.shape[0]
+    row_share = 0.0
+    if coef_row:
+        grad = (torch.sub(logits, rows[0][r0:r1, None]).sub_(rows[1][r0:r1, None])
+                .exp_().mul_(coef_row))
+        if split_scale:  # the row term alone, its diagonal left to the rest
+            row_part = grad.mul(torch.mm(x_strip, y.T))
+            if g_diag is not None:
+                _strip_diag(row_part, r0, k).zero_()
+            row_share = row_part.sum(dim=1).sum(dtype=torch.float64)
+            del row_part
+        if coef_col:
+            grad.add_(logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_(), alpha=coef_col)
+    elif coef_col:
+        grad = logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_().mul_(coef_col)
+    else:
+        grad = torch.zeros_like(logits)
+    on_diag = _strip_diag(grad, r0, k)
+    if g_diag is not None:
+        on_diag.copy_(g_diag[r0:r0 + on_diag.shape[0]])
+    elif coef_diag:
+        on_diag -= diag_coef_scalar(coef_diag)
+    return grad, row_share
+
+
 @torch.no_grad()
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], lse_row: Optional[torch.Tensor],
@@ -136,27 +167,10 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         if b is not None:
             logits.add_(b)
         # 2. G = coef_row * P_row + coef_col * P_col - coef_diag * I, built in place.
-        if coef_row:
-            grad = (torch.sub(logits, rows[0][r0:r1, None]).sub_(rows[1][r0:r1, None])
-                    .exp_().mul_(coef_row))
-            if split_scale:  # the row term alone, its diagonal left to the rest
-                row_part = grad.mul(torch.mm(x[r0:r1], y.T))
-                if g_diag is not None:
-                    _strip_diag(row_part, r0, k).zero_()
-                d_scale_row += row_part.sum(dim=1).sum(dtype=torch.float64)
-                del row_part
-            if coef_col:
-                grad.add_(logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_(), alpha=coef_col)
-        elif coef_col:
-            grad = logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_().mul_(coef_col)
-        else:
-            grad = torch.zeros_like(logits)
+        grad, row_share = _strip_g(logits, x[r0:r1], y, rows, cols, r0, coef_row, coef_col, coef_diag,
+                                   g_diag, split_scale)
         del logits
-        on_diag = _strip_diag(grad, r0, k)
-        if g_diag is not None:
-            on_diag.copy_(g_diag[r0:r0 + on_diag.shape[0]])
-        elif coef_diag:
-            on_diag -= diag_coef_scalar(coef_diag)
+        d_scale_row += row_share
         # 3. Both directions' gradients from the same G; d_scale = <G, raw> = sum_i
         #    <(G @ txt)_i, img_i>: the contraction over the columns first, as the
         #    materialised loss's autograd forms it (G's rows sum to ~0, and G @ txt keeps

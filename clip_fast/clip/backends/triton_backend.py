@@ -15,8 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import (diag_coef_scalar, diag_grad, f32_scalar as _scalar, kernel_dtype_reason, kernel_lse,
-               scale_grad_from_rows)
+from . import diag_coef_scalar, diag_grad, kernel_dtype_reason, kernel_lse, scale_grad_from_rows
 
 NAME = "triton"
 
@@ -28,8 +27,8 @@ except Exception as exc:  # not installed, or a broken install
 
 if _TRITON_ERROR is None:
     from ...kernels import config as _config
-    from ...kernels.grad_backward import grad_backward as _grad_backward
-    from ...kernels.lse_forward import lse_forward as _lse_forward
+    # Importing the kernel modules registers their ops, called below by name.
+    from ...kernels import grad_backward as _grad_module, lse_forward as _lse_module  # noqa: F401
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -50,7 +49,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _lse_forward(img, txt, _scalar(scale, img), _scalar(bias, img))
+    return torch.ops.clip_fast.triton_lse_forward(img, txt, scale, bias)
 
 
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
@@ -60,9 +59,9 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g_diag = None if diag is None else diag_grad(lse_row, lse_col, diag, coef_row, coef_col, coef_diag)
     lse_row, lse_col = kernel_lse(lse_row, coef_row), kernel_lse(lse_col, coef_col)
-    d_img, d_txt, d_scale = _grad_backward(img, txt, _scalar(scale, img), _scalar(bias, img), lse_row,
-                                           lse_col, float(coef_row), float(coef_col),
-                                           diag_coef_scalar(coef_diag), g_diag, split_scale)
+    d_img, d_txt, d_scale = torch.ops.clip_fast.triton_grad_backward(
+        img, txt, scale, bias, lse_row, lse_col, float(coef_row), float(coef_col),
+        diag_coef_scalar(coef_diag), g_diag, bool(split_scale))
     if not split_scale:
         d_scale = scale_grad_from_rows(d_img, img, d_txt, txt, coef_row, scale, d_scale)
     return d_img, d_txt, d_scale

@@ -7,19 +7,22 @@ from typing import Tuple
 import torch
 
 from .. import backends
-from ..backends import compute_scalar
+from ...core.numerics import compute_dtype
 from ..targets import block_targets
 from .agreement import Layout
 
 
-def backend_args(layout: Layout, scale, acc: torch.dtype):
-    """The backend module, its keyword arguments, and scale as a 0-d compute-dtype tensor.
+def sweep_setup(layout: Layout, scale, img: torch.Tensor):
+    """What every distributed Function's forward and backward start from: ``(impl, kw, s,
+    acc, tg)``, the backend module and its keyword arguments, the scale the backends read
+    (already their 0-d scalar: ``clip_fast.core.checks.as_scalar_tensor``), the compute
+    dtype and the call's :class:`FamilyTargets`.
 
     No bias: it shifts every logit equally, so it cancels from every softmax of this loss
     and is kept out of the arithmetic.
     """
-    return (backends.get_loaded(layout.opts.backend), layout.opts.kwargs(),
-            compute_scalar(scale, acc))
+    return (backends.get_loaded(layout.opts.backend), layout.opts.kwargs(), scale,
+            compute_dtype(img.dtype), FamilyTargets.of(layout))
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -53,7 +53,7 @@ from ...core.collectives import all_gather_rows, logsumexp_across_ranks, reduce_
 from ...core.numerics import compute_dtype
 from ..targets import group_counts
 from .agreement import Layout
-from .common import FamilyTargets, backend_args
+from .common import FamilyTargets, sweep_setup
 
 _F64 = torch.float64
 
@@ -177,9 +177,7 @@ class GatherClipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, img, txt, scale, bias, ids, neg_txt, neg_img, layout: Layout):
-        acc = compute_dtype(img.dtype)
-        impl, kw, s = backend_args(layout, scale, acc)
-        tg = FamilyTargets.of(layout)
+        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
         n, o = layout.n_local, layout.offsets[layout.rank]
         img, txt = img.contiguous(), txt.contiguous()
         # 1. Everyone's features (the no-grad copies of open_clip's gather), ids and
@@ -241,8 +239,7 @@ class _Backward:
          self.lse_row_all, self.diag, self.ids, self.all_ids, self.counts_all, self.neg_txt,
          self.neg_img, self.all_nt, self.all_ni, w_row, w_col) = saved
         self.layout, self.acc = layout, acc
-        self.impl, self.kw, self.s = backend_args(layout, scale, acc)
-        self.tg = FamilyTargets.of(layout)
+        self.impl, self.kw, self.s, _, self.tg = sweep_setup(layout, scale, self.img)
         n, o = layout.n_local, layout.offsets[layout.rank]
         self.counts = None if self.counts_all is None else self.counts_all[:n]
         self.lse_col = lse_col

@@ -48,11 +48,10 @@ import torch
 import torch.distributed as dist
 
 from ...core.autograd import autocast_off, bias_guard, bias_meta, finish_grads, first_order_only, fresh_output
-from ...core.numerics import compute_dtype
 from ..targets import match_counts, positive_dots
 from .agreement import Layout
 from ...core.collectives import TAG_ACC, TAG_IDS, TAG_LSE, TAG_TXT, Ring, wait_all
-from .common import FamilyTargets, backend_args, rowdot
+from .common import FamilyTargets, rowdot, sweep_setup
 from .gather import _neg_out, _sub_uniform
 
 _F64 = torch.float64
@@ -98,9 +97,7 @@ class RingClipLoss(torch.autograd.Function):
         # Long: one loop over the ring's steps whose stages share the buffers in flight (the
         # block being received while this one is swept); split, they would travel as arguments
         # and the overlap of the exchange with the sweep would no longer be visible in one place.
-        acc = compute_dtype(img.dtype)
-        impl, kw, s = backend_args(layout, scale, acc)
-        tg = FamilyTargets.of(layout)
+        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
         blocks = _Blocks(layout, tg)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
         n = sizes[r]
@@ -175,12 +172,11 @@ class RingClipLoss(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_loss):
         # Long for the forward's reason: the numbered steps of one ring loop share the text
-        # block and the gradient accumulator travelling with it, double-buffered.
+        # block and the gradient accumulator travelling with it, double-buffered (the
+        # block's own sweeps, steps 2-4, are ``_Sweeps.block``).
         img, txt, scale, lse_row, lse_col, diag, ids, counts, neg_txt, neg_img = ctx.saved_tensors
         layout: Layout = ctx.layout
-        acc = compute_dtype(img.dtype)
-        impl, kw, s = backend_args(layout, scale, acc)
-        tg = FamilyTargets.of(layout)
+        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
         blocks = _Blocks(layout, tg)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
         n, dim = sizes[r], img.shape[1]
@@ -196,10 +192,8 @@ class RingClipLoss(torch.autograd.Function):
         blk_buf, ids_buf, pack_buf, c_rows = blocks.buffers(txt, ids)
         acc_max = max(blocks.acc_len(q, dim) for q in range(w))
         acc_buf = [torch.empty(acc_max, dtype=acc, device=img.device) for _ in range(2)]
-        use_ni = blocks.use_ni and neg_img.shape[0] > 0
-        d_img = torch.zeros(img.shape, dtype=acc, device=img.device)
-        d_ni = torch.zeros(neg_img.shape, dtype=acc, device=img.device) if use_ni else None
-        ds_own = torch.zeros((), dtype=_F64, device=img.device)
+        sweeps = _Sweeps(impl, kw, s, acc, tg, img, lse_row, diag, ids, counts, neg_img,
+                         blocks.use_ni and neg_img.shape[0] > 0)
         own_pack = lse_col if ids is None else torch.cat([lse_col, counts])
         cur_blk, cur_pack, cur_ids = blocks.block(txt, neg_txt), own_pack, ids
         acc_in, acc_send, acc_works = None, None, []
@@ -219,53 +213,9 @@ class RingClipLoss(torch.autograd.Function):
             cur_txt, cur_nt = cur_blk[:nq], cur_blk[nq:]
             cur_lse = cur_pack[:nq]
             cur_counts = None if ids is None else cur_pack[nq:]
-            a_r, b_q = coef_row[r], coef_col[q]
-            # 2. One sweep of the block for both directions: rows belong to loss_r, columns
-            #    to loss_q.  The own block carries the label targets on its diagonal; the
-            #    others split d_scale between the two losses.
-            terms = None
-            if own:
-                w_diag, t = a_r + b_q, 0.0
-                if tg.host:
-                    qx, qy, t, w_diag = tg.block(img, cur_txt, a_r, b_q, acc, positives=True, ids_x=ids,
-                                                 ids_y=cur_ids, counts_x=counts, counts_y=cur_counts,
-                                                 pair_offset=0, kernel_diag=True)
-                    terms = (qx, qy)
-                di, dt, ds = impl.grad_backward(img, cur_txt, s, None, lse_row, cur_lse, a_r, b_q, w_diag,
-                                                diag=diag, **kw)
-                ds_own += ds.to(_F64) - t
-                ds_col = torch.zeros((), dtype=_F64, device=img.device)
-            else:
-                di, dt, ds = impl.grad_backward(img, cur_txt, s, None, lse_row, cur_lse, a_r, b_q, 0.0,
-                                                split_scale=True, **kw)
-                ds = ds.to(_F64)
-                if tg.host:
-                    qx, qy, t, _ = tg.block(img, cur_txt, a_r, b_q, acc, positives=True, ids_x=ids,
-                                            ids_y=cur_ids, counts_x=counts, counts_y=cur_counts,
-                                            pair_offset=None, split_t=True)
-                    terms = (qx, qy)
-                    ds = ds - t
-                ds_own += ds[0]
-                ds_col = ds[1]
-            if terms is not None:
-                di.sub_(terms[0] * s)
-                dt.sub_(terms[1] * s)
-            d_img += di
-            # 3. Rank q's negative texts: more columns of rank r's rows (loss_r alone).
-            dnt = None
-            if cur_nt.shape[0]:
-                di, dnt, ds = impl.grad_backward(img, cur_nt, s, None, lse_row, None, a_r, 0.0, 0.0, **kw)
-                ds_own += ds.to(_F64) - _sub_uniform(tg, di, dnt, img, cur_nt, a_r, 0.0, s, acc)
-                d_img += di
-            # 4. This rank's negative images: more rows of rank q's columns (loss_q alone).
-            if use_ni:
-                dni, dt2, ds = impl.grad_backward(neg_img, cur_txt, s, None, None, cur_lse, 0.0, b_q, 0.0, **kw)
-                ds_col = ds_col + ds.to(_F64) - _sub_uniform(tg, dni, dt2, neg_img, cur_txt, 0.0, b_q, s, acc)
-                d_ni += dni
-                dt += dt2
-            if own:  # the own block's column part is this rank's own
-                ds_own += ds_col
-                ds_col = 0.0
+            # 2.-4. The block's sweep, and its negatives' (``_Sweeps.block``).
+            dt, dnt, ds_col = sweeps.block(own, cur_txt, cur_nt, cur_lse, cur_ids, cur_counts,
+                                           coef_row[r], coef_col[q])
             # 5. Add d txt_q, d neg_txt_q and the column part of d_scale into the accumulator
             #    travelling with txt_q, and pass it on.
             if k > 0:
@@ -287,11 +237,79 @@ class RingClipLoss(torch.autograd.Function):
         # parts of d_scale that belong to this rank's loss.
         d_txt = acc_in[:n * dim].view(n, dim)
         d_nt = acc_in[n * dim:-1].view(-1, dim) if blocks.use_nt else None
-        d_scale = ds_own + acc_in[-1].to(_F64)
+        d_scale = sweeps.ds_own + acc_in[-1].to(_F64)
         needs = ctx.needs_input_grad
-        out = finish_grads(d_img, d_txt, d_scale.to(acc), None, img, txt, scale, ctx.bias_meta, needs)
-        grads = out[:4] + (None, _neg_out(d_nt, neg_txt, needs[5]), _neg_out(d_ni, neg_img, needs[6]), None)
+        out = finish_grads(sweeps.d_img, d_txt, d_scale.to(acc), None, img, txt, scale, ctx.bias_meta, needs)
+        grads = out[:4] + (None, _neg_out(d_nt, neg_txt, needs[5]), _neg_out(sweeps.d_ni, neg_img, needs[6]),
+                           None)
         return first_order_only("clip_fast's distributed CLIP loss", grads)
+
+
+class _Sweeps:
+    """The ring backward's steps 2-4 on one text block (img_r, txt_q), over what stays fixed
+    around the ring, accumulating this rank's own gradients: d img_r, d neg_img_r and the
+    part of d_scale that belongs to loss_r."""
+
+    def __init__(self, impl, kw, s, acc, tg: FamilyTargets, img, lse_row, diag, ids, counts, neg_img,
+                 use_ni: bool):
+        self.impl, self.kw, self.s, self.acc, self.tg = impl, kw, s, acc, tg
+        self.img, self.lse_row, self.diag, self.ids, self.counts = img, lse_row, diag, ids, counts
+        self.neg_img = neg_img if use_ni else None
+        self.d_img = torch.zeros(img.shape, dtype=acc, device=img.device)
+        self.d_ni = torch.zeros(neg_img.shape, dtype=acc, device=img.device) if use_ni else None
+        self.ds_own = torch.zeros((), dtype=_F64, device=img.device)
+
+    def block(self, own: bool, cur_txt, cur_nt, cur_lse, cur_ids, cur_counts, a_r: float, b_q: float):
+        """(d txt_q, d neg_txt_q or None, the column part of d_scale: loss_q's) of block q."""
+        impl, kw, s, acc, tg, img = self.impl, self.kw, self.s, self.acc, self.tg, self.img
+        # 2. One sweep of the block for both directions: rows belong to loss_r, columns
+        #    to loss_q.  The own block carries the label targets on its diagonal; the
+        #    others split d_scale between the two losses.
+        terms = None
+        if own:
+            w_diag, t = a_r + b_q, 0.0
+            if tg.host:
+                qx, qy, t, w_diag = tg.block(img, cur_txt, a_r, b_q, acc, positives=True, ids_x=self.ids,
+                                             ids_y=cur_ids, counts_x=self.counts, counts_y=cur_counts,
+                                             pair_offset=0, kernel_diag=True)
+                terms = (qx, qy)
+            di, dt, ds = impl.grad_backward(img, cur_txt, s, None, self.lse_row, cur_lse, a_r, b_q, w_diag,
+                                            diag=self.diag, **kw)
+            self.ds_own += ds.to(_F64) - t
+            ds_col = torch.zeros((), dtype=_F64, device=img.device)
+        else:
+            di, dt, ds = impl.grad_backward(img, cur_txt, s, None, self.lse_row, cur_lse, a_r, b_q, 0.0,
+                                            split_scale=True, **kw)
+            ds = ds.to(_F64)
+            if tg.host:
+                qx, qy, t, _ = tg.block(img, cur_txt, a_r, b_q, acc, positives=True, ids_x=self.ids,
+                                        ids_y=cur_ids, counts_x=self.counts, counts_y=cur_counts,
+                                        pair_offset=None, split_t=True)
+                terms = (qx, qy)
+                ds = ds - t
+            self.ds_own += ds[0]
+            ds_col = ds[1]
+        if terms is not None:
+            di.sub_(terms[0] * s)
+            dt.sub_(terms[1] * s)
+        self.d_img += di
+        # 3. Rank q's negative texts: more columns of rank r's rows (loss_r alone).
+        dnt = None
+        if cur_nt.shape[0]:
+            di, dnt, ds = impl.grad_backward(img, cur_nt, s, None, self.lse_row, None, a_r, 0.0, 0.0, **kw)
+            self.ds_own += ds.to(_F64) - _sub_uniform(tg, di, dnt, img, cur_nt, a_r, 0.0, s, acc)
+            self.d_img += di
+        # 4. This rank's negative images: more rows of rank q's columns (loss_q alone).
+        if self.neg_img is not None:
+            dni, dt2, ds = impl.grad_backward(self.neg_img, cur_txt, s, None, None, cur_lse, 0.0, b_q, 0.0,
+                                              **kw)
+            ds_col = ds_col + ds.to(_F64) - _sub_uniform(tg, dni, dt2, self.neg_img, cur_txt, 0.0, b_q, s, acc)
+            self.d_ni += dni
+            dt += dt2
+        if own:  # the own block's column part is this rank's own
+            self.ds_own += ds_col
+            ds_col = 0.0
+        return dt, dnt, ds_col
 
 
 def _target_loss(tg: FamilyTargets, img, txt, neg_txt, neg_img, diag, counts: Optional[torch.Tensor],

@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 
 from ...clip.backends.cuda_backend import _C, unavailable_reason  # noqa: F401  (same build, same devices)
-from ...core.numerics import f32_scalar as _scalar
 from ...core.numerics import siglip_block_meta
 
 NAME = "cuda"
@@ -23,7 +22,7 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                  bias: Optional[torch.Tensor], ids_row: Optional[torch.Tensor],
                  ids_col: Optional[torch.Tensor], diag_positive: bool, need_grad: bool):
     return torch.ops.clip_fast_cuda.siglip_block(
-        img, txt, _scalar(scale, img), _scalar(bias, img), ids_row, ids_col,
+        img, txt, scale, bias, ids_row, ids_col,
         bool(diag_positive), bool(need_grad))
 
 

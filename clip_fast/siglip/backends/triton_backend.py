@@ -15,12 +15,11 @@ from typing import Optional
 import torch
 
 from ...clip.backends.triton_backend import unavailable_reason  # noqa: F401  (same devices and dtypes)
-from ...core.numerics import f32_scalar as _scalar
 
 NAME = "triton"
 
 try:
-    from ...kernels import siglip as _kernels
+    from ...kernels import siglip as _kernels  # noqa: F401  (registers the op called below)
 except Exception:  # triton missing: unavailable_reason (imported above) says why
     _kernels = None
 
@@ -28,5 +27,5 @@ except Exception:  # triton missing: unavailable_reason (imported above) says wh
 def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                  bias: Optional[torch.Tensor], ids_row: Optional[torch.Tensor],
                  ids_col: Optional[torch.Tensor], diag_positive: bool, need_grad: bool):
-    return _kernels.siglip_block(img, txt, _scalar(scale, img), _scalar(bias, img),
-                                 ids_row, ids_col, diag_positive, need_grad)
+    return torch.ops.clip_fast.triton_siglip_block(img, txt, scale, bias, ids_row, ids_col,
+                                                   bool(diag_positive), bool(need_grad))
