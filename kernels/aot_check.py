@@ -7,7 +7,7 @@ report ptxas usage.
 The variants are declared beside the kernels: each module of ``KERNEL_MODULES`` (the CLIP
 forward and backward, SigLIP, distillation) has ``aot_variants(dtype, arch)`` yielding
 ``config.AotVariant`` (kind, name, tile, argument types).  ``--only`` keeps the variants
-whose ``kind:name`` contains one of its words (kinds: forward, backward, siglip, distill).
+whose ``kind:name`` contains one of its words (kinds: forward, backward, fused_bwd, siglip, distill).
 
 Runs Triton's full compiler (TTIR -> TTGIR -> LLVM -> PTX) for an explicit target and
 then the ptxas bundled with Triton on the PTX, so kernel code that only fails in
@@ -55,10 +55,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import config as _config
-from . import distill, grad_backward, lse_forward, sass as _sass, siglip
+from . import distill, fused_backward, grad_backward, lse_forward, sass as _sass, siglip
 
 # Every module with Triton kernels; each declares its variants as ``aot_variants(dtype, arch)``.
-KERNEL_MODULES = (lse_forward, grad_backward, siglip, distill)
+KERNEL_MODULES = (lse_forward, grad_backward, fused_backward, siglip, distill)
 _TRITON_DTYPE = _config._TRITON_DTYPE
 _SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 

@@ -40,11 +40,43 @@ import triton
 import triton.language as tl
 
 from . import config as _config
+from .lse_forward import share_budget
 from .tile import tile_dot
 from .workspace import block_shape, mm_f32
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def two_exp_g(s2, r_hi, r_lo, c_hi, c_lo, coef_row, coef_col):
+    """coef_row P_row + coef_col P_col with one exp per softmax (lse as float-float pairs)."""
+    return (coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
+            + coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :]))
+
+
+@triton.jit
+def shared_exp_g(s2, r_hi, r_lo, c_hi, c_lo, row_ok, col_ok, coef_row, coef_col,
+                 SHARE_BUDGET: tl.constexpr):
+    """coef_row P_row + coef_col P_col from ONE exp per element where docs/numerics.md
+    section 5's condition holds for this tile (else ``two_exp_g``): with hi the tile's
+    largest lse, G = 2^(S2 - hi) * (coef_row u_i + coef_col v_j).  The shared argument
+    rounds up to (hi - lo) more than the per-softmax ones; the tile shares only when that,
+    plus the three roundings of the factors, is within SHARE_BUDGET x the rounding of its
+    largest |lse| (at least 1)."""
+    hi = tl.maximum(tl.max(tl.where(row_ok, r_hi, float("-inf")), axis=0),
+                    tl.max(tl.where(col_ok, c_hi, float("-inf")), axis=0))
+    lo = tl.minimum(tl.min(tl.where(row_ok, r_hi, float("inf")), axis=0),
+                    tl.min(tl.where(col_ok, c_hi, float("inf")), axis=0))
+    ref = tl.maximum(1.0, tl.maximum(tl.max(tl.where(row_ok, tl.abs(r_hi), 0.0), axis=0),
+                                     tl.max(tl.where(col_ok, tl.abs(c_hi), 0.0), axis=0)))
+    if (hi - lo <= 60.0) & ((hi - lo) + 3.0 <= SHARE_BUDGET * ref):
+        u = coef_row * tl.exp2(tl.where(row_ok, (hi - r_hi) - r_lo, 0.0))
+        v = coef_col * tl.exp2(tl.where(col_ok, (hi - c_hi) - c_lo, 0.0))
+        g = tl.exp2(s2 - hi) * (u[:, None] + v[None, :])
+    else:
+        g = two_exp_g(s2, r_hi, r_lo, c_hi, c_lo, coef_row, coef_col)
+    return g
 
 
 # One kernel body, longer than a screen on purpose: the recompute, G and its two reductions
@@ -59,7 +91,7 @@ def _grad_tile_kernel(
     coef_row, coef_col, coef_diag, gscale,
     HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
     HAS_DIAG: tl.constexpr, G_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    SHARE_BUDGET: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -109,18 +141,7 @@ def _grad_tile_kernel(
         c_hi = tl.load(lse_col_ptr + offs_n, mask=col_ok, other=0.0)
         c_lo = tl.load(lse_col_lo_ptr + offs_n, mask=col_ok, other=0.0)
     if SHARE_EXP:
-        # Both terms from one exp when the tile's lse values are within 60 (module doc).
-        hi = tl.maximum(tl.max(tl.where(row_ok, r_hi, float("-inf")), axis=0),
-                        tl.max(tl.where(col_ok, c_hi, float("-inf")), axis=0))
-        lo = tl.minimum(tl.min(tl.where(row_ok, r_hi, float("inf")), axis=0),
-                        tl.min(tl.where(col_ok, c_hi, float("inf")), axis=0))
-        if hi - lo <= 60.0:
-            u = coef_row * tl.exp2(tl.where(row_ok, (hi - r_hi) - r_lo, 0.0))
-            v = coef_col * tl.exp2(tl.where(col_ok, (hi - c_hi) - c_lo, 0.0))
-            g = tl.exp2(s2 - hi) * (u[:, None] + v[None, :])
-        else:
-            g = (coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
-                 + coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :]))
+        g = shared_exp_g(s2, r_hi, r_lo, c_hi, c_lo, row_ok, col_ok, coef_row, coef_col, SHARE_BUDGET)
     else:
         if HAS_ROW:
             g += coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
@@ -232,7 +253,7 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                 HAS_BIAS=bias is not None, HAS_ROW=has_row, HAS_COL=has_col,
                 HAS_DIAG=coef_diag != 0.0, G_DIAG=g_diag is not None,
                 SHARE_EXP=bool(cfg.share_exp) and has_row and has_col and not split_scale,
-                SPLIT_SCALE=bool(split_scale),
+                SPLIT_SCALE=bool(split_scale), SHARE_BUDGET=share_budget(img.dtype),
                 DOT_PRECISION=_config.dot_precision(img.dtype),
                 DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
                 GROUP_M=8,
@@ -267,6 +288,12 @@ def triton_grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tens
                          coef_diag: float, g_diag: Optional[torch.Tensor] = None,
                          split_scale: bool = False
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The "fused" design (config.Configs.backward_kind) keeps G on chip; the ring's
+    # split d_scale stays on the workspace path.
+    if not split_scale and _config.get_configs(img.device, img.dtype).backward_kind == "fused":
+        from .fused_backward import fused_grad_backward
+        return fused_grad_backward(img, txt, scale, bias, lse_row, lse_col,
+                                   coef_row, coef_col, coef_diag, g_diag)
     return _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                                coef_row, coef_col, coef_diag, g_diag, split_scale)
 
@@ -295,7 +322,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
     """The compile variants of ``_grad_tile_kernel`` (``python -m clip_fast.kernels.aot_check``)."""
     prec = "tf32" if dtype == torch.float32 else "ieee"
     base = dict(HAS_BIAS=False, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True, G_DIAG=True,
-                SHARE_EXP=False, SPLIT_SCALE=False, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                SHARE_EXP=False, SPLIT_SCALE=False, SHARE_BUDGET=share_budget(dtype), EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
                 GROUP_M=8, stride_id=1, stride_td=1, stride_wc=1)
     variants = [("tile", base),
                 ("tile coef-diag bias odd-D", dict(base, G_DIAG=False, HAS_BIAS=True, EVEN_D=False)),

@@ -71,18 +71,51 @@ def _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK: tl.constexpr):
     return col_part, row_part
 
 
+@triton.jit
+def _shared_exp_sums(s2, shift, m_ref, c_max, row_ok, col_ok, SHARE_BUDGET: tl.constexpr,
+                     EVEN_MK: tl.constexpr):
+    """Steps 3 and 4 with ONE exp per element where docs/numerics.md section 5's condition
+    holds for this tile, else the two-exp path: (col_part, row_part, 1 if shared else 0).
+
+    Shared: e = 2^(S2 - mx) with mx the tile's largest row max; the row sums are
+    2^(mx - m_i) * sum_j e_ij and the column sums 2^(mx + shift_j) * sum_i e_ij (BM + BN
+    extra exps per tile).  The condition bounds the extra rounding of those arguments by
+    SHARE_BUDGET x the rounding of the tile's largest |S2| in the materialised loss of the
+    input dtype."""
+    mx = tl.max(tl.where(row_ok, m_ref, float("-inf")), axis=0)
+    mn = tl.min(tl.where(row_ok, m_ref, float("inf")), axis=0)
+    c_lo = tl.min(tl.where(col_ok, c_max, float("inf")), axis=0)
+    cf = mx + shift                                    # padded columns: -inf
+    c_arg = tl.max(tl.where(col_ok, tl.abs(cf), 0.0), axis=0)
+    ref = tl.maximum(1.0, tl.maximum(tl.max(tl.where(row_ok, tl.abs(m_ref), 0.0), axis=0),
+                                     tl.max(tl.where(col_ok & (c_max > float("-inf")), tl.abs(c_max), 0.0),
+                                            axis=0)))
+    spread = (mx - mn) + (mx - c_lo)
+    shared = (mx - mn <= 60.0) & (mx - c_lo <= 60.0) & (spread + c_arg <= SHARE_BUDGET * ref)
+    if shared:
+        if EVEN_MK:
+            e = tl.exp2(s2 - mx)
+        else:
+            e = tl.exp2(tl.where(row_ok[:, None] & col_ok[None, :], s2, float("-inf")) - mx)
+        row_part = tl.exp2(tl.where(row_ok, mx - m_ref, 0.0)) * tl.sum(e, axis=1)
+        col_part = tl.exp2(cf) * tl.sum(e, axis=0)
+    else:
+        col_part, row_part = _two_exp_sums(s2, shift, m_ref, row_ok, col_ok, EVEN_MK)
+    return col_part, row_part, shared
+
+
 # One kernel body, longer than a screen on purpose: the tile loop is the whole sweep, and
 # its numbered steps (module doc) read in order with every register's lifetime visible;
 # the pieces that stand alone (tile_dot, _two_exp_sums) are separate jit functions.
 @triton.jit
 def _lse_forward_kernel(
     img_ptr, txt_ptr, scale_ptr, bias_ptr, c2_ptr, row_flag_ptr,
-    m_part_ptr, l_part_ptr, col_sum_ptr, col_max_ptr, diag2_ptr,
+    m_part_ptr, l_part_ptr, col_sum_ptr, col_max_ptr, diag2_ptr, stats_ptr,
     M, K, D, H2, num_splits,
     stride_im, stride_id, stride_tk, stride_td,
     HAS_BIAS: tl.constexpr, COMPUTE_COL: tl.constexpr, WRITE_DIAG: tl.constexpr,
-    ROW_FLAGS: tl.constexpr, SHARE_EXP: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
+    ROW_FLAGS: tl.constexpr, SHARE_EXP: tl.constexpr, SHARE_BUDGET: tl.constexpr,
+    STATS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -152,25 +185,16 @@ def _lse_forward_kernel(
             # Column shift H2 - c2_j; padded columns: c2 = +inf makes their term 0.
             c2 = tl.load(c2_ptr + offs_n, mask=col_ok, other=float("inf"))
             shift = H2 - c2
+            # Column maxima of this tile (step 4b), also the sharing test's column spread.
+            if EVEN_MK:
+                c_max = tl.max(s2, axis=0)
+            else:
+                c_max = tl.max(tl.where(row_ok[:, None], s2, float("-inf")), axis=0)
             if SHARE_EXP:
-                # Can this tile share one exp between rows and columns? (module doc)
-                mx = tl.max(tl.where(row_ok, m_tile, float("-inf")), axis=0)
-                mn = tl.min(tl.where(row_ok, m_tile, float("inf")), axis=0)
-                c_hi = tl.max(tl.where(col_ok, c2, float("-inf")), axis=0)
-                c_lo = tl.min(c2, axis=0)
-                if (mx - mn <= 60.0) & (c_hi - H2 - mn <= 60.0) & (mx - c_lo + H2 <= 120.0):
-                    # 3+4. One exp per element: e serves the column sum and, weighted by
-                    #      w_j = 2^(c2_j - H2 - mx), the row sum.
-                    e = tl.exp2(s2 + shift[None, :])
-                    if not EVEN_MK:
-                        e = tl.where(row_ok[:, None], e, 0.0)
-                    col_part = tl.sum(e, axis=0)
-                    # Padded lanes take exponents that give 0 and 1 (not inf, then NaN
-                    # from inf * 0); their results are never stored.
-                    w = tl.exp2(tl.where(col_ok, -shift - mx, float("-inf")))
-                    row_part = tl.exp2(tl.where(row_ok, mx - m_new, 0.0)) * tl.sum(e * w[None, :], axis=1)
-                else:
-                    col_part, row_part = _two_exp_sums(s2, shift, m_ref, row_ok, col_ok, EVEN_MK)
+                col_part, row_part, shared = _shared_exp_sums(
+                    s2, shift, m_ref, c_max, row_ok, col_ok, SHARE_BUDGET, EVEN_MK)
+                if STATS:
+                    tl.atomic_add(stats_ptr, shared.to(tl.int32), sem="relaxed")
             else:
                 col_part, row_part = _two_exp_sums(s2, shift, m_ref, row_ok, col_ok, EVEN_MK)
             # 4. One relaxed atomic add per column merges this row block's sums.
@@ -178,10 +202,6 @@ def _lse_forward_kernel(
             # 4b. The column maxima (one relaxed atomic max per column): the host writes
             #     each column's lse relative to its largest S2, so the backward's
             #     recomputed S2 gives exactly P = 1 for a column's dominant entry.
-            if EVEN_MK:
-                c_max = tl.max(s2, axis=0)
-            else:
-                c_max = tl.max(tl.where(row_ok[:, None], s2, float("-inf")), axis=0)
             tl.atomic_max(col_max_ptr + offs_n, c_max, mask=col_ok, sem="relaxed")
         else:
             # 3. Plain online row sum.
@@ -229,6 +249,40 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Exponent sharing's precision budget (docs/numerics.md section 5): the extra rounding a
+# shared exponential adds, in units of the float32 rounding of the tile's logits, that a tile
+# may take.  Scaled by the input dtype's unit over float32's, since the precision rule
+# compares with the materialised loss in that dtype (whose logits round at that unit).
+SHARE_KAPPA = 2.0
+_DTYPE_UNIT_OVER_FP32 = {torch.float32: 1.0, torch.float16: 2.0 ** 13, torch.bfloat16: 2.0 ** 16}
+
+# Test hook: an int32 counter that every shared tile increments (None: not counted).
+_share_counter: Optional[torch.Tensor] = None
+
+
+def share_budget(dtype: torch.dtype) -> float:
+    """SHARE_BUDGET for inputs of ``dtype``: SHARE_KAPPA x (the dtype's unit / float32's)."""
+    return SHARE_KAPPA * _DTYPE_UNIT_OVER_FP32.get(dtype, 1.0)
+
+
+class count_shared_tiles:
+    """``with count_shared_tiles() as n:`` -- n[0] counts the tiles that shared one exp."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def __enter__(self):
+        global _share_counter
+        self.previous = _share_counter
+        self.counter = torch.zeros((1,), dtype=torch.int32, device=self.device)
+        _share_counter = self.counter
+        return self.counter
+
+    def __exit__(self, *exc):
+        global _share_counter
+        _share_counter = self.previous
+
+
 def headroom_log2(M: int) -> float:
     """H2: the shift headroom (log2 units) for column sums over M rows (docs/numerics.md)."""
     return float(min(100, 122 - math.ceil(math.log2(M + 1))))
@@ -266,6 +320,8 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
         HAS_BIAS=bias is not None, COMPUTE_COL=compute_col, WRITE_DIAG=diag2 is not None,
         ROW_FLAGS=row_flags is not None,
         SHARE_EXP=bool(cfg.share_exp) and compute_col,
+        SHARE_BUDGET=share_budget(img.dtype),
+        STATS=_share_counter is not None,
         DOT_PRECISION=_config.dot_precision(img.dtype),
         DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
     )
@@ -274,7 +330,8 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
             row_flags if row_flags is not None else dummy(torch.int32),
             m_part, l_part, col_sum if col_sum is not None else dummy(),
             col_max if col_max is not None else dummy(),
-            diag2 if diag2 is not None else dummy())
+            diag2 if diag2 is not None else dummy(),
+            _share_counter if _share_counter is not None else dummy(torch.int32))
     if autotune:
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), splits)  # noqa: E731
         args["EVEN_D"] = False
@@ -382,7 +439,8 @@ def aot_variants(dtype: torch.dtype, arch: int):
     prec = "tf32" if dtype == torch.float32 else "ieee"
     # The production default: two exponentials per element (config.Configs.share_exp).
     base = dict(HAS_BIAS=False, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False,
-                SHARE_EXP=False, EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                SHARE_EXP=False, SHARE_BUDGET=share_budget(dtype), STATS=False,
+                EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False,
                 stride_id=1, stride_td=1)
     variants = [("sweep", base),
                 ("sweep padded odd-D bias", dict(base, EVEN_MK=False, EVEN_D=False, HAS_BIAS=True)),
@@ -396,4 +454,5 @@ def aot_variants(dtype: torch.dtype, arch: int):
         yield _config.AotVariant(
             "forward", name, _lse_forward_kernel, _config.table_configs(arch // 10, dtype).forward, ce,
             ints=ints, div16=ints - {"num_splits"}, floats=frozenset({"H2"}),
-            pointers=(("img_ptr", feat), ("txt_ptr", feat), ("row_flag_ptr", "*i32")))
+            pointers=(("img_ptr", feat), ("txt_ptr", feat), ("row_flag_ptr", "*i32"),
+                      ("stats_ptr", "*i32")))
