@@ -72,6 +72,19 @@ def _tool(name: str) -> Optional[str]:
     return bundled if os.path.exists(bundled) else shutil.which(name)
 
 
+def _tool_version(name: str) -> str:
+    """'V13.1.80'-style version of a CUDA tool (the report names versions, not paths)."""
+    path = _tool(name)
+    if path is None:
+        return "not found"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({type(exc).__name__})"
+    found = re.findall(r"\bV\d+\.\d+\.\d+", out)
+    return found[-1] if found else "unknown"
+
+
 def _ptxas_usage(ptx: str, arch: int) -> Optional[Dict[str, str]]:
     """{'regs', 'spill'} from ptxas -v on ``ptx``, or None without ptxas."""
     ptxas = os.path.join(_TRITON_BIN, "ptxas")
@@ -340,8 +353,8 @@ def main(argv=None) -> int:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     failures = 0
     if args.sass:
-        print(f"triton {triton.__version__}, torch {torch.__version__}, nvdisasm {_tool('nvdisasm')}, "
-              f"nvcc {shutil.which('nvcc')}")
+        print(f"triton {triton.__version__}, torch {torch.__version__}, nvdisasm {_tool_version('nvdisasm')}, "
+              f"nvcc {_tool_version('nvcc')}")
     for arch in args.arch:
         for dname in args.dtype:
             dtype = dtypes[dname]

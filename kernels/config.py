@@ -39,16 +39,16 @@ class Configs:
     # Programs split the column sweep of the forward into this many ranges when the
     # row blocks alone cannot fill the GPU (None: derive from the SM count).
     col_splits: Optional[int] = None
-    # Exponent sharing between the two softmaxes (see the kernels): one exp2 per element
-    # instead of two.  Off by default: a shared exponent is taken relative to the tile's
-    # largest lse, so an entry of a row whose lse sits d (log2 units) below it carries the
-    # rounding of |S2 - hi| ~ d instead of |S2 - lse_i|: up to ~60 ulps on P, beyond the
-    # precision rule (tests/clip/test_exactness.py).  Tests switch it on to keep the path working.
+    # Exponent sharing between the two softmaxes: one exp2 per element on the tiles where
+    # docs/numerics.md section 5's precision condition holds (decided per tile at run time),
+    # two elsewhere.  Off in the table; the variants "share_exp" and "share_exp+fused_bwd" set it.
     share_exp: bool = False
     # The backward's design: "workspace" (G written in blocks, two cuBLAS GEMMs per block) or
     # "fused" (kernels/fused_backward.py: d_img and d_txt accumulated in-kernel from the
     # recomputed tile, G never leaves the SM).
     backward_kind: str = "workspace"
+    # The forward sweep loads its tiles through tensor descriptors (TMA on sm_90).
+    use_tma: bool = False
 
 
 # Per-architecture table: (major compute capability) -> configs.  The backward uses the
@@ -123,12 +123,14 @@ def get_configs(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Co
 # Each variant is a set of Configs switches; every variant computes the same outputs within
 # the precision rule.  "share_exp": one exponential per element on the tiles where the
 # precision condition of docs/numerics.md section 5 holds (decided per tile at run time);
-# "fused_bwd": the backward without a G workspace (kernels/fused_backward.py).
+# "fused_bwd": the backward without a G workspace (kernels/fused_backward.py); "tma": the
+# forward's tiles through tensor descriptors (TMA loads on sm_90).
 VARIANTS: Dict[str, dict] = {
-    "default": dict(share_exp=False, backward_kind="workspace"),
-    "share_exp": dict(share_exp=True, backward_kind="workspace"),
-    "fused_bwd": dict(share_exp=False, backward_kind="fused"),
-    "share_exp+fused_bwd": dict(share_exp=True, backward_kind="fused"),
+    "default": dict(share_exp=False, backward_kind="workspace", use_tma=False),
+    "share_exp": dict(share_exp=True, backward_kind="workspace", use_tma=False),
+    "fused_bwd": dict(share_exp=False, backward_kind="fused", use_tma=False),
+    "share_exp+fused_bwd": dict(share_exp=True, backward_kind="fused", use_tma=False),
+    "tma": dict(share_exp=False, backward_kind="workspace", use_tma=True),
 }
 # The sm_90 tile a variant needs, for both sweeps (the backward recomputes S at the forward's
 # tile): the fused backward keeps a BM x D fp32 output block in registers, so BM = 64.

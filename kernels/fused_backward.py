@@ -155,11 +155,21 @@ def _fused_grad_kernel(
              mask=o_ok[:, None] & v_ok[None, :])
 
 
-def feature_chunk(D: int, device: torch.device) -> int:
-    """DV, the output features a program owns: all of D (a power of two) up to 256 on a GPU
-    (a 64 x 256 fp32 block is 64 registers a thread at 8 warps, and its bf16 operand strip
-    BN x 256 stays within shared memory; aot_check), 128 in the interpreter."""
-    cap = 256 if device.type == "cuda" else 128
+def dv_cap(dtype: torch.dtype, arch: int) -> int:
+    """The largest DV for inputs of ``dtype`` on sm_<arch>: 256 for 2-byte inputs on sm_90 (a
+    64 x 256 fp32 block is 64 registers a thread at 8 warps and the BN x 256 operand strip fits
+    shared memory; aot_check), 128 for fp32 inputs or sm_80 (twice the bytes, or 163 KiB)."""
+    return 256 if arch >= 90 and dtype != torch.float32 else 128
+
+
+def feature_chunk(D: int, device: torch.device, dtype: torch.dtype) -> int:
+    """DV, the output features a program owns: D (rounded up to a power of two) up to
+    ``dv_cap`` on a GPU, up to 128 in the interpreter."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        cap = dv_cap(dtype, 10 * major + minor)
+    else:
+        cap = 128
     return min(cap, max(16, triton.next_power_of_2(D)))
 
 
@@ -188,7 +198,7 @@ def fused_grad_backward(img, txt, scale, bias, lse_row, lse_col, coef_row: float
     lse_row_t = lse_row.contiguous() if has_row else zeros
     lse_col_t = lse_col.contiguous() if has_col else zeros
     g_diag_t = g_diag.to(f32).contiguous() if g_diag is not None else d_scale_rows
-    dv = feature_chunk(D, dev)
+    dv = feature_chunk(D, dev, img.dtype)
     common = dict(
         M=M, K=K, D=D, stride_im=img.stride(0), stride_id=img.stride(1),
         stride_tk=txt.stride(0), stride_td=txt.stride(1), stride_om=D,
@@ -213,7 +223,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
     prec = "tf32" if dtype == torch.float32 else "ieee"
     base = dict(TRANSPOSED=False, HAS_BIAS=False, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True,
                 G_DIAG=True, SHARE_EXP=False, SHARE_BUDGET=share_budget(dtype), EVEN_D=True,
-                DOT_PRECISION=prec, DOT_UPCAST=False, DV=256,
+                DOT_PRECISION=prec, DOT_UPCAST=False, DV=dv_cap(dtype, arch),
                 stride_id=1, stride_td=1)
     variants = [("rows d_img", base), ("cols d_txt", dict(base, TRANSPOSED=True)),
                 ("rows shared-exp", dict(base, SHARE_EXP=True)),

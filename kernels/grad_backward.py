@@ -26,9 +26,11 @@ loss terms (``g_diag``); d_scale is reduced in float64.
 Sharing one exponential between the two softmaxes (docs/numerics.md, section 5):
 P_row and P_col differ only by per-row and per-column factors, so with ``hi`` the
 largest lse of the tile, G = 2^(S2 - hi) * (coef_row u_i + coef_col v_j) needs one exp
-per element when every lse of the tile is within 60 of ``hi``.  It costs precision
-(the shared exponent is rounded relative to ``hi``), so it is off by default
-(``config.Configs.share_exp``); tiles outside the range take the two-exp path anyway.
+per element.  ``shared_exp_g`` takes that path on the tiles whose lse spread keeps the
+extra rounding within the precision budget, the two-exp path elsewhere; the
+``share_exp`` variants switch it on (``config.Configs.share_exp``).
+The ``fused`` backward (``config.Configs.backward_kind``, kernels/fused_backward.py)
+forms the same G and keeps it on chip.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import config as _config
 from ..core.numerics import combine_diag
-from .tile import tile_dot
+from .tile import tile_dot, tile_dot_desc
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -115,7 +115,7 @@ def _lse_forward_kernel(
     stride_im, stride_id, stride_tk, stride_td,
     HAS_BIAS: tl.constexpr, COMPUTE_COL: tl.constexpr, WRITE_DIAG: tl.constexpr,
     ROW_FLAGS: tl.constexpr, SHARE_EXP: tl.constexpr, SHARE_BUDGET: tl.constexpr,
-    STATS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
+    STATS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -146,6 +146,13 @@ def _lse_forward_kernel(
         flags = tl.load(row_flag_ptr + offs_m, mask=row_ok, other=0)
         n_hi = tl.where(tl.max(flags, axis=0) > 0, n_hi, n_lo)
 
+    if USE_TMA:
+        # Tensor descriptors (TMA loads on sm_90; unit feature stride, 16-byte aligned rows).
+        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[M, D], strides=[stride_im, 1],
+                                             block_shape=[BM, BK])
+        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[K, D], strides=[stride_tk, 1],
+                                             block_shape=[BN, BK])
+
     m_i = tl.full((BM,), float("-inf"), tl.float32)   # running row max (log2 units)
     l_i = tl.zeros((BM,), tl.float32)                 # running row sum of exp2(S2 - m_i)
     for start_n in range(n_lo, n_hi, BN):
@@ -154,8 +161,12 @@ def _lse_forward_kernel(
         txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
         # 1. acc = img_blk @ txt_blk.T over D.  Masked loads: rows >= M and columns >= K
         #    read 0 (their S is then excluded below); features >= D read 0, adding nothing.
-        acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
-                       EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+        if USE_TMA:
+            acc = tile_dot_desc(img_desc, txt_desc, pid_m * BM, start_n, D, DOT_PRECISION,
+                                DOT_UPCAST, BM, BN, BK)
+        else:
+            acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                           EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
         # 2. log2 units.
         s2 = acc * scale2 + bias2
@@ -283,6 +294,29 @@ class count_shared_tiles:
         _share_counter = self.previous
 
 
+def use_tma(cfg, img: torch.Tensor, txt: torch.Tensor) -> bool:
+    """Whether the sweep loads its tiles through tensor descriptors: the variant asks for it
+    (``Configs.use_tma``), the GPU is sm_90 or newer (the interpreter runs descriptors too), and
+    the layout allows TMA (unit feature stride, 16-byte aligned bases and row strides)."""
+    if not cfg.use_tma:
+        return False
+    if img.device.type == "cuda" and torch.cuda.get_device_capability(img.device)[0] < 9:
+        return False
+    for t in (img, txt):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    _set_descriptor_allocator()
+    return True
+
+
+def _set_descriptor_allocator() -> None:
+    """Device-side descriptors need a global scratch buffer per launch, from Triton's allocator."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    triton.set_allocator(alloc)
+
+
 def headroom_log2(M: int) -> float:
     """H2: the shift headroom (log2 units) for column sums over M rows (docs/numerics.md)."""
     return float(min(100, 122 - math.ceil(math.log2(M + 1))))
@@ -322,6 +356,7 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
         SHARE_EXP=bool(cfg.share_exp) and compute_col,
         SHARE_BUDGET=share_budget(img.dtype),
         STATS=_share_counter is not None,
+        USE_TMA=use_tma(cfg, img, txt),
         DOT_PRECISION=_config.dot_precision(img.dtype),
         DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
     )
@@ -439,7 +474,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
     prec = "tf32" if dtype == torch.float32 else "ieee"
     # The production default: two exponentials per element (config.Configs.share_exp).
     base = dict(HAS_BIAS=False, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False,
-                SHARE_EXP=False, SHARE_BUDGET=share_budget(dtype), STATS=False,
+                SHARE_EXP=False, SHARE_BUDGET=share_budget(dtype), STATS=False, USE_TMA=False,
                 EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False,
                 stride_id=1, stride_td=1)
     variants = [("sweep", base),
@@ -450,9 +485,20 @@ def aot_variants(dtype: torch.dtype, arch: int):
         variants.append(("sweep ieee", dict(base, DOT_PRECISION="ieee")))
     feat = _config.feature_ptr(dtype)
     ints = frozenset({"M", "K", "D", "num_splits", "stride_im", "stride_tk"})
+    table = _config.table_configs(arch // 10, dtype).forward
+    tiles = {name: table for name, _ in variants}
+    # The fused-backward variants run both sweeps at their own tile (config.VARIANT_TILES).
+    fused = _config.VARIANT_TILES["fused_bwd"]
+    fused = _config.KernelConfig(fused.BM, fused.BN, min(fused.BK, table.BK), fused.num_warps, fused.num_stages)
+    for name, ce in (("sweep fused_bwd tile", base), ("sweep shared-exp fused_bwd tile", dict(base, SHARE_EXP=True))):
+        variants.append((name, ce))
+        tiles[name] = fused
+    if arch >= 90:   # the TMA variant is Hopper's ("tma" in config.VARIANTS)
+        variants.append(("sweep tma", dict(base, USE_TMA=True)))
+        tiles["sweep tma"] = table
     for name, ce in variants:
         yield _config.AotVariant(
-            "forward", name, _lse_forward_kernel, _config.table_configs(arch // 10, dtype).forward, ce,
+            "forward", name, _lse_forward_kernel, tiles[name], ce,
             ints=ints, div16=ints - {"num_splits"}, floats=frozenset({"H2"}),
             pointers=(("img_ptr", feat), ("txt_ptr", feat), ("row_flag_ptr", "*i32"),
                       ("stats_ptr", "*i32")))

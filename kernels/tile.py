@@ -40,3 +40,20 @@ def tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
         # input_precision passed explicitly: Triton's fp32 default changed across versions.
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def tile_dot_desc(img_desc, txt_desc, off_m, off_n, D, DOT_PRECISION: tl.constexpr,
+                  DOT_UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``tile_dot`` through tensor descriptors (TMA loads on sm_90): the BM x BK and BN x BK
+    blocks at rows off_m of img and off_n of txt, D in BK slices.  The descriptors pad rows and
+    features out of range with 0, as ``tile_dot``'s masks do, so the sums are the same."""
+    acc = tl.zeros((BM, BN), tl.float32)
+    for start_d in range(0, D, BK):
+        a = img_desc.load([off_m, start_d])
+        b = txt_desc.load([off_n, start_d])
+        if DOT_UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc

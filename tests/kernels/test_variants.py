@@ -158,3 +158,24 @@ def test_variant_selection(monkeypatch, tmp_path):
             kconfig._read_winner(str(p))
     assert kconfig._read_winner(str(tmp_path / "absent.json")) is None
     assert math.isclose(lf.share_budget(torch.bfloat16), lf.SHARE_KAPPA * 2 ** 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k", [(37, 45), (32, 48)])
+def test_tma_forward(m, k, dtype):
+    """The forward through tensor descriptors (TMA loads when compiled for sm_90): the
+    interpreter runs the descriptor loads themselves, with their zero padding of rows past M
+    or K, on padded (37 x 45) and whole (32 x 48) tiles.  NOT covered on CPU: the TMA
+    instructions and their shared-memory layout (aot_check compiles them; gpu_check runs them)."""
+    img, txt = features(m, 32, dtype=dtype, device=DEV), features(k, 32, dtype=dtype, device=DEV)
+    with kconfig.variant_override("tma"):
+        assert lf.use_tma(kconfig.get_configs(DEV, dtype), img, txt)
+        _check_block(img, txt, scale=30.0, bias=0.5)
+
+
+def test_tma_needs_aligned_rows():
+    """Rows of 33 fp32 features (132 bytes) are not 16-byte aligned: the sweep keeps pointer loads."""
+    img = features(20, 33, device=DEV)
+    with kconfig.variant_override("tma"):
+        assert not lf.use_tma(kconfig.get_configs(DEV, img.dtype), img, img)
+        _check_block(img, features(21, 33, device=DEV), scale=30.0)
