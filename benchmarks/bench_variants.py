@@ -62,12 +62,13 @@ class Costs:
 
 def costs(dry_run: bool, n: int, d: int, gemm_tflops: float) -> Costs:
     """The price list.  GPU: a call at 0.5 of the measured GEMM rate (8 N^2 D flops), 3 Triton
-    compiles of ~6 s each (aot_check's sm_90 compile times), do_bench's ~25 calls.  CPU: the
+    compiles of ~4 s each (aot_check's sm_90 compile times on a shared 2-core CPU are 3-12 s a
+    kernel), do_bench's ~25 calls.  CPU: the
     interpreter's ~1 s a call at N = 64 on a contended 2-core machine."""
     if dry_run:
         return Costs(compile_s=0.0, check_s=1.0, calls=4, call_s=1.0)
     call = 8.0 * n * n * d / (0.5 * gemm_tflops * 1e12)
-    return Costs(compile_s=18.0, check_s=2 * call, calls=25, call_s=call)
+    return Costs(compile_s=12.0, check_s=2 * call, calls=25, call_s=call)
 
 
 def estimate_s(c: Costs) -> float:

@@ -46,11 +46,11 @@ def test_variants_plan_puts_every_variant_before_the_sweep_and_fits_the_budget()
     c = bench_variants.Costs(compile_s=18.0, check_s=0.1, calls=25, call_s=0.05)
     per_run = bench_variants.estimate_s(c)
     assert per_run == pytest.approx(18.0 + 0.1 + 25 * 0.05)
-    variants = ["default", "share_exp", "fused_bwd", "share_exp+fused_bwd"]
+    variants = ["default", "share_exp", "fused_bwd", "share_exp+fused_bwd", "tma"]
     kept, dropped = bench_variants.plan(variants, bench_variants.SWEEP_TILES, 120.0, 10.0, c)
-    assert [r.variant for r in kept[:4]] == variants and all(r.tile is None for r in kept[:4])
+    assert [r.variant for r in kept[:5]] == variants and all(r.tile is None for r in kept[:5])
     assert len(kept) == int(110.0 // per_run) and len(kept) * per_run <= 110.0
-    assert len(kept) + len(dropped) == 4 + len(bench_variants.SWEEP_TILES)
+    assert len(kept) + len(dropped) == 5 + len(bench_variants.SWEEP_TILES)
     # At N = 65,536, D = 512 and ~700 TFLOP/s, one call is priced at 8 N^2 D at half that rate.
     g = bench_variants.costs(False, 65536, 512, 700.0)
     assert g.call_s == pytest.approx(8 * 65536 ** 2 * 512 / 350e12)
