@@ -175,6 +175,13 @@ def _winner_path() -> str:
     return os.environ.get("CLIP_FAST_WINNER_FILE", WINNER_FILE)
 
 
+def _gpu_winner() -> Optional[dict]:
+    """The winner file's contents when it was written by a GPU run; a rehearsal's file
+    (``"dry_run": true``, CPU timings) never configures a GPU."""
+    data = _read_winner(_winner_path())
+    return data if data and not data.get("dry_run") else None
+
+
 def selected_variant() -> Optional[str]:
     """The variant in force: ``variant_override`` > env CLIP_FAST_VARIANT > the winner file
     (on a GPU) > None (the configuration as the table gives it)."""
@@ -187,7 +194,7 @@ def selected_variant() -> Optional[str]:
         return env
     if interpreter_active():
         return None
-    data = _read_winner(_winner_path())
+    data = _gpu_winner()
     return data["variant"] if data else None
 
 
@@ -195,7 +202,7 @@ def winner_tile(major: int) -> Optional[KernelConfig]:
     """The winner file's tile for sm_90 (both sweeps share it), or None."""
     if major != 9 or os.environ.get("CLIP_FAST_VARIANT", "") or _override is not None:
         return None
-    data = _read_winner(_winner_path())
+    data = _gpu_winner()
     return KernelConfig(*data["tile"]) if data and data.get("tile") else None
 
 

@@ -157,6 +157,10 @@ def test_variant_selection(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match="winner file"):
             kconfig._read_winner(str(p))
     assert kconfig._read_winner(str(tmp_path / "absent.json")) is None
+    # A rehearsal's winner (CPU timings) is never used to configure a GPU.
+    good.write_text(json.dumps({"variant": "share_exp", "tile": [64, 32, 32, 1, 1], "dry_run": True}))
+    monkeypatch.setenv("CLIP_FAST_WINNER_FILE", str(good))
+    assert kconfig._gpu_winner() is None and kconfig.winner_tile(9) is None
     assert math.isclose(lf.share_budget(torch.bfloat16), lf.SHARE_KAPPA * 2 ** 16)
 
 
