@@ -247,7 +247,8 @@ def _check_variant(v: _config.AotVariant, arch: int, dtype: torch.dtype, tile, s
     return int(bool(over))
 
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+# realpath: a checkout may reach kernels/ through the clip_fast/kernels symlink.
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "csrc")
 _MMA_ENUM = {"0": "wmma16", "1": "wmma-tf32", "2": "simt"}
 _DTYPE_MANGLED = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 

@@ -72,6 +72,14 @@ def _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK: tl.constexpr):
 
 
 @triton.jit
+def _col_max(s2, row_ok, EVEN_MK: tl.constexpr):
+    """The tile's column maxima of S2 over its real rows."""
+    if EVEN_MK:
+        return tl.max(s2, axis=0)
+    return tl.max(tl.where(row_ok[:, None], s2, float("-inf")), axis=0)
+
+
+@triton.jit
 def _shared_exp_sums(s2, shift, m_ref, c_max, row_ok, col_ok, SHARE_BUDGET: tl.constexpr,
                      EVEN_MK: tl.constexpr):
     """Steps 3 and 4 with ONE exp per element where docs/numerics.md section 5's condition
@@ -196,12 +204,9 @@ def _lse_forward_kernel(
             # Column shift H2 - c2_j; padded columns: c2 = +inf makes their term 0.
             c2 = tl.load(c2_ptr + offs_n, mask=col_ok, other=float("inf"))
             shift = H2 - c2
-            # Column maxima of this tile (step 4b), also the sharing test's column spread.
-            if EVEN_MK:
-                c_max = tl.max(s2, axis=0)
-            else:
-                c_max = tl.max(tl.where(row_ok[:, None], s2, float("-inf")), axis=0)
             if SHARE_EXP:
+                # The column maxima (step 4b) first: the sharing test reads their spread.
+                c_max = _col_max(s2, row_ok, EVEN_MK)
                 col_part, row_part, shared = _shared_exp_sums(
                     s2, shift, m_ref, c_max, row_ok, col_ok, SHARE_BUDGET, EVEN_MK)
                 if STATS:
@@ -213,6 +218,10 @@ def _lse_forward_kernel(
             # 4b. The column maxima (one relaxed atomic max per column): the host writes
             #     each column's lse relative to its largest S2, so the backward's
             #     recomputed S2 gives exactly P = 1 for a column's dominant entry.
+            if not SHARE_EXP:
+                # After the atomic add, so that c_max is not live across it (sm_90: 186
+                # registers instead of 239; aot_check).
+                c_max = _col_max(s2, row_ok, EVEN_MK)
             tl.atomic_max(col_max_ptr + offs_n, c_max, mask=col_ok, sem="relaxed")
         else:
             # 3. Plain online row sum.
