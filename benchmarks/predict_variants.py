@@ -77,14 +77,15 @@ def predict(rows: Dict[str, Dict[str, str]], m=MODEL) -> List[dict]:
     out = []
     for variant, fwd, bwd in (("default", "sweep", "tile"), ("share_exp", "sweep shared-exp", "tile shared-exp"),
                               ("fused_bwd", "sweep fused_bwd tile", None),
-                              ("share_exp+fused_bwd", "sweep shared-exp fused_bwd tile", "shared-exp")):
+                              ("share_exp+fused_bwd", "sweep shared-exp fused_bwd tile", "shared-exp"),
+                              ("tma", "sweep tma", "tile")):
         f = rows.get(f"triton bf16 forward {fwd}")
         if f is None:
             continue
         bm, bn, _, _ = tile_shape(f)
         tiles = N * N / (bm * bn)
         fw = sweep_ms(f, 2.0 * bm * bn * D, tiles, m)
-        if variant in ("default", "share_exp"):
+        if variant in ("default", "share_exp", "tma"):
             b = sweep_ms(rows[f"triton bf16 backward {bwd}"], 2.0 * bm * bn * D, tiles, m)
             bw_ms = b["ms"] + g_store_ms + 2 * gemm_ms
             how = (f"tile kernel {b['ms']:.1f} (MMA {b['mma_ms']:.1f}, epilogue {b['epi_ms']:.1f}, "

@@ -70,3 +70,19 @@ def test_variants_dry_run_writes_a_winner_that_config_reads(tmp_path):
         assert f"| {name} | own | " in table
     winner = kconfig._read_winner(str(tmp_path / "winner_sm90.json"))
     assert winner["variant"] in kconfig.VARIANTS and winner["dry_run"] is True
+
+
+def test_predictions_cover_every_variant_from_the_committed_cost_report():
+    """benchmarks/predict_variants.py reads the committed sm_90 cost report and predicts each
+    variant; its default lands within the issue's static reading (about 40 ms)."""
+    import predict_variants
+    from clip_fast.kernels import config as kconfig
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "results",
+                        "kernel_cost_sm90_2026-12-04.txt")
+    with open(path) as f:
+        preds = {p["variant"]: p for p in predict_variants.predict(predict_variants.parse_report(f.read()))}
+    assert set(preds) == set(kconfig.VARIANTS)
+    assert 30.0 < preds["default"]["total_ms"] < 50.0
+    for p in preds.values():
+        assert p["total_ms"] == pytest.approx(p["forward_ms"] + p["backward_ms"])
