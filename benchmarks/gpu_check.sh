@@ -14,32 +14,40 @@
 #              PYTHONPATH; the baselines that stay missing are named;
 # 2. build:    pip install -e . --no-build-isolation (the CUDA extension for sm_90; if the
 #              build fails or overruns, reinstall without it so the rest still runs);
-# 3. tests:    the GPU test subset (pytest -m gpu), stopped with SIGINT at its limit so
+# 3. variants: benchmarks/bench_variants.py -- every kernel variant (kernels/config.py
+#              VARIANTS) and a small tile sweep at N = 65,536, D = 512, bf16, each checked
+#              against the torch backend and timed; variants.md/.csv (variant x time x
+#              GEMM-rate fraction) and winner_sm90.json (the file kernels/config.py reads:
+#              copy it to kernels/winner_sm90.json to commit the winner);
+# 4. tests:    the GPU test subset (pytest -m gpu), stopped with SIGINT at its limit so
 #              pytest still prints its summary (FAILED/ERROR lines);
-# 4. bench:    benchmarks/bench_gpu.py -- the full table as CSV in $LOGDIR; sizes a backend
+# 5. bench:    benchmarks/bench_gpu.py -- the full table as CSV in $LOGDIR; sizes a backend
 #              cannot finish in the time left are skipped with the estimate in the row.
 #
 # Budget (seconds, GPU_CHECK_TOTAL_S=360 by default).  Every command runs under
 # `timeout -k KILL LIMIT` (KILL = 5 s, 10 s for pytest), so it ends by LIMIT + KILL:
 #     versions 20 | wheels 20 + baseline imports 20 | build 100 + retry without the
-#     extension 30 + backend report 20 | tests 75 | bench: what is left - 15 | end 15
+#     extension 30 + backend report 20 | variants 110 | tests 75 | bench: what is left - 15
+#     | end 15
 # Each limit is the step's cap, cut to what is left after a reserve for the steps behind
-# it (build: 150 s, its retry: 120 s, tests: 90 s), and the bench's is computed from the
-# clock after the tests: left - 15.  So a step that ends early gives its time to the
-# bench, one that overruns takes it from the bench, and the run ends by
+# it (build: 150 s, its retry: 120 s, variants: 100 s, tests: 90 s), and the bench's is
+# computed from the clock after the tests: left - 15.  So a step that ends early gives its
+# time to the bench, one that overruns takes it from the bench, and the run ends by
 #     START + TOTAL_S - 15 + 5 (the bench's kill delay) = 350 s,
-# 360 s at most with the closing lines.  The caps plus kill delays of the steps before the
-# bench sum to 25 + 25 + 25 + 105 + 35 + 25 + 85 = 325 s; the reserves cut the later ones
-# so that the tests always leave the bench 65 s or more (90 - 10 kill - 15 end).
+# 360 s at most with the closing lines.  The variants step plans its runs inside its own
+# limit (bench_variants.py: each run priced before it starts, none started past the limit).
+# The reserves cut the later steps so that the tests always leave the bench 65 s or more
+# (90 - 10 kill - 15 end).
 # With a 1-2 minute machine start, a first run ends by minute 8 of the 15-minute lease,
 # and a rerun on the still-warm machine by minute 14.
 #
 # Output: stdout stays short (versions, one line per step, the summary).  $LOGDIR is $OUT
-# when set (the device tool returns it: at most 8 files; this script writes 5), else
+# when set (the device tool returns it), else
 # benchmarks/results/gpu_check_<stamp>/:
 #     gpu_check.log  what stdout shows        build.log  wheels + pip install
 #     tests.log      pytest -v -rfE           bench.log  every row as written, the summary
 #     *.csv          the full benchmark table
+#     variants.log, variants.md, variants.csv, winner_sm90.json   the variants step
 #
 # Rehearsal on a CPU machine with the card's versions (no GPU: tiny sizes, Triton's
 # interpreter, the build without the extension unless GPU_CHECK_DRY_BUILD_CUDA=1):
@@ -48,7 +56,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 TOTAL_S="${GPU_CHECK_TOTAL_S:-360}"
-VERSIONS_S=20; WHEELS_S=20; BUILD_S=100; BUILD_RETRY_S=30
+VERSIONS_S=20; WHEELS_S=20; BUILD_S=100; BUILD_RETRY_S=30; VARIANTS_S=110
 TEST_S="${GPU_CHECK_TEST_S:-75}"
 END_RESERVE_S=15            # the bench's kill delay and the closing lines
 KILL_S=5
@@ -76,7 +84,7 @@ else
   unset TRITON_INTERPRET
 fi
 
-say "== 0/4 versions (budget ${TOTAL_S} s: versions ${VERSIONS_S} + wheels ${WHEELS_S} + build ${BUILD_S}+${BUILD_RETRY_S} + tests ${TEST_S} + bench rest + end ${END_RESERVE_S})"
+say "== 0/5 versions (budget ${TOTAL_S} s: versions ${VERSIONS_S} + wheels ${WHEELS_S} + build ${BUILD_S}+${BUILD_RETRY_S} + variants ${VARIANTS_S} + tests ${TEST_S} + bench rest + end ${END_RESERVE_S})"
 timeout -k $KILL_S $VERSIONS_S "$PY" - <<'PYEOF' 2>&1 | indent
 import platform, subprocess
 import torch
@@ -103,7 +111,7 @@ else:
     print("torch sees: NO CUDA DEVICE")
 PYEOF
 
-say "== 1/4 wheels ($(elapsed) s)"
+say "== 1/5 wheels ($(elapsed) s)"
 BUILD_LOG="$LOGDIR/build.log"
 : > "$BUILD_LOG"
 WHL_SITE="${GPU_CHECK_WHL_SITE:-/tmp/clip_fast_gpu_check_site}"
@@ -128,7 +136,7 @@ for name, mod in (("open_clip", "open_clip.loss"), ("inf_cl", "inf_cl"),
 print("baselines missing: " + ("; ".join(missing) if missing else "none"))
 PYEOF
 
-say "== 2/4 build ($(elapsed) s)"
+say "== 2/5 build ($(elapsed) s)"
 BUILD_CUDA=1
 if [ -n "$DRY" ] && [ "${GPU_CHECK_DRY_BUILD_CUDA:-0}" != 1 ]; then
   BUILD_CUDA=0; say "   dry run: installing without the CUDA extension (GPU_CHECK_DRY_BUILD_CUDA=1 builds it)"
@@ -156,7 +164,20 @@ except Exception as exc:
     print("clip_fast import failed:", type(exc).__name__, exc)
 PYEOF
 
-say "== 3/4 GPU tests ($(elapsed) s)"
+say "== 3/5 kernel variants ($(elapsed) s)"
+VARIANTS_LOG="$LOGDIR/variants.log"
+t=$(limit $VARIANTS_S 100)
+if [ "$t" -lt 20 ]; then say "   skipped: ${t} s left for it (under 20 s)" | tee "$VARIANTS_LOG"; else
+  # The script's own planner keeps its runs within --budget-s (its limit less the kill margin).
+  timeout -s INT -k $KILL_S "$t" "$PY" benchmarks/bench_variants.py $DRY --budget-s $(( t - 5 )) \
+    --out-dir "$LOGDIR" > "$VARIANTS_LOG" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && say "   bench_variants.py rc=$rc (1: no run passed; 124/130: stopped at its ${t} s limit)"
+  grep -E "^\[variants\] (plan|winner)" "$VARIANTS_LOG" | cut -c1-220 | indent
+  [ -f "$LOGDIR/variants.md" ] && grep -E "^\| " "$LOGDIR/variants.md" | cut -c1-160 | indent
+fi
+
+say "== 4/5 GPU tests ($(elapsed) s)"
 TESTS_LOG="$LOGDIR/tests.log"
 t=$(limit $TEST_S 90)
 if [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for the tests (under 10 s)"; : > "$LOGDIR/tests.log"; else
@@ -176,7 +197,7 @@ say "   $(grep -c ' PASSED' "$TESTS_LOG") passed, $(grep -c ' FAILED' "$TESTS_LO
 grep -E "^=+ .*(passed|failed|skipped|error|no tests ran).* =+$" "$TESTS_LOG" | tail -1 | sed 's/^/pytest: /' | indent
 fi
 
-say "== 4/4 benchmark table ($(elapsed) s)"
+say "== 5/5 benchmark table ($(elapsed) s)"
 BENCH_LOG="$LOGDIR/bench.log"
 t=$(( $(left) - END_RESERVE_S ))
 if [ "$t" -lt 20 ]; then

@@ -7,7 +7,7 @@ report ptxas usage.
 The variants are declared beside the kernels: each module of ``KERNEL_MODULES`` (the CLIP
 forward and backward, SigLIP, distillation) has ``aot_variants(dtype, arch)`` yielding
 ``config.AotVariant`` (kind, name, tile, argument types).  ``--only`` keeps the variants
-whose ``kind:name`` contains one of its words (kinds: forward, backward, siglip, distill).
+whose ``kind:name`` contains one of its words (kinds: forward, backward, fused_bwd, siglip, distill).
 
 Runs Triton's full compiler (TTIR -> TTGIR -> LLVM -> PTX) for an explicit target and
 then the ptxas bundled with Triton on the PTX, so kernel code that only fails in
@@ -55,10 +55,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import config as _config
-from . import distill, grad_backward, lse_forward, sass as _sass, siglip
+from . import distill, fused_backward, grad_backward, lse_forward, sass as _sass, siglip
 
 # Every module with Triton kernels; each declares its variants as ``aot_variants(dtype, arch)``.
-KERNEL_MODULES = (lse_forward, grad_backward, siglip, distill)
+KERNEL_MODULES = (lse_forward, grad_backward, fused_backward, siglip, distill)
 _TRITON_DTYPE = _config._TRITON_DTYPE
 _SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -70,6 +70,19 @@ def _tool(name: str) -> Optional[str]:
     """A CUDA binary tool: Triton's bundled copy first (matches its ptxas), then PATH."""
     bundled = os.path.join(_TRITON_BIN, name)
     return bundled if os.path.exists(bundled) else shutil.which(name)
+
+
+def _tool_version(name: str) -> str:
+    """'V13.1.80'-style version of a CUDA tool (the report names versions, not paths)."""
+    path = _tool(name)
+    if path is None:
+        return "not found"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({type(exc).__name__})"
+    found = re.findall(r"\bV\d+\.\d+\.\d+", out)
+    return found[-1] if found else "unknown"
 
 
 def _ptxas_usage(ptx: str, arch: int) -> Optional[Dict[str, str]]:
@@ -234,7 +247,8 @@ def _check_variant(v: _config.AotVariant, arch: int, dtype: torch.dtype, tile, s
     return int(bool(over))
 
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+# realpath: a checkout may reach kernels/ through the clip_fast/kernels symlink.
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "csrc")
 _MMA_ENUM = {"0": "wmma16", "1": "wmma-tf32", "2": "simt"}
 _DTYPE_MANGLED = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
@@ -340,8 +354,8 @@ def main(argv=None) -> int:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     failures = 0
     if args.sass:
-        print(f"triton {triton.__version__}, torch {torch.__version__}, nvdisasm {_tool('nvdisasm')}, "
-              f"nvcc {shutil.which('nvcc')}")
+        print(f"triton {triton.__version__}, torch {torch.__version__}, nvdisasm {_tool_version('nvdisasm')}, "
+              f"nvcc {_tool_version('nvcc')}")
     for arch in args.arch:
         for dname in args.dtype:
             dtype = dtypes[dname]

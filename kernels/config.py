@@ -39,12 +39,16 @@ class Configs:
     # Programs split the column sweep of the forward into this many ranges when the
     # row blocks alone cannot fill the GPU (None: derive from the SM count).
     col_splits: Optional[int] = None
-    # Exponent sharing between the two softmaxes (see the kernels): one exp2 per element
-    # instead of two.  Off by default: a shared exponent is taken relative to the tile's
-    # largest lse, so an entry of a row whose lse sits d (log2 units) below it carries the
-    # rounding of |S2 - hi| ~ d instead of |S2 - lse_i|: up to ~60 ulps on P, beyond the
-    # precision rule (tests/clip/test_exactness.py).  Tests switch it on to keep the path working.
+    # Exponent sharing between the two softmaxes: one exp2 per element on the tiles where
+    # docs/numerics.md section 5's precision condition holds (decided per tile at run time),
+    # two elsewhere.  Off in the table; the variants "share_exp" and "share_exp+fused_bwd" set it.
     share_exp: bool = False
+    # The backward's design: "workspace" (G written in blocks, two cuBLAS GEMMs per block) or
+    # "fused" (kernels/fused_backward.py: d_img and d_txt accumulated in-kernel from the
+    # recomputed tile, G never leaves the SM).
+    backward_kind: str = "workspace"
+    # The forward sweep loads its tiles through tensor descriptors (TMA on sm_90).
+    use_tma: bool = False
 
 
 # Per-architecture table: (major compute capability) -> configs.  The backward uses the
@@ -96,13 +100,122 @@ def table_configs(major: int, dtype: torch.dtype = torch.bfloat16) -> Configs:
 
 
 def get_configs(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Configs:
-    """The configuration used for a launch on ``device`` (override > interpreter > table)."""
+    """The configuration used for a launch on ``device`` (override > interpreter > table),
+    with the selected variant's design switches (``selected_variant``) applied on top."""
     if _override is not None:
-        return _override
-    if device.type != "cuda":
-        return _INTERPRETER
-    major, _minor = torch.cuda.get_device_capability(device)
-    return table_configs(major, dtype)
+        cfg = _override
+    elif device.type != "cuda":
+        cfg = _INTERPRETER
+    else:
+        major, _minor = torch.cuda.get_device_capability(device)
+        cfg = table_configs(major, dtype)
+        name = selected_variant()
+        tile = winner_tile(major) or (VARIANT_TILES.get(name) if major == 9 else None)
+        if tile is not None:
+            if dtype == torch.float32:
+                tile = dataclasses.replace(tile, BK=min(tile.BK, 32))
+            cfg = dataclasses.replace(cfg, forward=tile, backward=tile)
+    return apply_variant(cfg, selected_variant())
+
+
+# ---- kernel variants: one contract, several designs (docs/gpu_variants.md) ----
+
+# Each variant is a set of Configs switches; every variant computes the same outputs within
+# the precision rule.  "share_exp": one exponential per element on the tiles where the
+# precision condition of docs/numerics.md section 5 holds (decided per tile at run time);
+# "fused_bwd": the backward without a G workspace (kernels/fused_backward.py); "tma": the
+# forward's tiles through tensor descriptors (TMA loads on sm_90).
+VARIANTS: Dict[str, dict] = {
+    "default": dict(share_exp=False, backward_kind="workspace", use_tma=False),
+    "share_exp": dict(share_exp=True, backward_kind="workspace", use_tma=False),
+    "fused_bwd": dict(share_exp=False, backward_kind="fused", use_tma=False),
+    "share_exp+fused_bwd": dict(share_exp=True, backward_kind="fused", use_tma=False),
+    "tma": dict(share_exp=False, backward_kind="workspace", use_tma=True),
+}
+# The sm_90 tile a variant needs, for both sweeps (the backward recomputes S at the forward's
+# tile): the fused backward keeps a BM x D fp32 output block in registers, so BM = 64.
+VARIANT_TILES: Dict[str, KernelConfig] = {
+    "fused_bwd": KernelConfig(64, 128, 64, 8, 2),
+    "share_exp+fused_bwd": KernelConfig(64, 128, 64, 8, 2),
+}
+_variant_override: Optional[str] = None
+# The GPU check's winner (benchmarks/gpu_check.sh writes it; committed beside this file).
+WINNER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "winner_sm90.json")
+
+
+def apply_variant(cfg: Configs, name: Optional[str]) -> Configs:
+    """``cfg`` with variant ``name``'s switches (None: ``cfg`` as it is)."""
+    if name is None:
+        return cfg
+    if name not in VARIANTS:
+        raise ValueError(f"clip_fast kernel variant: unknown name {name!r}; known: {sorted(VARIANTS)}")
+    return dataclasses.replace(cfg, **VARIANTS[name])
+
+
+def _read_winner(path: str) -> Optional[dict]:
+    """The winner file's contents, checked (it is read from disk: untrusted); None if absent."""
+    import json
+
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("variant") not in VARIANTS:
+        raise ValueError(f"clip_fast winner file {path}: 'variant' must be one of {sorted(VARIANTS)}, "
+                         f"got {data.get('variant') if isinstance(data, dict) else type(data).__name__!r}")
+    tile = data.get("tile")
+    if tile is not None and not (isinstance(tile, list) and len(tile) == 5
+                                 and all(isinstance(x, int) and 0 < x <= 1024 for x in tile)):
+        raise ValueError(f"clip_fast winner file {path}: 'tile' must be 5 positive ints "
+                         f"[BM, BN, BK, num_warps, num_stages], got {tile!r}")
+    return data
+
+
+def _winner_path() -> str:
+    return os.environ.get("CLIP_FAST_WINNER_FILE", WINNER_FILE)
+
+
+def _gpu_winner() -> Optional[dict]:
+    """The winner file's contents when it was written by a GPU run; a rehearsal's file
+    (``"dry_run": true``, CPU timings) never configures a GPU."""
+    data = _read_winner(_winner_path())
+    return data if data and not data.get("dry_run") else None
+
+
+def selected_variant() -> Optional[str]:
+    """The variant in force: ``variant_override`` > env CLIP_FAST_VARIANT > the winner file
+    (on a GPU) > None (the configuration as the table gives it)."""
+    if _variant_override is not None:
+        return _variant_override
+    env = os.environ.get("CLIP_FAST_VARIANT", "")
+    if env:
+        if env not in VARIANTS:
+            raise ValueError(f"CLIP_FAST_VARIANT={env!r}: unknown variant; known: {sorted(VARIANTS)}")
+        return env
+    if interpreter_active():
+        return None
+    data = _gpu_winner()
+    return data["variant"] if data else None
+
+
+def winner_tile(major: int) -> Optional[KernelConfig]:
+    """The winner file's tile for sm_90 (both sweeps share it), or None."""
+    if major != 9 or os.environ.get("CLIP_FAST_VARIANT", "") or _override is not None:
+        return None
+    data = _gpu_winner()
+    return KernelConfig(*data["tile"]) if data and data.get("tile") else None
+
+
+@contextlib.contextmanager
+def variant_override(name: str) -> Iterator[None]:
+    """Test/benchmark hook: variant ``name`` for every launch inside the block."""
+    global _variant_override
+    apply_variant(_INTERPRETER, name)   # raises on an unknown name
+    previous, _variant_override = _variant_override, name
+    try:
+        yield
+    finally:
+        _variant_override = previous
 
 
 def overridden() -> bool:

@@ -26,9 +26,11 @@ loss terms (``g_diag``); d_scale is reduced in float64.
 Sharing one exponential between the two softmaxes (docs/numerics.md, section 5):
 P_row and P_col differ only by per-row and per-column factors, so with ``hi`` the
 largest lse of the tile, G = 2^(S2 - hi) * (coef_row u_i + coef_col v_j) needs one exp
-per element when every lse of the tile is within 60 of ``hi``.  It costs precision
-(the shared exponent is rounded relative to ``hi``), so it is off by default
-(``config.Configs.share_exp``); tiles outside the range take the two-exp path anyway.
+per element.  ``shared_exp_g`` takes that path on the tiles whose lse spread keeps the
+extra rounding within the precision budget, the two-exp path elsewhere; the
+``share_exp`` variants switch it on (``config.Configs.share_exp``).
+The ``fused`` backward (``config.Configs.backward_kind``, kernels/fused_backward.py)
+forms the same G and keeps it on chip.
 """
 from __future__ import annotations
 
@@ -40,7 +42,9 @@ import triton
 import triton.language as tl
 
 from . import config as _config
-from .tile import tile_dot
+from .fused_backward import fused_grad_backward
+from .lse_forward import share_budget
+from .tile import shared_exp_g, tile_dot, two_exp_g
 from .workspace import block_shape, mm_f32
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
@@ -59,7 +63,7 @@ def _grad_tile_kernel(
     coef_row, coef_col, coef_diag, gscale,
     HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
     HAS_DIAG: tl.constexpr, G_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    SHARE_BUDGET: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -109,18 +113,7 @@ def _grad_tile_kernel(
         c_hi = tl.load(lse_col_ptr + offs_n, mask=col_ok, other=0.0)
         c_lo = tl.load(lse_col_lo_ptr + offs_n, mask=col_ok, other=0.0)
     if SHARE_EXP:
-        # Both terms from one exp when the tile's lse values are within 60 (module doc).
-        hi = tl.maximum(tl.max(tl.where(row_ok, r_hi, float("-inf")), axis=0),
-                        tl.max(tl.where(col_ok, c_hi, float("-inf")), axis=0))
-        lo = tl.minimum(tl.min(tl.where(row_ok, r_hi, float("inf")), axis=0),
-                        tl.min(tl.where(col_ok, c_hi, float("inf")), axis=0))
-        if hi - lo <= 60.0:
-            u = coef_row * tl.exp2(tl.where(row_ok, (hi - r_hi) - r_lo, 0.0))
-            v = coef_col * tl.exp2(tl.where(col_ok, (hi - c_hi) - c_lo, 0.0))
-            g = tl.exp2(s2 - hi) * (u[:, None] + v[None, :])
-        else:
-            g = (coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
-                 + coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :]))
+        g = shared_exp_g(s2, r_hi, r_lo, c_hi, c_lo, row_ok, col_ok, coef_row, coef_col, SHARE_BUDGET)
     else:
         if HAS_ROW:
             g += coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
@@ -188,7 +181,7 @@ def _kernel_flags(cfg, dtype, has_bias: bool, coef_row, coef_col, coef_diag, gsc
         HAS_BIAS=has_bias, HAS_ROW=has_row, HAS_COL=has_col,
         HAS_DIAG=coef_diag != 0.0, G_DIAG=has_g_diag,
         SHARE_EXP=bool(cfg.share_exp) and has_row and has_col and not split_scale,
-        SPLIT_SCALE=bool(split_scale),
+        SPLIT_SCALE=bool(split_scale), SHARE_BUDGET=share_budget(dtype),
         DOT_PRECISION=_config.dot_precision(dtype),
         DOT_UPCAST=_config.interpreter_active() and dtype == torch.bfloat16,
         GROUP_M=8,
@@ -282,6 +275,14 @@ def triton_grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tens
                          coef_diag: float, g_diag: Optional[torch.Tensor] = None,
                          split_scale: bool = False
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The "fused" design (config.Configs.backward_kind) keeps G on chip; the ring's
+    # split d_scale and the empty sweeps stay on the workspace path.
+    nonempty = min(img.shape[0], txt.shape[0], img.shape[1]) > 0 and (
+        coef_row != 0.0 or coef_col != 0.0 or coef_diag != 0.0)
+    if (nonempty and not split_scale
+            and _config.get_configs(img.device, img.dtype).backward_kind == "fused"):
+        return fused_grad_backward(img, txt, scale, bias, lse_row, lse_col,
+                                   coef_row, coef_col, coef_diag, g_diag)
     return _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                                coef_row, coef_col, coef_diag, g_diag, split_scale)
 
@@ -310,7 +311,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
     """The compile variants of ``_grad_tile_kernel`` (``python -m clip_fast.kernels.aot_check``)."""
     prec = "tf32" if dtype == torch.float32 else "ieee"
     base = dict(HAS_BIAS=False, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True, G_DIAG=True,
-                SHARE_EXP=False, SPLIT_SCALE=False, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                SHARE_EXP=False, SPLIT_SCALE=False, SHARE_BUDGET=share_budget(dtype), EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
                 GROUP_M=8, stride_id=1, stride_td=1, stride_wc=1)
     variants = [("tile", base),
                 ("tile coef-diag bias odd-D", dict(base, G_DIAG=False, HAS_BIAS=True, EVEN_D=False)),

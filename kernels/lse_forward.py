@@ -41,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import config as _config
 from ..core.numerics import combine_diag
-from .tile import tile_dot
+from .tile import tile_dot, tile_dot_desc
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -71,18 +71,59 @@ def _two_exp_sums(s2, shift, m_new, row_ok, col_ok, EVEN_MK: tl.constexpr):
     return col_part, row_part
 
 
+@triton.jit
+def _col_max(s2, row_ok, EVEN_MK: tl.constexpr):
+    """The tile's column maxima of S2 over its real rows."""
+    if EVEN_MK:
+        return tl.max(s2, axis=0)
+    return tl.max(tl.where(row_ok[:, None], s2, float("-inf")), axis=0)
+
+
+@triton.jit
+def _shared_exp_sums(s2, shift, m_ref, c_max, row_ok, col_ok, SHARE_BUDGET: tl.constexpr,
+                     EVEN_MK: tl.constexpr):
+    """Steps 3 and 4 with ONE exp per element where docs/numerics.md section 5's condition
+    holds for this tile, else the two-exp path: (col_part, row_part, 1 if shared else 0).
+
+    Shared: e = 2^(S2 - mx) with mx the tile's largest row max; the row sums are
+    2^(mx - m_i) * sum_j e_ij and the column sums 2^(mx + shift_j) * sum_i e_ij (BM + BN
+    extra exps per tile).  The condition bounds the extra rounding of those arguments by
+    SHARE_BUDGET x the rounding of the tile's largest |S2| in the materialised loss of the
+    input dtype."""
+    mx = tl.max(tl.where(row_ok, m_ref, float("-inf")), axis=0)
+    mn = tl.min(tl.where(row_ok, m_ref, float("inf")), axis=0)
+    c_lo = tl.min(tl.where(col_ok, c_max, float("inf")), axis=0)
+    cf = mx + shift                                    # padded columns: -inf
+    c_arg = tl.max(tl.where(col_ok, tl.abs(cf), 0.0), axis=0)
+    ref = tl.maximum(1.0, tl.maximum(tl.max(tl.where(row_ok, tl.abs(m_ref), 0.0), axis=0),
+                                     tl.max(tl.where(col_ok & (c_max > float("-inf")), tl.abs(c_max), 0.0),
+                                            axis=0)))
+    spread = (mx - mn) + (mx - c_lo)
+    shared = (mx - mn <= 60.0) & (mx - c_lo <= 60.0) & (spread + c_arg <= SHARE_BUDGET * ref)
+    if shared:
+        if EVEN_MK:
+            e = tl.exp2(s2 - mx)
+        else:
+            e = tl.exp2(tl.where(row_ok[:, None] & col_ok[None, :], s2, float("-inf")) - mx)
+        row_part = tl.exp2(tl.where(row_ok, mx - m_ref, 0.0)) * tl.sum(e, axis=1)
+        col_part = tl.exp2(cf) * tl.sum(e, axis=0)
+    else:
+        col_part, row_part = _two_exp_sums(s2, shift, m_ref, row_ok, col_ok, EVEN_MK)
+    return col_part, row_part, shared
+
+
 # One kernel body, longer than a screen on purpose: the tile loop is the whole sweep, and
 # its numbered steps (module doc) read in order with every register's lifetime visible;
 # the pieces that stand alone (tile_dot, _two_exp_sums) are separate jit functions.
 @triton.jit
 def _lse_forward_kernel(
     img_ptr, txt_ptr, scale_ptr, bias_ptr, c2_ptr, row_flag_ptr,
-    m_part_ptr, l_part_ptr, col_sum_ptr, col_max_ptr, diag2_ptr,
+    m_part_ptr, l_part_ptr, col_sum_ptr, col_max_ptr, diag2_ptr, stats_ptr,
     M, K, D, H2, num_splits,
     stride_im, stride_id, stride_tk, stride_td,
     HAS_BIAS: tl.constexpr, COMPUTE_COL: tl.constexpr, WRITE_DIAG: tl.constexpr,
-    ROW_FLAGS: tl.constexpr, SHARE_EXP: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
+    ROW_FLAGS: tl.constexpr, SHARE_EXP: tl.constexpr, SHARE_BUDGET: tl.constexpr,
+    STATS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -113,6 +154,13 @@ def _lse_forward_kernel(
         flags = tl.load(row_flag_ptr + offs_m, mask=row_ok, other=0)
         n_hi = tl.where(tl.max(flags, axis=0) > 0, n_hi, n_lo)
 
+    if USE_TMA:
+        # Tensor descriptors (TMA loads on sm_90; unit feature stride, 16-byte aligned rows).
+        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[M, D], strides=[stride_im, 1],
+                                             block_shape=[BM, BK])
+        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[K, D], strides=[stride_tk, 1],
+                                             block_shape=[BN, BK])
+
     m_i = tl.full((BM,), float("-inf"), tl.float32)   # running row max (log2 units)
     l_i = tl.zeros((BM,), tl.float32)                 # running row sum of exp2(S2 - m_i)
     for start_n in range(n_lo, n_hi, BN):
@@ -121,8 +169,12 @@ def _lse_forward_kernel(
         txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
         # 1. acc = img_blk @ txt_blk.T over D.  Masked loads: rows >= M and columns >= K
         #    read 0 (their S is then excluded below); features >= D read 0, adding nothing.
-        acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
-                       EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+        if USE_TMA:
+            acc = tile_dot_desc(img_desc, txt_desc, pid_m * BM, start_n, D, DOT_PRECISION,
+                                DOT_UPCAST, BM, BN, BK)
+        else:
+            acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                           EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
         # 2. log2 units.
         s2 = acc * scale2 + bias2
@@ -153,24 +205,12 @@ def _lse_forward_kernel(
             c2 = tl.load(c2_ptr + offs_n, mask=col_ok, other=float("inf"))
             shift = H2 - c2
             if SHARE_EXP:
-                # Can this tile share one exp between rows and columns? (module doc)
-                mx = tl.max(tl.where(row_ok, m_tile, float("-inf")), axis=0)
-                mn = tl.min(tl.where(row_ok, m_tile, float("inf")), axis=0)
-                c_hi = tl.max(tl.where(col_ok, c2, float("-inf")), axis=0)
-                c_lo = tl.min(c2, axis=0)
-                if (mx - mn <= 60.0) & (c_hi - H2 - mn <= 60.0) & (mx - c_lo + H2 <= 120.0):
-                    # 3+4. One exp per element: e serves the column sum and, weighted by
-                    #      w_j = 2^(c2_j - H2 - mx), the row sum.
-                    e = tl.exp2(s2 + shift[None, :])
-                    if not EVEN_MK:
-                        e = tl.where(row_ok[:, None], e, 0.0)
-                    col_part = tl.sum(e, axis=0)
-                    # Padded lanes take exponents that give 0 and 1 (not inf, then NaN
-                    # from inf * 0); their results are never stored.
-                    w = tl.exp2(tl.where(col_ok, -shift - mx, float("-inf")))
-                    row_part = tl.exp2(tl.where(row_ok, mx - m_new, 0.0)) * tl.sum(e * w[None, :], axis=1)
-                else:
-                    col_part, row_part = _two_exp_sums(s2, shift, m_ref, row_ok, col_ok, EVEN_MK)
+                # The column maxima (step 4b) first: the sharing test reads their spread.
+                c_max = _col_max(s2, row_ok, EVEN_MK)
+                col_part, row_part, shared = _shared_exp_sums(
+                    s2, shift, m_ref, c_max, row_ok, col_ok, SHARE_BUDGET, EVEN_MK)
+                if STATS:
+                    tl.atomic_add(stats_ptr, shared.to(tl.int32), sem="relaxed")
             else:
                 col_part, row_part = _two_exp_sums(s2, shift, m_ref, row_ok, col_ok, EVEN_MK)
             # 4. One relaxed atomic add per column merges this row block's sums.
@@ -178,10 +218,10 @@ def _lse_forward_kernel(
             # 4b. The column maxima (one relaxed atomic max per column): the host writes
             #     each column's lse relative to its largest S2, so the backward's
             #     recomputed S2 gives exactly P = 1 for a column's dominant entry.
-            if EVEN_MK:
-                c_max = tl.max(s2, axis=0)
-            else:
-                c_max = tl.max(tl.where(row_ok[:, None], s2, float("-inf")), axis=0)
+            if not SHARE_EXP:
+                # After the atomic add, so that c_max is not live across it (sm_90: 186
+                # registers instead of 239; aot_check).
+                c_max = _col_max(s2, row_ok, EVEN_MK)
             tl.atomic_max(col_max_ptr + offs_n, c_max, mask=col_ok, sem="relaxed")
         else:
             # 3. Plain online row sum.
@@ -229,6 +269,63 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Exponent sharing's precision budget (docs/numerics.md section 5): the extra rounding a
+# shared exponential adds, in units of the float32 rounding of the tile's logits, that a tile
+# may take.  Scaled by the input dtype's unit over float32's, since the precision rule
+# compares with the materialised loss in that dtype (whose logits round at that unit).
+SHARE_KAPPA = 2.0
+_DTYPE_UNIT_OVER_FP32 = {torch.float32: 1.0, torch.float16: 2.0 ** 13, torch.bfloat16: 2.0 ** 16}
+
+# Test hook: an int32 counter that every shared tile increments (None: not counted).
+_share_counter: Optional[torch.Tensor] = None
+
+
+def share_budget(dtype: torch.dtype) -> float:
+    """SHARE_BUDGET for inputs of ``dtype``: SHARE_KAPPA x (the dtype's unit / float32's)."""
+    return SHARE_KAPPA * _DTYPE_UNIT_OVER_FP32.get(dtype, 1.0)
+
+
+class count_shared_tiles:
+    """``with count_shared_tiles() as n:`` -- n[0] counts the tiles that shared one exp."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def __enter__(self):
+        global _share_counter
+        self.previous = _share_counter
+        self.counter = torch.zeros((1,), dtype=torch.int32, device=self.device)
+        _share_counter = self.counter
+        return self.counter
+
+    def __exit__(self, *exc):
+        global _share_counter
+        _share_counter = self.previous
+
+
+def use_tma(cfg, img: torch.Tensor, txt: torch.Tensor) -> bool:
+    """Whether the sweep loads its tiles through tensor descriptors: the variant asks for it
+    (``Configs.use_tma``), the GPU is sm_90 or newer (the interpreter runs descriptors too), and
+    the layout allows TMA (unit feature stride, 16-byte aligned bases and row strides)."""
+    if not cfg.use_tma:
+        return False
+    if img.device.type == "cuda" and torch.cuda.get_device_capability(img.device)[0] < 9:
+        return False
+    for t in (img, txt):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    _set_descriptor_allocator()
+    return True
+
+
+def _set_descriptor_allocator() -> None:
+    """Device-side descriptors need a global scratch buffer per launch, from Triton's allocator."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    triton.set_allocator(alloc)
+
+
 def headroom_log2(M: int) -> float:
     """H2: the shift headroom (log2 units) for column sums over M rows (docs/numerics.md)."""
     return float(min(100, 122 - math.ceil(math.log2(M + 1))))
@@ -266,6 +363,9 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
         HAS_BIAS=bias is not None, COMPUTE_COL=compute_col, WRITE_DIAG=diag2 is not None,
         ROW_FLAGS=row_flags is not None,
         SHARE_EXP=bool(cfg.share_exp) and compute_col,
+        SHARE_BUDGET=share_budget(img.dtype),
+        STATS=_share_counter is not None,
+        USE_TMA=use_tma(cfg, img, txt),
         DOT_PRECISION=_config.dot_precision(img.dtype),
         DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
     )
@@ -274,7 +374,8 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
             row_flags if row_flags is not None else dummy(torch.int32),
             m_part, l_part, col_sum if col_sum is not None else dummy(),
             col_max if col_max is not None else dummy(),
-            diag2 if diag2 is not None else dummy())
+            diag2 if diag2 is not None else dummy(),
+            _share_counter if _share_counter is not None else dummy(torch.int32))
     if autotune:
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), splits)  # noqa: E731
         args["EVEN_D"] = False
@@ -382,7 +483,8 @@ def aot_variants(dtype: torch.dtype, arch: int):
     prec = "tf32" if dtype == torch.float32 else "ieee"
     # The production default: two exponentials per element (config.Configs.share_exp).
     base = dict(HAS_BIAS=False, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False,
-                SHARE_EXP=False, EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                SHARE_EXP=False, SHARE_BUDGET=share_budget(dtype), STATS=False, USE_TMA=False,
+                EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False,
                 stride_id=1, stride_td=1)
     variants = [("sweep", base),
                 ("sweep padded odd-D bias", dict(base, EVEN_MK=False, EVEN_D=False, HAS_BIAS=True)),
@@ -392,8 +494,20 @@ def aot_variants(dtype: torch.dtype, arch: int):
         variants.append(("sweep ieee", dict(base, DOT_PRECISION="ieee")))
     feat = _config.feature_ptr(dtype)
     ints = frozenset({"M", "K", "D", "num_splits", "stride_im", "stride_tk"})
+    table = _config.table_configs(arch // 10, dtype).forward
+    tiles = {name: table for name, _ in variants}
+    # The fused-backward variants run both sweeps at their own tile (config.VARIANT_TILES).
+    fused = _config.VARIANT_TILES["fused_bwd"]
+    fused = _config.KernelConfig(fused.BM, fused.BN, min(fused.BK, table.BK), fused.num_warps, fused.num_stages)
+    for name, ce in (("sweep fused_bwd tile", base), ("sweep shared-exp fused_bwd tile", dict(base, SHARE_EXP=True))):
+        variants.append((name, ce))
+        tiles[name] = fused
+    if arch >= 90:   # the TMA variant is Hopper's ("tma" in config.VARIANTS)
+        variants.append(("sweep tma", dict(base, USE_TMA=True)))
+        tiles["sweep tma"] = table
     for name, ce in variants:
         yield _config.AotVariant(
-            "forward", name, _lse_forward_kernel, _config.table_configs(arch // 10, dtype).forward, ce,
+            "forward", name, _lse_forward_kernel, tiles[name], ce,
             ints=ints, div16=ints - {"num_splits"}, floats=frozenset({"H2"}),
-            pointers=(("img_ptr", feat), ("txt_ptr", feat), ("row_flag_ptr", "*i32")))
+            pointers=(("img_ptr", feat), ("txt_ptr", feat), ("row_flag_ptr", "*i32"),
+                      ("stats_ptr", "*i32")))

@@ -3,6 +3,10 @@
 ``tile_dot`` returns ``acc = img_blk @ txt_blk.T`` (BM x BN, fp32) for one tile of S,
 looping over D in BK slices.  It is a plain ``@triton.jit`` function: Triton inlines
 it into each kernel that calls it, with the caller's compile-time flags.
+
+``two_exp_g`` and ``shared_exp_g`` turn a tile of S (in log2 units) into G's softmax part,
+coef_row P_row + coef_col P_col, for both backward designs (``grad_backward``'s workspace and
+``fused_backward``'s on-chip one).
 """
 from __future__ import annotations
 
@@ -40,3 +44,51 @@ def tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
         # input_precision passed explicitly: Triton's fp32 default changed across versions.
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def tile_dot_desc(img_desc, txt_desc, off_m, off_n, D, DOT_PRECISION: tl.constexpr,
+                  DOT_UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``tile_dot`` through tensor descriptors (TMA loads on sm_90): the BM x BK and BN x BK
+    blocks at rows off_m of img and off_n of txt, D in BK slices.  The descriptors pad rows and
+    features out of range with 0, as ``tile_dot``'s masks do, so the sums are the same."""
+    acc = tl.zeros((BM, BN), tl.float32)
+    for start_d in range(0, D, BK):
+        a = img_desc.load([off_m, start_d])
+        b = txt_desc.load([off_n, start_d])
+        if DOT_UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def two_exp_g(s2, r_hi, r_lo, c_hi, c_lo, coef_row, coef_col):
+    """coef_row P_row + coef_col P_col with one exp per softmax (lse as float-float pairs)."""
+    return (coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
+            + coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :]))
+
+
+@triton.jit
+def shared_exp_g(s2, r_hi, r_lo, c_hi, c_lo, row_ok, col_ok, coef_row, coef_col,
+                 SHARE_BUDGET: tl.constexpr):
+    """coef_row P_row + coef_col P_col from ONE exp per element where docs/numerics.md
+    section 5's condition holds for this tile (else ``two_exp_g``): with hi the tile's
+    largest lse, G = 2^(S2 - hi) * (coef_row u_i + coef_col v_j).  The shared argument
+    rounds up to (hi - lo) more than the per-softmax ones; the tile shares only when that,
+    plus the three roundings of the factors, is within SHARE_BUDGET x the rounding of its
+    largest |lse| (at least 1)."""
+    hi = tl.maximum(tl.max(tl.where(row_ok, r_hi, float("-inf")), axis=0),
+                    tl.max(tl.where(col_ok, c_hi, float("-inf")), axis=0))
+    lo = tl.minimum(tl.min(tl.where(row_ok, r_hi, float("inf")), axis=0),
+                    tl.min(tl.where(col_ok, c_hi, float("inf")), axis=0))
+    ref = tl.maximum(1.0, tl.maximum(tl.max(tl.where(row_ok, tl.abs(r_hi), 0.0), axis=0),
+                                     tl.max(tl.where(col_ok, tl.abs(c_hi), 0.0), axis=0)))
+    if (hi - lo <= 60.0) & ((hi - lo) + 3.0 <= SHARE_BUDGET * ref):
+        u = coef_row * tl.exp2(tl.where(row_ok, (hi - r_hi) - r_lo, 0.0))
+        v = coef_col * tl.exp2(tl.where(col_ok, (hi - c_hi) - c_lo, 0.0))
+        g = tl.exp2(s2 - hi) * (u[:, None] + v[None, :])
+    else:
+        g = two_exp_g(s2, r_hi, r_lo, c_hi, c_lo, coef_row, coef_col)
+    return g

@@ -88,6 +88,27 @@ def small_loss(n=1025):
     return x, t, 50.0, None
 
 
+# ---- the Triton kernel variants (kernels/config.py VARIANTS): every test below runs each ----
+
+@pytest.fixture(autouse=True, params=[
+    "default",
+    pytest.param("share_exp", marks=pytest.mark.slow),
+    pytest.param("fused_bwd", marks=pytest.mark.slow),
+    pytest.param("share_exp+fused_bwd", marks=pytest.mark.slow),
+    pytest.param("tma", marks=pytest.mark.slow)])
+def kernel_variant(request):
+    """Run the test under one Triton kernel variant; the variants are Triton designs, so a
+    test of another backend (or of none) runs only once, as ``default``."""
+    from clip_fast.kernels import config as kconfig
+
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    if request.param != "default" and backend != "triton":
+        pytest.skip("kernel variants apply to the triton backend only")
+    with kconfig.variant_override(request.param):
+        yield request.param
+
+
 # ---- the check ----
 
 def _materialised(x, t, scale, bias, dtype):
