@@ -75,23 +75,28 @@ def check_matryoshka(dims, weights, renormalize, dim: Optional[int]) -> NestedOp
 
 def scalings(x: torch.Tensor, dims: Sequence[int], renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(r, live), each (n_sizes, N): r_k = 1 / max(|x[:, :d_k]|, eps) in float64 (ones without
-    renormalisation), live where the norm is above the floor (the chain term exists)."""
+    renormalisation), live where the norm is above the floor (the chain term exists).  The
+    squared norms are running sums over the segments, as the sweep's dot products are."""
     if not renormalize:
         ones = torch.ones(len(dims), x.shape[0], dtype=torch.float64, device=x.device)
         return ones, torch.zeros_like(ones, dtype=torch.bool)
-    norms = torch.stack([torch.linalg.vector_norm(x[:, :d], dim=1, dtype=torch.float64) for d in dims])
+    bounds = (0,) + tuple(dims)
+    x64 = x.to(torch.float64)  # O(N * D): the norms in float64, rounded once into the scalings
+    parts = torch.stack([x64[:, d0:d1].square().sum(dim=1) for d0, d1 in zip(bounds[:-1], bounds[1:])])
+    norms = parts.cumsum(dim=0).sqrt_()
     return 1.0 / norms.clamp_min(_NORM_EPS), norms > _NORM_EPS
 
 
 def sweep_operands(x, y, s, nested: NestedOptions):
-    """(x_gemm, rs, r, c) of the nested sweeps: the prefix scalings rounded once to the
-    compute dtype (rs = scale * r formed in float64), or, without re-normalisation, the
-    scale folded into x and no scalings."""
+    """(x_gemm, rs, r, c, (r64, live_r), (c64, live_c)) of the nested sweeps: the prefix
+    scalings rounded once to the compute dtype (rs = scale * r formed in float64), or,
+    without re-normalisation, the scale folded into x and no scalings; then the float64
+    scalings and their masks for the chain."""
+    r64, c64 = scalings(x, nested.dims, nested.renormalize), scalings(y, nested.dims, nested.renormalize)
     if not nested.renormalize:
-        return x * s, None, None, None
-    r64 = scalings(x, nested.dims, True)[0]
-    rs = (r64 * s.to(torch.float64)).to(x.dtype)
-    return x, rs, r64.to(x.dtype), scalings(y, nested.dims, True)[0].to(x.dtype)
+        return x * s, None, None, None, r64, c64
+    rs = (r64[0] * s.to(torch.float64)).to(x.dtype)
+    return x, rs, r64[0].to(x.dtype), c64[0].to(x.dtype), r64, c64
 
 
 def prefix(x: Optional[torch.Tensor], d: int, renormalize: bool) -> Optional[torch.Tensor]:
@@ -129,7 +134,7 @@ class NestedClipLossFunction(torch.autograd.Function):
     def forward(img, txt, scale, bias, ids, neg_txt, neg_img, opts: LossOptions, nested: NestedOptions):
         acc = compute_dtype(img.dtype)
         x, y, s = img.to(acc), txt.to(acc), compute_scalar(scale, acc)
-        x_gemm, rs, _, c = sweep_operands(x, y, s, nested)
+        x_gemm, rs, _, c, _, _ = sweep_operands(x, y, s, nested)
         lse_row, lse_col, diag = nested_lse_forward(x_gemm, y, nested.dims, rs, c, opts.chunk_size)
         total = torch.zeros((), dtype=torch.float64, device=img.device)
         for k, sz in enumerate(_sizes(x, y, neg_txt, neg_img, ids, opts, nested)):
@@ -161,9 +166,7 @@ class NestedClipLossFunction(torch.autograd.Function):
         opts, nested = ctx.opts, ctx.nested
         acc = compute_dtype(img.dtype)
         x, y, s = img.to(acc), txt.to(acc), compute_scalar(scale, acc)
-        x_gemm, rs, r_sweep, c_sweep = sweep_operands(x, y, s, nested)
-        r, live_r = scalings(x, nested.dims, nested.renormalize)
-        c, live_c = scalings(y, nested.dims, nested.renormalize)
+        x_gemm, rs, r_sweep, c_sweep, (r, live_r), (c, live_c) = sweep_operands(x, y, s, nested)
         coefs, extra = ([], [], []), []
         d_scale = torch.zeros((), dtype=torch.float64, device=img.device)
         d_neg = [None if t is None else torch.zeros_like(t, dtype=acc) for t in (neg_txt, neg_img)]
@@ -210,8 +213,10 @@ class _Size:
 
 def _sizes(x, y, neg_txt, neg_img, ids, opts, nested: NestedOptions):
     acc = x.dtype
+    # The prefix features are read only by the target terms and the negative blocks.
+    needed = ids is not None or opts.label_smoothing or neg_txt is not None or neg_img is not None
     for d in nested.dims:
-        px, py = prefix(x, d, nested.renormalize), prefix(y, d, nested.renormalize)
+        px, py = (prefix(x, d, nested.renormalize), prefix(y, d, nested.renormalize)) if needed else (x, y)
         nt = None if neg_txt is None else prefix(neg_txt.to(acc), d, nested.renormalize)
         ni = None if neg_img is None else prefix(neg_img.to(acc), d, nested.renormalize)
         yield _Size(d, px, py, nt, ni, TargetPlan(px, py, ids, nt, ni, opts))

@@ -113,15 +113,17 @@ def nested_grad_backward(x_gemm: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
             # 1. Size k's strip, recomputed as the forward formed it.
             run.addmm_(x_gemm[r0:r1, d0:d1], y[:, d0:d1].T)
             logits = _size_logits(run, None if rs is None else rs[k, r0:r1], None if c is None else c[k])
-            # 2. G_k (S_k kept for the chain sums u_k = G_k * S_k, float64).
-            grad = strip_grad(logits.clone() if rs is not None else logits, r0, rows[k], cols[k],
-                              coefs[0][k], coefs[1][k], coefs[2][k], g_diag[k])
-            if rs is not None:
-                prod = logits.mul_(grad)
-                u_row[k, r0:r1] = prod.sum(dim=1, dtype=torch.float64)
-                u_col[k] += prod.sum(dim=0, dtype=torch.float64)
-                grad.mul_(r[k, r0:r1, None]).mul_(c[k][None, :])
+            # 2. G_k, then H_k = r_k G_k c_k and the chain sums u_k = G_k * S_k along rows and
+            #    columns, formed from the running sum as (G_k c_k * R) rs_k: no copy of S_k.
+            grad = strip_grad(logits, r0, rows[k], cols[k], coefs[0][k], coefs[1][k], coefs[2][k], g_diag[k])
             del logits
+            if rs is not None:
+                grad.mul_(c[k][None, :])
+                prod = grad * run
+                u_row[k, r0:r1] = prod.sum(dim=1).to(torch.float64) * rs[k, r0:r1].to(torch.float64)
+                u_col[k] += torch.mv(prod.T, rs[k, r0:r1]).to(torch.float64)
+                del prod
+                grad.mul_(r[k, r0:r1, None])
             h.append(grad)
         # 3. From the largest size down: the running sum of H multiplies each segment once.
         acc = h.pop()
