@@ -95,6 +95,10 @@ def add_loss_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--positive-groups", default="none", choices=("none", "class"),
                    help="class: samples of the same Fashion-MNIST class are positives of each other "
                         "(group_ids = class labels); Fashion-MNIST only")
+    g.add_argument("--matryoshka-dims", default=None, metavar="D1,D2,...",
+                   help="nested embedding sizes, e.g. 16,32,64: the loss is the sum of the CLIP loss on "
+                        "each L2-normalised prefix (one sweep, clip_fast.clip_loss(matryoshka_dims=...)), and "
+                        "zero-shot accuracy is reported at each size; one process, --loss clip")
     g.add_argument("--hard-negatives", type=int, default=0, metavar="K",
                    help="for each of the first K images of every contrastive batch, one caption naming "
                         "another (random) class joins every image's softmax as a hard-negative text; "
@@ -112,8 +116,18 @@ def check_loss_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.hard_negatives > args.batch_size:
         p.error(f"--hard-negatives must be <= --batch-size ({args.batch_size}): one negative caption "
                 f"per image of the batch's first K, got {args.hard_negatives}")
+    if args.matryoshka_dims is not None:
+        try:
+            args.matryoshka_dims = tuple(int(d) for d in args.matryoshka_dims.split(","))
+        except ValueError:
+            p.error(f"--matryoshka-dims must be comma-separated ints, got {args.matryoshka_dims!r}")
+        bad = [d for d in args.matryoshka_dims if not 1 <= d <= args.embed_dim]
+        if bad or len(set(args.matryoshka_dims)) != len(args.matryoshka_dims):
+            p.error(f"--matryoshka-dims must be distinct sizes in [1, --embed-dim] = [1, {args.embed_dim}], "
+                    f"got {','.join(map(str, args.matryoshka_dims))}")
     if args.loss != "clip":  # the options belong to the CLIP (softmax) loss
         for flag, value, off in (("--label-smoothing", args.label_smoothing, 0.0),
+                                 ("--matryoshka-dims", args.matryoshka_dims, None),
                                  ("--image-to-text-weight", args.image_to_text_weight, 0.5),
                                  ("--positive-groups", args.positive_groups, "none"),
                                  ("--hard-negatives", args.hard_negatives, 0)):
