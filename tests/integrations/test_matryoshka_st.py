@@ -18,26 +18,14 @@ from sentence_transformers.sentence_transformer import losses as st_losses  # no
 from clip_fast.integrations import matryoshka_st  # noqa: E402
 from clip_fast.integrations.sentence_transformers import (  # noqa: E402
     FastCachedMultipleNegativesRankingLoss, FastMultipleNegativesRankingLoss)
+# The tiny BERT fixture, its token columns and the 1e-9 comparison of the MNRL twins' tests.
+from test_sentence_transformers import _assert_same, _columns, tiny  # noqa: E402,F401
 
 DIMS = (9, 16, 3)
 SYMMETRIC = ("query_to_doc", "doc_to_query")
 CASES = [("default", dict(), None, -1, 1),
          ("symmetric_weights", dict(directions=SYMMETRIC, partition_mode="per_direction"), (1.0, 0.5, 2.0), -1, 0),
          ("dot_two_per_step", dict(similarity_fct=util.dot_score, scale=1.0), None, 2, 2)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from st_tiny_model import tiny_model
-
-    return tiny_model(tmp_path_factory.mktemp("st") / "bert")
-
-
-def _columns(model, n, k, seed):
-    from st_tiny_model import sentences
-
-    gen = torch.Generator().manual_seed(seed)
-    return [model.tokenize(sentences(n, gen)) for _ in range(2 + k)]
 
 
 def _run(model, loss_fn, features, seed):
@@ -47,17 +35,6 @@ def _run(model, loss_fn, features, seed):
     loss = loss_fn(features, None)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(got, want, what):
-    """As the MNRL twins' test: relative 1e-9, each parameter's floor 1e-6 x all gradients' norm
-    (attention key biases get an exact-zero gradient, rounding on both sides)."""
-    assert abs(float(got[0] - want[0])) <= 1e-9 * abs(float(want[0])), f"{what}: loss"
-    assert got[1].keys() == want[1].keys() and want[1]
-    total = torch.cat([w.flatten() for w in want[1].values()]).norm().item()
-    for p, w in want[1].items():
-        err = (got[1][p] - w).norm().item()
-        assert err <= 1e-9 * max(w.norm().item(), 1e-6 * total), f"{what} {p}: {err:.3e}"
 
 
 @pytest.mark.parametrize("name,opts,weights,per_step,k", CASES, ids=[c[0] for c in CASES])
