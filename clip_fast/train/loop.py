@@ -264,7 +264,7 @@ def setup(argv: Optional[List[str]] = None) -> Trainer:
     env.barrier()
     t.metrics = MetricsLog(run_dir, start_step if t.resumed else None, env.main,
                            with_bias=model.logit_bias is not None,
-                           extra_fields=tuple(f"zs_top1_d{d}" for d in args.matryoshka_dims or ()))
+                           extra_fields=tuple(f"zs_top1_d{d}" for d in eval_dims(args)))
     if env.main and not t.resumed:
         with open(os.path.join(run_dir, "args.json"), "w") as fh:
             json.dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
@@ -317,7 +317,7 @@ def evaluate(t: Trainer) -> Dict[str, float]:
     autocast = t.autocast if t.use_bf16 else None
     res = zero_shot_eval(model, clf, t.test, batch_size=1000, device=t.device, autocast=autocast)
     out = {"zs_top1": res["all_top1"], "zs_top5": res["all_top5"], "zs_heldout_top1": res["heldout_top1"]}
-    for d in t.args.matryoshka_dims or ():  # each nested size on its own: the first d dimensions
+    for d in eval_dims(t.args):  # each nested size on its own: the first d dimensions
         prefix = PrefixModel(model, d)
         clf_d = zero_shot_classifier(prefix, data_mod.FASHION_MNIST_CAPTION_NAMES,
                                      data_mod.TRAIN_TEMPLATES + data_mod.HELDOUT_TEMPLATES)
@@ -325,6 +325,12 @@ def evaluate(t: Trainer) -> Dict[str, float]:
                                               autocast=autocast)["top1"]
     model.train()
     return out
+
+
+def eval_dims(args) -> Tuple[int, ...]:
+    """The prefix sizes whose zero-shot accuracy is reported: --matryoshka-dims and --eval-dims."""
+    sizes = set(getattr(args, "matryoshka_dims", None) or ()) | set(getattr(args, "eval_dims", None) or ())
+    return tuple(sorted(sizes))
 
 
 class PrefixModel(torch.nn.Module):

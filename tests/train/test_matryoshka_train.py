@@ -1,6 +1,6 @@
-"""The trainer's --matryoshka-dims: the flag's checks, the loss it trains (the first logged loss
-against a float64 materialised sum of per-size losses on the initial model's features, built
-without clip_fast) and the per-size zero-shot columns."""
+"""The trainer's --matryoshka-dims (and --eval-dims): the flags' checks, the loss it trains
+(the first logged loss against a float64 materialised sum of per-size losses on the initial
+model's features, built without clip_fast) and the per-size zero-shot columns."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,8 @@ def fake_dir(tmp_path_factory):
 def test_flag_parses():
     assert parse_args([]).matryoshka_dims is None
     assert parse_args(["--matryoshka-dims", "16,32,64"]).matryoshka_dims == (16, 32, 64)
+    args = parse_args(["--eval-dims", "8,4", "--matryoshka-dims", "4,16"])
+    assert (args.eval_dims, loop.eval_dims(args)) == ((8, 4), (4, 8, 16))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -25,6 +27,7 @@ def test_flag_parses():
     (["--matryoshka-dims", "8,65"], "= [1, 64], got 8,65"),
     (["--matryoshka-dims", "8,8"], "got 8,8"),
     (["--loss", "siglip", "--matryoshka-dims", "8"], "--matryoshka-dims applies to --loss clip only"),
+    (["--eval-dims", "8,99"], "--eval-dims must be distinct sizes in [1, --embed-dim] = [1, 64], got 8,99"),
 ])
 def test_bad_flag_is_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
