@@ -28,7 +28,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..core.autograd import bias_guard, bias_meta, finish_grads, fresh_output, fused_backward, refuse_vmap
+from ..core.autograd import (apply_function, bias_guard, bias_meta, finish_grads, fresh_output, fused_backward,
+                             refuse_vmap)
 from ..core.numerics import compute_dtype, compute_scalar
 from .backends import torch_backend
 from .backends.nested_torch import nested_grad_backward, nested_lse_forward
@@ -48,8 +49,8 @@ class NestedOptions:
 
 def check_matryoshka(dims, weights, renormalize, dim: Optional[int]) -> NestedOptions:
     """``matryoshka_dims`` / ``matryoshka_weights`` / ``matryoshka_renormalize`` checked against
-    the features' D (``dim``; None: not known yet, sizes only checked to be >= 1); the sizes are sorted (weights follow them), as sentence-transformers
-    accepts them in any order."""
+    the features' D (``dim``; None: not known yet, sizes only checked to be >= 1).  The sizes
+    are sorted (the weights follow them), as sentence-transformers accepts them in any order."""
     if isinstance(dims, (int, torch.Tensor)) or not isinstance(dims, Sequence) or not len(dims):
         raise ValueError(f"matryoshka_dims must be a non-empty sequence of ints, got {dims!r}")
     if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
@@ -264,7 +265,5 @@ def _size_host_grads(sz: _Size, k: int, w: float, s, lse_row, lse_col, acc) -> _
 
 def nested_clip_loss(call, nested: NestedOptions) -> torch.Tensor:
     """The Matryoshka loss of one prepared call (``functional.prepare_call``)."""
-    from ..core.autograd import apply_function
-
     return apply_function(NestedClipLossFunction, call.opts.loss_dtype, call.img, call.txt, call.scale,
                           call.bias, call.ids, call.neg_txt, call.neg_img, call.opts, nested)[0]
