@@ -165,3 +165,48 @@ def test_bad_options(kwargs, match):
 def test_module_refuses_distributed():
     with pytest.raises(NotImplementedError, match="world_size=2"):
         clip_fast.FastClipLoss(world_size=2, rank=0, matryoshka_dims=(4, 8))
+
+
+class _GemmFlops:
+    """Counts 2 * m * k * n of every matrix product dispatched inside the block."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        counter = self
+        self.flops = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (aten.mm.default,):
+                    counter.flops += 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+                elif func in (aten.addmm.default, aten.addmm_.default):
+                    counter.flops += 2 * args[1].shape[0] * args[1].shape[1] * args[2].shape[1]
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
+def test_gemm_work_is_the_largest_size(renorm):
+    """Each sweep multiplies each K segment once: 4 products of N x N x D_max in all (the
+    forward, the backward's recompute of S, d_img and d_txt; strips of 7 rows), where the
+    per-size loop does 4 of N x N x sum(dims)."""
+    n, d, dims = 40, 29, (5, 13, 29)
+    img, txt = paired_features(n, n, d, normalise=False)
+    x, y = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    with _GemmFlops() as nested:
+        clip_fast.clip_loss(x, y, 10.0, matryoshka_dims=dims, matryoshka_renormalize=renorm,
+                            chunk_size=7).backward()
+    assert nested.flops == 4 * 2 * n * n * max(dims)
+    with _GemmFlops() as loop:
+        sum(clip_fast.clip_loss(torch.nn.functional.normalize(x[:, :k], dim=1),
+                                torch.nn.functional.normalize(y[:, :k], dim=1), 10.0, backend="torch")
+            for k in dims).backward()
+    assert loop.flops == 4 * 2 * n * n * sum(dims)
