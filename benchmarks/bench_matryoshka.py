@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_loss import RESULTS, environment, peak_rss_bytes, reset_peak_rss, rss_bytes, write_csv  # noqa: E402
 
 CASES = ("st_loop", "fast_loop", "fast_sweep")
-LABELS = {"st_loop": "MatryoshkaLoss(MNRL) (sentence-transformers)", "fast_loop": "clip_loss per size (clip_fast)",
-          "fast_sweep": "clip_loss(matryoshka_dims=...) one sweep"}
+LABELS = {"st_loop": "MatryoshkaLoss(MNRL)\n(sentence-transformers)", "fast_loop": "clip_loss per size\n(clip_fast)",
+          "fast_sweep": "clip_loss(matryoshka_dims)\none sweep (clip_fast)"}
 FIELDS = ["date", "device", "torch", "triton", "python", "sentence_transformers", "threads", "case", "n", "dims",
           "median_ms", "cpu_median_ms", "ratio", "cpu_ratio", "extra_mib", "mem_ratio", "status"]
 SCALE = 20.0
@@ -145,7 +145,7 @@ def plot(rows, out: str) -> str:
     for ax, key, title in zip(axes, ("ratio", "mem_ratio"),
                               ("time / MatryoshkaLoss(MNRL)'s (fwd+bwd)", "extra memory / MatryoshkaLoss(MNRL)'s")):
         ax.bar(range(len(CASES)), [float(last[c][key]) for c in CASES], color=["C0", "C1", "C2"])
-        ax.set_xticks(range(len(CASES)), [LABELS[c].replace(" (", "\n(") for c in CASES], fontsize=7)
+        ax.set_xticks(range(len(CASES)), [LABELS[c] for c in CASES], fontsize=7)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(title, fontsize=9)
     r = rows[-1]
@@ -163,8 +163,15 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/matryoshka_cpu_DATE.csv)")
     p.add_argument("--plot", action="store_true", help="also write the CSV's PNG beside it")
+    p.add_argument("--replot", default=None, metavar="CSV", help="only draw an existing CSV's PNG beside it")
     p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.replot:
+        import csv
+
+        with open(args.replot, newline="") as fh:
+            print(f"wrote {plot(list(csv.DictReader(fh)), args.replot[:-4] + '.png')}")
+        return
     if args.worker_memory:
         print(json.dumps(memory_worker(*json.loads(args.worker_memory))))
         return
