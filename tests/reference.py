@@ -155,6 +155,17 @@ def reference_family_loss(img, txt, scale, bias=None, group_ids=None, label_smoo
 
     x, y, nt, ni = leaf(img), leaf(txt), leaf(negative_text), leaf(negative_image)
     s, b = scalar(scale), scalar(bias)
+    loss = _family_graph(x, y, s, b, nt, ni, group_ids, label_smoothing, image_to_text_weight,
+                         row_weights, col_weights, dtype)
+    inputs = [t for t in (x, y, s, b, nt, ni) if t is not None]
+    grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True))
+    out = [loss.detach()] + [None if t is None else next(grads) for t in (x, y, s, b, nt, ni)]
+    return tuple(out)
+
+
+def _family_graph(x, y, s, b, nt, ni, group_ids, label_smoothing, image_to_text_weight,
+                  row_weights, col_weights, dtype):
+    """The generalised CLIP loss of ``reference_family_loss`` as an autograd graph."""
     n = x.shape[0]
     rows = x if ni is None else torch.cat([x, ni])
     cols = y if nt is None else torch.cat([y, nt])
@@ -168,11 +179,35 @@ def reference_family_loss(img, txt, scale, bias=None, group_ids=None, label_smoo
     q_col = family_targets(n, rows.shape[0] - n, group_ids, label_smoothing).to(dtype)
     ce_row = -(q_row * torch.log_softmax(logits[:n, :], dim=1)).sum(1)
     ce_col = -(q_col * torch.log_softmax(logits[:, :n].T, dim=1)).sum(1)
-    loss = (a * ce_row).sum() + (c * ce_col).sum()
-    inputs = [t for t in (x, y, s, b, nt, ni) if t is not None]
-    grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True))
-    out = [loss.detach()] + [None if t is None else next(grads) for t in (x, y, s, b, nt, ni)]
-    return tuple(out)
+    return (a * ce_row).sum() + (c * ce_col).sum()
+
+
+def reference_matryoshka_loss(img, txt, scale, dims, weights=None, renormalize=True, bias=None,
+                              group_ids=None, label_smoothing=0.0, image_to_text_weight=0.5,
+                              negative_text=None, negative_image=None, dtype=torch.float64):
+    """sum_k w_k * the generalised CLIP loss (``reference_family_loss``) on the first d_k
+    dimensions of every feature (L2-normalised per prefix with ``renormalize``), one separate
+    materialised loss per size, in ``dtype`` (float64 by default) with autograd through the
+    normalisation.  Returns (loss, d_img, d_txt, d_scale, d_negative_text, d_negative_image)."""
+    def leaf(t):
+        return None if t is None else t.detach().to(dtype).requires_grad_(True)
+
+    x, y, nt, ni = leaf(img), leaf(txt), leaf(negative_text), leaf(negative_image)
+    s = torch.as_tensor(scale, dtype=dtype).detach().clone().reshape(()).requires_grad_(True)
+    b = None if bias is None else torch.as_tensor(bias, dtype=dtype).detach().clone().reshape(())
+    weights = [1.0] * len(dims) if weights is None else weights
+
+    def cut(t, d):
+        if t is None:
+            return None
+        return F.normalize(t[:, :d], dim=1) if renormalize else t[:, :d]
+
+    loss = sum(w * _family_graph(cut(x, d), cut(y, d), s, b, cut(nt, d), cut(ni, d), group_ids,
+                                 label_smoothing, image_to_text_weight, None, None, dtype)
+               for d, w in zip(dims, weights))
+    inputs = [t for t in (x, y, s, nt, ni) if t is not None]
+    grads = iter(torch.autograd.grad(loss, inputs))
+    return tuple([loss.detach()] + [None if t is None else next(grads) for t in (x, y, s, nt, ni)])
 
 
 def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.5, neg_txts=None,

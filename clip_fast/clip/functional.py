@@ -3,7 +3,7 @@ rules every entry point applies (``prepare_call``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -61,7 +61,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
               label_smoothing: float = 0.0, image_to_text_weight: float = 0.5,
               negative_text_features: Optional[torch.Tensor] = None,
               negative_image_features: Optional[torch.Tensor] = None, backend: str = "auto",
-              chunk_size: Optional[int] = None) -> torch.Tensor:
+              chunk_size: Optional[int] = None, matryoshka_dims: Optional[Sequence[int]] = None,
+              matryoshka_weights: Optional[Sequence[float]] = None,
+              matryoshka_renormalize: bool = True) -> torch.Tensor:
     """Symmetric CLIP contrastive loss, without materialising the N x N logits.
 
     ``S = logit_scale * image_features @ text_features.T + logit_bias`` and the loss is
@@ -94,6 +96,14 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
             variable ``CLIP_FAST_BACKEND``) picks the fastest available backend;
             a backend named explicitly raises if it cannot run.
         chunk_size: rows per strip for the torch backend (default: from a memory budget).
+        matryoshka_dims: optional nested sizes, e.g. (64, 128, 256): the loss is then
+            sum_k w_k * (this loss on the first d_k dimensions of both features), every
+            size from one sweep over D (``clip_fast.clip.matryoshka``, docs/matryoshka.md).
+            The torch backend runs it ("auto" picks it).
+        matryoshka_weights: the w_k (default: all 1, as sentence-transformers).
+        matryoshka_renormalize: L2-normalise each prefix before its loss (default True,
+            so each prefix is a unit embedding, as in sentence-transformers' cosine losses);
+            False uses the raw prefixes.
 
     To call it inside ``torch.compile(fullgraph=True)``, import the backends first with
     ``clip_fast.backends.preload()`` (``FastClipLoss`` does this in its constructor).
@@ -102,6 +112,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         The scalar loss, in the features' dtype (float32 under autocast). Gradients flow
         to both features, ``logit_scale`` and ``logit_bias``.
     """
+    if matryoshka_dims is not None:
+        return _matryoshka(image_features, text_features, logit_scale, logit_bias, backend, chunk_size,
+                           matryoshka_dims, matryoshka_weights, matryoshka_renormalize,
+                           group_ids=group_ids, label_smoothing=label_smoothing,
+                           image_to_text_weight=image_to_text_weight,
+                           negative_text_features=negative_text_features,
+                           negative_image_features=negative_image_features)
     call = prepare_call(image_features, text_features, logit_scale, logit_bias, backend, chunk_size,
                         group_ids=group_ids, label_smoothing=label_smoothing,
                         image_to_text_weight=image_to_text_weight,
@@ -109,3 +126,17 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
                         negative_image_features=negative_image_features)
     return apply_function(ClipLossFunction, call.opts.loss_dtype, call.img, call.txt, call.scale, call.bias,
                           call.ids, call.neg_txt, call.neg_img, call.opts)[0]
+
+
+def _matryoshka(image_features, text_features, logit_scale, logit_bias, backend, chunk_size, dims, weights,
+                renormalize, **options) -> torch.Tensor:
+    """``clip_loss`` with ``matryoshka_dims``: the nested sweep (torch backend)."""
+    from . import matryoshka
+
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"matryoshka_dims runs on backend='torch' (or 'auto'), got backend={backend!r}: "
+                         "the nested sweep has no fused-kernel form yet")
+    check_inputs(image_features, text_features, logit_scale, logit_bias)
+    nested = matryoshka.check_matryoshka(dims, weights, renormalize, image_features.shape[1])
+    call = prepare_call(image_features, text_features, logit_scale, logit_bias, "torch", chunk_size, **options)
+    return matryoshka.nested_clip_loss(call, nested)

@@ -1,7 +1,7 @@
 """``FastClipLoss``: a drop-in replacement for open_clip's ``ClipLoss``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ class FastClipLoss(nn.Module):
         label_smoothing: epsilon in [0, 1), as in ``torch.nn.CrossEntropyLoss`` (ALIGN: 0.1).
         image_to_text_weight: lambda in [0, 1]: lambda * CE(image -> text)
             + (1 - lambda) * CE(text -> image); 0.5 is CLIP.
+        matryoshka_dims, matryoshka_weights, matryoshka_renormalize: the nested-size
+            (Matryoshka) loss of ``clip_fast.clip_loss``, every size from one sweep over D
+            (single process, torch backend; docs/matryoshka.md).
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
     *, group_ids=None, negative_text_features=None, negative_image_features=None)``
@@ -47,7 +50,9 @@ class FastClipLoss(nn.Module):
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  use_horovod: bool = False, *, backend: str = "auto",
                  chunk_size: Optional[int] = None, distributed: str = "gather", group=None,
-                 label_smoothing: float = 0.0, image_to_text_weight: float = 0.5):
+                 label_smoothing: float = 0.0, image_to_text_weight: float = 0.5,
+                 matryoshka_dims: Optional[Sequence[int]] = None,
+                 matryoshka_weights: Optional[Sequence[float]] = None, matryoshka_renormalize: bool = True):
         super().__init__()
         if use_horovod:
             raise NotImplementedError(
@@ -70,6 +75,18 @@ class FastClipLoss(nn.Module):
         self.group = group
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.image_to_text_weight = check_direction_weight(image_to_text_weight)
+        self.matryoshka = None
+        if matryoshka_dims is not None:
+            from .matryoshka import check_matryoshka
+
+            if world_size > 1:
+                raise NotImplementedError("FastClipLoss(matryoshka_dims=...) runs in one process (world_size=1); "
+                                          f"got world_size={world_size}")
+            if backend not in ("auto", "torch"):
+                raise ValueError(f"FastClipLoss(matryoshka_dims=...) runs on backend='torch' (or 'auto'), "
+                                 f"got backend={backend!r}")
+            # The features' D is not known yet: each call checks the sizes against it.
+            self.matryoshka = check_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_renormalize, None)
 
     def extra_repr(self) -> str:
         text = (f"backend={self.backend!r}, world_size={self.world_size}, local_loss={self.local_loss}, "
@@ -78,6 +95,8 @@ class FastClipLoss(nn.Module):
             text += f", label_smoothing={self.label_smoothing}"
         if self.image_to_text_weight != 0.5:
             text += f", image_to_text_weight={self.image_to_text_weight}"
+        if self.matryoshka is not None:
+            text += f", matryoshka_dims={self.matryoshka.dims}"
         return text
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
@@ -90,6 +109,9 @@ class FastClipLoss(nn.Module):
                        negative_text_features=negative_text_features,
                        negative_image_features=negative_image_features,
                        backend=self.backend, chunk_size=self.chunk_size)
+        if self.matryoshka is not None:
+            options.update(matryoshka_dims=self.matryoshka.dims, matryoshka_weights=self.matryoshka.weights,
+                           matryoshka_renormalize=self.matryoshka.renormalize)
         if self.world_size > 1:
             from .distributed import distributed_clip_loss
 

@@ -95,6 +95,13 @@ def add_loss_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--positive-groups", default="none", choices=("none", "class"),
                    help="class: samples of the same Fashion-MNIST class are positives of each other "
                         "(group_ids = class labels); Fashion-MNIST only")
+    g.add_argument("--matryoshka-dims", default=None, metavar="D1,D2,...",
+                   help="nested embedding sizes, e.g. 16,32,64: the loss is the sum of the CLIP loss on "
+                        "each L2-normalised prefix (one sweep, clip_fast.clip_loss(matryoshka_dims=...)), and "
+                        "zero-shot accuracy is reported at each size; one process, --loss clip")
+    g.add_argument("--eval-dims", default=None, metavar="D1,D2,...",
+                   help="also report zero-shot top-1 on the first D dimensions of the embeddings at these "
+                        "sizes (the sizes of --matryoshka-dims are always reported); the loss is unchanged")
     g.add_argument("--hard-negatives", type=int, default=0, metavar="K",
                    help="for each of the first K images of every contrastive batch, one caption naming "
                         "another (random) class joins every image's softmax as a hard-negative text; "
@@ -112,8 +119,21 @@ def check_loss_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.hard_negatives > args.batch_size:
         p.error(f"--hard-negatives must be <= --batch-size ({args.batch_size}): one negative caption "
                 f"per image of the batch's first K, got {args.hard_negatives}")
+    for flag in ("matryoshka_dims", "eval_dims"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        name = "--" + flag.replace("_", "-")
+        try:
+            sizes = tuple(int(d) for d in value.split(","))
+        except ValueError:
+            p.error(f"{name} must be comma-separated ints, got {value!r}")
+        if any(not 1 <= d <= args.embed_dim for d in sizes) or len(set(sizes)) != len(sizes):
+            p.error(f"{name} must be distinct sizes in [1, --embed-dim] = [1, {args.embed_dim}], got {value}")
+        setattr(args, flag, sizes)
     if args.loss != "clip":  # the options belong to the CLIP (softmax) loss
         for flag, value, off in (("--label-smoothing", args.label_smoothing, 0.0),
+                                 ("--matryoshka-dims", args.matryoshka_dims, None),
                                  ("--image-to-text-weight", args.image_to_text_weight, 0.5),
                                  ("--positive-groups", args.positive_groups, "none"),
                                  ("--hard-negatives", args.hard_negatives, 0)):

@@ -204,7 +204,8 @@ def make_loss(args: argparse.Namespace, env: ProcessGroup) -> torch.nn.Module:
     return FastClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank,
                         world_size=env.world_size, backend=args.backend,
                         chunk_size=args.chunk_size, label_smoothing=args.label_smoothing,
-                        image_to_text_weight=args.image_to_text_weight)
+                        image_to_text_weight=args.image_to_text_weight,
+                        matryoshka_dims=args.matryoshka_dims)
 
 
 def resume_or_start(args: argparse.Namespace, env: ProcessGroup, run_dir: str,
@@ -262,7 +263,8 @@ def setup(argv: Optional[List[str]] = None) -> Trainer:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
     env.barrier()
     t.metrics = MetricsLog(run_dir, start_step if t.resumed else None, env.main,
-                           with_bias=model.logit_bias is not None)
+                           with_bias=model.logit_bias is not None,
+                           extra_fields=tuple(f"zs_top1_d{d}" for d in eval_dims(args)))
     if env.main and not t.resumed:
         with open(os.path.join(run_dir, "args.json"), "w") as fh:
             json.dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
@@ -312,11 +314,39 @@ def evaluate(t: Trainer) -> Dict[str, float]:
                                        data_mod.TRAIN_TEMPLATES + data_mod.HELDOUT_TEMPLATES),
            "heldout": zero_shot_classifier(model, data_mod.FASHION_MNIST_CAPTION_NAMES,
                                            data_mod.HELDOUT_TEMPLATES)}
-    res = zero_shot_eval(model, clf, t.test, batch_size=1000, device=t.device, autocast=(
-        t.autocast if t.use_bf16 else None))
+    autocast = t.autocast if t.use_bf16 else None
+    res = zero_shot_eval(model, clf, t.test, batch_size=1000, device=t.device, autocast=autocast)
+    out = {"zs_top1": res["all_top1"], "zs_top5": res["all_top5"], "zs_heldout_top1": res["heldout_top1"]}
+    for d in eval_dims(t.args):  # each nested size on its own: the first d dimensions
+        prefix = PrefixModel(model, d)
+        clf_d = zero_shot_classifier(prefix, data_mod.FASHION_MNIST_CAPTION_NAMES,
+                                     data_mod.TRAIN_TEMPLATES + data_mod.HELDOUT_TEMPLATES)
+        out[f"zs_top1_d{d}"] = zero_shot_eval(prefix, clf_d, t.test, batch_size=1000, device=t.device,
+                                              autocast=autocast)["top1"]
     model.train()
-    return {"zs_top1": res["all_top1"], "zs_top5": res["all_top5"],
-            "zs_heldout_top1": res["heldout_top1"]}
+    return out
+
+
+def eval_dims(args) -> Tuple[int, ...]:
+    """The prefix sizes whose zero-shot accuracy is reported: --matryoshka-dims and --eval-dims."""
+    sizes = set(getattr(args, "matryoshka_dims", None) or ()) | set(getattr(args, "eval_dims", None) or ())
+    return tuple(sorted(sizes))
+
+
+class PrefixModel(torch.nn.Module):
+    """A model's embeddings cut to their first ``dim`` dimensions (the zero-shot helpers
+    normalise them): one nested size of a Matryoshka-trained model."""
+
+    def __init__(self, model: torch.nn.Module, dim: int):
+        super().__init__()
+        self.model, self.dim = model, dim
+        self.tokenizer = model.tokenizer
+
+    def encode_image(self, images):
+        return self.model.encode_image(images)[:, :self.dim]
+
+    def encode_text(self, tokens):
+        return self.model.encode_text(tokens)[:, :self.dim]
 
 
 def load_batch(t: Trainer, step: int, gidx: torch.Tensor
@@ -443,10 +473,16 @@ def eval_row(t: Trainer, p: Progress, done: int, row: Optional[dict]) -> Optiona
         t.metrics.log(f"step {done}/{t.sched.total_steps} epoch "
                       f"{done / t.sched.steps_per_epoch:.2f}: loss {p.loss_val:.4f}{scalars}, "
                       f"zero-shot top-1 {e['zs_top1']:.4f} top-5 {e['zs_top5']:.4f} (held-out "
-                      f"templates top-1 {e['zs_heldout_top1']:.4f}), "
+                      f"templates top-1 {e['zs_heldout_top1']:.4f}){_per_size(e)}, "
                       f"{time.perf_counter() - p.t_start:.1f} s")
     t.env.barrier()
     return row
+
+
+def _per_size(e: Dict[str, float]) -> str:
+    """The nested sizes' zero-shot top-1 for the log line ('' without --matryoshka-dims)."""
+    sizes = [(k[len("zs_top1_d"):], v) for k, v in e.items() if k.startswith("zs_top1_d")]
+    return "".join(f", top-1 at d={d} {v:.4f}" for d, v in sizes)
 
 
 def progress_bar(t: Trainer):

@@ -24,13 +24,14 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsLog:
     """metrics.csv (one row per logged step) and log.txt, written by rank 0 only.
 
-    ``with_bias``: the model has a logit bias, logged in a ``logit_bias`` column.
+    ``with_bias``: the model has a logit bias, logged in a ``logit_bias`` column;
+    ``extra_fields``: more columns after the standard ones (the nested sizes' accuracies).
     """
 
     def __init__(self, run_dir: str, resume_step: Optional[int], enabled: bool,
-                 with_bias: bool = False):
+                 with_bias: bool = False, extra_fields: tuple = ()):
         self.enabled = enabled
-        self.fields = METRIC_FIELDS_WITH_BIAS if with_bias else METRIC_FIELDS
+        self.fields = (METRIC_FIELDS_WITH_BIAS if with_bias else METRIC_FIELDS) + tuple(extra_fields)
         self.path = os.path.join(run_dir, "metrics.csv")
         self.log_path = os.path.join(run_dir, "log.txt")
         self.rows: List[dict] = []

@@ -74,25 +74,41 @@ def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         strip = torch.mm(xs[r0:r1], y.T)
         if b is not None:
             strip.add_(b)
-        # 2. The diagonal S[i, i] of this strip's rows, then out of the sums (-inf).
-        on_diag = _strip_diag(strip, r0, k)
-        diag[r0:r0 + on_diag.shape[0]] = on_diag
-        on_diag.fill_(float("-inf"))
-        # 3. Rows are complete inside the strip: row log-sum-exp of the off-diagonal part,
-        #    as max + log(sum exp(S - max)) with the sum's log taken in float64 (one fp32
-        #    lse would round away a dominated row's small log(sum)).
-        row_max = strip.amax(dim=1, keepdim=True)
-        ref = torch.where(row_max == float("-inf"), 0.0, row_max)
-        row_sum = torch.sub(strip, ref).exp_().sum(dim=1)
-        lse_row[r0:r1] = ref.squeeze(1).to(torch.float64) + torch.log(row_sum.to(torch.float64))
-        # 4. Columns: online merge, rescaling the old sum to the new running max (a
-        #    column with no finite entry yet keeps max -inf and sum 0).
-        new_max = torch.maximum(col_max, strip.amax(dim=0))
-        ref = torch.where(new_max == float("-inf"), 0.0, new_max)
-        col_sum.mul_(torch.exp(col_max - ref))
-        col_sum.add_(strip.sub_(ref).exp_().sum(dim=0))
-        col_max = new_max
+        col_max = strip_lse(strip, r0, diag, lse_row, col_max, col_sum)
         del strip
+    return finish_lse(lse_row, col_max, col_sum, diag)
+
+
+def strip_lse(strip: torch.Tensor, r0: int, diag: torch.Tensor, lse_row: torch.Tensor,
+              col_max: torch.Tensor, col_sum: torch.Tensor) -> torch.Tensor:
+    """Steps 2-4 of ``lse_forward`` on one strip S[r0:r1, :] (overwritten): its diagonal into
+    ``diag``, its rows' off-diagonal lse into ``lse_row``, its columns merged into the running
+    (``col_max``, ``col_sum``, the latter in place). Returns the new ``col_max``."""
+    k, r1 = strip.shape[1], r0 + strip.shape[0]
+    # 2. The diagonal S[i, i] of this strip's rows, then out of the sums (-inf).
+    on_diag = _strip_diag(strip, r0, k)
+    diag[r0:r0 + on_diag.shape[0]] = on_diag
+    on_diag.fill_(float("-inf"))
+    # 3. Rows are complete inside the strip: row log-sum-exp of the off-diagonal part,
+    #    as max + log(sum exp(S - max)) with the sum's log taken in float64 (one fp32
+    #    lse would round away a dominated row's small log(sum)).
+    row_max = strip.amax(dim=1, keepdim=True)
+    ref = torch.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = torch.sub(strip, ref).exp_().sum(dim=1)
+    lse_row[r0:r1] = ref.squeeze(1).to(torch.float64) + torch.log(row_sum.to(torch.float64))
+    # 4. Columns: online merge, rescaling the old sum to the new running max (a
+    #    column with no finite entry yet keeps max -inf and sum 0).
+    new_max = torch.maximum(col_max, strip.amax(dim=0))
+    ref = torch.where(new_max == float("-inf"), 0.0, new_max)
+    col_sum.mul_(torch.exp(col_max - ref))
+    col_sum.add_(strip.sub_(ref).exp_().sum(dim=0))
+    return new_max
+
+
+def finish_lse(lse_row: torch.Tensor, col_max: torch.Tensor, col_sum: torch.Tensor, diag: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract's (lse_row, lse_col, diag) from the off-diagonal row lse, the column
+    running statistics and the diagonal: the diagonal added back in float64."""
     lse_col = torch.where(col_max == float("-inf"), col_max,
                           col_max.to(torch.float64) + torch.log(col_sum.to(torch.float64)))
     return combine_diag(lse_row, diag), combine_diag(lse_col, diag), diag.to(torch.float64)
@@ -105,37 +121,6 @@ def hi_lo(lse: Optional[torch.Tensor], cd: torch.dtype):
     if cd == torch.float64:
         return lse.to(cd), torch.zeros_like(lse, dtype=cd)
     return split_float(lse.to(torch.float64))
-
-
-def _strip_g(logits, x_strip, y, rows, cols, r0: int, coef_row, coef_col, coef_diag, g_diag,
-             split_scale: bool):
-    """Step 2 of ``grad_backward`` on the strip of rows r0.. : G = coef_row * P_row + coef_col
-    * P_col - coef_diag * I, built in place of ``logits`` where it can be, and with
-    ``split_scale`` the row term's share of d_scale off the diagonal (float64; 0.0 without)."""
-    k = logits.shape[1]
-    r1 = r0 + logits.shape[0]
-    row_share = 0.0
-    if coef_row:
-        grad = (torch.sub(logits, rows[0][r0:r1, None]).sub_(rows[1][r0:r1, None])
-                .exp_().mul_(coef_row))
-        if split_scale:  # the row term alone, its diagonal left to the rest
-            row_part = grad.mul(torch.mm(x_strip, y.T))
-            if g_diag is not None:
-                _strip_diag(row_part, r0, k).zero_()
-            row_share = row_part.sum(dim=1).sum(dtype=torch.float64)
-            del row_part
-        if coef_col:
-            grad.add_(logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_(), alpha=coef_col)
-    elif coef_col:
-        grad = logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_().mul_(coef_col)
-    else:
-        grad = torch.zeros_like(logits)
-    on_diag = _strip_diag(grad, r0, k)
-    if g_diag is not None:
-        on_diag.copy_(g_diag[r0:r0 + on_diag.shape[0]])
-    elif coef_diag:
-        on_diag -= diag_coef_scalar(coef_diag)
-    return grad, row_share
 
 
 @torch.no_grad()
@@ -167,10 +152,16 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         if b is not None:
             logits.add_(b)
         # 2. G = coef_row * P_row + coef_col * P_col - coef_diag * I, built in place.
-        grad, row_share = _strip_g(logits, x[r0:r1], y, rows, cols, r0, coef_row, coef_col, coef_diag,
-                                   g_diag, split_scale)
+        row_hook = None
+        if split_scale:  # the row term alone, its diagonal left to the rest
+            def row_hook(row_grad, r0=r0, r1=r1):
+                nonlocal d_scale_row
+                row_part = row_grad.mul(torch.mm(x[r0:r1], y.T))
+                if g_diag is not None:
+                    _strip_diag(row_part, r0, k).zero_()
+                d_scale_row += row_part.sum(dim=1).sum(dtype=torch.float64)
+        grad = strip_grad(logits, r0, rows, cols, coef_row, coef_col, coef_diag, g_diag, row_hook)
         del logits
-        d_scale_row += row_share
         # 3. Both directions' gradients from the same G; d_scale = <G, raw> = sum_i
         #    <(G @ txt)_i, img_i>: the contraction over the columns first, as the
         #    materialised loss's autograd forms it (G's rows sum to ~0, and G @ txt keeps
@@ -188,3 +179,29 @@ def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     if split_scale:
         return d_img, d_txt, torch.stack([d_scale_row, d_scale - d_scale_row]).to(cd)
     return d_img, d_txt, d_scale.to(cd)
+
+
+def strip_grad(logits: torch.Tensor, r0: int, rows, cols, coef_row: float, coef_col: float,
+               coef_diag, g_diag: Optional[torch.Tensor], row_hook=None) -> torch.Tensor:
+    """Step 2 of ``grad_backward`` on one strip of logits S[r0:r1, :] (overwritten):
+    G = coef_row * P_row + coef_col * P_col - coef_diag * I, with ``rows``/``cols`` the
+    (hi, lo) lse of ``hi_lo`` and G's diagonal from ``g_diag`` (the forward's float64 terms)
+    when given.  ``row_hook(G)`` sees the row term alone before the column term joins."""
+    r1, k = r0 + logits.shape[0], logits.shape[1]
+    if coef_row:
+        grad = (torch.sub(logits, rows[0][r0:r1, None]).sub_(rows[1][r0:r1, None])
+                .exp_().mul_(coef_row))
+        if row_hook is not None:
+            row_hook(grad)
+        if coef_col:
+            grad.add_(logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_(), alpha=coef_col)
+    elif coef_col:
+        grad = logits.sub_(cols[0][None, :]).sub_(cols[1][None, :]).exp_().mul_(coef_col)
+    else:
+        grad = torch.zeros_like(logits)
+    on_diag = _strip_diag(grad, r0, k)
+    if g_diag is not None:
+        on_diag.copy_(g_diag[r0:r0 + on_diag.shape[0]])
+    elif coef_diag:
+        on_diag -= diag_coef_scalar(coef_diag)
+    return grad

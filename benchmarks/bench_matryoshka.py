@@ -1,0 +1,190 @@
+"""The Matryoshka loss in one sweep against the per-size loops, in one run (CPU).
+
+    python benchmarks/bench_matryoshka.py                                   # N=8192, dims 64..768
+    python benchmarks/bench_matryoshka.py --n 1024 --dims 16 32 64 --reps 1  # a quick look
+
+Cases (forward+backward of the loss on (anchor, positive) fp32 embeddings of N rows,
+MNRL's loss: image->text cross-entropy at scale 20, each prefix L2-normalised, weights 1):
+
+    st_loop      sentence-transformers' MatryoshkaLoss(MultipleNegativesRankingLoss) stage:
+                 per size, the library's ``shrink`` then MNRL's ``compute_loss_from_embeddings``
+                 (N x N logits per size)
+    fast_loop    clip_fast's own per-size loop: ``clip_loss`` on each normalised prefix
+    fast_sweep   ``clip_loss(..., matryoshka_dims=dims)``: every size in one sweep
+
+Time: the cases run interleaved in one process (a warm-up round, then ``--reps`` rounds), so
+each sees the same machine load; ``ratio`` / ``cpu_ratio`` are medians over rounds of (case /
+st_loop in the same round).  Memory: peak RSS growth of one step over the RSS with its inputs
+alive, in a fresh process per case.  Appends to benchmarks/results/matryoshka_cpu_DATE.csv
+(rows carry the CPU, versions and date), prints a markdown table, and ``--plot`` draws it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_loss import RESULTS, environment, peak_rss_bytes, reset_peak_rss, rss_bytes, write_csv  # noqa: E402
+
+CASES = ("st_loop", "fast_loop", "fast_sweep")
+LABELS = {"st_loop": "MatryoshkaLoss(MNRL)\n(sentence-transformers)", "fast_loop": "clip_loss per size\n(clip_fast)",
+          "fast_sweep": "clip_loss(matryoshka_dims)\none sweep (clip_fast)"}
+FIELDS = ["date", "device", "torch", "triton", "python", "sentence_transformers", "threads", "case", "n", "dims",
+          "median_ms", "cpu_median_ms", "ratio", "cpu_ratio", "extra_mib", "mem_ratio", "status"]
+SCALE = 20.0
+
+
+def make_inputs(n: int, d: int, seed: int = 0) -> List[torch.Tensor]:
+    """(anchor, positive) fp32 embeddings of n rows, positives near their anchors."""
+    gen = torch.Generator().manual_seed(seed)
+    q, p = (torch.randn(n, d, generator=gen) for _ in range(2))
+    return [q, 0.8 * q + 0.6 * p]
+
+
+def loss_fn(case: str, dims: Sequence[int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    import clip_fast
+
+    if case == "st_loop":
+        from sentence_transformers.sentence_transformer import losses
+        from sentence_transformers.sentence_transformer.losses.matryoshka import shrink
+
+        mnrl = losses.MultipleNegativesRankingLoss(None, scale=SCALE)
+        return lambda q, p: sum(mnrl.compute_loss_from_embeddings([shrink(q, d), shrink(p, d)], None) for d in dims)
+    if case == "fast_loop":
+        return lambda q, p: sum(clip_fast.clip_loss(F.normalize(q[:, :d], dim=1), F.normalize(p[:, :d], dim=1),
+                                                    SCALE, image_to_text_weight=1.0, backend="torch") for d in dims)
+    if case == "fast_sweep":
+        return lambda q, p: clip_fast.clip_loss(q, p, SCALE, image_to_text_weight=1.0, backend="torch",
+                                                matryoshka_dims=tuple(dims))
+    raise ValueError(f"case must be one of {CASES}, got {case!r}")
+
+
+def step_fn(case: str, embeddings: List[torch.Tensor], dims: Sequence[int]) -> Callable[[], None]:
+    """One forward+backward of ``case``; gradients land on leaf copies."""
+    fn = loss_fn(case, dims)
+    q, p = (e.clone().requires_grad_(True) for e in embeddings)
+
+    def run():
+        q.grad = p.grad = None
+        fn(q, p).backward()
+    return run
+
+
+def memory_worker(case, n, dims) -> Dict:
+    fn = step_fn(case, make_inputs(n, max(dims)), dims)
+    reset_peak_rss()
+    base = rss_bytes()
+    fn()
+    return {"extra_mib": max(0, peak_rss_bytes() - base) / 2**20}
+
+
+def memory(case, n, dims) -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-memory", json.dumps([case, n, list(dims)])]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "worker failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
+
+
+def run(args) -> List[Dict]:
+    import sentence_transformers
+
+    env = dict(environment("cpu"), sentence_transformers=sentence_transformers.__version__,
+               threads=torch.get_num_threads(), dims=" ".join(map(str, args.dims)))
+    rows = []
+    for n in args.n:
+        fns = {c: step_fn(c, make_inputs(n, max(args.dims)), args.dims) for c in CASES}
+        times = {c: {"wall": [], "cpu": []} for c in CASES}
+        for r in range(args.reps + 1):  # round 0 warms up
+            for c, fn in fns.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                if r:
+                    times[c]["wall"].append(time.perf_counter() - w0)
+                    times[c]["cpu"].append(time.process_time() - c0)
+        del fns
+        mems = {c: memory(c, n, args.dims) for c in CASES}
+        base = times["st_loop"]
+        for c in CASES:
+            t = times[c]
+            rows.append(dict(env, case=c, n=n, median_ms=1e3 * statistics.median(t["wall"]),
+                             cpu_median_ms=1e3 * statistics.median(t["cpu"]),
+                             ratio=statistics.median(a / b for a, b in zip(t["wall"], base["wall"])),
+                             cpu_ratio=statistics.median(a / b for a, b in zip(t["cpu"], base["cpu"])),
+                             extra_mib=mems[c], mem_ratio=mems[c] / max(mems["st_loop"], 1e-9), status="ok"))
+    return rows
+
+
+def table(rows) -> str:
+    out = ["| N | case | median ms | CPU ms | x st_loop (wall) | x st_loop (CPU) | extra MiB | x st_loop (memory) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['n']} | {r['case']} | {r['median_ms']:.0f} | {r['cpu_median_ms']:.0f} | {r['ratio']:.2f} | "
+                   f"{r['cpu_ratio']:.2f} | {r['extra_mib']:.0f} | {r['mem_ratio']:.3f} |")
+    return "\n".join(out)
+
+
+def plot(rows, out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = rows[-1]["n"]
+    last = {r["case"]: r for r in rows if r["n"] == n}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in zip(axes, ("ratio", "mem_ratio"),
+                              ("time / MatryoshkaLoss(MNRL)'s (fwd+bwd)", "extra memory / MatryoshkaLoss(MNRL)'s")):
+        ax.bar(range(len(CASES)), [float(last[c][key]) for c in CASES], color=["C0", "C1", "C2"])
+        ax.set_xticks(range(len(CASES)), [LABELS[c] for c in CASES], fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(title, fontsize=9)
+    r = rows[-1]
+    fig.suptitle(f"Matryoshka loss, dims ({r['dims']}), N = {n}: {r['device']}, torch {r['torch']}, "
+                 f"{r['date']} (shared CPU)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv: Optional[List[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[8192])
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256, 512, 768])
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/matryoshka_cpu_DATE.csv)")
+    p.add_argument("--plot", action="store_true", help="also write the CSV's PNG beside it")
+    p.add_argument("--replot", default=None, metavar="CSV", help="only draw an existing CSV's PNG beside it")
+    p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.replot:
+        import csv
+
+        with open(args.replot, newline="") as fh:
+            print(f"wrote {plot(list(csv.DictReader(fh)), args.replot[:-4] + '.png')}")
+        return
+    if args.worker_memory:
+        print(json.dumps(memory_worker(*json.loads(args.worker_memory))))
+        return
+    rows = run(args)
+    out = args.out or os.path.join(RESULTS, f"matryoshka_cpu_{rows[0]['date']}.csv")
+    write_csv(rows, out, fields=FIELDS)
+    print(f"{rows[0]['device']}, torch {rows[0]['torch']}, sentence-transformers {rows[0]['sentence_transformers']}, "
+          f"{rows[0]['threads']} threads, {rows[0]['date']}; dims {args.dims}, fp32, shared CPU\n")
+    print(table(rows))
+    if args.plot:
+        print(f"wrote {plot(rows, out[:-4] + '.png')}")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

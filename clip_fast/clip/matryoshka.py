@@ -1,0 +1,269 @@
+"""Matryoshka CLIP loss in one sweep: the weighted sum of the CLIP loss at every nested
+prefix size of the features, for the GEMM work of the largest size (``docs/matryoshka.md``).
+
+loss = sum_k w_k * clip_loss(f_k(img[:, :d_k]), f_k(txt[:, :d_k]), ...)
+
+with f_k the prefix's L2 normalisation (``renormalize=True``, the default: what
+sentence-transformers' ``MatryoshkaLoss`` around a cosine-similarity loss computes, and what
+makes each prefix a usable embedding on its own) or the identity.  Every option of
+``clip_loss`` (positive groups, label smoothing, direction weight, hard negatives) applies
+to each size as it does to one call.
+
+forward:  ``nested_torch.nested_lse_forward`` -> every size's row/column lse and diagonal
+          from one pass over D (a prefix's normalisation is a per-row / per-column
+          scaling of its partial dot products); then, per size, the O(N * D) target terms
+          and the hard-negative blocks, exactly as ``ClipLossFunction`` forms them.
+backward: ``nested_torch.nested_grad_backward`` -> the gradient through the partial sums
+          (each segment multiplied once) and each size's u_k = <f_k, d f_k>; the target terms
+          and negative blocks give each size's d_f_k explicitly; the normalisation chain
+          d_x[:, :d_k] += r_k (d_f_k - f_k <f_k, d_f_k>) joins them per size.
+Saved: the inputs and (n_sizes, N) float64 vectors, nothing N x N.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..core.autograd import (apply_function, bias_guard, bias_meta, finish_grads, fresh_output, fused_backward,
+                             refuse_vmap)
+from ..core.numerics import compute_dtype, compute_scalar
+from .backends import torch_backend
+from .backends.nested_torch import nested_grad_backward, nested_lse_forward
+from .function import LossOptions, TargetPlan, _neg_grad
+
+# F.normalize's floor on a norm: a prefix of zeros is scaled by 1 / _NORM_EPS (and stays 0).
+_NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class NestedOptions:
+    """The sizes (increasing), their loss weights, and whether each prefix is re-normalised."""
+    dims: Tuple[int, ...]
+    weights: Tuple[float, ...]
+    renormalize: bool = True
+
+
+def check_matryoshka(dims, weights, renormalize, dim: Optional[int]) -> NestedOptions:
+    """``matryoshka_dims`` / ``matryoshka_weights`` / ``matryoshka_renormalize`` checked against
+    the features' D (``dim``; None: not known yet, sizes only checked to be >= 1).  The sizes
+    are sorted (the weights follow them), as sentence-transformers accepts them in any order."""
+    if isinstance(dims, (int, torch.Tensor)) or not isinstance(dims, Sequence) or not len(dims):
+        raise ValueError(f"matryoshka_dims must be a non-empty sequence of ints, got {dims!r}")
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"matryoshka_dims must hold ints, got {dims!r}")
+    if any(int(d) < 1 or (dim is not None and int(d) > dim) for d in dims):
+        bound = "D" if dim is None else f"D] = [1, {dim}"
+        raise ValueError(f"matryoshka_dims must lie in [1, {bound}] (the features' D), got {tuple(dims)}")
+    if len(set(int(d) for d in dims)) != len(dims):
+        raise ValueError(f"matryoshka_dims must be distinct, got {tuple(dims)}")
+    if weights is None:
+        weights = [1.0] * len(dims)
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights must be None or a sequence of {len(dims)} floats (one per "
+                         f"size of matryoshka_dims={tuple(dims)}), got {weights!r}")
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ValueError(f"matryoshka_weights must be finite floats, got {tuple(weights)}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"matryoshka_renormalize must be a bool, got {renormalize!r}")
+    order = sorted(range(len(dims)), key=lambda i: int(dims[i]))
+    return NestedOptions(tuple(int(dims[i]) for i in order), tuple(float(weights[i]) for i in order),
+                         renormalize)
+
+
+def scalings(x: torch.Tensor, dims: Sequence[int], renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(r, live), each (n_sizes, N): r_k = 1 / max(|x[:, :d_k]|, eps) in float64 (ones without
+    renormalisation), live where the norm is above the floor (the chain term exists).  The
+    squared norms are running sums over the segments, as the sweep's dot products are."""
+    if not renormalize:
+        ones = torch.ones(len(dims), x.shape[0], dtype=torch.float64, device=x.device)
+        return ones, torch.zeros_like(ones, dtype=torch.bool)
+    bounds = (0,) + tuple(dims)
+    x64 = x.to(torch.float64)  # O(N * D): the norms in float64, rounded once into the scalings
+    parts = torch.stack([x64[:, d0:d1].square().sum(dim=1) for d0, d1 in zip(bounds[:-1], bounds[1:])])
+    norms = parts.cumsum(dim=0).sqrt_()
+    return 1.0 / norms.clamp_min(_NORM_EPS), norms > _NORM_EPS
+
+
+def sweep_operands(x, y, s, nested: NestedOptions):
+    """(x_gemm, rs, r, c, (r64, live_r), (c64, live_c)) of the nested sweeps: the prefix
+    scalings rounded once to the compute dtype (rs = scale * r formed in float64), or,
+    without re-normalisation, the scale folded into x and no scalings; then the float64
+    scalings and their masks for the chain."""
+    r64, c64 = scalings(x, nested.dims, nested.renormalize), scalings(y, nested.dims, nested.renormalize)
+    if not nested.renormalize:
+        return x * s, None, None, None, r64, c64
+    rs = (r64[0] * s.to(torch.float64)).to(x.dtype)
+    return x, rs, r64[0].to(x.dtype), c64[0].to(x.dtype), r64, c64
+
+
+def prefix(x: Optional[torch.Tensor], d: int, renormalize: bool) -> Optional[torch.Tensor]:
+    """Size d's features f(x[:, :d]) (hard negatives and the host's target terms use them)."""
+    if x is None:
+        return None
+    p = x[:, :d]
+    if not renormalize:
+        return p
+    return p / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(_NORM_EPS)
+
+
+def chain(d_out: torch.Tensor, x: torch.Tensor, d: int, r: torch.Tensor, live: torch.Tensor,
+          d_feat: Optional[torch.Tensor], dot: Optional[torch.Tensor], renormalize: bool) -> None:
+    """Add size d's normalisation chain to d_out[:, :d]: r (d_f - f <f, d_f>), with the dot
+    <f, d_f> of the part already in d_out given as ``dot`` (float64, per row)."""
+    if not renormalize:
+        if d_feat is not None:
+            d_out[:, :d] += d_feat
+        return
+    r = r.to(x.dtype)
+    f = x[:, :d] * r[:, None]
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) if dot is None else dot.clone()
+    if d_feat is not None:
+        total += (f * d_feat).sum(dim=1, dtype=torch.float64)
+        d_out[:, :d] += d_feat * r[:, None]
+    total = torch.where(live, total, 0.0).to(x.dtype)
+    d_out[:, :d] -= f * (total * r)[:, None]
+
+
+class NestedClipLossFunction(torch.autograd.Function):
+    """Inputs: (img, txt, scale, bias, group_ids, neg_txt, neg_img, opts, nested)."""
+
+    @staticmethod
+    def forward(img, txt, scale, bias, ids, neg_txt, neg_img, opts: LossOptions, nested: NestedOptions):
+        acc = compute_dtype(img.dtype)
+        x, y, s = img.to(acc), txt.to(acc), compute_scalar(scale, acc)
+        x_gemm, rs, _, c, _, _ = sweep_operands(x, y, s, nested)
+        lse_row, lse_col, diag = nested_lse_forward(x_gemm, y, nested.dims, rs, c, opts.chunk_size)
+        total = torch.zeros((), dtype=torch.float64, device=img.device)
+        for k, sz in enumerate(_sizes(x, y, neg_txt, neg_img, ids, opts, nested)):
+            if sz.plan.neg_txt is not None:  # hard negatives join the row / column softmax
+                lse_row[k] = torch.logaddexp(lse_row[k], torch_backend.lse_forward(sz.x, sz.plan.neg_txt, s)[0])
+            if sz.plan.neg_img is not None:
+                lse_col[k] = torch.logaddexp(lse_col[k], torch_backend.lse_forward(sz.plan.neg_img, sz.y, s)[1])
+            a, b = sz.plan.a, sz.plan.b
+            loss = a * (lse_row[k] - diag[k]).sum() + b * (lse_col[k] - diag[k]).sum()
+            if not sz.plan.plain:
+                t, w_diag = sz.plan.target_sums(sz.x, sz.y, sz.neg_txt, sz.neg_img, acc)
+                loss = loss + ((a + b - w_diag) * diag[k]).sum() - s.to(torch.float64) * t
+            total = total + nested.weights[k] * loss
+        total = total + bias_guard(bias)
+        return fresh_output(total, opts.loss_dtype or img.dtype), lse_row, lse_col, diag
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        img, txt, scale, bias, ids, neg_txt, neg_img, opts, nested = inputs
+        _, lse_row, lse_col, diag = output
+        ctx.save_for_backward(img, txt, scale, lse_row, lse_col, diag, ids, neg_txt, neg_img)
+        ctx.opts, ctx.nested = opts, nested
+        ctx.bias_meta = bias_meta(bias)
+        ctx.mark_non_differentiable(lse_row, lse_col, diag)
+
+    @staticmethod
+    def _grads(ctx, grad_loss: torch.Tensor):
+        img, txt, scale, lse_row, lse_col, diag, ids, neg_txt, neg_img = ctx.saved_tensors
+        opts, nested = ctx.opts, ctx.nested
+        acc = compute_dtype(img.dtype)
+        x, y, s = img.to(acc), txt.to(acc), compute_scalar(scale, acc)
+        x_gemm, rs, r_sweep, c_sweep, (r, live_r), (c, live_c) = sweep_operands(x, y, s, nested)
+        coefs, extra = ([], [], []), []
+        d_scale = torch.zeros((), dtype=torch.float64, device=img.device)
+        d_neg = [None if t is None else torch.zeros_like(t, dtype=acc) for t in (neg_txt, neg_img)]
+        for k, sz in enumerate(_sizes(x, y, neg_txt, neg_img, ids, opts, nested)):
+            w, (a, b) = nested.weights[k], (sz.plan.a, sz.plan.b)
+            host = _size_host_grads(sz, k, w, s, lse_row, lse_col, acc)
+            coefs[0].append(w * a)
+            coefs[1].append(w * b)
+            coefs[2].append(w * host.w_diag if host.w_diag is not None else w * (a + b))
+            extra.append(host)
+            d_scale = d_scale + host.d_scale
+            for i, (dn, neg) in enumerate(zip(host.d_neg, (neg_txt, neg_img))):
+                if dn is not None:
+                    rn, live_n = scalings(neg.to(acc), (sz.d,), nested.renormalize)
+                    chain(d_neg[i], neg.to(acc), sz.d, rn[0], live_n[0], dn, None, nested.renormalize)
+        d_x, d_y, u_row, u_col, ds = nested_grad_backward(x_gemm, x, y, s, nested.dims, rs, r_sweep, c_sweep,
+                                                          lse_row, lse_col, diag, coefs,
+                                                          chunk_size=opts.chunk_size)
+        for k, d in enumerate(nested.dims):
+            chain(d_x, x, d, r[k], live_r[k], extra[k].d_x, u_row[k], nested.renormalize)
+            chain(d_y, y, d, c[k], live_c[k], extra[k].d_y, u_col[k], nested.renormalize)
+        out = finish_grads(d_x, d_y, (d_scale + ds).to(acc), grad_loss, img, txt, scale, ctx.bias_meta,
+                           ctx.needs_input_grad)
+        g = grad_loss.to(acc)
+        return out[:4] + (None, _neg_grad(d_neg[0], g, neg_txt, ctx.needs_input_grad[5]),
+                          _neg_grad(d_neg[1], g, neg_img, ctx.needs_input_grad[6])) + out[4:] + (None,)
+
+    backward = fused_backward("clip_fast's Matryoshka CLIP loss", _grads.__func__)
+
+    vmap = refuse_vmap("clip_fast's Matryoshka CLIP loss",
+                       "call it once per batch element, or stack the batches along N")
+
+
+@dataclass
+class _Size:
+    """One size's prefix features and target plan."""
+    d: int
+    x: torch.Tensor
+    y: torch.Tensor
+    neg_txt: Optional[torch.Tensor]
+    neg_img: Optional[torch.Tensor]
+    plan: TargetPlan
+
+
+def _sizes(x, y, neg_txt, neg_img, ids, opts, nested: NestedOptions):
+    acc = x.dtype
+    # The prefix features are read only by the target terms and the negative blocks.
+    needed = ids is not None or opts.label_smoothing or neg_txt is not None or neg_img is not None
+    for d in nested.dims:
+        px, py = (prefix(x, d, nested.renormalize), prefix(y, d, nested.renormalize)) if needed else (x, y)
+        nt = None if neg_txt is None else prefix(neg_txt.to(acc), d, nested.renormalize)
+        ni = None if neg_img is None else prefix(neg_img.to(acc), d, nested.renormalize)
+        yield _Size(d, px, py, nt, ni, TargetPlan(px, py, ids, nt, ni, opts))
+
+
+@dataclass
+class _HostGrads:
+    """One size's gradients outside the nested sweep, already weighted: d_f of the prefix
+    features (None: zero), the negatives' d_f, d_scale, and the diagonal's target weights."""
+    d_x: Optional[torch.Tensor]
+    d_y: Optional[torch.Tensor]
+    d_neg: list
+    d_scale: torch.Tensor
+    w_diag: Optional[torch.Tensor]
+
+
+def _size_host_grads(sz: _Size, k: int, w: float, s, lse_row, lse_col, acc) -> _HostGrads:
+    """Size k's target terms (``TargetPlan``) and hard-negative blocks (the torch backend's
+    sweeps on the prefix features), as ``ClipLossFunction``'s backward forms them."""
+    plan = sz.plan
+    d_x = d_y = None
+    d_neg = [None, None]
+    d_scale = torch.zeros((), dtype=torch.float64, device=s.device)
+    w_diag = None
+    qs = None
+    if not plan.plain:
+        qs = plan.target_grads(sz.x, sz.y, sz.neg_txt, sz.neg_img, acc)
+        w_diag, d_scale = qs.w_diag, d_scale - w * qs.t
+        if qs.img is not None:
+            d_x, d_y = qs.img * (-w * s), qs.txt * (-w * s)
+    if plan.neg_txt is not None:  # block (img, neg_txt): the row softmax only
+        di, dn, ds = torch_backend.grad_backward(sz.x, plan.neg_txt, s, None, lse_row[k], None, w * plan.a, 0.0, 0.0)
+        d_x = di if d_x is None else d_x + di
+        if qs is not None and qs.neg_txt is not None:
+            dn = dn - qs.neg_txt * (w * s)
+        d_neg[0], d_scale = dn, d_scale + ds.to(torch.float64)
+    if plan.neg_img is not None:  # block (neg_img, txt): the column softmax only
+        dn, dt, ds = torch_backend.grad_backward(plan.neg_img, sz.y, s, None, None, lse_col[k], 0.0, w * plan.b, 0.0)
+        d_y = dt if d_y is None else d_y + dt
+        if qs is not None and qs.neg_img is not None:
+            dn = dn - qs.neg_img * (w * s)
+        d_neg[1], d_scale = dn, d_scale + ds.to(torch.float64)
+    return _HostGrads(d_x, d_y, d_neg, d_scale, w_diag)
+
+
+def nested_clip_loss(call, nested: NestedOptions) -> torch.Tensor:
+    """The Matryoshka loss of one prepared call (``functional.prepare_call``)."""
+    return apply_function(NestedClipLossFunction, call.opts.loss_dtype, call.img, call.txt, call.scale,
+                          call.bias, call.ids, call.neg_txt, call.neg_img, call.opts, nested)[0]
