@@ -1,0 +1,60 @@
+"""Tiny random-init transformers dual encoders (CLIP, SigLIP, SigLIP 2), built offline from
+configs, and random inputs for them.  One 16-wide layer per tower, projection 8."""
+from __future__ import annotations
+
+import torch
+
+VOCAB, SEQ, CHANNELS, IMAGE, PATCH = 40, 6, 3, 8, 4
+KINDS = ("clip", "siglip", "siglip2")
+
+
+def _towers():
+    text = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=SEQ)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_channels=CHANNELS, patch_size=PATCH)
+    return text, vision
+
+
+def tiny_model(kind, seed=0, dtype=torch.float64):
+    """A random-init ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` in ``dtype`` (eval mode:
+    no dropout in any of them at these configs)."""
+    import transformers
+
+    text, vision = _towers()
+    torch.manual_seed(seed)
+    if kind == "clip":
+        # eos_token_id 2: the text tower pools at each row's largest id, so any random ids work
+        config = transformers.CLIPConfig(text_config=dict(text, bos_token_id=0, eos_token_id=2, pad_token_id=1), vision_config=dict(vision, image_size=IMAGE),
+                                         projection_dim=8)
+        model = transformers.CLIPModel(config)
+    elif kind == "siglip":
+        config = transformers.SiglipConfig(text_config=text, vision_config=dict(vision, image_size=IMAGE))
+        model = transformers.SiglipModel(config)
+    elif kind == "siglip2":
+        patches = (IMAGE // PATCH) ** 2
+        config = transformers.Siglip2Config(text_config=text, vision_config=dict(vision, num_patches=patches))
+        model = transformers.Siglip2Model(config)
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    with torch.no_grad():  # a logit_bias away from its init, so its gradient is tested on a generic value
+        if hasattr(model, "logit_bias"):
+            model.logit_bias.fill_(-2.5)
+            model.logit_scale.fill_(1.7)
+    return model.to(dtype)
+
+
+def batch(kind, n, gen, dtype=torch.float64):
+    """Model inputs for ``n`` pairs drawn from ``gen``: token ids, a padding mask, pixels."""
+    ids = torch.randint(1, VOCAB, (n, SEQ), generator=gen)
+    out = dict(input_ids=ids)
+    if kind == "clip":
+        out["attention_mask"] = (torch.arange(SEQ) < torch.randint(2, SEQ + 1, (n, 1), generator=gen)).long()
+    if kind == "siglip2":
+        side = IMAGE // PATCH
+        out["pixel_values"] = torch.randn(n, side * side, CHANNELS * PATCH * PATCH, generator=gen, dtype=dtype)
+        out["pixel_attention_mask"] = torch.ones(n, side * side, dtype=torch.long)
+        out["spatial_shapes"] = torch.tensor([[side, side]] * n)
+    else:
+        out["pixel_values"] = torch.randn(n, CHANNELS, IMAGE, IMAGE, generator=gen, dtype=dtype)
+    return out
