@@ -1,5 +1,6 @@
 """Tiny random-init transformers dual encoders (CLIP, SigLIP, SigLIP 2), built offline from
-configs, and random inputs for them.  One 16-wide layer per tower, projection 8."""
+configs, random inputs for them, and the gradient comparison their tests share.  One 16-wide
+layer per tower, projection 8."""
 from __future__ import annotations
 
 import torch
@@ -58,3 +59,47 @@ def batch(kind, n, gen, dtype=torch.float64):
     else:
         out["pixel_values"] = torch.randn(n, CHANNELS, IMAGE, IMAGE, generator=gen, dtype=dtype)
     return out
+
+
+# Gradients that transformers rounds to float32 whatever the model's dtype: on CPU SigLIP 2
+# resizes its position embeddings in float32 (Siglip2VisionEmbeddings.resize_positional_embeddings),
+# so in a float64 model two runs whose upstream gradients differ in the last float64 bit can
+# differ by float32 roundings there.  They are judged at FLOAT32_GRAD_TOL.
+FLOAT32_GRADS = {"siglip2": ("vision_model.embeddings.position_embedding.weight",)}
+FLOAT32_GRAD_TOL = 1e-6  # about 17 float32 units
+
+
+def grad_tolerance(kind, name, tol):
+    """``tol`` for parameter ``name`` of a ``kind`` model, or FLOAT32_GRAD_TOL for a float32 one."""
+    return max(tol, FLOAT32_GRAD_TOL) if name in FLOAT32_GRADS.get(kind, ()) else tol
+
+
+def rel_diff(got, want):
+    """|got - want| / |want| in float64 (0 when both are 0)."""
+    scale = want.double().norm()
+    diff = (got.double() - want.double()).norm()
+    return (diff / scale).item() if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def total_norm(grads):
+    """The norm of all the gradients together, float64."""
+    return torch.cat([g.double().flatten() for g in grads.values() if g is not None]).norm().item()
+
+
+def _grad_rel(got, want, total):
+    """Relative difference of one parameter's gradient.  A gradient that is zero in exact
+    arithmetic (a key projection's bias: softmax ignores a shift shared by a row) is rounding
+    noise in both runs, so the denominator is at least 1e-6 x the whole model's gradient norm."""
+    return (got.double() - want.double()).norm().item() / max(want.double().norm().item(), 1e-6 * total)
+
+
+def assert_grads_close(got, want, tol, kind, what=""):
+    """Each parameter's gradient within ``tol`` (``_grad_rel``; FLOAT32_GRAD_TOL for the
+    gradients transformers computes in float32); a parameter without a gradient on one side
+    counts as zero."""
+    total = total_norm(want)
+    for name, g_ref in want.items():
+        if g_ref is not None:
+            g = got.get(name)
+            rel = _grad_rel(torch.zeros_like(g_ref) if g is None else g, g_ref, total)
+            assert rel <= grad_tolerance(kind, name, tol), f"{what} {name}: {rel:.3e}"

@@ -19,7 +19,7 @@ from helpers import DTYPE_UNIT, PRECISION_FACTOR, seed_ratio
 
 pytest.importorskip("transformers", reason="the transformers extra is not installed")
 
-from hf_tiny_models import KINDS, batch, tiny_model  # noqa: E402
+from hf_tiny_models import KINDS, assert_grads_close, batch, rel_diff as _rel, tiny_model, total_norm  # noqa: E402
 
 from clip_fast.integrations.transformers import (  # noqa: E402
     FastLossOptions, apply_fast_loss, remove_fast_loss, supported_models, use_fast_hf_losses)
@@ -34,12 +34,6 @@ def _loss_and_grads(model, inputs, **call):
                            for name, p in model.named_parameters()}
 
 
-def _rel(got, want):
-    scale = want.double().norm()
-    diff = (got.double() - want.double()).norm()
-    return (diff / scale).item() if scale > 0 else (0.0 if diff == 0 else float("inf"))
-
-
 def _both(kind, n, seed, dtype=torch.float64, **options):
     """transformers' and the switch's (loss, grads) on one model and one batch."""
     model = tiny_model(kind, seed=seed, dtype=dtype)
@@ -50,27 +44,13 @@ def _both(kind, n, seed, dtype=torch.float64, **options):
     return got, want
 
 
-def _total_norm(grads):
-    return torch.cat([g.double().flatten() for g in grads.values() if g is not None]).norm().item()
-
-
-def _grad_rel(got, want, total):
-    """Relative difference of one parameter's gradient.  A gradient that is zero in exact
-    arithmetic (a key projection's bias: softmax ignores a shift shared by a row) is rounding
-    noise in both runs, so the denominator is at least 1e-6 x the whole model's gradient norm."""
-    return (got.double() - want.double()).norm().item() / max(want.double().norm().item(), 1e-6 * total)
-
-
-def _assert_close(got, want, tol, what=""):
+def _assert_close(got, want, tol, kind):
     (loss, grads), (loss_ref, grads_ref) = got, want
-    assert _rel(loss, loss_ref) <= tol, f"{what} loss {loss.item()!r} vs {loss_ref.item()!r}"
+    assert _rel(loss, loss_ref) <= tol, f"{kind} loss {loss.item()!r} vs {loss_ref.item()!r}"
     assert grads.keys() == grads_ref.keys()
-    total = _total_norm(grads_ref)
     for name, g_ref in grads_ref.items():
-        assert (grads[name] is None) == (g_ref is None), f"{what} {name}: gradient presence differs"
-        if g_ref is not None:
-            rel = _grad_rel(grads[name], g_ref, total)
-            assert rel <= tol, f"{what} {name}: {rel:.3e}"
+        assert (grads[name] is None) == (g_ref is None), f"{kind} {name}: gradient presence differs"
+    assert_grads_close(grads, grads_ref, tol, kind, kind)
 
 
 @pytest.mark.parametrize("n", [5, 7])
@@ -99,7 +79,7 @@ def test_float32_within_precision_rule(kind):
             fast = _loss_and_grads(model, inputs)
         inputs64 = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
         truth = _loss_and_grads(model.double(), inputs64)
-        unit = DTYPE_UNIT[torch.float32] * _total_norm(truth[1])
+        unit = DTYPE_UNIT[torch.float32] * total_norm(truth[1])
         for name, want in [("loss", truth[0])] + list(truth[1].items()):
             if want is None:
                 continue
