@@ -10,8 +10,9 @@ KINDS = ("clip", "siglip", "siglip2")
 
 
 def _towers():
+    # eos_token_id 2: CLIP's text tower pools at each row's largest id, so any random ids work
     text = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=SEQ)
+                num_attention_heads=2, max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=2, pad_token_id=1)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   num_channels=CHANNELS, patch_size=PATCH)
     return text, vision
@@ -25,8 +26,7 @@ def tiny_model(kind, seed=0, dtype=torch.float64):
     text, vision = _towers()
     torch.manual_seed(seed)
     if kind == "clip":
-        # eos_token_id 2: the text tower pools at each row's largest id, so any random ids work
-        config = transformers.CLIPConfig(text_config=dict(text, bos_token_id=0, eos_token_id=2, pad_token_id=1), vision_config=dict(vision, image_size=IMAGE),
+        config = transformers.CLIPConfig(text_config=text, vision_config=dict(vision, image_size=IMAGE),
                                          projection_dim=8)
         model = transformers.CLIPModel(config)
     elif kind == "siglip":
