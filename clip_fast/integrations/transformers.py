@@ -47,7 +47,6 @@ import dataclasses
 import functools
 import importlib
 import inspect
-import types
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
@@ -74,6 +73,9 @@ DISTRIBUTED = ("per_shard", "global")
 LOGITS = ("keep", "none")
 CLIP_DIST_IMPLS = ("gather", "ring")
 _ORIGINAL = "_clip_fast_original_forward"  # the wrapper's attribute naming what it wraps
+_OPTIONS = "_clip_fast_loss_options"  # an instance's own FastLossOptions (apply_fast_loss)
+_DEFAULT = "_clip_fast_default_options"  # a wrapper's options for instances without their own
+_INSTALLED = {}  # class -> the pass-through wrapper apply_fast_loss installed on it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,20 +156,25 @@ def _with_loss(out, loss: torch.Tensor, opts: FastLossOptions):
     return type(out)(**values)
 
 
-def _fused_forward(original: Callable, kind: str, opts: FastLossOptions) -> Callable:
-    """A ``forward(self, ...)`` with ``original``'s signature whose ``return_loss`` is fused.
+def _fused_forward(original: Callable, kind: str, default: Optional[FastLossOptions]) -> Callable:
+    """A ``forward(self, ...)`` with ``original``'s signature whose ``return_loss`` is fused
+    with the instance's options (``apply_fast_loss``) or else ``default`` (the context
+    manager's); with neither it is ``original``.
 
     ``original`` runs with ``return_loss=False`` and ``return_dict=True``; the tuple form is
     made here when the caller (or the config) asks for it, as transformers'
-    ``can_return_tuple`` does."""
+    ``can_return_tuple`` does.  The options live on the instance, not in a bound method, so
+    copies of the model (``copy.deepcopy``, ``nn.DataParallel``'s replicas) use their own
+    parameters."""
     names = list(inspect.signature(original).parameters)
     slot = names.index("return_loss") - 1  # its place among the positional arguments after self
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
+        opts = self.__dict__.get(_OPTIONS, default)
         positional = len(args) > slot
         return_loss = args[slot] if positional else kwargs.get("return_loss")
-        if not return_loss:
+        if opts is None or not return_loss:
             return original(self, *args, **kwargs)
         if positional:
             args = args[:slot] + (False,) + args[slot + 1:]
@@ -183,6 +190,7 @@ def _fused_forward(original: Callable, kind: str, opts: FastLossOptions) -> Call
         return out if return_dict else out.to_tuple()
 
     setattr(forward, _ORIGINAL, original)
+    setattr(forward, _DEFAULT, default)
     return forward
 
 
@@ -195,36 +203,57 @@ def _unwrapped(forward: Callable) -> Callable:
 @contextlib.contextmanager
 def use_fast_hf_losses(**options) -> Iterator[FastLossOptions]:
     """Inside the block, every supported model class (``supported_models()``, subclasses that
-    do not override ``forward`` included) computes ``return_loss`` fused; the classes' own
+    do not override ``forward`` included) computes ``return_loss`` fused; the classes'
     ``forward`` are put back on exit.  ``options`` are :class:`FastLossOptions`' fields; the
-    block yields them."""
+    block yields them.  An instance given its own options by :func:`apply_fast_loss` keeps them."""
     opts = FastLossOptions(**options)
     patched = []
     try:
         for cls, kind in supported_models():
-            original = cls.__dict__["forward"]
-            cls.forward = _fused_forward(original, kind, opts)
-            patched.append((cls, original))
+            current = cls.__dict__["forward"]
+            cls.forward = _fused_forward(_unwrapped(current), kind, opts)
+            patched.append((cls, current))
         yield opts
     finally:
-        for cls, original in reversed(patched):
-            cls.forward = original
+        for cls, current in reversed(patched):
+            # an enclosing block's wrapper, else apply_fast_loss's pass-through if one was
+            # installed meanwhile, else the class's own forward
+            outer = getattr(current, _DEFAULT, None) is not None
+            cls.forward = current if outer else _INSTALLED.get(cls, current)
+
+
+def _defining_class(model, kind: str) -> type:
+    """The supported class whose ``forward`` this model runs, or an error naming the override."""
+    for cls, _ in supported_models():
+        if isinstance(model, cls):
+            owner = next(c for c in type(model).__mro__ if "forward" in c.__dict__)
+            if owner is not cls:
+                raise TypeError(f"clip_fast.integrations.transformers: {type(model).__name__} overrides "
+                                f"{cls.__name__}.forward; apply_fast_loss patches only {cls.__name__}'s own")
+            return cls
+    raise AssertionError(kind)  # _kind_of found a supported class
 
 
 def apply_fast_loss(model, **options):
     """Make this one model instance compute ``return_loss`` fused (``options`` as in
     :class:`FastLossOptions`); returns the model.  Applying again replaces the options;
-    :func:`remove_fast_loss` undoes it.  Other instances of the class are unchanged."""
+    :func:`remove_fast_loss` undoes it.
+
+    The options are stored on the instance; the model's class gets (once, for the rest of
+    the process) a ``forward`` that reads them and, for an instance without options, is the
+    class's own: other instances are unchanged."""
     kind = _kind_of(model)
+    cls = _defining_class(model, kind)
     opts = FastLossOptions(**options)
-    original = _unwrapped(type(model).forward)
-    model.forward = types.MethodType(_fused_forward(original, kind, opts), model)
+    if cls not in _INSTALLED:
+        _INSTALLED[cls] = _fused_forward(_unwrapped(cls.__dict__["forward"]), kind, None)
+        if not hasattr(cls.__dict__["forward"], _ORIGINAL):  # inside a block, installed on its exit
+            cls.forward = _INSTALLED[cls]
+    model.__dict__[_OPTIONS] = opts
     return model
 
 
 def remove_fast_loss(model):
     """Undo :func:`apply_fast_loss` on ``model`` (nothing happens if it was not applied); returns it."""
-    bound = model.__dict__.get("forward")
-    if bound is not None and hasattr(getattr(bound, "__func__", None), _ORIGINAL):
-        del model.forward
+    model.__dict__.pop(_OPTIONS, None)
     return model

@@ -172,8 +172,38 @@ def test_apply_to_one_instance_and_remove():
     apply_fast_loss(fast)  # again: replaces the options, does not wrap twice
     assert fast(**inputs, return_loss=True).logits_per_image is not None
     remove_fast_loss(fast)
-    assert "forward" not in fast.__dict__
-    assert torch.equal(fast(**inputs, return_loss=True).loss, want.loss)
+    assert torch.equal(fast(**inputs, return_loss=True).loss, want.loss)  # transformers' own again
+
+
+def test_copies_of_an_applied_model_use_their_own_parameters():
+    """The switch travels with the instance (nn.DataParallel's replicas, deepcopy): a copy's
+    loss and gradients come from the copy's parameters, not the original's."""
+    import copy
+
+    model = apply_fast_loss(tiny_model("siglip"))
+    inputs = batch("siglip", 5, torch.Generator().manual_seed(8))
+    shallow = model._replicate_for_data_parallel()  # what DataParallel's replicate() starts from
+    shallow._parameters.update(model._parameters)  # replicate() then fills in device copies
+    for replica in (copy.deepcopy(model), shallow):
+        replica.logit_bias = torch.nn.Parameter(torch.full((1,), 0.5, dtype=torch.float64))
+        got = replica(**inputs, return_loss=True)
+        want = tiny_model("siglip")
+        want.logit_bias = torch.nn.Parameter(torch.full((1,), 0.5, dtype=torch.float64))
+        assert _rel(got.loss, want(**inputs, return_loss=True).loss) <= 1e-9
+        got.loss.backward()
+        assert replica.logit_bias.grad is not None and model.logit_bias.grad is None
+
+
+def test_apply_inside_the_context_manager_outlives_it():
+    """An instance switched on inside the block keeps its options after the block; a plain
+    instance is transformers' again."""
+    fast, plain = tiny_model("clip"), tiny_model("clip")
+    inputs = batch("clip", 5, torch.Generator().manual_seed(9))
+    with use_fast_hf_losses():
+        apply_fast_loss(fast, logits="none")
+    assert fast(**inputs, return_loss=True).logits_per_image is None
+    assert plain(**inputs, return_loss=True).logits_per_image is not None
+    remove_fast_loss(fast)
 
 
 def test_bad_options_and_unsupported_models_raise_naming_them():
@@ -187,3 +217,6 @@ def test_bad_options_and_unsupported_models_raise_naming_them():
         FastLossOptions(chunk_size=0)
     with pytest.raises(TypeError, match="got a Linear; supported models are CLIPModel"):
         apply_fast_loss(torch.nn.Linear(2, 2))
+    own_forward = type("MyClip", (type(tiny_model("clip")),), {"forward": lambda self, **kw: None})
+    with pytest.raises(TypeError, match="MyClip overrides CLIPModel.forward"):
+        apply_fast_loss(own_forward.__new__(own_forward))
