@@ -35,8 +35,9 @@ Gradients reach every parameter as transformers' loss sends them, ``logit_scale`
     loss does not use them: when the output is dropped before ``backward`` (``Trainer`` does),
     the N x N tensor is freed before the backward pass;
   * ``"none"``: with ``return_loss=True`` the two fields are None, so a training loop that keeps
-    the output does not hold the N x N tensor through backward.  transformers' forward still
-    computes it once (it is freed when the forward returns).
+    the output does not hold the N x N tensors through backward.  transformers' forward still
+    computes them once (the similarities and their scaled copy, which autograd keeps for
+    ``logit_scale``'s gradient); they are freed before the fused loss runs.
 
 Importing this module imports transformers; ``import clip_fast`` never does.
 """
@@ -147,13 +148,12 @@ def fused_loss(kind: str, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
                                    dist_impl=opts.siglip_dist_impl, group=opts.group, **common)
 
 
-def _with_loss(out, loss: torch.Tensor, opts: FastLossOptions):
-    """The model output with ``loss`` set (and the logits dropped for ``logits="none"``)."""
-    values = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-    values["loss"] = loss
+def _fields_for_loss(out, opts: FastLossOptions) -> dict:
+    """The model output's fields (the logits dropped for ``logits="none"``), without ``loss``."""
+    values = {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name != "loss"}
     if opts.logits == "none":
         values["logits_per_image"] = values["logits_per_text"] = None
-    return type(out)(**values)
+    return values
 
 
 def _fused_forward(original: Callable, kind: str, default: Optional[FastLossOptions]) -> Callable:
@@ -184,9 +184,11 @@ def _fused_forward(original: Callable, kind: str, default: Optional[FastLossOpti
         if return_dict is None:
             return_dict = getattr(getattr(self, "config", None), "return_dict", True)
         out = original(self, *args, return_dict=True, **kwargs)
-        loss = fused_loss(kind, out.image_embeds, out.text_embeds, self.logit_scale,
+        output_type, values = type(out), _fields_for_loss(out, opts)
+        del out  # with logits="none" the N x N logits (and their graph) are freed before the loss
+        loss = fused_loss(kind, values["image_embeds"], values["text_embeds"], self.logit_scale,
                           getattr(self, "logit_bias", None), opts)
-        out = _with_loss(out, loss, opts)
+        out = output_type(loss=loss, **values)
         return out if return_dict else out.to_tuple()
 
     setattr(forward, _ORIGINAL, original)
