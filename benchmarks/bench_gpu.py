@@ -386,8 +386,13 @@ def cuda_strip_reason(n: int, d: int, dtype: torch.dtype, max_n: int):
             f"is unmeasured, so it is not risked inside this check's budget")
 
 
+# Longer than a screen on purpose: each case's decisions (does it fit in memory, is it
+# supported, will it finish before the deadline) and its measurement read the same row, estimator
+# and deadline in order, top to bottom; split, each piece would take most of this signature.
 def run_loss_table(table, device, dry_run, impls, rates, deadline, per_case_cap_s,
                    cuda_max_n=131072):
+    """Loss rows (section "loss"): every implementation in ``impls`` at each case of
+    ``cases(dry_run)``, forward+backward, or a row saying why it was skipped."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
     est = Estimator(rates, dry_run)
     for dname, n, d in cases(dry_run):
