@@ -30,6 +30,7 @@ if _TRITON_ERROR is None:
     from ...kernels import config as _config
     from ...kernels.grad_backward import grad_backward as _grad_backward
     from ...kernels.lse_forward import lse_forward as _lse_forward
+    from ...kernels.lse_forward import lse_forward_offdiag as _lse_forward_offdiag
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -51,6 +52,12 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _lse_forward(img, txt, _scalar(scale, img), _scalar(bias, img))
+
+
+def lse_forward_offdiag(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lse_forward`` before the diagonal is added back (eager only: not a torch.library op)."""
+    return _lse_forward_offdiag(img, txt, _scalar(scale, img), _scalar(bias, img))
 
 
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
