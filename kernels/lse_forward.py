@@ -400,6 +400,14 @@ def merge_log2_parts(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tensor
 
 def _lse_forward_impl(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_off, col_off, diag = lse_forward_offdiag(img, txt, scale, bias)
+    return combine_diag(row_off, diag), combine_diag(col_off, diag), diag
+
+
+def lse_forward_offdiag(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sweep before the diagonal is added back: off-diagonal row and column log-sum-exp
+    (float64, -inf where a row or column has no off-diagonal entry) and the diagonal."""
     M, D = img.shape
     K = txt.shape[0]
     n = min(M, K)
@@ -440,7 +448,7 @@ def _lse_forward_impl(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     col_off2 = torch.where(flags, exact2, col_off2)
 
     diag = diag2.to(f64) * LN2
-    return combine_diag(row_off2 * LN2, diag), combine_diag(col_off2 * LN2, diag), diag
+    return row_off2 * LN2, col_off2 * LN2, diag
 
 
 def column_bounds_log2(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,

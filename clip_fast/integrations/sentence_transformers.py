@@ -24,20 +24,43 @@ The softmax over a column set does not depend on its order, so the library's col
 ``distributed_clip_loss(local_loss=True, gather_with_grad=True)``, whose softmaxes hold every
 rank's positives and hard negatives and whose gradients reach each row's owner.
 
-Options the fused loss cannot express exactly raise :class:`UnsupportedByClipFast` naming
-the option (at construction, and again at each call for attributes changed later):
-``"query_to_query"`` and ``"doc_to_doc"`` (their self and own-document masks differ per row),
-``partition_mode="joint"`` with more than one direction (one softmax over a row and a
-column of S), ``hardness_mode`` with ``hardness_strength > 0`` (a per-entry logit offset)
-and any ``similarity_fct`` other than ``cos_sim`` and ``dot_score``.
+Every other option is a union of blocks (``clip_fast.clip.blocks``: one log-sum-exp per
+anchor over several sweeps, each block a sweep of the backend contract):
+
+- ``"query_to_query"``: the block (queries, all queries) whose diagonal (the query itself)
+  is masked: the off-diagonal sweep, its diagonal never added back.
+- ``"doc_to_query"``: (positives, all queries), diagonal included.
+- ``"doc_to_doc"``: (positives, every document column) with each diagonal (the row's own
+  positive and own hard negatives) masked.
+- ``partition_mode="joint"``: one log-sum-exp per anchor over all those blocks
+  (``logaddexp`` of the blocks' row log-sum-exp); ``"per_direction"``: one per direction,
+  averaged, the positive the target of each.
+- ``hardness_mode`` with strength h: the library adds ``h * sim.detach()`` to the chosen
+  ``query_to_doc`` logits, so those logits are ``(scale + h) * sim`` with derivative
+  ``scale``.  Its three modes pick which entries: ``"in_batch_negatives"`` every
+  off-diagonal entry (not the positive, not the row's own hard negatives),
+  ``"hard_negatives"`` only the row's own hard negatives (the diagonals of the negative
+  blocks), ``"all_negatives"`` everything but the positive.  A block is swept at its
+  off-diagonal's softmax scale, its diagonal added back at its own scale, and its
+  gradient taken at the scale times ``scale / (scale + h)``.
+
+The gather of these options is clip_fast's (every rank's rows, this rank's first, so that row
+i's own documents are column i of every block, and the backward a reduce-scatter, as the
+library's ``all_gather`` does), with a check that all ranks send alike columns; shards of
+unequal length take their real offsets.
+
+Only a ``similarity_fct`` other than ``cos_sim`` and ``dot_score`` raises
+:class:`UnsupportedByClipFast`: any other function is not a scaled dot product, so no
+sweep computes it (at construction, and again at each call for an attribute changed later).
 
 Importing this module imports sentence_transformers; ``import clip_fast`` never does.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -50,13 +73,16 @@ from sentence_transformers.sentence_transformer.losses.multiple_negatives_rankin
     MultipleNegativesRankingLoss)
 
 import clip_fast
+from clip_fast.clip.blocks import Block, block_softmax_loss
+from clip_fast.core.collectives import all_gather_rows, reduce_scatter_rows
 from clip_fast.distributed import distributed_clip_loss
 
 __all__ = ["FastMultipleNegativesRankingLoss", "FastCachedMultipleNegativesRankingLoss",
            "FastMultipleNegativesSymmetricRankingLoss", "FastCachedMultipleNegativesSymmetricRankingLoss",
-           "UnsupportedByClipFast", "mnrl_loss", "use_fast_st_losses"]
+           "UnsupportedByClipFast", "mnrl_block_loss", "mnrl_loss", "use_fast_st_losses"]
 
 _SYMMETRIC = ("query_to_doc", "doc_to_query")
+_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
 
 class UnsupportedByClipFast(NotImplementedError):
@@ -79,28 +105,26 @@ def _normalises(similarity_fct) -> bool:
             "only sentence_transformers.util.cos_sim and dot_score are")
 
 
-def _direction_weight(directions: Sequence[str], partition_mode: str) -> float:
-    """clip_fast's ``image_to_text_weight`` for these directions, or a refusal naming them."""
+def _direction_weight(directions: Sequence[str], partition_mode: str) -> Optional[float]:
+    """clip_fast's ``image_to_text_weight`` when these directions are a CLIP loss, else None
+    (the block form of :func:`mnrl_block_loss`)."""
     chosen = set(directions)
-    for masked in ("query_to_query", "doc_to_doc"):
-        if masked in chosen:
-            _refuse(f"directions containing {masked!r}", "its masked same-type block is not a "
-                    "sweep of clip_fast's loss")
     if chosen == {"query_to_doc"}:
         return 1.0  # one direction: "joint" and "per_direction" are the same softmax
     if chosen == set(_SYMMETRIC) and partition_mode == "per_direction":
         return 0.5
-    _refuse(f"directions={tuple(directions)!r} with partition_mode={partition_mode!r}",
-            "a joint softmax over a row and a column of S is not a clip_fast loss "
-            "(partition_mode='per_direction' is)")
+    return None
+
+
+def _hardness(loss) -> float:
+    """The penalty's strength h, 0 when off (no mode, or strength 0)."""
+    return float(loss.hardness_strength) if loss.hardness_mode is not None else 0.0
 
 
 def _check_fusable(loss) -> tuple:
-    """``(normalise, image_to_text_weight)`` for an MNRL's options, or a refusal."""
-    if loss.hardness_mode is not None and loss.hardness_strength > 0.0:
-        _refuse(f"hardness_mode={loss.hardness_mode!r} with hardness_strength > 0",
-                "its penalty is a per-entry logit offset without gradient")
-    return _normalises(loss.similarity_fct), _direction_weight(loss.directions, loss.partition_mode)
+    """``(normalise, image_to_text_weight or None)`` for an MNRL's options, or a refusal."""
+    weight = _direction_weight(loss.directions, loss.partition_mode)
+    return _normalises(loss.similarity_fct), (weight if _hardness(loss) == 0.0 else None)
 
 
 def _world() -> Optional[tuple]:
@@ -134,6 +158,105 @@ def mnrl_loss(embeddings: List[torch.Tensor], scale: float, *, normalise: bool =
                                  negative_text_features=negatives, backend=backend, chunk_size=chunk_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """This rank's place and every rank's row count (a ``clip_fast.core.distributed.RankLayout``)."""
+    rank: int
+    world_size: int
+    sizes: Tuple[int, ...]
+    group: Optional[object] = None
+    nccl: bool = False
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        return tuple(sum(self.sizes[:q]) for q in range(self.world_size))
+
+
+def _agree_columns(embeddings: List[torch.Tensor], rank: int, world_size: int) -> _Layout:
+    """Every rank's (rows, dim, columns, dtype) all-gathered: a rank whose columns differ from
+    another's in anything but the row count makes every rank raise the same error, instead
+    of a gather that hangs or fails on some ranks only."""
+    nccl = str(dist.get_backend()).lower() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    e = embeddings[0]
+    shapes_ok = all(c.dim() == 2 and c.shape == e.shape and c.dtype == e.dtype for c in embeddings)
+    mine = torch.tensor([e.shape[0], e.shape[-1], len(embeddings), _DTYPES.index(e.dtype) if e.dtype in _DTYPES
+                         else -1, int(shapes_ok)], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(rows, mine)
+    table = torch.stack(rows).cpu()
+    if not bool((table[:, 1:] == table[0, 1:]).all()) or not bool(table[:, 4].all()):
+        raise ValueError("clip_fast.integrations.sentence_transformers: gather_across_devices needs, on every "
+                         "rank, columns of one shape (n, dim) and dtype, with the same dim, column count and "
+                         f"dtype on every rank; (rows, dim, columns, dtype, columns alike) per rank: {table.tolist()}")
+    return _Layout(rank, world_size, tuple(int(r) for r in table[:, 0]), nccl=nccl)
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows, this rank's first (``all_gather_rows(rotate=True)``, unequal counts
+    allowed); the backward sums every rank's gradient and keeps this rank's rows, as
+    ``torch.distributed.nn.all_gather`` (the library's gather) does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        ctx.layout = layout
+        return all_gather_rows(x, layout, rotate=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return reduce_scatter_rows(grad.contiguous().clone(), ctx.layout, rotated=True), None
+
+
+def mnrl_blocks(directions: Sequence[str], partition_mode: str, scale: float, hardness_mode: Optional[str],
+                hardness_strength: float, n_negatives: int) -> Tuple[List[Block], List[float]]:
+    """MNRL's softmax as blocks of ``clip_fast.clip.blocks`` over the features
+    ``[local queries, local positives, queries, positives, negatives_1, ..]``, where row i's
+    own query and documents are row i of the candidates.  See the module doc."""
+    s, h = float(scale), float(hardness_strength) if hardness_mode is not None else 0.0
+    off = s + h if hardness_mode in ("in_batch_negatives", "all_negatives") else s
+    neg_diag = s + h if hardness_mode in ("hard_negatives", "all_negatives") else s
+    per_direction = partition_mode == "per_direction"
+    negs = range(4, 4 + n_negatives)
+    part = {d: (i if per_direction else 0) for i, d in enumerate(d for d in _DIRECTIONS if d in directions)}
+    blocks = {"query_to_doc": [Block(0, 3, off, s, s, positive=True)]
+              + [Block(0, m, off, neg_diag, s) for m in negs],
+              "query_to_query": [Block(0, 2, s, None, s)],
+              "doc_to_query": [Block(1, 2, s, s, s, positive=per_direction)],
+              "doc_to_doc": [Block(1, y, s, None, s) for y in (3, *negs)]}
+    out = [dataclasses.replace(b, partition=part[d]) for d in part for b in blocks[d]]
+    weights = [1.0 / len(part)] * len(part) if per_direction else [1.0]
+    return out, weights
+
+
+def mnrl_block_loss(embeddings: List[torch.Tensor], scale: float, *, normalise: bool = True,
+                    directions: Sequence[str] = ("query_to_doc",), partition_mode: str = "joint",
+                    hardness_mode: Optional[str] = None, hardness_strength: float = 0.0,
+                    gather_across_devices: bool = False, backend: str = "auto",
+                    chunk_size: Optional[int] = None) -> torch.Tensor:
+    """MNRL's loss with every option, as sweeps of ``clip_fast.clip.blocks``.  With
+    ``gather_across_devices`` every rank's columns are gathered with their gradients, as the
+    library gathers them (shards of unequal length too, at their real offsets)."""
+    if len(embeddings) < 2:
+        raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+    if normalise:
+        embeddings = [F.normalize(e, p=2, dim=-1) for e in embeddings]
+    n = embeddings[0].shape[0]
+    world = _world() if gather_across_devices else None
+    if world is not None:
+        layout = _agree_columns(embeddings, *world)
+        embeddings = [_GatherRows.apply(e, layout) for e in embeddings]
+    # Rows in rank order starting at this rank's (the gather's rotation): row i's own
+    # document is column i of every candidate block, where the blocks keep their diagonal.
+    queries, docs = embeddings[0], embeddings[1:]
+    feats = [queries[:n], docs[0][:n], queries, *docs]
+    blocks, weights = mnrl_blocks(directions, partition_mode, scale, hardness_mode, hardness_strength,
+                                  len(docs) - 1)
+    return block_softmax_loss(feats, blocks, weights, backend=backend, chunk_size=chunk_size)
+
+
 class FastMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     """sentence-transformers' ``MultipleNegativesRankingLoss`` with the loss stage fused.
 
@@ -150,6 +273,12 @@ class FastMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
 
     def compute_loss_from_embeddings(self, embeddings: List[torch.Tensor], labels=None) -> torch.Tensor:
         normalise, weight = _check_fusable(self)
+        if weight is None:
+            return mnrl_block_loss(list(embeddings), self.scale, normalise=normalise,
+                                   directions=self.directions, partition_mode=self.partition_mode,
+                                   hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
+                                   gather_across_devices=self.gather_across_devices, backend=self.backend,
+                                   chunk_size=self.chunk_size)
         return mnrl_loss(list(embeddings), self.scale, normalise=normalise, image_to_text_weight=weight,
                          gather_across_devices=self.gather_across_devices, backend=self.backend,
                          chunk_size=self.chunk_size)

@@ -26,6 +26,7 @@ from clip_fast.integrations.sentence_transformers import (  # noqa: E402
     use_fast_st_losses)
 
 SYMMETRIC = ("query_to_doc", "doc_to_query")
+ALL_FOUR = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 # (name, constructor options): every option the twin fuses; hardness_mode with strength 0
 # is the library's no-op and must stay one.
 OPTIONS = [
@@ -37,7 +38,26 @@ OPTIONS = [
                            partition_mode="per_direction")),
     ("scale50", dict(scale=50.0)),
     ("hardness_off", dict(hardness_mode="hard_negatives", hardness_strength=0.0)),
+    # The block forms (clip_fast.clip.blocks): masked self-blocks, joint softmaxes, hardness.
+    ("joint_symmetric", dict(directions=SYMMETRIC, partition_mode="joint")),
+    ("query_to_query", dict(directions=("query_to_doc", "query_to_query"))),
+    ("doc_to_doc", dict(directions=("query_to_doc", "doc_to_doc"))),
+    ("all_four", dict(directions=ALL_FOUR)),
+    ("all_four_scale100", dict(directions=ALL_FOUR, scale=100.0)),
+    ("all_four_dot", dict(directions=ALL_FOUR, similarity_fct=util.dot_score, scale=0.7)),
+    ("in_batch_negatives", dict(hardness_mode="in_batch_negatives", hardness_strength=9.0)),
+    ("hard_negatives", dict(hardness_mode="hard_negatives", hardness_strength=5.0)),
+    ("all_negatives", dict(hardness_mode="all_negatives", hardness_strength=1.0)),
+    ("all_negatives_dot", dict(hardness_mode="all_negatives", hardness_strength=0.5,
+                               similarity_fct=util.dot_score, scale=1.0)),
+    ("hard_negatives_symmetric", dict(hardness_mode="hard_negatives", hardness_strength=5.0,
+                                      directions=SYMMETRIC, partition_mode="per_direction")),
+    ("in_batch_all_four", dict(hardness_mode="in_batch_negatives", hardness_strength=9.0, directions=ALL_FOUR)),
 ]
+# float32: the CLIP-loss forms and the block forms (the Triton sweeps under TRITON_INTERPRET=1).
+FLOAT32_OPTIONS = OPTIONS[:6] + [o for o in OPTIONS if o[0] in (
+    "joint_symmetric", "all_four", "all_four_dot", "in_batch_negatives", "hard_negatives", "all_negatives",
+    "hard_negatives_symmetric", "in_batch_all_four")]
 BATCHES = (7, 13)
 NEGATIVE_COLUMNS = (0, 1, 3)
 DIM = 11
@@ -75,7 +95,7 @@ def test_float64_matches_library(name, opts, k, n):
         assert _rel(g, w) <= 1e-9, f"{name} n={n} k={k} {what}: relative difference {_rel(g, w):.3e}"
 
 
-@pytest.mark.parametrize("name,opts", OPTIONS[:6], ids=[o[0] for o in OPTIONS[:6]])
+@pytest.mark.parametrize("name,opts", FLOAT32_OPTIONS, ids=[o[0] for o in FLOAT32_OPTIONS])
 @pytest.mark.parametrize("k", NEGATIVE_COLUMNS)
 def test_float32_within_precision_rule(name, opts, k):
     """fp32 twin vs float64 library: at most PRECISION_FACTOR x the library's own fp32 error, over 6 seeds."""
@@ -130,33 +150,30 @@ class _Ref:
         return _log1p_reference(cols, 100.0)
 
 
-REFUSED = [
-    ("'query_to_query'", dict(directions=("query_to_doc", "query_to_query"))),
-    ("'doc_to_doc'", dict(directions=("query_to_doc", "doc_to_doc"))),
-    ("partition_mode='joint'", dict(directions=SYMMETRIC, partition_mode="joint")),
-    ("hardness_mode='in_batch_negatives'", dict(hardness_mode="in_batch_negatives", hardness_strength=9.0)),
-    ("hardness_mode='hard_negatives'", dict(hardness_mode="hard_negatives", hardness_strength=5.0)),
-    ("hardness_mode='all_negatives'", dict(hardness_mode="all_negatives", hardness_strength=1.0)),
-    ("similarity_fct='manhattan_sim'", dict(similarity_fct=util.manhattan_sim)),
-]
-
-
-@pytest.mark.parametrize("option,opts", REFUSED, ids=[r[0] for r in REFUSED])
-def test_options_not_fused_are_refused_by_name(option, opts):
-    """An option the fused loss cannot compute exactly raises, naming it, in both twins."""
-    with pytest.raises(UnsupportedByClipFast, match=option.replace("(", r"\(")):
-        FastMultipleNegativesRankingLoss(None, **opts)
+def test_similarity_other_than_a_dot_product_is_refused_by_name():
+    """A similarity that is not a scaled dot product is no sweep: both twins raise, naming it."""
+    with pytest.raises(UnsupportedByClipFast, match="similarity_fct='manhattan_sim'"):
+        FastMultipleNegativesRankingLoss(None, similarity_fct=util.manhattan_sim)
     stand_in = torch.nn.Sequential(torch.nn.Identity())  # the cached constructor inspects model[0]
-    with pytest.raises(UnsupportedByClipFast, match=option.replace("(", r"\(")):
-        FastCachedMultipleNegativesRankingLoss(stand_in, **opts)
+    with pytest.raises(UnsupportedByClipFast, match="similarity_fct='manhattan_sim'"):
+        FastCachedMultipleNegativesRankingLoss(stand_in, similarity_fct=util.manhattan_sim)
 
 
 def test_option_changed_after_construction_is_refused_at_call():
     """Options are attributes; one set later to an unfused value is refused at the call."""
     loss = FastMultipleNegativesRankingLoss(None)
-    loss.directions = ("query_to_doc", "doc_to_doc")
-    with pytest.raises(UnsupportedByClipFast, match="doc_to_doc"):
+    loss.similarity_fct = util.manhattan_sim
+    with pytest.raises(UnsupportedByClipFast, match="manhattan_sim"):
         loss.compute_loss_from_embeddings(_embeddings(5, 0, torch.float64, seed=0), None)
+
+
+def test_option_changed_after_construction_is_used_at_call():
+    """An option set after construction (here: directions) is the one the call computes."""
+    cols = _embeddings(5, 1, torch.float64, seed=3)
+    loss, lib = FastMultipleNegativesRankingLoss(None), st_losses.MultipleNegativesRankingLoss(None)
+    loss.directions = lib.directions = ("query_to_doc", "doc_to_doc")
+    for g, w in zip(_loss_and_grads(loss, cols), _loss_and_grads(lib, cols)):
+        assert _rel(g, w) <= 1e-9
 
 
 def test_config_dict_is_the_librarys():
@@ -230,7 +247,10 @@ def _assert_same(got, want, what):
 
 CACHED = [("default", dict()), ("symmetric", dict(directions=SYMMETRIC, partition_mode="per_direction")),
           ("dot", dict(similarity_fct=util.dot_score, scale=1.0)),
-          ("num_tokens", dict(mini_batch_num_tokens=24))]
+          ("num_tokens", dict(mini_batch_num_tokens=24)),
+          ("all_four_in_batch", dict(directions=ALL_FOUR, hardness_mode="in_batch_negatives", hardness_strength=9.0)),
+          ("hard_negatives_symmetric", dict(directions=SYMMETRIC, partition_mode="per_direction",
+                                            hardness_mode="hard_negatives", hardness_strength=5.0))]
 
 
 @pytest.mark.parametrize("name,opts", CACHED, ids=[c[0] for c in CACHED])

@@ -12,8 +12,10 @@ The cached twin's loss stage against the library's cached loss stage, on every r
 Unequal last batches (5, 5, 3 rows): the library cannot run them (``all_gather`` needs equal
 shapes; gloo aborts the process), so the twin is judged against ``_oracle``, which
 materialises what the library computes on equal shards (every rank's local rows against the
-gathered candidates, gradients summed over the ranks' losses) and is itself checked against
-the library on the equal cases.
+gathered candidates, gradients summed over the ranks' losses), and for the block forms
+(masked self-blocks, joint softmaxes, hardness) against ``_library_oracle``, the library's
+own loss run in one process on each rank's rotated view; both are checked against the
+library on the equal cases.
 """
 from __future__ import annotations
 
@@ -34,19 +36,27 @@ GLOO_TIMEOUT_S = 60
 SEED = 2411
 DIM = 7
 SYMMETRIC = ("query_to_doc", "doc_to_query")
+ALL_FOUR = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 OPTIONS = {"default": dict(), "symmetric": dict(directions=SYMMETRIC, partition_mode="per_direction"),
-           "dot": dict(similarity_fct="dot_score", scale=1.0)}
+           "dot": dict(similarity_fct="dot_score", scale=1.0),
+           # The block forms (clip_fast.clip.blocks) and their own gather.
+           "all_four_in_batch": dict(directions=ALL_FOUR, hardness_mode="in_batch_negatives", hardness_strength=9.0),
+           "hard_symmetric": dict(directions=SYMMETRIC, partition_mode="per_direction",
+                                  hardness_mode="hard_negatives", hardness_strength=5.0),
+           "joint_dot_all": dict(directions=("query_to_doc", "doc_to_query", "doc_to_doc"), similarity_fct="dot_score",
+                                 scale=1.0, hardness_mode="all_negatives", hardness_strength=0.5)}
+BLOCK_FORMS = ("all_four_in_batch", "hard_symmetric", "joint_dot_all")
 
 
 def _cases(world_size):
     cases = [dict(name=f"{opt}-k{k}", opt=opt, k=k, dtype="float64", equal=True)
              for opt in OPTIONS for k in (0, 1, 3)]
     cases += [dict(name=f"fp32-{opt}-s{s}", opt=opt, k=1, dtype="float32", equal=True)
-              for opt in ("default", "symmetric") for s in range(4)]
+              for opt in ("default", "symmetric", "all_four_in_batch") for s in range(4)]
     cases += [dict(name=f"unequal-{opt}-k{k}", opt=opt, k=k, dtype="float64", equal=False)
-              for opt in ("default", "symmetric") for k in (0, 3)]
+              for opt in ("default", "symmetric") + BLOCK_FORMS for k in (0, 3)]
     cases += [dict(name=f"cached-{opt}-k{k}", opt=opt, k=k, dtype="float64", equal=True, cached=True)
-              for opt in ("default", "symmetric") for k in (0, 1)]
+              for opt in ("default", "symmetric", "all_four_in_batch") for k in (0, 1)]
     return cases
 
 
@@ -148,6 +158,31 @@ def _oracle(case, world_size, shards):
     return [[losses[r].detach()] + [g.split(sizes)[r] for g in grads] for r in range(world_size)]
 
 
+def _library_oracle(case, world_size, shards):
+    """Per rank ``[loss, d_col_0, ..]`` of the library's own gathered loss, run in one process
+    for any shard sizes: rank r's view is every column rotated so that r's rows come first
+    (the library's gather patched to return it, its rank to 0), which changes no softmax
+    (a softmax ignores its candidates' order, and the masks follow the rows); gradients
+    summed over ``upstream[q] x loss_q`` of every rank q."""
+    from sentence_transformers.sentence_transformer.losses import multiple_negatives_ranking as mnrl
+
+    sizes = _sizes(case, world_size)
+    offsets = [sum(sizes[:r]) for r in range(world_size)]
+    cols = [torch.cat([s[i] for s in shards]).requires_grad_(True) for i in range(2 + case["k"])]
+    losses, saved = [], (mnrl.all_gather_with_grad, mnrl.get_rank)
+    try:
+        for r, o in enumerate(offsets):
+            view = {id(c): torch.cat([c[o:], c[:o]]) for c in cols}
+            local = [view[id(c)][:sizes[r]] for c in cols]
+            full = {id(t): view[id(c)] for t, c in zip(local, cols)}
+            mnrl.all_gather_with_grad, mnrl.get_rank = (lambda t: full[id(t)]), (lambda: 0)
+            losses.append(mnrl.MultipleNegativesRankingLoss(None, **_options(case)).compute_loss_from_embeddings(local, None))
+    finally:
+        mnrl.all_gather_with_grad, mnrl.get_rank = saved
+    grads = torch.autograd.grad(sum(u * loss for u, loss in zip(_upstream(world_size), losses)), cols)
+    return [[losses[r].detach()] + [g.split(sizes)[r] for g in grads] for r in range(world_size)]
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -177,14 +212,17 @@ def test_gathered_cached_loss_stage_matches_library_on_every_rank(spawned, world
 def test_gathered_float64_matches_library_on_every_rank(spawned, world_size, case):
     """Every rank's loss and embedding gradients within a relative 1e-9 of the library's,
     and the oracle used for unequal shards agrees with the library too."""
-    oracle = _oracle(case, world_size, _shards(case, world_size, case_seed(_cases(world_size), case, SEED)))
+    shards = _shards(case, world_size, case_seed(_cases(world_size), case, SEED))
+    oracle = _library_oracle(case, world_size, shards)
+    materialised = _oracle(case, world_size, shards) if case["opt"] not in BLOCK_FORMS else oracle
     for r, res in enumerate(_results(spawned, world_size, case)):
-        for i, (got, want, ref) in enumerate(zip(res["fast"], res["lib"], oracle[r])):
+        for i, (got, want, ref, mat) in enumerate(zip(res["fast"], res["lib"], oracle[r], materialised[r])):
             assert _rel(got, want) <= 1e-9, f"rank {r} output {i}: {_rel(got, want):.3e}"
-            assert _rel(ref, want) <= 1e-9, f"rank {r} output {i}: the oracle is off the library"
+            assert _rel(ref, want) <= 1e-9, f"rank {r} output {i}: the one-process oracle is off the library"
+            assert _rel(mat, want) <= 1e-9, f"rank {r} output {i}: the materialised oracle is off the library"
 
 
-@pytest.mark.parametrize("opt", ["default", "symmetric"])
+@pytest.mark.parametrize("opt", ["default", "symmetric", "all_four_in_batch"])
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_gathered_float32_within_precision_rule(spawned, world_size, opt):
     """fp32 on every rank: within PRECISION_FACTOR x the library's own fp32 error over 4 seeds."""
@@ -201,8 +239,10 @@ def test_gathered_float32_within_precision_rule(spawned, world_size, opt):
 
 @pytest.mark.parametrize("world_size,case", _params(lambda c: not c["equal"]))
 def test_gathered_unequal_last_batch_matches_oracle(spawned, world_size, case):
-    """A short last shard: what the library computes on equal shards, with the real offsets."""
-    oracle = _oracle(case, world_size, _shards(case, world_size, case_seed(_cases(world_size), case, SEED)))
+    """A short last shard: what the library computes on equal shards, with the real offsets
+    (the block forms against the library's own loss in one process, ``_library_oracle``)."""
+    shards = _shards(case, world_size, case_seed(_cases(world_size), case, SEED))
+    oracle = (_library_oracle if case["opt"] in BLOCK_FORMS else _oracle)(case, world_size, shards)
     for r, res in enumerate(_results(spawned, world_size, case)):
         for i, (got, want) in enumerate(zip(res["fast"], oracle[r])):
             assert _rel(got, want) <= 1e-9, f"rank {r} output {i}: {_rel(got, want):.3e}"

@@ -44,6 +44,11 @@ of shape (M, K).  Nothing of size M x K is ever returned or kept.
     off-diagonal blocks need it: their rows belong to one rank's loss and their columns
     to another's, and each rank's d_logit_scale is the gradient of its own loss.
 
+``lse_forward_offdiag(img, txt, scale, bias) -> (lse_row_off, lse_col_off, diag)``
+    Optional (torch and Triton have it; ``clip_fast.clip.blocks`` needs it for a masked or
+    differently scaled diagonal): ``lse_forward`` before the diagonal is added back, the
+    log-sum-exp of the off-diagonal entries only (-inf where there are none).
+
 The symmetric CLIP loss on a square batch is one block with
 ``coef_row = coef_col = 1 / (2N)`` and ``coef_diag = 1 / N``.  The distributed
 modes compose rectangular blocks from the same two functions.

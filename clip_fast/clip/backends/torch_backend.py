@@ -59,6 +59,16 @@ def _strip_diag(strip: torch.Tensor, r0: int, k: int) -> torch.Tensor:
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lse_row, lse_col, diag = lse_forward_offdiag(img, txt, scale, bias, chunk_size)
+    return combine_diag(lse_row, diag), combine_diag(lse_col, diag), diag
+
+
+@torch.no_grad()
+def lse_forward_offdiag(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lse_forward`` before the diagonal is added back: the row and column log-sum-exp of
+    the off-diagonal entries (-inf for a row or column with none), and the diagonal."""
     cd, _, xs, y, s, b = _prepare(img, txt, scale, bias)
     m, k = xs.shape[0], y.shape[0]
     c = strip_rows(m, k, chunk_size)
@@ -111,7 +121,7 @@ def finish_lse(lse_row: torch.Tensor, col_max: torch.Tensor, col_sum: torch.Tens
     running statistics and the diagonal: the diagonal added back in float64."""
     lse_col = torch.where(col_max == float("-inf"), col_max,
                           col_max.to(torch.float64) + torch.log(col_sum.to(torch.float64)))
-    return combine_diag(lse_row, diag), combine_diag(lse_col, diag), diag.to(torch.float64)
+    return lse_row, lse_col, diag.to(torch.float64)
 
 
 def hi_lo(lse: Optional[torch.Tensor], cd: torch.dtype):

@@ -29,6 +29,7 @@ if _TRITON_ERROR is None:
     from ...kernels import config as _config
     # Importing the kernel modules registers their ops, called below by name.
     from ...kernels import grad_backward as _grad_module, lse_forward as _lse_module  # noqa: F401
+    from ...kernels.lse_forward import lse_forward_offdiag as _lse_forward_offdiag
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -50,6 +51,12 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 def lse_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.ops.clip_fast.triton_lse_forward(img, txt, scale, bias)
+
+
+def lse_forward_offdiag(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lse_forward`` before the diagonal is added back (eager only: not a torch.library op)."""
+    return _lse_forward_offdiag(img, txt, scale, bias)
 
 
 def grad_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
