@@ -174,8 +174,8 @@ def run_table(args) -> List[Dict]:
         row.update(median_ms=statistics.median(ts), p20_ms=ts[int(0.2 * (len(ts) - 1))],
                    p80_ms=ts[int(round(0.8 * (len(ts) - 1)))], cpu_median_ms=statistics.median(cpu[name]))
         if "plain" in wall:  # per round, so a round's load cancels
-            row["ratio"] = statistics.median(a / b for a, b in zip(wall[name], wall["plain"]))
-            row["cpu_ratio"] = statistics.median(a / b for a, b in zip(cpu[name], cpu["plain"]))
+            row["ratio"] = bench_loss.paired_ratio(wall[name], wall["plain"])
+            row["cpu_ratio"] = bench_loss.paired_ratio(cpu[name], cpu["plain"])
     return rows
 
 

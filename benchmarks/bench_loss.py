@@ -212,6 +212,29 @@ def measure_cuda(impl, n, d, dtype, mode) -> Dict:
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "extra_mib": extra / 2**20}
 
 
+def interleaved_times(fns: Dict[str, Callable[[], None]], reps: int, rotate: bool = False
+                      ) -> Dict[str, Dict[str, List[float]]]:
+    """{case: {"wall": [...], "cpu": [...]}} in seconds over ``reps`` rounds after a warm-up
+    round, every case once per round, so a shared machine's load falls on all cases alike.
+    ``rotate``: each round starts one case later (no case always runs first)."""
+    cases = list(fns)
+    times = {c: {"wall": [], "cpu": []} for c in cases}
+    for r in range(reps + 1):
+        order = cases[r % len(cases):] + cases[:r % len(cases)] if rotate else cases
+        for c in order:
+            w0, c0 = time.perf_counter(), time.process_time()
+            fns[c]()
+            if r:
+                times[c]["wall"].append(time.perf_counter() - w0)
+                times[c]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+def paired_ratio(times: List[float], base: List[float]) -> float:
+    """Median over rounds of time / the base case's time in the same round."""
+    return statistics.median(a / b for a, b in zip(times, base))
+
+
 def cpu_memory_worker(impl, n, d, dtype_name, mode) -> Dict:
     """Run in a fresh process: peak RSS growth of one step over the RSS with inputs alive."""
     loss_fn = build_loss(impl)

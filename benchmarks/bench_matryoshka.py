@@ -26,14 +26,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import RESULTS, environment, peak_rss_bytes, reset_peak_rss, rss_bytes, write_csv  # noqa: E402
+from bench_loss import (RESULTS, environment, interleaved_times, paired_ratio, peak_rss_bytes,  # noqa: E402
+                        reset_peak_rss, rss_bytes, write_csv)
 
 CASES = ("st_loop", "fast_loop", "fast_sweep")
 LABELS = {"st_loop": "MatryoshkaLoss(MNRL)\n(sentence-transformers)", "fast_loop": "clip_loss per size\n(clip_fast)",
@@ -103,14 +103,7 @@ def run(args) -> List[Dict]:
     rows = []
     for n in args.n:
         fns = {c: step_fn(c, make_inputs(n, max(args.dims)), args.dims) for c in CASES}
-        times = {c: {"wall": [], "cpu": []} for c in CASES}
-        for r in range(args.reps + 1):  # round 0 warms up
-            for c, fn in fns.items():
-                w0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                if r:
-                    times[c]["wall"].append(time.perf_counter() - w0)
-                    times[c]["cpu"].append(time.process_time() - c0)
+        times = interleaved_times(fns, args.reps)
         del fns
         mems = {c: memory(c, n, args.dims) for c in CASES}
         base = times["st_loop"]
@@ -118,8 +111,8 @@ def run(args) -> List[Dict]:
             t = times[c]
             rows.append(dict(env, case=c, n=n, median_ms=1e3 * statistics.median(t["wall"]),
                              cpu_median_ms=1e3 * statistics.median(t["cpu"]),
-                             ratio=statistics.median(a / b for a, b in zip(t["wall"], base["wall"])),
-                             cpu_ratio=statistics.median(a / b for a, b in zip(t["cpu"], base["cpu"])),
+                             ratio=paired_ratio(t["wall"], base["wall"]),
+                             cpu_ratio=paired_ratio(t["cpu"], base["cpu"]),
                              extra_mib=mems[c], mem_ratio=mems[c] / max(mems["st_loop"], 1e-9), status="ok"))
     return rows
 

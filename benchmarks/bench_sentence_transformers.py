@@ -29,14 +29,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import (RESULTS, environment, parse_or_serve, peak_rss_bytes, reset_peak_rss, rss_bytes,  # noqa: E402
-                        write_csv)
+from bench_loss import (RESULTS, environment, interleaved_times, paired_ratio, parse_or_serve,  # noqa: E402
+                        peak_rss_bytes, reset_peak_rss, rss_bytes, write_csv)
 
 CASES = ("st_mnrl", "fast_mnrl", "st_cached", "fast_cached")
 FIELDS = ["date", "device", "torch", "triton", "python", "sentence_transformers", "threads", "backend", "case",
@@ -119,15 +118,7 @@ def time_cases(cases, n, d, backend, mini_batch, reps) -> Dict[str, Dict]:
     """Interleaved rounds: {case: {wall: [...], cpu: [...]}} (the first round is a warm-up)."""
     embeddings = make_inputs(n, d)
     fns = {c: step_fn(c, embeddings, backend, mini_batch) for c in cases}
-    times = {c: {"wall": [], "cpu": []} for c in cases}
-    for r in range(reps + 1):
-        for c, fn in fns.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            if r:
-                times[c]["wall"].append(time.perf_counter() - w0)
-                times[c]["cpu"].append(time.process_time() - c0)
-    return times
+    return interleaved_times(fns, reps)
 
 
 def run(args) -> List[Dict]:
@@ -153,8 +144,8 @@ def run(args) -> List[Dict]:
             row.update(median_ms=1e3 * statistics.median(t["wall"]), cpu_median_ms=1e3 * statistics.median(t["cpu"]),
                        extra_mib=mems[c], status="ok")
             if base is not None:
-                row["ratio"] = statistics.median(a / b for a, b in zip(t["wall"], base["wall"]))
-                row["cpu_ratio"] = statistics.median(a / b for a, b in zip(t["cpu"], base["cpu"]))
+                row["ratio"] = paired_ratio(t["wall"], base["wall"])
+                row["cpu_ratio"] = paired_ratio(t["cpu"], base["cpu"])
                 row["mem_ratio"] = mems[c] / max(mems["st_mnrl"], 1e-9)
             rows.append(row)
     return rows

@@ -31,13 +31,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import RESULTS, environment, peak_rss_bytes, reset_peak_rss, rss_bytes, write_csv  # noqa: E402
+from bench_loss import (RESULTS, environment, interleaved_times, paired_ratio, peak_rss_bytes,  # noqa: E402
+                        reset_peak_rss, rss_bytes, write_csv)
 
 CASES = ("hf", "fast", "fast_none")
 FIELDS = ["date", "device", "torch", "triton", "python", "transformers", "threads", "backend", "case", "n", "d",
@@ -114,16 +114,7 @@ def time_cases(n, d, backend, reps) -> Dict[str, Dict]:
     Each case has its own copy of the model, so the switch of one does not reach another."""
     inputs = make_inputs(n, d)
     fns = {c: step_fn(c, make_model(d), inputs, backend) for c in CASES}
-    times = {c: {"wall": [], "cpu": []} for c in CASES}
-    for r in range(reps + 1):
-        for c in CASES[r % len(CASES):] + CASES[:r % len(CASES)]:  # each round starts one case later
-            fn = fns[c]
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            if r:
-                times[c]["wall"].append(time.perf_counter() - w0)
-                times[c]["cpu"].append(time.process_time() - c0)
-    return times
+    return interleaved_times(fns, reps, rotate=True)
 
 
 def _rows_for(n, args, env) -> List[Dict]:
@@ -138,8 +129,7 @@ def _rows_for(n, args, env) -> List[Dict]:
         t = times[c]
         rows.append(dict(
             env, case=c, n=n, reps=reps, median_ms=1e3 * statistics.median(t["wall"]), cpu_median_ms=1e3 * statistics.median(t["cpu"]),
-            ratio=statistics.median(a / b for a, b in zip(t["wall"], times["hf"]["wall"])),
-            cpu_ratio=statistics.median(a / b for a, b in zip(t["cpu"], times["hf"]["cpu"])),
+            ratio=paired_ratio(t["wall"], times["hf"]["wall"]), cpu_ratio=paired_ratio(t["cpu"], times["hf"]["cpu"]),
             extra_mib=mems[c], mem_ratio=mems[c] / max(mems["hf"], 1e-9), status="ok"))
     return rows
 
