@@ -46,3 +46,14 @@ def kernel_blocks(backend):
                           backward=kconfig.KernelConfig(256, 256, 128, 4, 1), col_splits=1)
     with kconfig.override(big):
         yield
+
+
+@pytest.fixture(scope="module")
+def spawned(request, tmp_path_factory):
+    """The gloo ranks' results of a distributed test module (one that defines ``_cases``,
+    ``_run_case``, SEED, SPAWN_DEADLINE_S and GLOO_TIMEOUT_S): ``spawned(world_size)``."""
+    from helpers import spawned_cases
+
+    m = request.module
+    return spawned_cases(tmp_path_factory, m.__name__, m.SEED, m.SPAWN_DEADLINE_S, m.GLOO_TIMEOUT_S,
+                         m.__name__.rsplit(".", 1)[-1])

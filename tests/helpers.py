@@ -70,8 +70,10 @@ def gloo_worker(rank, world_size, store_dir, out_dir, seed, module_name, timeout
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(store_dir, 'store')}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        results = {case["name"]: module._run_case(case, rank, world_size, seed + i)
-                   for i, case in enumerate(module._cases(world_size))}
+        results = {}
+        for i, case in enumerate(module._cases(world_size)):
+            results[case["name"]] = module._run_case(case, rank, world_size, seed + i)
+            dist.barrier()  # every rank done with a case before any starts the next
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -79,7 +81,8 @@ def gloo_worker(rank, world_size, store_dir, out_dir, seed, module_name, timeout
 
 def spawned_cases(tmp_path_factory, module_name, seed, deadline_s, gloo_timeout_s, prefix):
     """``get(world_size)``: the per-rank results of test module ``module_name``'s cases
-    (``gloo_worker``), spawned once per world size and kept for the module."""
+    (``gloo_worker``), spawned once per world size and kept for the module (conftest's
+    ``spawned`` fixture builds it from the module's SEED, SPAWN_DEADLINE_S and GLOO_TIMEOUT_S)."""
     cache = {}
 
     def get(world_size):

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import case_params, case_seed, spawned_cases
+from helpers import case_params, case_seed
 
 pytestmark = pytest.mark.slow  # two process spawns, about a minute on 2 cores
 
@@ -142,7 +142,6 @@ def reference_distributed(imgs, txts, scale, bias, local_loss, gather_with_grad,
 # ----------------------------------------------------------------------------------------
 
 def _run_case(case, rank, world_size, seed):
-    import torch.distributed as dist
 
     import clip_fast.core.collectives as cf_collectives
     from clip_fast import FastClipLoss
@@ -197,7 +196,6 @@ def _run_case(case, rank, world_size, seed):
                          world_size=world_size)(oimg, otxt, oscale)
         oloss.backward()
         out.update(oc_loss=oloss.detach(), oc_d_img=oimg.grad, oc_d_txt=otxt.grad, oc_d_scale=oscale.grad)
-    dist.barrier()
     return out
 
 
@@ -208,10 +206,6 @@ def _case_seed(world_size, case):
     """The seed the workers drew this case's features from."""
     return case_seed(_cases(world_size), case, SEED)
 
-
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    return spawned_cases(tmp_path_factory, __name__, SEED, SPAWN_DEADLINE_S, GLOO_TIMEOUT_S, "dist")
 
 
 def _params(kind):

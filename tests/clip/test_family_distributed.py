@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import case_params, case_seed, spawned_cases
+from helpers import case_params, case_seed
 from reference import reference_family_distributed
 
 pytestmark = pytest.mark.slow  # two process spawns
@@ -184,7 +184,6 @@ def _inputs(case, shards, rank, world_size):
 def _run_case(case, rank, world_size, seed):
     import contextlib
 
-    import torch.distributed as dist
 
     import clip_fast.core.collectives as cf_collectives
     from clip_fast import FastClipLoss
@@ -227,7 +226,6 @@ def _run_case(case, rank, world_size, seed):
         out["error"] = f"{type(exc).__name__}: {exc}"
         if case["error"] is None:
             out["error"] += "\n" + traceback.format_exc()
-    dist.barrier()
     return out
 
 
@@ -238,10 +236,6 @@ def _case_seed(world_size, case):
     """The seed the workers drew this case's shards from."""
     return case_seed(_cases(world_size), case, SEED)
 
-
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    return spawned_cases(tmp_path_factory, __name__, SEED, SPAWN_DEADLINE_S, GLOO_TIMEOUT_S, "fam")
 
 
 def _params(kind):

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DTYPE_UNIT, PRECISION_FACTOR, case_seed, seed_ratio, spawned_cases
+from helpers import DTYPE_UNIT, PRECISION_FACTOR, case_seed, seed_ratio
 
 pytest.importorskip("sentence_transformers", reason="the sentence-transformers extra is not installed")
 
@@ -132,13 +132,8 @@ def _run_case(case, rank, world_size, seed):
                 out["lib64"] = _grads(lib, [c.double() for c in cols], factor)
     except Exception as exc:  # recorded; every case here must succeed
         out["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    dist.barrier()
     return out
 
-
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    return spawned_cases(tmp_path_factory, __name__, SEED, SPAWN_DEADLINE_S, GLOO_TIMEOUT_S, "st")
 
 
 def _oracle(case, world_size, shards):

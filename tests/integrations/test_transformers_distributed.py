@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import case_seed, spawned_cases
+from helpers import case_seed
 
 pytest.importorskip("transformers", reason="the transformers extra is not installed")
 
@@ -77,13 +77,8 @@ def _run_case(case, rank, world_size, seed):
                 g /= world_size
     except Exception as exc:  # recorded; every case here must succeed
         out["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    dist.barrier()
     return out
 
-
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    return spawned_cases(tmp_path_factory, __name__, SEED, SPAWN_DEADLINE_S, GLOO_TIMEOUT_S, "hf")
 
 
 def _oracle(case, world_size, seed):

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import spawned_cases
 
 pytestmark = pytest.mark.slow  # process spawns: tens of seconds on 2 cores
 
@@ -100,14 +99,8 @@ def _run_case(case, rank, world_size, seed):
         oloss.backward()
         out.update(oc_loss=oloss.detach(), oc_d_img=xo.grad, oc_d_txt=to.grad, oc_d_scale=so.grad,
                    oc_d_bias=bo.grad)
-    import torch.distributed as dist
-    dist.barrier()
     return out
 
-
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    return spawned_cases(tmp_path_factory, __name__, SEED, SPAWN_DEADLINE_S, GLOO_TIMEOUT_S, "sig")
 
 
 def _reference(case, seed, world_size):
