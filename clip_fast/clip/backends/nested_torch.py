@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import compute_dtype, diag_grad
+from . import combine_diag, compute_dtype, diag_grad
 from .torch_backend import finish_lse, hi_lo, strip_grad, strip_lse, strip_rows
 
 
@@ -73,7 +73,10 @@ def nested_lse_forward(x: torch.Tensor, y: torch.Tensor, dims: Sequence[int], rs
             # 2-4. Its diagonal, row lse and column merge (torch_backend.lse_forward's steps).
             col_max[k] = strip_lse(strip, r0, diag[k], lse_row[k], col_max[k], col_sum[k])
             del strip
-    out = [finish_lse(lse_row[k], col_max[k], col_sum[k], diag[k]) for k in range(sizes)]
+    out = []
+    for k in range(sizes):
+        row_off, col_off, diag64 = finish_lse(lse_row[k], col_max[k], col_sum[k], diag[k])
+        out.append((combine_diag(row_off, diag64), combine_diag(col_off, diag64), diag64))
     return tuple(torch.stack(t) for t in zip(*out))
 
 

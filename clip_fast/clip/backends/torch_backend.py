@@ -117,8 +117,8 @@ def strip_lse(strip: torch.Tensor, r0: int, diag: torch.Tensor, lse_row: torch.T
 
 def finish_lse(lse_row: torch.Tensor, col_max: torch.Tensor, col_sum: torch.Tensor, diag: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The contract's (lse_row, lse_col, diag) from the off-diagonal row lse, the column
-    running statistics and the diagonal: the diagonal added back in float64."""
+    """``lse_forward_offdiag``'s (lse_row, lse_col, diag) from the off-diagonal row lse, the
+    column running statistics and the diagonal: the diagonal not yet added back, all float64."""
     lse_col = torch.where(col_max == float("-inf"), col_max,
                           col_max.to(torch.float64) + torch.log(col_sum.to(torch.float64)))
     return lse_row, lse_col, diag.to(torch.float64)
