@@ -105,6 +105,10 @@ def kernel_variant(request):
     backend = callspec.params.get("backend") if callspec else None
     if request.param != "default" and backend != "triton":
         pytest.skip("kernel variants apply to the triton backend only")
+    if request.param != "default" and os.environ.get("CLIP_FAST_TEST_VARIANTS") == "default":
+        # CI's old leg: the variants' exactness runs once per CI, in the new leg; the old leg
+        # compiles every variant (aot_check) and runs tests/kernels/test_variants.py.
+        pytest.skip("CLIP_FAST_TEST_VARIANTS=default: the default variant only")
     with kconfig.variant_override(request.param):
         yield request.param
 
