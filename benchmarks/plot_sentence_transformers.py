@@ -1,7 +1,8 @@
-"""Plot a bench_sentence_transformers.py CSV: time and extra memory of the loss stage per case,
-as ratios to sentence-transformers' MultipleNegativesRankingLoss, one group of bars per N.
+"""Plot bench_sentence_transformers.py CSVs: time and extra memory of the loss stage per case,
+as ratios to sentence-transformers' MultipleNegativesRankingLoss, one group of bars per N (each
+N's ratios come from the run that measured it).
 
-    python benchmarks/plot_sentence_transformers.py benchmarks/results/sentence_transformers_cpu_<date>.csv [-o out.png]
+    python benchmarks/plot_sentence_transformers.py benchmarks/results/sentence_transformers_cpu_<date>*.csv [-o out.png]
 """
 import argparse
 import csv
@@ -12,14 +13,16 @@ LABELS = {"st_mnrl": "MNRL (sentence-transformers)", "fast_mnrl": "FastMNRL (cli
           "st_cached": "CachedMNRL (sentence-transformers)", "fast_cached": "FastCachedMNRL (clip_fast)"}
 
 
-def plot(path: str, out: str) -> str:
+def plot(paths, out: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] == "ok" and r["ratio"]]
+    rows = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        with open(path) as f:
+            rows += [r for r in csv.DictReader(f) if r["status"] == "ok" and r["ratio"]]
     ns = sorted({int(r["n"]) for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(CASES)
@@ -49,10 +52,10 @@ def plot(path: str, out: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("csv")
-    p.add_argument("-o", "--out", default=None, help="default: the CSV's name with .png")
+    p.add_argument("csv", nargs="+")
+    p.add_argument("-o", "--out", default=None, help="default: the first CSV's name with .png")
     args = p.parse_args()
-    print(f"wrote {plot(args.csv, args.out or os.path.splitext(args.csv)[0] + '.png')}")
+    print(f"wrote {plot(args.csv, args.out or os.path.splitext(args.csv[0])[0] + '.png')}")
 
 
 if __name__ == "__main__":

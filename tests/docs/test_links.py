@@ -8,12 +8,6 @@ import pytest
 
 from markdown_pages import ROOT, anchors, links, pages, slug
 
-# Pages that other branches add at merge.  While one is absent here a link to it (without an
-# anchor) is accepted; once it exists it is checked like every other page.  Empty this set
-# once they are all merged.
-PAGES_FROM_OTHER_BRANCHES = {"docs/sentence_transformers.md", "docs/transformers.md",
-                             "docs/matryoshka.md", "docs/gpu_variants.md"}
-
 
 def _broken(page: str):
     """(line, target, why) for each broken relative link of ``page``."""
@@ -28,8 +22,7 @@ def _broken(page: str):
         if rel.startswith(".."):
             out.append((line, target, "points outside the repository"))
         elif not os.path.exists(dest):
-            if not (rel in PAGES_FROM_OTHER_BRANCHES and not anchor):
-                out.append((line, target, f"{rel} does not exist"))
+            out.append((line, target, f"{rel} does not exist"))
         elif anchor and dest.endswith(".md") and anchor not in anchors(rel):
             out.append((line, target, f"no heading of {rel} has the anchor #{anchor}"))
     return out
