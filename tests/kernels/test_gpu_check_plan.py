@@ -74,7 +74,7 @@ def test_variants_dry_run_writes_a_winner_that_config_reads(tmp_path):
 
 def test_predictions_cover_every_variant_from_the_committed_cost_report():
     """benchmarks/predict_variants.py reads the committed sm_90 cost report and predicts each
-    variant; its default lands within the issue's static reading (about 40 ms)."""
+    variant; its default lands near the earlier static reading of the same kernels (about 40 ms)."""
     import predict_variants
     from clip_fast.kernels import config as kconfig
 
