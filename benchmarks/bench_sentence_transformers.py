@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from typing import Callable, Dict, List, Optional
@@ -34,8 +33,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import (RESULTS, environment, interleaved_times, paired_ratio, parse_or_serve,  # noqa: E402
-                        peak_rss_bytes, reset_peak_rss, rss_bytes, write_csv)
+from bench_loss import (RESULTS, environment, interleaved_times, parse_or_serve, peak_rss_bytes,  # noqa: E402
+                        reset_peak_rss, rss_bytes, write_csv)
+from ratio_report import ratio_rows, ratio_table  # noqa: E402
 
 CASES = ("st_mnrl", "fast_mnrl", "st_cached", "fast_cached")
 FIELDS = ["date", "device", "torch", "triton", "python", "sentence_transformers", "threads", "backend", "case",
@@ -132,38 +132,16 @@ def run(args) -> List[Dict]:
     for n in args.n:
         cases = [c for c in CASES if logit_gib(c, n, args.mini_batch) <= args.max_logit_gib]
         times = time_cases(cases, n, args.d, args.backend, args.mini_batch, args.reps)
-        base = times.get("st_mnrl")
         mems = {c: memory(c, n, args.d, args.backend, args.mini_batch) for c in cases}
-        for c in CASES:
-            row = dict(env, case=c, n=n)
-            if c not in cases:
-                rows.append(dict(row, status=f"skipped: {logit_gib(c, n, args.mini_batch):.1f} GiB of logits "
-                                             f"> --max-logit-gib {args.max_logit_gib}"))
-                continue
-            t = times[c]
-            row.update(median_ms=1e3 * statistics.median(t["wall"]), cpu_median_ms=1e3 * statistics.median(t["cpu"]),
-                       extra_mib=mems[c], status="ok")
-            if base is not None:
-                row["ratio"] = paired_ratio(t["wall"], base["wall"])
-                row["cpu_ratio"] = paired_ratio(t["cpu"], base["cpu"])
-                row["mem_ratio"] = mems[c] / max(mems["st_mnrl"], 1e-9)
-            rows.append(row)
+        rows += ratio_rows(env, n, times, mems, "st_mnrl")
+        rows += [dict(env, case=c, n=n, status=f"skipped: {logit_gib(c, n, args.mini_batch):.1f} GiB of logits "
+                                               f"> --max-logit-gib {args.max_logit_gib}")
+                 for c in CASES if c not in cases]
     return rows
 
 
 def table(rows) -> str:
-    out = ["| N | case | median ms | CPU ms | x st_mnrl (wall) | x st_mnrl (CPU) | extra MiB | x st_mnrl (memory) |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["status"] != "ok":
-            out.append(f"| {r['n']} | {r['case']} | {r['status']} | | | | | |")
-            continue
-        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
-        cpu_ratio = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "-"
-        mem_ratio = f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"
-        out.append(f"| {r['n']} | {r['case']} | {r['median_ms']:.0f} | {r['cpu_median_ms']:.0f} | {ratio} | "
-                   f"{cpu_ratio} | {r['extra_mib']:.0f} | {mem_ratio} |")
-    return "\n".join(out)
+    return ratio_table(rows, "st_mnrl")
 
 
 def main(argv: Optional[List[str]] = None):

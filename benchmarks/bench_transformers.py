@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from typing import Callable, Dict, List, Optional
@@ -36,8 +35,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import (RESULTS, environment, interleaved_times, paired_ratio, peak_rss_bytes,  # noqa: E402
-                        reset_peak_rss, rss_bytes, write_csv)
+from bench_loss import (RESULTS, environment, interleaved_times, peak_rss_bytes, reset_peak_rss,  # noqa: E402
+                        rss_bytes, write_csv)
+from ratio_report import ratio_rows, ratio_table  # noqa: E402
 
 CASES = ("hf", "fast", "fast_none")
 FIELDS = ["date", "device", "torch", "triton", "python", "transformers", "threads", "backend", "case", "n", "d",
@@ -124,14 +124,7 @@ def _rows_for(n, args, env) -> List[Dict]:
     reps = args.reps_large if (args.reps_large and n >= args.large) else args.reps
     times = time_cases(n, args.dim, args.backend, reps)
     mems = {c: memory(c, n, args.dim, args.backend) for c in CASES}
-    rows = []
-    for c in CASES:
-        t = times[c]
-        rows.append(dict(
-            env, case=c, n=n, reps=reps, median_ms=1e3 * statistics.median(t["wall"]), cpu_median_ms=1e3 * statistics.median(t["cpu"]),
-            ratio=paired_ratio(t["wall"], times["hf"]["wall"]), cpu_ratio=paired_ratio(t["cpu"], times["hf"]["cpu"]),
-            extra_mib=mems[c], mem_ratio=mems[c] / max(mems["hf"], 1e-9), status="ok"))
-    return rows
+    return ratio_rows(env, n, times, mems, "hf", reps=reps)
 
 
 def run(args) -> List[Dict]:
@@ -146,16 +139,7 @@ def run(args) -> List[Dict]:
 
 
 def table(rows) -> str:
-    out = ["| N | case | reps | median ms | CPU ms | x hf (wall) | x hf (CPU) | extra MiB | x hf (memory) |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["status"] != "ok":
-            out.append(f"| {r['n']} | {r['case']} | {r['status']} | | | | | | |")
-            continue
-        out.append(f"| {r['n']} | {r['case']} | {r['reps']} | {r['median_ms']:.0f} | {r['cpu_median_ms']:.0f} | "
-                   f"{r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {r['extra_mib']:.0f} | "
-                   f"{r['mem_ratio']:.3f} |")
-    return "\n".join(out)
+    return ratio_table(rows, "hf", reps=True)
 
 
 def main(argv: Optional[List[str]] = None):

@@ -4,8 +4,9 @@ switch, as ratios to transformers' own loss, one group of bars per N.
     python benchmarks/plot_transformers.py benchmarks/results/transformers_cpu_<date>.csv [-o out.png]
 """
 import argparse
-import csv
 import os
+
+from ratio_report import grouped_bars, read_rows
 
 CASES = ("hf", "fast", "fast_none")
 LABELS = {"hf": "transformers' loss", "fast": "clip_fast switch (logits kept)",
@@ -15,37 +16,12 @@ PANELS = (("ratio", "time / transformers' (forward+backward, wall)"),
 
 
 def plot(path: str, out: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
-    ns = sorted({int(r["n"]) for r in rows})
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4))
-    width = 0.8 / len(CASES)
-    for k, case in enumerate(CASES):
-        for ax, (key, _) in zip(axes, PANELS):
-            xs, ys = [], []
-            for i, n in enumerate(ns):
-                hit = [r for r in rows if r["case"] == case and int(r["n"]) == n and r[key]]
-                if hit:
-                    xs.append(i + (k - 1) * width)
-                    ys.append(float(hit[-1][key]))
-            ax.bar(xs, ys, width, label=LABELS[case])
+    rows = read_rows(path)
     first = rows[0]
-    for ax, (_, title) in zip(axes, PANELS):
-        ax.set_xticks(range(len(ns)), [f"N = {n}" for n in ns])
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"CLIPModel(return_loss=True) loss stage, projection {first['d']}, fp32: {first['device']} "
-                 f"(shared), torch {first['torch']}, transformers {first['transformers']}, {first['date']}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    return grouped_bars(rows, CASES, LABELS, PANELS,
+                        f"CLIPModel(return_loss=True) loss stage, projection {first['d']}, fp32: {first['device']} "
+                        f"(shared), torch {first['torch']}, transformers {first['transformers']}, {first['date']}",
+                        out)
 
 
 def main():
