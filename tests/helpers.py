@@ -154,3 +154,22 @@ def aot_check_report(*args):
     out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.aot_check", *args], env=env,
                          capture_output=True, text=True, timeout=600)
     return out.returncode, out.stdout + out.stderr
+
+
+def assert_same_training(got_losses, want_losses, got, want, rel=1e-9):
+    """Two training runs agree: every step's loss within ``rel`` (relative), and every floating
+    weight tensor of the final state dicts within ``rel`` of its own norm, floored at 1e-4 x the
+    norm of all weights: a weight that stays ~0, such as an attention key bias (softmax ignores
+    it), has only rounding for a gradient, so its difference is judged against the model's scale.  Returns (worst step loss, worst weight) relative differences."""
+    assert len(got_losses) == len(want_losses)
+    for step, (g, w) in enumerate(zip(got_losses, want_losses)):
+        assert abs(g - w) <= rel * abs(w), f"step {step}: loss {g!r} vs {w!r}"
+    assert got.keys() == want.keys()
+    weights = [k for k, w in want.items() if w.is_floating_point()]
+    total = torch.cat([want[k].flatten() for k in weights]).norm().item()
+    worst = 0.0
+    for k in weights:
+        err = (got[k] - want[k]).norm().item() / max(want[k].norm().item(), 1e-4 * total)
+        assert err <= rel, f"{k}: relative difference {err:.3e}"
+        worst = max(worst, err)
+    return max(abs(g - w) / abs(w) for g, w in zip(got_losses, want_losses)), worst

@@ -14,6 +14,8 @@ pytest.importorskip("sentence_transformers", reason="the sentence-transformers e
 pytest.importorskip("datasets", reason="SentenceTransformerTrainer needs datasets")
 pytest.importorskip("accelerate", reason="SentenceTransformerTrainer needs accelerate")
 
+from helpers import assert_same_training  # noqa: E402
+
 pytestmark = pytest.mark.slow  # two training runs per test
 
 STEPS, BATCH = 3, 9
@@ -51,19 +53,7 @@ def _compare(tmp_path, lib_loss, fast_loss):
     want_losses, want = train(tmp_path / "lib", lib_loss)
     got_losses, got = train(tmp_path / "fast", fast_loss)
     assert len(want_losses) == STEPS and len(got_losses) == STEPS
-    for step, (g, w) in enumerate(zip(got_losses, want_losses)):
-        assert abs(g - w) <= 1e-9 * abs(w), f"step {step}: loss {g!r} vs {w!r}"
-    assert got.keys() == want.keys()
-    weights = [k for k, w in want.items() if w.is_floating_point()]
-    total = torch.cat([want[k].flatten() for k in weights]).norm().item()
-    worst = 0.0
-    for k in weights:
-        # Weights that stay ~0 (a key bias: softmax ignores it, its gradient is rounding) are
-        # judged against 1e-6 x the norm of all weights.
-        err = (got[k] - want[k]).norm().item() / max(want[k].norm().item(), 1e-6 * total)
-        assert err <= 1e-9, f"{k}: relative difference {err:.3e}"
-        worst = max(worst, err)
-    step_worst = max(abs(g - w) / abs(w) for g, w in zip(got_losses, want_losses))
+    step_worst, worst = assert_same_training(got_losses, want_losses, got, want)
     print(f"max relative difference: per-step loss {step_worst:.2e}, "
           f"final weights {worst:.2e}")
 

@@ -17,6 +17,8 @@ import torch
 pytest.importorskip("transformers", reason="the transformers extra is not installed")
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
 
+from helpers import assert_same_training  # noqa: E402
+
 pytestmark = pytest.mark.slow  # two training runs per test
 
 STEPS, BATCH = 3, 7
@@ -80,14 +82,7 @@ def test_trainer_steps_and_weights_match_transformers_loss(tmp_path, kind, switc
     got_losses, got, fused_calls = train(tmp_path / "fast", kind, switch)
     assert (lib_calls, fused_calls) == (0, STEPS)
     assert len(want_losses) == STEPS and len(got_losses) == STEPS
-    for step, (g, w) in enumerate(zip(got_losses, want_losses)):
-        assert abs(g - w) <= 1e-9 * abs(w), f"step {step}: loss {g!r} vs {w!r}"
-    assert got.keys() == want.keys()
-    weights = [k for k, w in want.items() if w.is_floating_point()]
-    total = torch.cat([want[k].flatten() for k in weights]).norm().item()
-    diff = torch.cat([(got[k] - want[k]).flatten() for k in weights]).norm().item()
-    worst = max((got[k] - want[k]).abs().max().item() for k in weights)
-    assert diff <= 1e-9 * total, f"final weights: relative {diff / total:.3e}, worst entry {worst:.3e}"
+    assert_same_training(got_losses, want_losses, got, want)
     assert any(not torch.equal(want[k], tiny_start) for k, tiny_start in _start(kind).items())
 
 
