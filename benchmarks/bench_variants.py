@@ -82,8 +82,10 @@ def costs(dry_run: bool, n: int, d: int, gemm_tflops: float) -> Costs:
     return Costs(compile_s=12.0, check_s=2 * call, calls=25, call_s=call)
 
 
-def estimate_s(c: Costs) -> float:
-    return c.compile_s + c.check_s + c.calls * c.call_s
+def estimate_s(c: Costs, loss: str = "clip") -> float:
+    """Seconds one run is priced at; a SigLIP run compiles at most 2 kernels against CLIP's 3."""
+    compile_s = c.compile_s * (2.0 / 3.0 if loss == "siglip" else 1.0)
+    return compile_s + c.check_s + c.calls * c.call_s
 
 
 def plan(variants: List[str], tiles: List[tuple], budget_s: float, reserve_s: float,
@@ -95,7 +97,7 @@ def plan(variants: List[str], tiles: List[tuple], budget_s: float, reserve_s: fl
     runs = ([Run(v, None) for v in variants] + [Run(v, None, "siglip") for v in siglip_variants]
             + [Run("default", tuple(t)) for t in tiles])
     for run in runs:
-        est = estimate_s(c)
+        est = estimate_s(c, run.loss)
         if total + est <= budget_s - reserve_s:
             kept.append(run)
             total += est
@@ -236,12 +238,13 @@ def _cell(v) -> str:
 
 def run_all(runs, inputs, refs, device, dry_run, deadline, n, d, rate, c: Costs) -> List[dict]:
     """Time every planned run that is estimated to end by the deadline; one row each (skipped
-    ones say why).  The estimate grows to the wall time of the slowest run so far.  ``refs``:
+    ones say why).  A run's estimate is the larger of its price and the last run's wall time.  ``refs``:
     the torch backend's answer per loss."""
     from clip_fast.kernels import config as kconfig
 
-    rows, est = [], estimate_s(c)
+    rows, last_wall = [], 0.0
     for run in runs:
+        est = max(estimate_s(c, run.loss), last_wall)
         row = {"loss": run.loss, "variant": run.variant, "n": n,
                "tile": "own" if run.tile is None else "x".join(map(str, run.tile)),
                "tile_used": run.tile or (_own_tile(run.variant, device, kconfig) if run.loss == "clip" else None)}
@@ -253,7 +256,7 @@ def run_all(runs, inputs, refs, device, dry_run, deadline, n, d, rate, c: Costs)
         try:
             ms, err = time_run(run, *inputs, refs[run.loss], device, dry_run)
             # The next run's estimate: the larger of the price list's and this run's wall time.
-            est = max(estimate_s(c), time.time() - t_run)
+            last_wall = time.time() - t_run
         except Exception as exc:   # report and keep going
             rows.append({**row, "status": "error", "note": f"{type(exc).__name__}: {exc}"[:200]})
             continue
@@ -348,7 +351,7 @@ def main(argv=None, t_start: Optional[float] = None) -> int:
     tiles = DRY_SWEEP_TILES if args.dry_run else SWEEP_TILES
     reserve = time.time() - t0 + args.large_n_s
     runs, dropped = plan(list(kconfig.VARIANTS), tiles, args.budget_s, reserve, c, list(kconfig.SIGLIP_VARIANTS))
-    total = sum(estimate_s(c) for _ in runs) + reserve
+    total = sum(estimate_s(c, r.loss) for r in runs) + reserve
     print(f"[variants] plan: {len(runs)} run(s), estimated {total:.0f} s of the {args.budget_s:.0f} s budget "
           f"(each: compile {c.compile_s:.0f} s + check {c.check_s:.1f} s + {c.calls} x {c.call_s * 1e3:.1f} ms; "
           f"{args.large_n_s:.0f} s kept for the largest N); GEMM {rate:.4g} TFLOP/s", flush=True)

@@ -119,3 +119,73 @@ def test_predictions_cover_every_variant_from_the_committed_cost_report():
     assert 30.0 < preds["default"]["total_ms"] < 50.0
     for p in preds.values():
         assert p["total_ms"] == pytest.approx(p["forward_ms"] + p["backward_ms"])
+
+
+# ---- the shell script's budget (benchmarks/gpu_check.sh), replayed from its own constants ----
+
+import re  # noqa: E402
+
+GPU_CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "gpu_check.sh")
+
+
+def _script_constants() -> dict:
+    with open(GPU_CHECK) as f:
+        text = f.read()
+    consts = {k: int(v) for k, v in re.findall(r"\b([A-Z_]+_S)=(\d+)\b", text)}
+    consts["TEST_S"] = int(re.search(r"GPU_CHECK_TEST_S:-(\d+)", text).group(1))
+    consts["TOTAL_S"] = int(re.search(r"GPU_CHECK_TOTAL_S:-(\d+)", text).group(1))
+    return consts
+
+
+def _replay(c: dict, took: dict, retry: bool) -> tuple:
+    """(end time, {step: its limit}) of gpu_check.sh's steps when each takes ``took[step]`` seconds,
+    or its whole limit plus the kill delay when absent -- the script's limit() arithmetic."""
+    t, limits = 0, {}
+
+    def run(name, cap, after, kill, least=1):
+        nonlocal t
+        lim = cap if after is None else max(1, min(cap, c["TOTAL_S"] - t - after))
+        if lim < least:
+            limits[name] = 0     # the script skips the step
+            return
+        limits[name] = lim
+        t += min(took.get(name, lim + kill), lim + kill)
+
+    run("versions", c["VERSIONS_S"], None, c["KILL_S"])
+    run("wheels", c["WHEELS_S"], c["WHEELS_AFTER_S"], c["KILL_S"])
+    run("imports", 20, None, c["KILL_S"])
+    run("build", c["BUILD_S"], c["BUILD_AFTER_S"], c["KILL_S"])
+    if retry:
+        run("retry", c["BUILD_RETRY_S"], c["BUILD_RETRY_AFTER_S"], c["KILL_S"])
+    run("report", 20, None, c["KILL_S"])
+    run("variants", c["VARIANTS_S"], c["VARIANTS_AFTER_S"], c["KILL_S"], least=20)
+    run("matryoshka", c["MATRYOSHKA_S"], c["MATRYOSHKA_AFTER_S"], c["KILL_S"], least=10)
+    run("tests", c["TEST_S"], c["TESTS_AFTER_S"], 10, least=10)
+    bench = c["TOTAL_S"] - t - c["END_RESERVE_S"]
+    limits["bench"] = bench if bench >= 20 else 0
+    t += limits["bench"] + (c["KILL_S"] if limits["bench"] else 0)
+    return t, limits
+
+
+def test_gpu_check_budget_holds_when_every_step_overruns():
+    """Every step to its limit plus its kill delay, the build failing into its retry: the run still
+    ends by TOTAL_S - 15 + 5 (the closing lines then fit the 360 s), and every step still runs."""
+    c = _script_constants()
+    assert c["TOTAL_S"] == 360
+    end, limits = _replay(c, {}, retry=True)
+    assert end <= c["TOTAL_S"] - c["END_RESERVE_S"] + c["KILL_S"]
+    assert limits["variants"] >= 20 and limits["matryoshka"] >= 10 and limits["tests"] >= 30
+    assert limits["bench"] >= 35
+    # A rerun fits the 15-minute lease after a 2-minute machine start.
+    assert 120 + 2 * c["TOTAL_S"] <= 900
+
+
+def test_gpu_check_budget_with_an_80_s_build():
+    """The expected run: quick first steps, an 80 s build; the variants get their whole 140 s."""
+    c = _script_constants()
+    end, limits = _replay(c, {"versions": 5, "wheels": 5, "imports": 5, "build": 80, "report": 5}, retry=False)
+    assert limits["variants"] == c["VARIANTS_S"] == 140
+    assert limits["matryoshka"] >= 15 and limits["tests"] >= 30 and limits["bench"] >= 35
+    assert end <= c["TOTAL_S"] - c["END_RESERVE_S"] + c["KILL_S"]
+    # The variants step's plan: its largest-N share comes out of its own limit.
+    assert c["LARGE_N_S"] < c["VARIANTS_S"] - 5
