@@ -295,12 +295,18 @@ def tile_config(device: torch.device, dtype: torch.dtype,
     """
     cfg = _config.get_configs(device, dtype).backward
     if device.type == "cuda" and not _config.overridden():
-        own = _config.SIGLIP_VARIANT_TILES.get(design.name) if design is not None else None
-        if own is not None:
-            cfg = dataclasses.replace(own, BK=min(own.BK, 32) if dtype == torch.float32 else own.BK)
-        else:
-            cfg = dataclasses.replace(cfg, BM=64, BN=128, num_warps=8)
+        own = variant_tile(design.name, dtype) if design is not None else None
+        cfg = own or dataclasses.replace(cfg, BM=64, BN=128, num_warps=8)
     return cfg
+
+
+def variant_tile(name: str, dtype: torch.dtype) -> Optional[_config.KernelConfig]:
+    """SigLIP variant ``name``'s own GPU tile (``config.SIGLIP_VARIANT_TILES``), BK halved for fp32
+    as the table does (``config.table_configs``); None where the variant has none."""
+    own = _config.SIGLIP_VARIANT_TILES.get(name)
+    if own is None or dtype != torch.float32:
+        return own
+    return dataclasses.replace(own, BK=min(own.BK, 32))
 
 
 def _labels_mode(ids_row, diag_positive: bool) -> int:
@@ -436,8 +442,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
         yield _config.AotVariant("siglip", "tile diagonal tma", _siglip_tile_kernel, tile,
                                  dict(base, LABELS=1, USE_TMA=True), ints=ints, div16=ints,
                                  pointers=tuple(ptrs.items()))
-    own = _config.SIGLIP_VARIANT_TILES["fused_bwd"]
-    fused_tile = dataclasses.replace(own, BK=min(own.BK, 32) if dtype == torch.float32 else own.BK)
+    fused_tile = variant_tile("fused_bwd", dtype)
     fptrs = {n: "*fp64" for n in _siglip_fused_kernel.arg_names if n.endswith("_ptr")}
     fptrs.update(img_ptr=feat, txt_ptr=feat, out_ptr="*fp32", scale_ptr="*fp32", bias_ptr="*fp32",
                  ids_row_ptr="*i64", ids_col_ptr="*i64")
