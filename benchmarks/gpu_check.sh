@@ -9,35 +9,41 @@
 #
 # Steps (each one logs to $LOGDIR as it runs, so a run stopped at its limit still returns
 # the logs of every step it reached):
-# 0. versions: python, torch, triton, CUDA (torch's, nvcc's), driver, GPU name;
-# 1. wheels:   .whl/*.whl installed with --no-index --no-deps into a private directory on
-#              PYTHONPATH; the baselines that stay missing are named;
-# 2. build:    pip install -e . --no-build-isolation (the CUDA extension for sm_90; if the
-#              build fails or overruns, reinstall without it so the rest still runs);
-# 3. variants: benchmarks/bench_variants.py -- every kernel variant (kernels/config.py
-#              VARIANTS) and a small tile sweep at N = 65,536, D = 512, bf16, each checked
-#              against the torch backend and timed; variants.md/.csv (variant x time x
-#              GEMM-rate fraction) and winner_sm90.json (the file kernels/config.py reads:
-#              copy it to kernels/winner_sm90.json to commit the winner);
-# 4. tests:    the GPU test subset (pytest -m gpu), stopped with SIGINT at its limit so
-#              pytest still prints its summary (FAILED/ERROR lines);
-# 5. bench:    benchmarks/bench_gpu.py -- the full table as CSV in $LOGDIR; sizes a backend
-#              cannot finish in the time left are skipped with the estimate in the row.
+# 0. versions:   python, torch, triton, CUDA (torch's, nvcc's), driver, GPU name;
+# 1. wheels:     .whl/*.whl installed with --no-index --no-deps into a private directory on
+#                PYTHONPATH; the baselines that stay missing are named;
+# 2. build:      pip install -e . --no-build-isolation (the CUDA extension for sm_90; if the
+#                build fails or overruns, reinstall without it so the rest still runs);
+# 3. variants:   benchmarks/bench_variants.py -- every CLIP kernel variant (kernels/config.py
+#                VARIANTS), every SigLIP variant (SIGLIP_VARIANTS) and a small tile sweep at
+#                N = 65,536, D = 512, bf16, each checked against the torch backend and timed, then
+#                the CLIP winner at the largest N that the step's time left and the GPU memory
+#                allow (priced as N^2 from its own 65,536 time); variants.md/.csv (loss x variant
+#                x N x time x GEMM-rate fraction) and winner_sm90.json (the file kernels/config.py
+#                reads, the SigLIP winner under "siglip": copy it to kernels/winner_sm90.json);
+# 4. matryoshka: benchmarks/bench_matryoshka.py --device cuda --backends torch,triton at N = 65,536,
+#                dims 64..768, bf16 (skipped when this checkout's script lacks those options);
+# 5. tests:      the GPU test subset (pytest -m gpu), stopped with SIGINT at its limit so
+#                pytest still prints its summary (FAILED/ERROR lines);
+# 6. bench:      benchmarks/bench_gpu.py -- the full table as CSV in $LOGDIR; sizes a backend
+#                cannot finish in the time left are skipped with the estimate in the row.
 #
 # Budget (seconds, GPU_CHECK_TOTAL_S=360 by default).  Every command runs under
 # `timeout -k KILL LIMIT` (KILL = 5 s, 10 s for pytest), so it ends by LIMIT + KILL:
-#     versions 20 | wheels 20 + baseline imports 20 | build 100 + retry without the
-#     extension 30 + backend report 20 | variants 110 | tests 75 | bench: what is left - 15
-#     | end 15
-# Each limit is the step's cap, cut to what is left after a reserve for the steps behind
-# it (build: 150 s, its retry: 120 s, variants: 100 s, tests: 90 s), and the bench's is
-# computed from the clock after the tests: left - 15.  So a step that ends early gives its
-# time to the bench, one that overruns takes it from the bench, and the run ends by
+#     versions 20 | wheels 20 + baseline imports 20 | build 100 + retry without the extension
+#     30 + backend report 20 | variants 140 | matryoshka 25 | tests 50 | bench: what is left
+#     - 15 | end 15
+# Each limit is the step's cap, cut to what is left after a reserve for the steps behind it
+# (the *_AFTER_S constants: each is the least the later steps need, their kill delays included,
+# so that the bench always keeps 35 s, the tests 30 s and the Matryoshka step 15 s).  The bench's
+# limit is computed from the clock after the tests: left - 15.  So a step that ends early gives
+# its time to the later ones, one that overruns takes it from them, and the run ends by
 #     START + TOTAL_S - 15 + 5 (the bench's kill delay) = 350 s,
-# 360 s at most with the closing lines.  The variants step plans its runs inside its own
-# limit (bench_variants.py: each run priced before it starts, none started past the limit).
-# The reserves cut the later steps so that the tests always leave the bench 65 s or more
-# (90 - 10 kill - 15 end).
+# 360 s at most with the closing lines (tests/kernels/test_gpu_check_plan.py replays this
+# arithmetic from the constants below).  The variants step plans its runs inside its own limit
+# (bench_variants.py: each run priced before it starts, none started past the limit, 20 s of it
+# kept for the largest-N run).  With a build of 80 s the steps get about: variants 140,
+# Matryoshka 20, tests 30, bench 45.
 # With a 1-2 minute machine start, a first run ends by minute 8 of the 15-minute lease,
 # and a rerun on the still-warm machine by minute 14.
 #
@@ -48,6 +54,7 @@
 #     tests.log      pytest -v -rfE           bench.log  every row as written, the summary
 #     *.csv          the full benchmark table
 #     variants.log, variants.md, variants.csv, winner_sm90.json   the variants step
+#     matryoshka.log, matryoshka_gpu.csv                          the Matryoshka step
 #
 # Rehearsal on a CPU machine with the card's versions (no GPU: tiny sizes, Triton's
 # interpreter, the build without the extension unless GPU_CHECK_DRY_BUILD_CUDA=1):
@@ -56,10 +63,18 @@ set -u
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 TOTAL_S="${GPU_CHECK_TOTAL_S:-360}"
-VERSIONS_S=20; WHEELS_S=20; BUILD_S=100; BUILD_RETRY_S=30; VARIANTS_S=110
-TEST_S="${GPU_CHECK_TEST_S:-75}"
+VERSIONS_S=20; WHEELS_S=20; BUILD_S=100; BUILD_RETRY_S=30; VARIANTS_S=140; MATRYOSHKA_S=25
+TEST_S="${GPU_CHECK_TEST_S:-50}"
+LARGE_N_S=20                # of the variants step's limit, for the largest-N run
 END_RESERVE_S=15            # the bench's kill delay and the closing lines
 KILL_S=5
+# Reserves: what the steps behind each one keep at least (module doc, "Budget").
+TESTS_AFTER_S=60            # bench 35 + end 15 + pytest's kill delay 10
+MATRYOSHKA_AFTER_S=95       # tests 30 + TESTS_AFTER_S + this step's kill delay 5
+VARIANTS_AFTER_S=115        # Matryoshka 15 + MATRYOSHKA_AFTER_S + kill 5
+BUILD_RETRY_AFTER_S=165     # its kill 5 + backend report 20 + kill 5 + variants 20 (its minimum) + VARIANTS_AFTER_S
+BUILD_AFTER_S=200           # the retry 30 + BUILD_RETRY_AFTER_S (whose kill delay it includes)
+WHEELS_AFTER_S=255          # its kill 5 + baseline imports 20 + kill 5 + build 25 (its least) + BUILD_AFTER_S
 START=$(date +%s)
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 if [ -n "${OUT:-}" ]; then LOGDIR="$OUT"; else LOGDIR="benchmarks/results/gpu_check_${STAMP}"; fi
@@ -84,7 +99,7 @@ else
   unset TRITON_INTERPRET
 fi
 
-say "== 0/5 versions (budget ${TOTAL_S} s: versions ${VERSIONS_S} + wheels ${WHEELS_S} + build ${BUILD_S}+${BUILD_RETRY_S} + variants ${VARIANTS_S} + tests ${TEST_S} + bench rest + end ${END_RESERVE_S})"
+say "== 0/6 versions (budget ${TOTAL_S} s: versions ${VERSIONS_S} + wheels ${WHEELS_S} + build ${BUILD_S}+${BUILD_RETRY_S} + variants ${VARIANTS_S} + matryoshka ${MATRYOSHKA_S} + tests ${TEST_S} + bench rest + end ${END_RESERVE_S})"
 timeout -k $KILL_S $VERSIONS_S "$PY" - <<'PYEOF' 2>&1 | indent
 import platform, subprocess
 import torch
@@ -111,13 +126,13 @@ else:
     print("torch sees: NO CUDA DEVICE")
 PYEOF
 
-say "== 1/5 wheels ($(elapsed) s)"
+say "== 1/6 wheels ($(elapsed) s)"
 BUILD_LOG="$LOGDIR/build.log"
 : > "$BUILD_LOG"
 WHL_SITE="${GPU_CHECK_WHL_SITE:-/tmp/clip_fast_gpu_check_site}"
 if ls .whl/*.whl > /dev/null 2>&1; then
   echo "-- pip install --no-index --no-deps --target $WHL_SITE .whl/*.whl" >> "$BUILD_LOG"
-  timeout -k $KILL_S "$(limit $WHEELS_S 200)" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+  timeout -k $KILL_S "$(limit $WHEELS_S $WHEELS_AFTER_S)" "$PY" -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target "$WHL_SITE" .whl/*.whl >> "$BUILD_LOG" 2>&1 \
     && export PYTHONPATH="$WHL_SITE${PYTHONPATH:+:$PYTHONPATH}" \
     || say "   installing .whl/ failed (see build.log)"
@@ -136,12 +151,12 @@ for name, mod in (("open_clip", "open_clip.loss"), ("inf_cl", "inf_cl"),
 print("baselines missing: " + ("; ".join(missing) if missing else "none"))
 PYEOF
 
-say "== 2/5 build ($(elapsed) s)"
+say "== 2/6 build ($(elapsed) s)"
 BUILD_CUDA=1
 if [ -n "$DRY" ] && [ "${GPU_CHECK_DRY_BUILD_CUDA:-0}" != 1 ]; then
   BUILD_CUDA=0; say "   dry run: installing without the CUDA extension (GPU_CHECK_DRY_BUILD_CUDA=1 builds it)"
 fi
-t=$(limit $BUILD_S 150)
+t=$(limit $BUILD_S $BUILD_AFTER_S)
 echo "-- pip install -e . (CLIP_FAST_BUILD_CUDA=$BUILD_CUDA, limit ${t} s)" >> "$BUILD_LOG"
 CLIP_FAST_BUILD_CUDA=$BUILD_CUDA timeout -k $KILL_S "$t" "$PY" -m pip install -e . --no-build-isolation \
   --no-deps -q >> "$BUILD_LOG" 2>&1
@@ -150,7 +165,7 @@ if [ $rc -ne 0 ]; then
   say "   build failed (rc=$rc; 124: stopped at its ${t} s limit); last lines of build.log:"
   tail -5 "$BUILD_LOG" | indent
   say "   retrying without the extension (CLIP_FAST_BUILD_CUDA=0)"
-  CLIP_FAST_BUILD_CUDA=0 timeout -k $KILL_S "$(limit $BUILD_RETRY_S 120)" "$PY" -m pip install -e . \
+  CLIP_FAST_BUILD_CUDA=0 timeout -k $KILL_S "$(limit $BUILD_RETRY_S $BUILD_RETRY_AFTER_S)" "$PY" -m pip install -e . \
     --no-build-isolation --no-deps -q >> "$BUILD_LOG" 2>&1 || say "   install without the extension failed too"
 fi
 timeout -k $KILL_S 20 "$PY" - <<'PYEOF' 2>&1 | indent
@@ -164,22 +179,40 @@ except Exception as exc:
     print("clip_fast import failed:", type(exc).__name__, exc)
 PYEOF
 
-say "== 3/5 kernel variants ($(elapsed) s)"
+say "== 3/6 kernel variants ($(elapsed) s)"
 VARIANTS_LOG="$LOGDIR/variants.log"
-t=$(limit $VARIANTS_S 100)
+t=$(limit $VARIANTS_S $VARIANTS_AFTER_S)
 if [ "$t" -lt 20 ]; then say "   skipped: ${t} s left for it (under 20 s)" | tee "$VARIANTS_LOG"; else
   # The script's own planner keeps its runs within --budget-s (its limit less the kill margin).
   timeout -s INT -k $KILL_S "$t" "$PY" benchmarks/bench_variants.py $DRY --budget-s $(( t - 5 )) \
-    --out-dir "$LOGDIR" > "$VARIANTS_LOG" 2>&1
+    --large-n-s $LARGE_N_S --out-dir "$LOGDIR" > "$VARIANTS_LOG" 2>&1
   rc=$?
   [ $rc -ne 0 ] && say "   bench_variants.py rc=$rc (1: no run passed; 124/130: stopped at its ${t} s limit)"
-  grep -E "^\[variants\] (plan|winner)" "$VARIANTS_LOG" | cut -c1-220 | indent
+  grep -E "^\[variants\] (plan|largest N|winner|done)" "$VARIANTS_LOG" | cut -c1-220 | indent
   [ -f "$LOGDIR/variants.md" ] && grep -E "^\| " "$LOGDIR/variants.md" | cut -c1-160 | indent
 fi
 
-say "== 4/5 GPU tests ($(elapsed) s)"
+say "== 4/6 Matryoshka ($(elapsed) s)"
+MATRYOSHKA_LOG="$LOGDIR/matryoshka.log"
+t=$(limit $MATRYOSHKA_S $MATRYOSHKA_AFTER_S)
+if ! grep -q -- "--device" benchmarks/bench_matryoshka.py || ! grep -q -- "--backends" benchmarks/bench_matryoshka.py; then
+  say "   skipped: benchmarks/bench_matryoshka.py here has no --device/--backends options" | tee "$MATRYOSHKA_LOG"
+elif [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for it (under 10 s)" | tee "$MATRYOSHKA_LOG"; else
+  if [ -n "$DRY" ]; then   # the rehearsal: the interpreter at a tiny size
+    MATRYOSHKA_ARGS="--device cpu --n 64 --dims 16 32 --reps 1 --out $LOGDIR/matryoshka_dry_cpu.csv"
+  else
+    MATRYOSHKA_ARGS="--device cuda --n 65536 --dims 64 128 256 512 768 --out $LOGDIR/matryoshka_gpu.csv"
+  fi
+  timeout -s INT -k $KILL_S "$t" "$PY" benchmarks/bench_matryoshka.py --backends torch,triton --dtype bfloat16 \
+    $MATRYOSHKA_ARGS > "$MATRYOSHKA_LOG" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && say "   bench_matryoshka.py rc=$rc (124/130: stopped at its ${t} s limit)"
+  tail -6 "$MATRYOSHKA_LOG" | cut -c1-220 | indent
+fi
+
+say "== 5/6 GPU tests ($(elapsed) s)"
 TESTS_LOG="$LOGDIR/tests.log"
-t=$(limit $TEST_S 90)
+t=$(limit $TEST_S $TESTS_AFTER_S)
 if [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for the tests (under 10 s)"; : > "$LOGDIR/tests.log"; else
 # The Triton file first (this check's own subject), then every other test file's gpu tests.
 FILES="tests/kernels/test_triton.py"
@@ -197,7 +230,7 @@ say "   $(grep -c ' PASSED' "$TESTS_LOG") passed, $(grep -c ' FAILED' "$TESTS_LO
 grep -E "^=+ .*(passed|failed|skipped|error|no tests ran).* =+$" "$TESTS_LOG" | tail -1 | sed 's/^/pytest: /' | indent
 fi
 
-say "== 5/5 benchmark table ($(elapsed) s)"
+say "== 6/6 benchmark table ($(elapsed) s)"
 BENCH_LOG="$LOGDIR/bench.log"
 t=$(( $(left) - END_RESERVE_S ))
 if [ "$t" -lt 20 ]; then

@@ -112,6 +112,40 @@ def predict(rows: Dict[str, Dict[str, str]], m=MODEL) -> List[dict]:
     return out
 
 
+def predict_siglip(rows: Dict[str, Dict[str, str]], m=MODEL) -> List[dict]:
+    """One prediction per SigLIP variant (kernels/config.py SIGLIP_VARIANTS; bf16, diagonal labels,
+    loss and every gradient), by the same model: the one-sweep designs ("default", "tma") are the
+    tile kernel + G's store + two cuBLAS GEMMs; "fused_bwd" is its two launches, each sweeping
+    D / DV times with 2 BM BN (D + DV) flops a tile (the recompute and the gradient MMA)."""
+    N, D = m["N"], m["D"]
+    gemm_ms = 1e3 * 2.0 * N * N * D / (m["gemm_tflops"] * 1e12)
+    g_store_ms = 1e3 * 2.0 * N * N / m["copy_bytes_per_s"]
+    out = []
+    for variant, names in (("default", ["tile diagonal"]), ("tma", ["tile diagonal tma"]),
+                           ("fused_bwd", ["fused rows d_img", "fused cols d_txt"])):
+        found = [rows.get(f"triton bf16 siglip {n}") for n in names]
+        if None in found:
+            continue
+        bm, bn, _, _ = tile_shape(found[0])
+        tiles = N * N / (bm * bn)
+        if variant != "fused_bwd":
+            k = sweep_ms(found[0], 2.0 * bm * bn * D, tiles, m)
+            total = k["ms"] + g_store_ms + 2 * gemm_ms
+            how = (f"tile kernel {k['ms']:.1f} (MMA {k['mma_ms']:.1f}, epilogue {k['epi_ms']:.1f}, "
+                   f"{k['ctas']} CTA/SM, spill {k['spill']} B) + G store {g_store_ms:.1f} "
+                   f"+ 2 cuBLAS GEMMs {2 * gemm_ms:.1f}")
+        else:
+            dv = 256
+            parts = [sweep_ms(r, 2.0 * bm * bn * (D + dv), tiles * (D // dv), m) for r in found]
+            total = sum(p["ms"] for p in parts)
+            how = " + ".join(f"{k} launch {p['ms']:.1f} (MMA {p['mma_ms']:.1f}, epilogue {p['epi_ms']:.1f}, "
+                             f"{p['ctas']} CTA/SM, spill {p['spill']} B)" for k, p in zip(("rows", "cols"), parts)) \
+                + f"; D/DV = {D // dv} recomputes per launch"
+        out.append(dict(variant=variant, total_ms=total, how=how,
+                        frac=6.0 * N * N * D / (total * 1e-3) / (m["gemm_tflops"] * 1e12)))
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
@@ -130,6 +164,12 @@ def main(argv=None) -> int:
     for p in preds:
         print(f"| {p['variant']} | {p['forward_ms']:.1f} | {p['backward_ms']:.1f} | {p['total_ms']:.1f} | "
               f"{p['frac']:.2f} | {p['fwd_how']} | {p['bwd_how']} |")
+    print("\nSigLIP loss and gradients (one call: the sweep and both gradients), bf16, diagonal labels, "
+          "same N, D and constants; GEMM-rate fraction over SigLIP's floor of 6 N^2 D flops.\n")
+    print("| SigLIP variant | total ms | GEMM-rate fraction (6 N^2 D) | terms |")
+    print("|---|---|---|---|")
+    for p in predict_siglip(rows):
+        print(f"| {p['variant']} | {p['total_ms']:.1f} | {p['frac']:.2f} | {p['how']} |")
     return 0
 
 

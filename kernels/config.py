@@ -296,3 +296,81 @@ class AotVariant:
     div16: frozenset           # arguments Triton sees as 16-divisible (pointers always are)
     floats: frozenset = frozenset()   # fp32 scalar arguments
     pointers: tuple = ()       # (argument, type) for pointers that are not "*fp32"
+
+
+# ---- SigLIP kernel variants (kernels/siglip.py; docs/gpu_variants.md) ----
+
+# The CLIP variants' ideas where they apply to the sigmoid loss.  "tma": the tile's img and txt
+# slices through tensor descriptors (TMA loads on sm_90).  "fused_bwd": d_img and d_txt
+# accumulated in-kernel from the recomputed tile (G never reaches device memory) instead of G
+# written to the workspace and read back by two cuBLAS GEMMs.  Exponent sharing has no SigLIP
+# counterpart: there is no softmax, each element needs exactly one exp2 already.
+# Selected like the CLIP variants: ``siglip_variant_override`` > env CLIP_FAST_SIGLIP_VARIANT >
+# the winner file's "siglip" entry (on a GPU, never a dry run's) > "default".
+SIGLIP_VARIANTS: Dict[str, dict] = {
+    "default": dict(use_tma=False, fused_bwd=False),
+    "tma": dict(use_tma=True, fused_bwd=False),
+    "fused_bwd": dict(use_tma=False, fused_bwd=True),
+}
+# The GPU tile of a SigLIP variant that needs its own (others: kernels/siglip.tile_config's 64 x 128
+# x 64 w8 s3): the fused backward keeps a BM x DV fp32 output block in registers beside the
+# epilogue, so two stages (aot_check, sm_90 bf16, DV = 256: 255 registers, 44 B of spill stores
+# in the row launch, none in the column launch).
+SIGLIP_VARIANT_TILES: Dict[str, KernelConfig] = {
+    "fused_bwd": KernelConfig(64, 128, 64, 8, 2),
+}
+_siglip_variant_override: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipDesign:
+    name: str
+    use_tma: bool
+    fused_bwd: bool
+
+
+def _siglip_name_ok(name, where: str) -> str:
+    if name not in SIGLIP_VARIANTS:
+        raise ValueError(f"{where}: unknown SigLIP variant {name!r}; known: {sorted(SIGLIP_VARIANTS)}")
+    return name
+
+
+def _siglip_winner() -> Optional[str]:
+    """The winner file's SigLIP variant (GPU runs only), checked: ``"siglip": {"variant": name}``."""
+    data = _gpu_winner()
+    entry = data.get("siglip") if data else None
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise ValueError(f"clip_fast winner file {_winner_path()}: 'siglip' must be an object "
+                         f"with a 'variant', got {type(entry).__name__}")
+    return _siglip_name_ok(entry.get("variant"), f"clip_fast winner file {_winner_path()} 'siglip'")
+
+
+def selected_siglip_variant() -> str:
+    """The SigLIP variant in force (see ``SIGLIP_VARIANTS``)."""
+    if _siglip_variant_override is not None:
+        return _siglip_variant_override
+    env = os.environ.get("CLIP_FAST_SIGLIP_VARIANT", "")
+    if env:
+        return _siglip_name_ok(env, f"CLIP_FAST_SIGLIP_VARIANT={env!r}")
+    if interpreter_active():
+        return "default"
+    return _siglip_winner() or "default"
+
+
+def siglip_design() -> SiglipDesign:
+    name = selected_siglip_variant()
+    return SiglipDesign(name, **SIGLIP_VARIANTS[name])
+
+
+@contextlib.contextmanager
+def siglip_variant_override(name: str) -> Iterator[None]:
+    """Test/benchmark hook: SigLIP variant ``name`` for every launch inside the block."""
+    global _siglip_variant_override
+    _siglip_name_ok(name, "siglip_variant_override")
+    previous, _siglip_variant_override = _siglip_variant_override, name
+    try:
+        yield
+    finally:
+        _siglip_variant_override = previous

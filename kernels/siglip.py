@@ -30,6 +30,25 @@ BM) and d_txt would need (K, D) fp32 atomics, which are slow and not determinist
 workspace is bounded (``CLIP_FAST_WORKSPACE_MB``, default 256 MiB) and the GEMMs run at
 cuBLAS speed; the price is one write and two reads of each G block.
 
+Variants (``config.SIGLIP_VARIANTS``, selected like the CLIP ones; docs/gpu_variants.md):
+* "default": the above.
+* "tma": step 1 through tensor descriptors (TMA loads on sm_90) over rows [0, row0 + R) of img
+  and [0, col0 + C) of txt, whose zero padding past the block and past D gives the masked
+  loads' zeros; the grouped tile order above is kept (no persistent grid).
+* "fused_bwd": G never reaches device memory.  ``_siglip_fused_kernel`` is launched twice: a
+  program owns BM rows (d_img, the four row sums in float64 registers, no atomics) or BN
+  columns (d_txt) and DV of the D output features, sweeps the other dimension, recomputes
+  each tile (steps 1-4, the same ``_siglip_terms``), rounds G to the input dtype (the value
+  the workspace would hold) and accumulates ``G_q @ txt_blk[:, dv]`` (``G_q.T @ img_blk[:, dv]``)
+  in fp32 registers.  That answers the objection above by splitting D in DV chunks
+  (``fused_backward.feature_chunk``: 256 on sm_90 for 2-byte inputs) and d_txt by its own
+  launch; the price is the recompute: per launch D/DV tile sweeps of 2 N^2 (D + DV) flops
+  (12 N^2 D in all at DV = D/2, against 6 N^2 D plus G's write and two reads).  Whether the
+  saved memory traffic pays for it is the GPU check's question
+  (benchmarks/results/kernel_prediction_sm90_2026-12-04.md predicts it).
+Exponent sharing, CLIP's third variant, has no counterpart: there is no softmax, and each
+element already takes one exp2.
+
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -43,7 +62,9 @@ import triton.language as tl
 
 from . import config as _config
 from .workspace import block_shape, mm_f32
-from .tile import tile_dot
+from .fused_backward import dv_cap, feature_chunk
+from .lse_forward import use_tma
+from .tile import tile_dot, tile_dot_desc
 from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
 # log2(e) as a float32 pair (hi + lo), hi split again in 12-bit halves (hh + hl), and ln 2.
@@ -55,41 +76,11 @@ _LN2_K = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _siglip_tile_kernel(
-    img_ptr, txt_ptr, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr,
-    ws_ptr, loss_ptr, tiny_ptr, d_scale_ptr, d_bias_ptr,
-    row0, col0, R, C, D,
-    stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
-    HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, NEED_GRAD: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # LABELS: 0 every pair negative, 1 the diagonal positive, 2 equal ids positive.
-    # Grouped tile order (Triton's matmul tutorial): neighbouring programs share txt in L2.
-    pid = tl.program_id(0)
-    num_pm = tl.cdiv(R, BM)
-    num_pn = tl.cdiv(C, BN)
-    group = GROUP_M * num_pn
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pm - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
-
-    offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the block
-    offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the block
-    row_ok = offs_r < R
-    col_ok = offs_c < C
+def _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m, offs_n, row_ok, col_ok,
+                  HAS_BIAS: tl.constexpr, LABELS: tl.constexpr):
+    """Steps 2-4 for one tile: (loss terms, tiny terms, G), each zero outside the valid entries.
+    One function for the workspace kernel and the fused one, so both form the same G."""
     ok = row_ok[:, None] & col_ok[None, :]
-    offs_m = row0 + offs_r                      # global row of S
-    offs_n = col0 + offs_c                      # global column of S
-    img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
-    txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
-
-    # 1. The tile acc = img_blk @ txt_blk.T.  Masked loads read 0 outside the block;
-    #    those entries are zeroed out of every sum below with ``ok``.
-    acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
-                   EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
-
     # 2. S = acc * s + b (one rounding), then x = -z S (z = -1: x = S; z = +1: x = -S).
     scale = tl.load(scale_ptr).to(tl.float32)
     if HAS_BIAS:
@@ -138,29 +129,164 @@ def _siglip_tile_kernel(
     l1p = tl.where(small, 0.0, (tl.log2(u) * _LN2_K) * (e / tl.where(small, 1.0, u - 1.0)))
     term = tl.where(ok, tl.maximum(x, 0.0) + l1p, 0.0)
     tiny = tl.where(ok & small, eb, 0.0)
+    # 4. G = -z sigmoid(x): sigmoid(x) = 1 / u for x >= 0, e / u for x < 0.  (A caller that
+    #    does not use G leaves it to dead-code elimination.)
+    sig = tl.where(x >= 0.0, 1.0 / u, e / u)
+    if LABELS == 0:
+        g = sig
+    else:
+        g = tl.where(pos, -sig, sig)
+    g = tl.where(ok, g, 0.0)
+    return term, tiny, g
+
+
+@triton.jit
+def _siglip_tile_kernel(
+    img_ptr, txt_ptr, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr,
+    ws_ptr, loss_ptr, tiny_ptr, d_scale_ptr, d_bias_ptr,
+    row0, col0, R, C, D,
+    stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
+    HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, NEED_GRAD: tl.constexpr, USE_TMA: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # LABELS: 0 every pair negative, 1 the diagonal positive, 2 equal ids positive.
+    # Grouped tile order (Triton's matmul tutorial): neighbouring programs share txt in L2.
+    pid = tl.program_id(0)
+    num_pm = tl.cdiv(R, BM)
+    num_pn = tl.cdiv(C, BN)
+    group = GROUP_M * num_pn
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pm - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the block
+    offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the block
+    row_ok = offs_r < R
+    col_ok = offs_c < C
+    offs_m = row0 + offs_r                      # global row of S
+    offs_n = col0 + offs_c                      # global column of S
+
+    # 1. The tile acc = img_blk @ txt_blk.T.  Masked loads read 0 outside the block;
+    #    those entries are zeroed out of every sum below by the valid-entry mask.
+    if USE_TMA:
+        # Tensor descriptors (TMA loads on sm_90) over rows [0, row0 + R) and [0, col0 + C):
+        # rows past the block and features past D arrive as 0, as the masked loads give them.
+        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[row0 + R, D], strides=[stride_im, 1],
+                                             block_shape=[BM, BK])
+        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[col0 + C, D], strides=[stride_tk, 1],
+                                             block_shape=[BN, BK])
+        acc = tile_dot_desc(img_desc, txt_desc, row0 + pid_m * BM, col0 + pid_n * BN, D,
+                            DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+    else:
+        img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
+        txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
+        acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                       EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+
+    # 2-4. Loss terms, tiny terms and G.
+    term, tiny, g = _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m, offs_n,
+                                  row_ok, col_ok, HAS_BIAS, LABELS)
     # 5. Row sums in fp32 over the tile, across tiles in float64.
     tl.atomic_add(loss_ptr + offs_m, tl.sum(term, axis=1).to(tl.float64), mask=row_ok, sem="relaxed")
     tl.atomic_add(tiny_ptr + offs_m, tl.sum(tiny, axis=1).to(tl.float64), mask=row_ok, sem="relaxed")
 
     if NEED_GRAD:
-        # 4. G = -z sigmoid(x): sigmoid(x) = 1 / u for x >= 0, e / u for x < 0.
-        sig = tl.where(x >= 0.0, 1.0 / u, e / u)
-        if LABELS == 0:
-            g = sig
-        else:
-            g = tl.where(pos, -sig, sig)
-        g = tl.where(ok, g, 0.0)
         tl.atomic_add(d_scale_ptr + offs_m, tl.sum(g * acc, axis=1).to(tl.float64), mask=row_ok,
                       sem="relaxed")
         tl.atomic_add(d_bias_ptr + offs_m, tl.sum(g, axis=1).to(tl.float64), mask=row_ok,
                       sem="relaxed")
         # 6. G into the workspace block, in the workspace's dtype.
         ws = ws_ptr + offs_r.to(tl.int64)[:, None] * stride_wr + offs_c[None, :] * stride_wc
-        tl.store(ws, g.to(ws_ptr.dtype.element_ty), mask=ok)
+        tl.store(ws, g.to(ws_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def tile_config(device: torch.device, dtype: torch.dtype) -> _config.KernelConfig:
-    """The tile: the CLIP backward's entry (interpreter, override), narrowed to 64 x 128 on a GPU.
+# One kernel body for both launches of the fused variant (module doc, "fused_bwd"): the sweep
+# is the whole kernel, its two orientations side by side so that they visibly form the same G.
+@triton.jit
+def _siglip_fused_kernel(
+    img_ptr, txt_ptr, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr,
+    out_ptr, loss_ptr, tiny_ptr, d_scale_ptr, d_bias_ptr,
+    M, K, D, stride_im, stride_id, stride_tk, stride_td, stride_om,
+    TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, LABELS: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DV: tl.constexpr,
+):
+    pid_o = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_v = pid_v * DV + tl.arange(0, DV)
+    v_ok = offs_v < D
+    q_ty = img_ptr.dtype.element_ty
+    if TRANSPOSED:
+        # d_txt[cols, dv] = sum over row tiles of G_q.T @ img[rows, dv].
+        offs_n = pid_o * BN + tl.arange(0, BN)
+        col_ok = offs_n < K
+        txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
+        out = tl.zeros((BN, DV), tl.float32)
+        for start_m in range(0, M, BM):
+            offs_m = start_m + tl.arange(0, BM)
+            row_ok = offs_m < M
+            img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
+            acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                           EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+            _term, _tiny, g = _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m,
+                                            offs_n, row_ok, col_ok, HAS_BIAS, LABELS)
+            # 6'. G rounded to the input dtype (the workspace's value), then its product in fp32.
+            gq = g.to(q_ty)
+            other = tl.load(img_rows + offs_v[None, :] * stride_id, mask=row_ok[:, None] & v_ok[None, :],
+                            other=0.0)
+            if DOT_UPCAST:
+                gq = gq.to(tl.float32)
+                other = other.to(tl.float32)
+            out = tl.dot(tl.trans(gq), other, out, input_precision=DOT_PRECISION)
+        offs_o = offs_n
+        o_ok = col_ok
+    else:
+        # d_img[rows, dv] = sum over column tiles of G_q @ txt[cols, dv]; the row sums of steps
+        # 3-5 in float64 registers (the program owns its rows: no atomics), stored by pid_v 0.
+        offs_m = pid_o * BM + tl.arange(0, BM)
+        row_ok = offs_m < M
+        img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
+        out = tl.zeros((BM, DV), tl.float32)
+        loss_rows = tl.zeros((BM,), tl.float64)
+        tiny_rows = tl.zeros((BM,), tl.float64)
+        ds_rows = tl.zeros((BM,), tl.float64)
+        db_rows = tl.zeros((BM,), tl.float64)
+        for start_n in range(0, K, BN):
+            offs_n = start_n + tl.arange(0, BN)
+            col_ok = offs_n < K
+            txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
+            acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                           EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+            term, tiny, g = _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m,
+                                          offs_n, row_ok, col_ok, HAS_BIAS, LABELS)
+            loss_rows += tl.sum(term, axis=1).to(tl.float64)
+            tiny_rows += tl.sum(tiny, axis=1).to(tl.float64)
+            ds_rows += tl.sum(g * acc, axis=1).to(tl.float64)
+            db_rows += tl.sum(g, axis=1).to(tl.float64)
+            gq = g.to(q_ty)
+            other = tl.load(txt_ptr + offs_n.to(tl.int64)[:, None] * stride_tk + offs_v[None, :] * stride_td,
+                            mask=col_ok[:, None] & v_ok[None, :], other=0.0)
+            if DOT_UPCAST:
+                gq = gq.to(tl.float32)
+                other = other.to(tl.float32)
+            out = tl.dot(gq, other, out, input_precision=DOT_PRECISION)
+        first = row_ok & (pid_v == 0)
+        tl.store(loss_ptr + offs_m, loss_rows, mask=first)
+        tl.store(tiny_ptr + offs_m, tiny_rows, mask=first)
+        tl.store(d_scale_ptr + offs_m, ds_rows, mask=first)
+        tl.store(d_bias_ptr + offs_m, db_rows, mask=first)
+        offs_o = offs_m
+        o_ok = row_ok
+    tl.store(out_ptr + offs_o.to(tl.int64)[:, None] * stride_om + offs_v[None, :], out,
+             mask=o_ok[:, None] & v_ok[None, :])
+
+
+def tile_config(device: torch.device, dtype: torch.dtype,
+                design: Optional[_config.SiglipDesign] = None) -> _config.KernelConfig:
+    """The tile: the CLIP backward's entry (interpreter, override), narrowed to 64 x 128 on a GPU,
+    or the SigLIP variant's own GPU tile (``config.SIGLIP_VARIANT_TILES``).
 
     The elementwise epilogue keeps about ten fp32 values per element of the tile live: at
     128 x 128 with 8 warps ptxas (sm_90, bf16) spills 2.2 KB per thread at 255 registers;
@@ -169,8 +295,18 @@ def tile_config(device: torch.device, dtype: torch.dtype) -> _config.KernelConfi
     """
     cfg = _config.get_configs(device, dtype).backward
     if device.type == "cuda" and not _config.overridden():
-        cfg = dataclasses.replace(cfg, BM=64, BN=128, num_warps=8)
+        own = variant_tile(design.name, dtype) if design is not None else None
+        cfg = own or dataclasses.replace(cfg, BM=64, BN=128, num_warps=8)
     return cfg
+
+
+def variant_tile(name: str, dtype: torch.dtype) -> Optional[_config.KernelConfig]:
+    """SigLIP variant ``name``'s own GPU tile (``config.SIGLIP_VARIANT_TILES``), BK halved for fp32
+    as the table does (``config.table_configs``); None where the variant has none."""
+    own = _config.SIGLIP_VARIANT_TILES.get(name)
+    if own is None or dtype != torch.float32:
+        return own
+    return dataclasses.replace(own, BK=min(own.BK, 32))
 
 
 def _labels_mode(ids_row, diag_positive: bool) -> int:
@@ -179,25 +315,36 @@ def _labels_mode(ids_row, diag_positive: bool) -> int:
     return 1 if diag_positive else 0
 
 
-def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool,
-                       need_grad: bool):
+def _launch_fused(img, txt, scale, bias, ids_r, ids_c, labels: int, rows, d_img, d_txt, cfg) -> None:
+    """The fused variant: one launch owning row blocks (loss row sums, d_scale, d_bias, d_img),
+    one owning column blocks (d_txt); each recomputes the tiles it sweeps."""
     M, D = img.shape
     K = txt.shape[0]
-    dev = img.device
-    f32, f64 = torch.float32, torch.float64
-    rows = torch.zeros((4, M), device=dev, dtype=f64)  # loss, tiny, d_scale, d_bias per row
-    d_img = torch.zeros((M, D) if need_grad else (0, D), device=dev, dtype=f32)
-    d_txt = torch.zeros((K, D) if need_grad else (0, D), device=dev, dtype=f32)
-    cfg = tile_config(dev, img.dtype)
-    labels = _labels_mode(ids_row, diag_positive)
+    dv = feature_chunk(D, img.device, img.dtype)
+    common = dict(
+        M=M, K=K, D=D, stride_im=img.stride(0), stride_id=img.stride(1),
+        stride_tk=txt.stride(0), stride_td=txt.stride(1), stride_om=D,
+        HAS_BIAS=bias is not None, LABELS=labels, EVEN_D=D % cfg.BK == 0,
+        DOT_PRECISION=_config.dot_precision(img.dtype),
+        DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DV=dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ptrs = (img, txt, scale, bias if bias is not None else scale, ids_r, ids_c)
+    n_v = triton.cdiv(D, dv)
+    _siglip_fused_kernel[(triton.cdiv(M, cfg.BM), n_v)](*ptrs, d_img, *rows, TRANSPOSED=False, **common)
+    _siglip_fused_kernel[(triton.cdiv(K, cfg.BN), n_v)](*ptrs, d_txt, *rows, TRANSPOSED=True, **common)
+
+
+def _launch_sweep(img, txt, scale, bias, ids_r, ids_c, labels: int, rows, d_img, d_txt, cfg,
+                  need_grad: bool, tma: bool) -> None:
+    """The one-sweep design: the tile kernel over workspace-sized blocks of S; with ``need_grad``
+    each block's G goes through the workspace into two cuBLAS GEMMs."""
+    M, D = img.shape
+    K = txt.shape[0]
     if need_grad:
         R, C = block_shape(M, K, img.element_size(), cfg.BM, cfg.BN)
-        ws = torch.empty((R, C), device=dev, dtype=img.dtype)
+        ws = torch.empty((R, C), device=img.device, dtype=img.dtype)
     else:
         R, C, ws = M, K, None
-    dummy = rows
-    ids_r = ids_row if ids_row is not None else dummy
-    ids_c = ids_col if ids_col is not None else dummy
     for r0 in range(0, M, R):
         r = min(R, M - r0)
         for c0 in range(0, K, C):
@@ -211,7 +358,7 @@ def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: b
                 img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
                 block.stride(0) if block is not None else 0,
                 block.stride(1) if block is not None else 0,
-                HAS_BIAS=bias is not None, LABELS=labels, NEED_GRAD=need_grad,
+                HAS_BIAS=bias is not None, LABELS=labels, NEED_GRAD=need_grad, USE_TMA=tma,
                 EVEN_D=D % cfg.BK == 0, DOT_PRECISION=_config.dot_precision(img.dtype),
                 DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=8,
@@ -220,6 +367,31 @@ def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: b
                 # cuBLAS: both gradient GEMMs from the same workspace block.
                 d_img[r0:r0 + r].add_(mm_f32(block, txt[c0:c0 + c]))
                 d_txt[c0:c0 + c].add_(mm_f32(block.t(), img[r0:r0 + r]))
+
+
+def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool,
+                       need_grad: bool):
+    M, D = img.shape
+    K = txt.shape[0]
+    dev = img.device
+    f32, f64 = torch.float32, torch.float64
+    rows = torch.zeros((4, M), device=dev, dtype=f64)  # loss, tiny, d_scale, d_bias per row
+    d_img = torch.zeros((M, D) if need_grad else (0, D), device=dev, dtype=f32)
+    d_txt = torch.zeros((K, D) if need_grad else (0, D), device=dev, dtype=f32)
+    # The variant (config.SIGLIP_VARIANTS): the fused design needs gradients to differ from the
+    # sweep; a loss-only call runs the sweep (with TMA loads under "tma").
+    design = _config.siglip_design()
+    fused = need_grad and design.fused_bwd
+    cfg = tile_config(dev, img.dtype, design if fused else None)
+    labels = _labels_mode(ids_row, diag_positive)
+    ids_r = ids_row if ids_row is not None else rows
+    ids_c = ids_col if ids_col is not None else rows
+    if fused:
+        if M and K:
+            _launch_fused(img, txt, scale, bias, ids_r, ids_c, labels, rows, d_img, d_txt, cfg)
+    elif M and K:
+        _launch_sweep(img, txt, scale, bias, ids_r, ids_c, labels, rows, d_img, d_txt, cfg,
+                      need_grad, use_tma(design, img, txt))
     loss = rows[0].sum() + rows[1].sum() * 2.0 ** -TINY_SHIFT
     if need_grad:
         s = scale.to(f32)
@@ -251,17 +423,33 @@ def siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool, n
 
 def aot_variants(dtype: torch.dtype, arch: int):
     """The compile variants of ``_siglip_tile_kernel`` (``python -m clip_fast.kernels.aot_check``):
-    each label mode, with a bias, at the GPU tile of ``tile_config``."""
+    each label mode, with a bias, at the GPU tile of ``tile_config``; the "tma" variant's sweep
+    (sm_90) and the "fused_bwd" variant's two launches (``config.SIGLIP_VARIANTS``), diagonal labels."""
     tile = dataclasses.replace(_config.table_configs(arch // 10, dtype).backward, BM=64, BN=128, num_warps=8)
     feat = _config.feature_ptr(dtype)
     ptrs = {n: "*fp64" for n in _siglip_tile_kernel.arg_names if n.endswith("_ptr")}
     ptrs.update(img_ptr=feat, txt_ptr=feat, ws_ptr=feat, scale_ptr="*fp32", bias_ptr="*fp32",
                 ids_row_ptr="*i64", ids_col_ptr="*i64")
     ints = frozenset({"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"})
-    base = dict(HAS_BIAS=True, NEED_GRAD=True, EVEN_D=True, DOT_UPCAST=False, GROUP_M=8,
-                DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
-                stride_id=1, stride_td=1, stride_wc=1)
+    prec = "tf32" if dtype == torch.float32 else "ieee"
+    base = dict(HAS_BIAS=True, NEED_GRAD=True, USE_TMA=False, EVEN_D=True, DOT_UPCAST=False, GROUP_M=8,
+                DOT_PRECISION=prec, stride_id=1, stride_td=1, stride_wc=1)
     for labels, name in ((0, "negatives"), (1, "diagonal"), (2, "group ids")):
         yield _config.AotVariant("siglip", f"tile {name}", _siglip_tile_kernel, tile,
                                  dict(base, LABELS=labels), ints=ints, div16=ints,
                                  pointers=tuple(ptrs.items()))
+    if arch >= 90:   # the "tma" variant is Hopper's
+        yield _config.AotVariant("siglip", "tile diagonal tma", _siglip_tile_kernel, tile,
+                                 dict(base, LABELS=1, USE_TMA=True), ints=ints, div16=ints,
+                                 pointers=tuple(ptrs.items()))
+    fused_tile = variant_tile("fused_bwd", dtype)
+    fptrs = {n: "*fp64" for n in _siglip_fused_kernel.arg_names if n.endswith("_ptr")}
+    fptrs.update(img_ptr=feat, txt_ptr=feat, out_ptr="*fp32", scale_ptr="*fp32", bias_ptr="*fp32",
+                 ids_row_ptr="*i64", ids_col_ptr="*i64")
+    fints = frozenset({"M", "K", "D", "stride_im", "stride_tk", "stride_om"})
+    fbase = dict(HAS_BIAS=True, LABELS=1, EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                 DV=dv_cap(dtype, arch), stride_id=1, stride_td=1)
+    for transposed, name in ((False, "fused rows d_img"), (True, "fused cols d_txt")):
+        yield _config.AotVariant("siglip", name, _siglip_fused_kernel, fused_tile,
+                                 dict(fbase, TRANSPOSED=transposed), ints=fints, div16=fints,
+                                 pointers=tuple(fptrs.items()))
