@@ -154,3 +154,30 @@ def aot_check_report(*args):
     out = subprocess.run([sys.executable, "-m", "clip_fast.kernels.aot_check", *args], env=env,
                          capture_output=True, text=True, timeout=600)
     return out.returncode, out.stdout + out.stderr
+
+
+class GemmFlops:
+    """Counts 2 * m * k * n of every matrix product (mm, addmm) dispatched inside the block:
+    the GEMM work of a loss, e.g. to show a nested sweep multiplies each K segment once."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        counter = self
+        self.flops = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (aten.mm.default,):
+                    counter.flops += 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+                elif func in (aten.addmm.default, aten.addmm_.default):
+                    counter.flops += 2 * args[1].shape[0] * args[1].shape[1] * args[2].shape[1]
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)

@@ -55,7 +55,7 @@ def nested_siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tenso
     rs, r, c = (r64 * s.to(f64)).to(cd), r64.to(cd), c64.to(cd)
     m, k, sizes = x.shape[0], y.shape[0], len(dims)
     sw = _SizeGrads(m, k, sizes, x.device)
-    d_img = torch.empty_like(x) if need_grad else x.new_empty((0, x.shape[1]))
+    d_img = torch.zeros_like(x) if need_grad else x.new_empty((0, x.shape[1]))  # columns past d_n: 0
     d_txt = torch.zeros_like(y) if need_grad else y.new_empty((0, y.shape[1]))
     loss = torch.zeros((), dtype=f64, device=x.device)
     # Every size's H of one strip is alive at once (summed from the largest down): the strip
