@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ...clip.backends.nested_torch import _segments, _size_logits
+from ...clip.backends.nested_torch import _segments, _size_logits, multiply_down
 from ...core.matryoshka import NestedOptions, chain, scalings
 from ...core.numerics import compute_dtype
 from .torch_backend import siglip_strip_rows, strip_terms
@@ -81,14 +81,7 @@ def nested_siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tenso
                                 c if renorm else None, r64, s))
         if need_grad:
             # 5. From the largest size down: the running sum of H multiplies each segment once.
-            acc = h.pop()
-            for j in range(sizes - 1, -1, -1):
-                d0, d1 = segs[j]
-                d_img[r0:r1, d0:d1] = torch.mm(acc, y[:, d0:d1])
-                d_txt[:, d0:d1].addmm_(acc.T, x[r0:r1, d0:d1])
-                if j:
-                    acc.add_(h.pop())
-            del acc
+            multiply_down(h, segs, x, y, r0, r1, d_img, d_txt)
     if not need_grad:
         return loss, d_img, d_txt, sw.d_scale, sw.d_bias
     d_img.mul_(s)
