@@ -93,3 +93,14 @@ def chain(d_out: torch.Tensor, x: torch.Tensor, d: int, r: torch.Tensor, live: t
         d_out[:, :d] += d_feat * r[:, None]
     total = torch.where(live, total, 0.0).to(x.dtype)
     d_out[:, :d] -= f * (total * r)[:, None]
+
+
+def chains(d_x: torch.Tensor, d_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, nested: NestedOptions,
+           rows, cols, u_row: torch.Tensor, u_col: torch.Tensor) -> None:
+    """Every size's normalisation chain on a block's gradients through the partial sums:
+    ``rows`` / ``cols`` are ``scalings`` of x and y, u_row / u_col the (n_sizes, N) float64
+    dots <f, d f> (nothing without re-normalisation)."""
+    for k, d in enumerate(nested.dims):
+        chain(d_x, x, d, rows[0][k], rows[1][k], None, u_row[k], nested.renormalize)
+        chain(d_y, y, d, cols[0][k], cols[1][k], None, u_col[k], nested.renormalize)
+

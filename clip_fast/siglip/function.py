@@ -35,8 +35,10 @@ from .backends.nested_torch import nested_siglip_block
 
 def block_sweep(backend: str, chunk_size: Optional[int], nested: Optional[NestedOptions]) -> Callable:
     """The contract's ``siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive,
-    need_grad)`` of a resolved backend, or, with Matryoshka sizes, the nested torch sweep
-    (the weighted sum over the sizes, ``backends.nested_torch``)."""
+    need_grad)`` of a resolved backend, or, with Matryoshka sizes, its nested sweep (the
+    weighted sum over the sizes: ``backends.nested_torch`` or the Triton kernel)."""
+    if nested is not None and backend == "triton":
+        return functools.partial(siglip_backends.get_loaded(backend).nested_siglip_block, nested=nested)
     if nested is not None:
         return functools.partial(nested_siglip_block, nested=nested, chunk_size=chunk_size)
     return functools.partial(siglip_backends.get_loaded(backend).siglip_block, **chunk_kwargs(backend, chunk_size))

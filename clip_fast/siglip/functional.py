@@ -36,7 +36,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         chunk_size: rows per strip for the torch backend (default: from a memory budget).
         matryoshka_dims: optional nested sizes, e.g. (64, 128, 256): the loss is then
             ``sum_k w_k * siglip_loss(f(img[:, :d_k]), f(txt[:, :d_k]), ...)``, every size from
-            one sweep over D (torch backend; docs/matryoshka.md).
+            one sweep over D (the torch sweep, or the Triton kernel with backend="triton";
+            "cuda" raises; docs/matryoshka.md).
         matryoshka_weights: the w_k (default: all 1, as sentence-transformers).
         matryoshka_renormalize: f = L2-normalise each prefix before its loss (default True,
             each prefix a usable embedding on its own); False: the raw prefixes.
@@ -90,9 +91,9 @@ def prepare_call(image_features, text_features, logit_scale, logit_bias, group_i
 
 
 def nested_backend(backend: str, who: str) -> str:
-    """The backend of a Matryoshka call: the nested sweep is the torch backend's; a fused
-    backend asked for by name raises."""
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"{who}(matryoshka_dims=...) runs on backend='torch' (or 'auto'), got "
-                         f"backend={backend!r}: the nested SigLIP sweep has no fused-kernel form")
-    return "torch"
+    """The backend of a Matryoshka call: "auto" is the torch sweep (the Triton one has no GPU
+    measurement yet), "triton" is taken when asked for by name, "cuda" raises."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"{who}(matryoshka_dims=...) runs on backend='torch' (or 'auto') or 'triton', got "
+                         f"backend={backend!r}: the CUDA extension has no nested SigLIP sweep")
+    return "torch" if backend == "auto" else backend

@@ -38,8 +38,8 @@ class FastSigLipLoss(nn.Module):
         chunk_size: rows per strip for the torch backend.
         group: the ``torch.distributed`` process group (default: the world).
         matryoshka_dims, matryoshka_weights, matryoshka_renormalize: the nested-size
-            loss, as ``siglip_loss`` takes them (torch backend, one process or distributed;
-            docs/matryoshka.md).
+            loss, as ``siglip_loss`` takes them (backend "auto"/"torch" or "triton", one
+            process or distributed; docs/matryoshka.md).
 
     ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False,
     *, group_ids=None)`` returns the scalar loss, or ``{"contrastive_loss": loss}``.

@@ -7,7 +7,7 @@ float32 / bfloat16: the precision rule (tests/helpers.py) against the same mater
 losses run in float32 (bfloat16 inputs are swept in float32), including confident rows at scale 100 and raw prefixes with
 |S| up to ~2500.  Sizes that are not multiples of anything (4, 11, 27 of D = 27; 19, 6 of
 D = 31) and strips of a few rows (``chunk_size``), so the sweep crosses strip and segment
-boundaries.  Covers the torch backend, the only one the nested sweep has.
+boundaries.  Covers the torch sweep and the Triton kernel (under the interpreter on CPU).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import clip_fast
 NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_bias")
 
 
-def _run(img, txt, scale, bias, dims, weights=None, renorm=True, ids=None, chunk_size=None):
+def _run(img, txt, scale, bias, dims, weights=None, renorm=True, ids=None, chunk_size=None, backend="auto"):
     """clip_fast's loss and the gradients of (img, txt, scale[, bias]), as float64."""
     sdt = torch.float64 if img.dtype == torch.float64 else torch.float32
     leaves = [img.clone().requires_grad_(True), txt.clone().requires_grad_(True),
@@ -32,7 +32,7 @@ def _run(img, txt, scale, bias, dims, weights=None, renorm=True, ids=None, chunk
         leaves.append(torch.tensor(bias, dtype=sdt, requires_grad=True))
     loss = clip_fast.siglip_loss(*leaves[:3], leaves[3] if bias is not None else None, group_ids=ids,
                                  matryoshka_dims=dims, matryoshka_weights=weights,
-                                 matryoshka_renormalize=renorm, chunk_size=chunk_size)
+                                 matryoshka_renormalize=renorm, chunk_size=chunk_size, backend=backend)
     return [loss.detach().double()] + [g.double() for g in torch.autograd.grad(loss, leaves)]
 
 
@@ -91,21 +91,30 @@ def _large(n, d, seed, dtype):
     return (5 * x).to(dtype), (5 * F.normalize(t, dim=1)).to(dtype), 100.0, 2.5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("make", [_random, _confident, _large], ids=["random", "confident", "large"])
+_MAKERS = {"random": _random, "confident": _confident, "large": _large}
+_BF16 = torch.bfloat16
+# The torch sweep in every case; the Triton kernel (the interpreter on CPU, whose tl.dot
+# upcasts bf16 operands to fp32 exactly) in fp32 on every case and in bf16 on the largest |S|.
+PRECISION_CASES = [pytest.param(b, dt, m, id=f"{b}-{name}-{m}")
+                   for b in ("torch", "triton") for dt, name in ((torch.float32, "fp32"), (_BF16, "bf16"))
+                   for m in _MAKERS if b == "torch" or dt == torch.float32 or m == "large"]
+
+
 @pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
-def test_precision_rule(dtype, make, renorm):
+@pytest.mark.parametrize("backend, dtype, make", PRECISION_CASES)
+def test_precision_rule(backend, dtype, make, renorm):
     """Each output's error against float64 (of the dtype-rounded inputs) is within FACTOR of
     the materialised per-size losses' error in the same dtype, over 4 seeds (``seed_ratio``).
     bfloat16 inputs are swept in float32, so they are held to the float32 materialised loss of
     the same bf16-rounded inputs (stricter than the bf16 one), with a floor of one bfloat16
     unit: the loss and the gradients are returned rounded to bfloat16."""
     dims, n, d = (7, 20, 33), 41, 33
+    make = _MAKERS[make]
     mat_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     errors, floors = {}, {}
     for seed in range(4):
         img, txt, scale, bias = make(n, d, seed, dtype)
-        got = _run(img, txt, scale, bias, dims, None, renorm, chunk_size=16)
+        got = _run(img, txt, scale, bias, dims, None, renorm, chunk_size=16, backend=backend)
         ref = _reference(img.double(), txt.double(), scale, bias, dims, None, renorm)
         mat = _reference(img, txt, scale, bias, dims, None, renorm, dtype=mat_dtype)
         for i, (g, r, m) in enumerate(zip(got, ref, mat)):
@@ -141,7 +150,7 @@ def test_module_no_grad_and_autocast():
     (dict(matryoshka_dims=(4, 4)), "must be distinct"),
     (dict(matryoshka_dims=(4, 8), matryoshka_weights=(1.0,)), "sequence of 2 floats"),
     (dict(matryoshka_dims=(4, 8), matryoshka_renormalize=1), "matryoshka_renormalize must be a bool"),
-    (dict(matryoshka_dims=(4, 8), backend="triton"), r"matryoshka_dims.*backend='torch'.*'triton'"),
+    (dict(matryoshka_dims=(4, 8), backend="cuda"), r"matryoshka_dims.*backend='torch'.*'cuda'"),
 ])
 def test_bad_options(kwargs, match):
     img, txt = paired_features(6, 6, 16)
@@ -174,3 +183,26 @@ def test_gemm_work_is_the_largest_size(renorm):
         sum(clip_fast.siglip_loss(F.normalize(x[:, :k], dim=1), F.normalize(y[:, :k], dim=1), 10.0, -1.0,
                                   backend="torch") for k in dims).backward()
     assert loop.flops == 3 * 2 * n * n * sum(dims)
+
+
+@pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
+def test_triton_many_blocks_and_no_grad(monkeypatch, renorm):
+    """The Triton sweep over a workspace of a few tiles (2 x 2 blocks, the host's per-block
+    GEMMs), group ids and sizes across BK slices, against the float64 reference within the
+    fp32 precision rule; a forward without gradients gives the same loss."""
+    monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", "0.004")
+    n, d, dims = 45, 37, (6, 35, 19)
+    img, txt = paired_features(n, n, d, normalise=not renorm)
+    ids = torch.randint(0, 9, (n,), generator=torch.Generator().manual_seed(5))
+    got = _run(img, txt, 20.0, -6.0, dims, (0.5, 1.0, 2.0), renorm, ids, backend="triton")
+    ref = _reference(img.double(), txt.double(), 20.0, -6.0, dims, (0.5, 1.0, 2.0), renorm, ids)
+    mat = _reference(img, txt, 20.0, -6.0, dims, (0.5, 1.0, 2.0), renorm, ids, dtype=torch.float32)
+    for name, g, r, m in zip(NAMES, got, ref, mat):
+        floor = max(float((m - r).norm()), UNIT[torch.float32] * float(r.norm()))
+        assert float((g - r).norm()) <= FACTOR * floor, (name, float((g - r).norm()), floor)
+    with torch.no_grad():
+        loss = clip_fast.siglip_loss(img, txt, 20.0, -6.0, group_ids=ids, matryoshka_dims=dims,
+                                     matryoshka_weights=(0.5, 1.0, 2.0), matryoshka_renormalize=renorm,
+                                     backend="triton")
+    assert abs(float(loss) - float(got[0])) <= 1e-6 * abs(float(got[0]))  # fp32 loss, float64 atomics in any order
+

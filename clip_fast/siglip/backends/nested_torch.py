@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from ...clip.backends.nested_torch import _segments, _size_logits, multiply_down
-from ...core.matryoshka import NestedOptions, chain, scalings
+from ...core.matryoshka import NestedOptions, chains, scalings
 from ...core.numerics import compute_dtype
 from .torch_backend import siglip_strip_rows, strip_terms
 
@@ -87,9 +87,7 @@ def nested_siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tenso
     d_img.mul_(s)
     d_txt.mul_(s)
     # 6. Each size's normalisation chain (nothing without re-normalisation).
-    for q, d in enumerate(dims):
-        chain(d_img, x, d, r64[q], live_r[q], None, sw.u_row[q], renorm)
-        chain(d_txt, y, d, c64[q], live_c[q], None, sw.u_col[q], renorm)
+    chains(d_img, d_txt, x, y, nested, (r64, live_r), (c64, live_c), sw.u_row, sw.u_col)
     return loss, d_img, d_txt, sw.d_scale, sw.d_bias
 
 
