@@ -11,6 +11,8 @@ boundaries.  Covers the torch sweep and the Triton kernel (under the interpreter
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,4 +207,19 @@ def test_triton_many_blocks_and_no_grad(monkeypatch, renorm):
                                      matryoshka_weights=(0.5, 1.0, 2.0), matryoshka_renormalize=renorm,
                                      backend="triton")
     assert abs(float(loss) - float(got[0])) <= 1e-6 * abs(float(got[0]))  # fp32 loss, float64 atomics in any order
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_triton_nested_kernel_compiles_for_sm90(dtype):
+    """The nested tile kernel's declared variants (both normalisations) through Triton's full
+    compiler for sm_90, no GPU (the route ``python -m clip_fast.kernels.aot_check`` takes)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("the kernel was decorated under the interpreter; run with TRITON_INTERPRET=0")
+    from clip_fast.kernels import aot_check, siglip
+
+    variants = [v for v in siglip.aot_variants(dtype, 90) if v.kernel is siglip._nested_siglip_tile_kernel]
+    assert sorted(v.constexprs["RENORM"] for v in variants) == [False, True]
+    for variant in variants:
+        assert aot_check.compile_variant(variant, arch=90).asm["cubin"]
 
