@@ -223,3 +223,20 @@ def test_triton_nested_kernel_compiles_for_sm90(dtype):
     for variant in variants:
         assert aot_check.compile_variant(variant, arch=90).asm["cubin"]
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) of the module with Matryoshka sizes: the same loss and
+    gradients as eager (the Triton sweep is an opaque custom op with a fake)."""
+    mod = clip_fast.FastSigLipLoss(backend=backend, matryoshka_dims=(5, 17), matryoshka_weights=(2.0, 1.0))
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    img, txt = paired_features(24, 24, 17, normalise=False)
+    outs = []
+    for fn in (mod, compiled):
+        leaves = [img.clone().requires_grad_(True), txt.clone().requires_grad_(True),
+                  torch.tensor(10.0, requires_grad=True), torch.tensor(-4.0, requires_grad=True)]
+        loss = fn(*leaves)
+        outs.append([loss.detach()] + list(torch.autograd.grad(loss, leaves)))
+    for what, a, b in zip(NAMES, *outs):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=what)
