@@ -49,12 +49,23 @@ Variants (``config.SIGLIP_VARIANTS``, selected like the CLIP ones; docs/gpu_vari
 Exponent sharing, CLIP's third variant, has no counterpart: there is no softmax, and each
 element already takes one exp2.
 
+Matryoshka sizes (``nested_siglip_block``, ``_nested_siglip_tile_kernel``): the weighted sum
+of the loss at every prefix size d_1 < ... < d_n in one sweep.  The K loop of step 1 runs
+through the size boundaries; as the running sum passes d_q, size q's epilogue (steps 2-5 on
+S_q = (acc * rs_q) * c_q + b with the prefix scalings, numerics unchanged) and its
+H_q = r_q G_q c_q into its own fp32 workspace block.  The host then sums the H from the largest
+size down, so ``ws_sum @ txt[:, seg_j]`` multiplies each segment once, and applies each size's
+normalisation chain (``clip_fast.core.matryoshka``) from the per-row and per-column sums the
+kernel leaves.  Rejected: one workspace holding the running prefix sum of the H (the suffix
+sums would be total minus prefix, cancelling on the small sizes); the sizes' H summed in
+registers (n tiles of fp32 live at once).  The workspace budget is shared by the n blocks.
+
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -64,7 +75,8 @@ from . import config as _config
 from .workspace import block_shape, mm_f32
 from .fused_backward import dv_cap, feature_chunk
 from .lse_forward import use_tma
-from .tile import tile_dot, tile_dot_desc
+from .tile import tile_dot, tile_dot_desc, tile_dot_range
+from ..core.matryoshka import NestedOptions, chains, scalings
 from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
 # log2(e) as a float32 pair (hi + lo), hi split again in 12-bit halves (hh + hl), and ln 2.
@@ -76,18 +88,26 @@ _LN2_K = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m, offs_n, row_ok, col_ok,
-                  HAS_BIAS: tl.constexpr, LABELS: tl.constexpr):
-    """Steps 2-4 for one tile: (loss terms, tiny terms, G), each zero outside the valid entries.
-    One function for the workspace kernel and the fused one, so both form the same G."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    # 2. S = acc * s + b (one rounding), then x = -z S (z = -1: x = S; z = +1: x = -S).
-    scale = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
-    else:
-        bias = 0.0
-    s_ij = tl.fma(acc, scale, bias)
+def _tile_ids(R, C, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) of an R x C block, in grouped tile order (Triton's
+    matmul tutorial): neighbouring programs share txt in L2."""
+    pid = tl.program_id(0)
+    num_pm = tl.cdiv(R, BM)
+    num_pn = tl.cdiv(C, BN)
+    group = GROUP_M * num_pn
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pm - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _sigmoid_terms(s_ij, offs_m, offs_n, row_ok, col_ok, ok, ids_row_ptr, ids_col_ptr, LABELS: tl.constexpr):
+    """Steps 2-3 on one tile of S (global rows offs_m, columns offs_n): (x, pos, e, u) for
+    ``_sigmoid_grad``, the loss terms and the tiny terms (scaled by 2^96), 0 outside the block
+    (pos, the positive pairs, is all False for LABELS == 0)."""
+    # 2. x = -z S (z = -1: x = S; z = +1: x = -S).
     if LABELS == 1:
         pos = offs_m[:, None] == offs_n[None, :]
         x = tl.where(pos, -s_ij, s_ij)
@@ -98,6 +118,7 @@ def _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m, of
         pos = id_r[:, None] == id_c[None, :]
         x = tl.where(pos, -s_ij, s_ij)
     else:
+        pos = offs_m[:, None] < 0
         x = s_ij
 
     # 3. e = exp(-|x|) as an exp2: y = |x| log2 e carried as y + y_lo (log2 e split in
@@ -129,15 +150,38 @@ def _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m, of
     l1p = tl.where(small, 0.0, (tl.log2(u) * _LN2_K) * (e / tl.where(small, 1.0, u - 1.0)))
     term = tl.where(ok, tl.maximum(x, 0.0) + l1p, 0.0)
     tiny = tl.where(ok & small, eb, 0.0)
-    # 4. G = -z sigmoid(x): sigmoid(x) = 1 / u for x >= 0, e / u for x < 0.  (A caller that
-    #    does not use G leaves it to dead-code elimination.)
+    return x, pos, e, u, term, tiny
+
+
+@triton.jit
+def _sigmoid_grad(x, pos, e, u, ok, LABELS: tl.constexpr):
+    """Step 4 from ``_sigmoid_terms``: G = -z sigmoid(x), with sigmoid(x) = 1 / u for x >= 0
+    and e / u for x < 0; 0 outside the block."""
     sig = tl.where(x >= 0.0, 1.0 / u, e / u)
     if LABELS == 0:
         g = sig
     else:
         g = tl.where(pos, -sig, sig)
-    g = tl.where(ok, g, 0.0)
-    return term, tiny, g
+    return tl.where(ok, g, 0.0)
+
+
+@triton.jit
+def _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m, offs_n, row_ok, col_ok,
+                  HAS_BIAS: tl.constexpr, LABELS: tl.constexpr):
+    """Steps 2-4 for one tile of acc = img_blk @ txt_blk.T: (loss terms, tiny terms, G), each zero
+    outside the valid entries.  One function for the workspace kernel and the fused one, so both
+    form the same G (a caller that does not use G leaves it to dead-code elimination)."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    # 2. S = acc * s + b (one rounding).
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    else:
+        bias = 0.0
+    s_ij = tl.fma(acc, scale, bias)
+    x, pos, e, u, term, tiny = _sigmoid_terms(s_ij, offs_m, offs_n, row_ok, col_ok, ok, ids_row_ptr,
+                                              ids_col_ptr, LABELS)
+    return term, tiny, _sigmoid_grad(x, pos, e, u, ok, LABELS)
 
 
 @triton.jit
@@ -151,15 +195,7 @@ def _siglip_tile_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # LABELS: 0 every pair negative, 1 the diagonal positive, 2 equal ids positive.
-    # Grouped tile order (Triton's matmul tutorial): neighbouring programs share txt in L2.
-    pid = tl.program_id(0)
-    num_pm = tl.cdiv(R, BM)
-    num_pn = tl.cdiv(C, BN)
-    group = GROUP_M * num_pn
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pm - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m, pid_n = _tile_ids(R, C, BM, BN, GROUP_M)
 
     offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the block
     offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the block
@@ -281,6 +317,74 @@ def _siglip_fused_kernel(
         o_ok = row_ok
     tl.store(out_ptr + offs_o.to(tl.int64)[:, None] * stride_om + offs_v[None, :], out,
              mask=o_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _nested_siglip_tile_kernel(
+    img_ptr, txt_ptr, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, bounds_ptr,
+    rs_ptr, r_ptr, c_ptr, ws_ptr, sums_ptr, u_col_ptr,
+    row0, col0, R, C, M, K, NSIZES,
+    stride_im, stride_id, stride_tk, stride_td, stride_ws, stride_wr, stride_wc,
+    HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, NEED_GRAD: tl.constexpr, RENORM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # The nested (Matryoshka) sweep of one tile: the K loop runs through the size
+    # boundaries bounds[0] = 0 < bounds[1] < ... < bounds[NSIZES], and as the running sum
+    # passes each boundary, that size's epilogue (steps 2-6 below).  With RENORM, size q's
+    # S = (acc * rs_q[i]) * c_q[j] + b (rs = scale / |img prefix|, c = 1 / |txt prefix|),
+    # else S = acc * scale + b.  Per size and row, float64 sums_ptr cells (4, NSIZES, M):
+    # loss, tiny, sum_j G and p = sum_j G c_q acc (d_scale's and the chain's partial);
+    # u_col (NSIZES, K): sum_i G c_q acc rs_q; ws[q] = H_q = r_q G c_q (unweighted, fp32).
+    pid_m, pid_n = _tile_ids(R, C, BM, BN, GROUP_M)
+    offs_r = pid_m * BM + tl.arange(0, BM)
+    offs_c = pid_n * BN + tl.arange(0, BN)
+    row_ok = offs_r < R
+    col_ok = offs_c < C
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs_m = row0 + offs_r
+    offs_n = col0 + offs_c
+    img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
+    txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    else:
+        bias = 0.0
+    acc = tl.zeros((BM, BN), tl.float32)
+    for q in range(0, NSIZES):
+        # 1. The running partial sum passes bounds[q + 1]: size q's acc.
+        acc = tile_dot_range(acc, img_rows, txt_cols, row_ok, col_ok, tl.load(bounds_ptr + q),
+                             tl.load(bounds_ptr + q + 1), stride_id, stride_td, DOT_PRECISION, DOT_UPCAST, BK)
+        # 2. Size q's S, 3. its loss terms, 4. G.
+        if RENORM:
+            rs = tl.load(rs_ptr + q * M + offs_m, mask=row_ok, other=0.0)
+            c = tl.load(c_ptr + q * K + offs_n, mask=col_ok, other=0.0)
+            s_ij = tl.fma(acc * rs[:, None], c[None, :], bias)
+        else:
+            s_ij = tl.fma(acc, scale, bias)
+        x, pos, e, u, term, tiny = _sigmoid_terms(s_ij, offs_m, offs_n, row_ok, col_ok, ok, ids_row_ptr,
+                                                  ids_col_ptr, LABELS)
+        if NEED_GRAD:  # G before the atomics: fewer tiles live across them (ptxas spills less)
+            g = _sigmoid_grad(x, pos, e, u, ok, LABELS)
+        # 5. Row sums in fp32 over the tile, across tiles in float64.
+        cells = sums_ptr + q * M + offs_m
+        tl.atomic_add(cells, tl.sum(term, axis=1).to(tl.float64), mask=row_ok, sem="relaxed")
+        tl.atomic_add(cells + NSIZES * M, tl.sum(tiny, axis=1).to(tl.float64), mask=row_ok, sem="relaxed")
+        if NEED_GRAD:
+            tl.atomic_add(cells + 2 * NSIZES * M, tl.sum(g, axis=1).to(tl.float64), mask=row_ok, sem="relaxed")
+            if RENORM:
+                g = g * c[None, :]
+            prod = g * acc
+            tl.atomic_add(cells + 3 * NSIZES * M, tl.sum(prod, axis=1).to(tl.float64), mask=row_ok,
+                          sem="relaxed")
+            if RENORM:
+                tl.atomic_add(u_col_ptr + q * K + offs_n, tl.sum(prod * rs[:, None], axis=0).to(tl.float64),
+                              mask=col_ok, sem="relaxed")
+                g = g * tl.load(r_ptr + q * M + offs_m, mask=row_ok, other=0.0)[:, None]
+            # 6. H_q into its workspace block (fp32: the host sums the sizes from the largest down).
+            ws = ws_ptr + q * stride_ws + offs_r.to(tl.int64)[:, None] * stride_wr + offs_c[None, :] * stride_wc
+            tl.store(ws, g, mask=ok)
 
 
 def tile_config(device: torch.device, dtype: torch.dtype,
@@ -421,6 +525,99 @@ def siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool, n
                                                    bool(diag_positive), bool(need_grad))
 
 
+def _nested_siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool, need_grad: bool,
+                              nested: NestedOptions):
+    """The nested sweep's launches block by block (``_nested_siglip_tile_kernel``), each block's
+    gradient GEMMs on the host from the largest size down (each segment multiplied once),
+    then ``_nested_finish``."""
+    M, D = img.shape
+    K, ns = txt.shape[0], len(nested.dims)
+    dev, f32 = img.device, torch.float32
+    rows, cols = scalings(img, nested.dims, nested.renormalize), scalings(txt, nested.dims, nested.renormalize)
+    rs = (rows[0] * scale.to(torch.float64)).to(f32).contiguous()
+    r, c = rows[0].to(f32).contiguous(), cols[0].to(f32).contiguous()
+    bounds = torch.tensor((0,) + nested.dims, dtype=torch.int32, device=dev)
+    sums = torch.zeros((4, ns, M), device=dev, dtype=torch.float64)  # loss, tiny, sum G, p per size and row
+    u_col = torch.zeros((ns, K), device=dev, dtype=torch.float64)
+    x, y = img.to(f32), txt.to(f32)  # the host GEMMs and the chain in fp32 (a copy only for fp16/bf16)
+    d_img = torch.zeros((M, D) if need_grad else (0, D), device=dev, dtype=f32)
+    d_txt = torch.zeros((K, D) if need_grad else (0, D), device=dev, dtype=f32)
+    cfg = tile_config(dev, img.dtype)
+    # One fp32 workspace block per size: the sizes share the workspace budget.
+    R, C = block_shape(M, K, 4 * ns, cfg.BM, cfg.BN) if need_grad else (M, K)
+    ws = torch.empty((ns, R, C), device=dev, dtype=f32) if need_grad else sums
+    ids_r = ids_row if ids_row is not None else sums
+    ids_c = ids_col if ids_col is not None else sums
+    segs = list(zip((0,) + nested.dims[:-1], nested.dims))
+    for r0 in range(0, M, R):
+        rr = min(R, M - r0)
+        for c0 in range(0, K, C):
+            cc = min(C, K - c0)
+            _nested_siglip_tile_kernel[(triton.cdiv(rr, cfg.BM) * triton.cdiv(cc, cfg.BN),)](
+                img, txt, scale, bias if bias is not None else scale, ids_r, ids_c, bounds,
+                rs, r, c, ws, sums, u_col, r0, c0, rr, cc, M, K, ns,
+                img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
+                ws.stride(0) if need_grad else 0, ws.stride(1) if need_grad else 0,
+                ws.stride(2) if need_grad else 0,
+                HAS_BIAS=bias is not None, LABELS=_labels_mode(ids_row, diag_positive), NEED_GRAD=need_grad,
+                RENORM=nested.renormalize, DOT_PRECISION=_config.dot_precision(img.dtype),
+                DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            if not need_grad:
+                continue
+            h = None
+            for j in range(ns - 1, -1, -1):  # from the largest size down
+                part = ws[j, :rr, :cc] * nested.weights[j]
+                h = part if h is None else h.add_(part)
+                d0, d1 = segs[j]
+                d_img[r0:r0 + rr, d0:d1] += torch.mm(h, y[c0:c0 + cc, d0:d1])
+                d_txt[c0:c0 + cc, d0:d1] += torch.mm(h.t(), x[r0:r0 + rr, d0:d1])
+    return _nested_finish(sums, u_col, d_img, d_txt, x, y, scale, need_grad, nested, rows, cols)
+
+
+def _nested_finish(sums, u_col, d_img, d_txt, x, y, scale, need_grad: bool, nested: NestedOptions, rows, cols):
+    """The weighted sums over the sizes, and each size's normalisation chain."""
+    w = torch.tensor(nested.weights, dtype=torch.float64, device=sums.device)
+    loss = (w * (sums[0].sum(dim=1) + sums[1].sum(dim=1) * 2.0 ** -TINY_SHIFT)).sum()
+    if not need_grad:
+        zero = torch.zeros((), dtype=torch.float64, device=sums.device)
+        return loss, d_img, d_txt, zero, zero.clone()
+    d_bias = (w * sums[2].sum(dim=1)).sum()
+    p = sums[3] * w[:, None]
+    if nested.renormalize:
+        p = p * rows[0]            # sum_j G (S - b) / scale per size and row
+    d_scale = p.sum()
+    s = scale.to(torch.float32)
+    d_img.mul_(s)
+    d_txt.mul_(s)
+    chains(d_img, d_txt, x, y, nested, rows, cols, p * scale.to(torch.float64), u_col * w[:, None])
+    return loss, d_img, d_txt, d_scale, d_bias
+
+
+@torch.library.custom_op("clip_fast::triton_nested_siglip_block", mutates_args=())
+def triton_nested_siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                               bias: Optional[torch.Tensor], ids_row: Optional[torch.Tensor],
+                               ids_col: Optional[torch.Tensor], diag_positive: bool, need_grad: bool,
+                               dims: List[int], weights: List[float], renormalize: bool
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _nested_siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive, need_grad,
+                                     NestedOptions(tuple(dims), tuple(weights), renormalize))
+
+
+@triton_nested_siglip_block.register_fake
+def _(img, txt, scale, bias, ids_row, ids_col, diag_positive, need_grad, dims, weights, renormalize):
+    return siglip_block_meta(img, txt, need_grad)
+
+
+def nested_siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: bool, need_grad: bool,
+                        nested: NestedOptions):
+    """``siglip_block``'s contract for the weighted sum over the Matryoshka sizes of ``nested``
+    (the gradients those of the raw features, each size's normalisation chain applied)."""
+    return torch.ops.clip_fast.triton_nested_siglip_block(
+        img, txt, scale, bias, ids_row, ids_col, bool(diag_positive), bool(need_grad), list(nested.dims),
+        list(nested.weights), bool(nested.renormalize))
+
+
 def aot_variants(dtype: torch.dtype, arch: int):
     """The compile variants of ``_siglip_tile_kernel`` (``python -m clip_fast.kernels.aot_check``):
     each label mode, with a bias, at the GPU tile of ``tile_config``; the "tma" variant's sweep
@@ -453,3 +650,13 @@ def aot_variants(dtype: torch.dtype, arch: int):
         yield _config.AotVariant("siglip", name, _siglip_fused_kernel, fused_tile,
                                  dict(fbase, TRANSPOSED=transposed), ints=fints, div16=fints,
                                  pointers=tuple(fptrs.items()))
+    # The nested (Matryoshka) tile: both normalisations on the diagonal labels.
+    nptrs = {n: "*fp32" for n in _nested_siglip_tile_kernel.arg_names if n.endswith("_ptr")}
+    nptrs.update(img_ptr=feat, txt_ptr=feat, ids_row_ptr="*i64", ids_col_ptr="*i64", bounds_ptr="*i32",
+                 sums_ptr="*fp64", u_col_ptr="*fp64")
+    nints = frozenset({"row0", "col0", "R", "C", "M", "K", "stride_im", "stride_tk", "stride_ws", "stride_wr"})
+    nbase = {k: v for k, v in base.items() if k not in ("EVEN_D", "USE_TMA")}
+    for renorm in (True, False):
+        yield _config.AotVariant("siglip", f"nested tile {'renorm' if renorm else 'raw'}", _nested_siglip_tile_kernel,
+                                 tile, dict(nbase, LABELS=1, RENORM=renorm), ints=nints | {"NSIZES"}, div16=nints,
+                                 pointers=tuple(nptrs.items()))

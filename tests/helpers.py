@@ -160,7 +160,8 @@ def assert_same_training(got_losses, want_losses, got, want, rel=1e-9):
     """Two training runs agree: every step's loss within ``rel`` (relative), and every floating
     weight tensor of the final state dicts within ``rel`` of its own norm, floored at 1e-4 x the
     norm of all weights: a weight that stays ~0, such as an attention key bias (softmax ignores
-    it), has only rounding for a gradient, so its difference is judged against the model's scale.  Returns (worst step loss, worst weight) relative differences."""
+    it), has only rounding for a gradient, so its difference is judged against the model's scale.
+    Returns the worst relative differences: (step loss, weight tensor)."""
     assert len(got_losses) == len(want_losses)
     for step, (g, w) in enumerate(zip(got_losses, want_losses)):
         assert abs(g - w) <= rel * abs(w), f"step {step}: loss {g!r} vs {w!r}"
@@ -173,3 +174,30 @@ def assert_same_training(got_losses, want_losses, got, want, rel=1e-9):
         assert err <= rel, f"{k}: relative difference {err:.3e}"
         worst = max(worst, err)
     return max(abs(g - w) / abs(w) for g, w in zip(got_losses, want_losses)), worst
+
+
+class GemmFlops:
+    """Counts 2 * m * k * n of every matrix product (mm, addmm) dispatched inside the block:
+    the GEMM work of a loss, e.g. to show a nested sweep multiplies each K segment once."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        counter = self
+        self.flops = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (aten.mm.default,):
+                    counter.flops += 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+                elif func in (aten.addmm.default, aten.addmm_.default):
+                    counter.flops += 2 * args[1].shape[0] * args[1].shape[1] * args[2].shape[1]
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)

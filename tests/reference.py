@@ -210,6 +210,32 @@ def reference_matryoshka_loss(img, txt, scale, dims, weights=None, renormalize=T
     return tuple([loss.detach()] + [None if t is None else next(grads) for t in (x, y, s, nt, ni)])
 
 
+def reference_matryoshka_siglip_loss(img, txt, scale, dims, weights=None, renormalize=True, bias=None,
+                                     group_ids=None, dtype=torch.float64):
+    """sum_k w_k * open_clip's SigLipLoss (``-sum_ij log sigmoid(z_ij S_ij) / N``, z = +1 on the
+    diagonal or equal ``group_ids``) on the first d_k dimensions of both features
+    (L2-normalised per prefix with ``renormalize``), one separate materialised loss per size,
+    in ``dtype`` (float64 by default) with autograd through the normalisation.
+    Returns (loss, d_img, d_txt, d_scale, d_bias) (d_bias None without bias)."""
+    x = img.detach().to(dtype).requires_grad_(True)
+    y = txt.detach().to(dtype).requires_grad_(True)
+    s = torch.as_tensor(scale, dtype=dtype).detach().clone().reshape(()).requires_grad_(True)
+    b = None if bias is None else torch.as_tensor(bias, dtype=dtype).detach().clone().reshape(()).requires_grad_(True)
+    weights = [1.0] * len(dims) if weights is None else weights
+    n = x.shape[0]
+    pos = torch.eye(n, dtype=torch.bool) if group_ids is None else group_ids.cpu()[:, None] == group_ids.cpu()[None, :]
+    z = pos.to(dtype) * 2 - 1
+    loss = 0.0
+    for d, w in zip(dims, weights):
+        xd, yd = (F.normalize(x[:, :d], dim=1), F.normalize(y[:, :d], dim=1)) if renormalize else (x[:, :d], y[:, :d])
+        logits = s * xd @ yd.T
+        if b is not None:
+            logits = logits + b
+        loss = loss + w * (-F.logsigmoid(z * logits).sum() / n)
+    grads = torch.autograd.grad(loss, [x, y, s] + ([b] if b is not None else []))
+    return loss.detach(), grads[0], grads[1], grads[2], (grads[3] if b is not None else None)
+
+
 def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.5, neg_txts=None,
                                  neg_imgs=None, local_loss=True, gather_with_grad=True, upstream=None,
                                  bias=None, dtype=torch.float64):

@@ -11,6 +11,8 @@
   (one all_gather of a descriptor row; the same verdict on every rank).
 * ``collectives`` -- row all-gather and reduce-scatter, cross-rank logsumexp, and the one
   point-to-point exchange (``Ring``, any step around the ring).
+* ``matryoshka``  -- the nested-size options and the prefix normalisation (scalings, chain)
+  every Matryoshka loss shares.
 
 ``clip_fast.kernels`` imports only from here.
 """

@@ -16,6 +16,10 @@ the same loss and gradients; they differ in how texts travel:
     results are the same, the message pattern is not reproduced.)
 With ``group_ids``, z_ij = +1 wherever ids are equal, across ranks too (an extension:
 open_clip has no ids); ids travel with the texts.
+With ``matryoshka_dims``, every block goes through the nested sweep
+(``backends.nested_torch``): its gradients are those of the raw features, each size's prefix
+normalisation chain already applied (the chain is linear in a block's contributions), so the
+exchanges are unchanged and loss_r is the weighted sum over the sizes of the loss above.
 
 forward:  the local block and every remote block through the fused SigLIP sweep; loss,
           d img_r, d scale, d bias accumulated (the remote blocks' d txt is not kept).
@@ -31,24 +35,25 @@ error on every rank, none hangs.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from . import backends as siglip_backends
 from ..core.autograd import apply_function, fresh_output, fused_backward, refuse_vmap
 from ..core.collectives import TAG_ACC, TAG_IDS, TAG_TXT, Ring, all_gather_rows
 from ..core.distributed import (FEATURE_FIELDS, ShardLayout, agree_features, agree_needs_grad, check_comm_device,
                                 features_row, mismatch, require_initialized, share_verdicts)
-from ..core.registry import chunk_kwargs
+from ..core.matryoshka import NestedOptions
+from .function import block_sweep
 from .functional import Call, prepare_call
 
 # open_clip's exchanges of the other ranks' texts (``SigLipLoss(dist_impl=...)``).
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 _LOSS = "clip_fast distributed SigLIP loss"
-_FIELDS = FEATURE_FIELDS + ("dist_impl",)  # a descriptor row (``_describe``)
+_FIELDS = FEATURE_FIELDS + ("dist_impl", "matryoshka")  # a descriptor row (``_describe``)
 
 
 @dataclass(frozen=True)
@@ -59,49 +64,57 @@ class SigLipLayout(ShardLayout):
     need_grad: bool
     chunk_size: Optional[int]
     loss_dtype: Optional[torch.dtype]
+    nested: Optional[NestedOptions] = None  # Matryoshka sizes: every block through the nested sweep
 
-    def kwargs(self) -> dict:
-        return chunk_kwargs(self.backend, self.chunk_size)
+    def block(self) -> Callable:
+        return block_sweep(self.backend, self.chunk_size, self.nested)
 
 
 def distributed_siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *,
                             group_ids=None, rank: int, world_size: int, dist_impl: str = "bidir",
-                            backend: str = "auto", chunk_size: Optional[int] = None, group=None):
-    """This rank's SigLIP loss with open_clip's distributed semantics (module doc)."""
+                            backend: str = "auto", chunk_size: Optional[int] = None, group=None,
+                            matryoshka_dims=None, matryoshka_weights=None, matryoshka_renormalize=True):
+    """This rank's SigLIP loss with open_clip's distributed semantics (module doc); with
+    ``matryoshka_dims``, the weighted sum over the sizes, every block through the nested sweep."""
     require_initialized(world_size)
+    matryoshka = dict(matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights,
+                      matryoshka_renormalize=matryoshka_renormalize)
     layout, call = check_across_ranks(image_features, text_features, logit_scale, logit_bias, group_ids,
                                       rank=rank, world_size=world_size, dist_impl=dist_impl,
-                                      backend=backend, chunk_size=chunk_size, group=group)
+                                      backend=backend, chunk_size=chunk_size, group=group, **matryoshka)
     return apply_function(DistSigLipLoss, layout.loss_dtype, call.img, call.txt, call.scale, call.bias,
                           call.ids, layout)[0]
 
 
 def _local_call(img, txt, logit_scale, logit_bias, group_ids, dist_impl, backend, chunk_size,
-                comm_name) -> Call:
+                comm_name, matryoshka) -> Call:
     """This rank's own checks (raising here alone would leave the other ranks hanging)."""
     if dist_impl not in DIST_IMPLS:
         raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
-    call = prepare_call(img, txt, logit_scale, logit_bias, group_ids, backend, chunk_size)
+    call = prepare_call(img, txt, logit_scale, logit_bias, group_ids, backend, chunk_size, **matryoshka)
     check_comm_device(comm_name, call.img)
     return call
 
 
 def _describe(call: Optional[Call], rank, world_size, dist_impl) -> List[int]:
-    """The core's shared fields, then the index of ``dist_impl`` (-1 unknown)."""
+    """The core's shared fields, then the index of ``dist_impl`` (-1 unknown) and a checksum
+    of the Matryoshka options (0: none)."""
     ok = call is not None
     shared = features_row(call.img if ok else None, call.scale if ok else None, call.bias if ok else None,
                           rank, world_size, ok and call.opts.need_grad, ok and call.ids is not None)
-    return shared + [DIST_IMPLS.index(dist_impl) if dist_impl in DIST_IMPLS else -1]
+    nested = call.opts.nested if ok else None
+    return shared + [DIST_IMPLS.index(dist_impl) if dist_impl in DIST_IMPLS else -1,
+                     0 if nested is None else 1 + zlib.crc32(repr(nested).encode())]
 
 
 def check_across_ranks(img, txt, logit_scale, logit_bias, group_ids, *, rank, world_size, dist_impl,
-                       backend, chunk_size, group) -> Tuple[SigLipLayout, Call]:
+                       backend, chunk_size, group, **matryoshka) -> Tuple[SigLipLayout, Call]:
     """Check this rank's call, share the verdicts, and raise the same error on every rank."""
     group_size = dist.get_world_size(group)
     comm_name = str(dist.get_backend(group)).lower()
     call, rows = share_verdicts(
         lambda: _local_call(img, txt, logit_scale, logit_bias, group_ids, dist_impl, backend, chunk_size,
-                            comm_name),
+                            comm_name, matryoshka),
         lambda call: _describe(call, rank, world_size, dist_impl), group, img, _LOSS)
     def field(name):
         k = _FIELDS.index(name)
@@ -110,11 +123,15 @@ def check_across_ranks(img, txt, logit_scale, logit_bias, group_ids, *, rank, wo
     agree_features(field, group_size, _LOSS)
     if len(set(field("dist_impl"))) > 1:
         mismatch("dist_impl", [DIST_IMPLS[v] for v in field("dist_impl")], loss=_LOSS)
+    if len(set(field("matryoshka"))) > 1:
+        mismatch("the Matryoshka option set (matryoshka_dims, matryoshka_weights, matryoshka_renormalize)",
+                 ["None" if v == 0 else f"options checksum {v - 1}" for v in field("matryoshka")],
+                 " (pass the same Matryoshka options on every rank)", loss=_LOSS)
     agree_needs_grad(field, _LOSS)
     layout = SigLipLayout(rank=rank, world_size=group_size, sizes=tuple(field("n")), group=group,
                           nccl=comm_name == "nccl", dist_impl=dist_impl, backend=call.opts.backend,
                           need_grad=call.opts.need_grad, chunk_size=call.opts.chunk_size,
-                          loss_dtype=call.opts.loss_dtype)
+                          loss_dtype=call.opts.loss_dtype, nested=call.opts.nested)
     return layout, call
 
 
@@ -150,13 +167,10 @@ class DistSigLipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(img, txt, scale, bias, ids, lay: SigLipLayout):
-        impl = siglip_backends.get_loaded(lay.backend)
-        kw = lay.kwargs()
-        loss, d_img, d_txt, d_scale, d_bias = impl.siglip_block(
-            img, txt, scale, bias, ids, ids, True, lay.need_grad, **kw)
+        block = lay.block()
+        loss, d_img, d_txt, d_scale, d_bias = block(img, txt, scale, bias, ids, ids, True, lay.need_grad)
         for _q, txt_q, ids_q in _remote_shards(txt, ids, lay):
-            l_q, di_q, _, ds_q, db_q = impl.siglip_block(
-                img, txt_q, scale, bias, ids, ids_q, False, lay.need_grad, **kw)
+            l_q, di_q, _, ds_q, db_q = block(img, txt_q, scale, bias, ids, ids_q, False, lay.need_grad)
             loss = loss + l_q
             if lay.need_grad:
                 d_img += di_q
@@ -180,7 +194,7 @@ class DistSigLipLoss(torch.autograd.Function):
         if not lay.need_grad:
             raise RuntimeError("clip_fast's distributed SigLIP loss was computed without gradients, "
                                "so it cannot be backpropagated")
-        impl = siglip_backends.get_loaded(lay.backend)
+        block = lay.block()
         (img_dt, _), (txt_dt, _), (scale_dt, scale_shape), bias_meta = ctx.meta
         g = grad_loss.detach().to(torch.float64) / lay.n_local
         gi = g.to(d_img.dtype)
@@ -192,8 +206,7 @@ class DistSigLipLoss(torch.autograd.Function):
             frm = (r - k) % w
             # Texts of rank frm (they are needed again: the forward kept none).
             txt_q, ids_q = _swap(lay, k, txt, ids, lay.sizes[frm])
-            _, _, dt_q, _, _ = impl.siglip_block(img, txt_q, scale, bias, ids, ids_q, False, True,
-                                                 **lay.kwargs())
+            _, _, dt_q, _, _ = block(img, txt_q, scale, bias, ids, ids_q, False, True)
             # Send my share of d txt_frm back to frm; receive rank r + k's share of my d txt.
             total_txt += Ring(lay, -k).swap(dt_q * gi, tuple(txt.shape), TAG_ACC)
         needs = ctx.needs_input_grad

@@ -20,14 +20,28 @@ derivative of its own.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import backends as siglip_backends
 from ..core.autograd import fresh_output, fused_backward, refuse_vmap
+from ..core.matryoshka import NestedOptions
 from ..core.registry import chunk_kwargs
+from .backends.nested_torch import nested_siglip_block
+
+
+def block_sweep(backend: str, chunk_size: Optional[int], nested: Optional[NestedOptions]) -> Callable:
+    """The contract's ``siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive,
+    need_grad)`` of a resolved backend, or, with Matryoshka sizes, its nested sweep (the
+    weighted sum over the sizes: ``backends.nested_torch`` or the Triton kernel)."""
+    if nested is not None and backend == "triton":
+        return functools.partial(siglip_backends.get_loaded(backend).nested_siglip_block, nested=nested)
+    if nested is not None:
+        return functools.partial(nested_siglip_block, nested=nested, chunk_size=chunk_size)
+    return functools.partial(siglip_backends.get_loaded(backend).siglip_block, **chunk_kwargs(backend, chunk_size))
 
 
 @dataclass(frozen=True)
@@ -39,9 +53,10 @@ class SigLipOptions:
     chunk_size: Optional[int] = None  # rows per strip, torch backend only
     loss_dtype: Optional[torch.dtype] = None  # default: the features' dtype
     n_norm: Optional[int] = None  # the loss's divisor (default: the block's row count)
+    nested: Optional[NestedOptions] = None  # Matryoshka sizes (torch backend), or None
 
-    def kwargs(self) -> dict:
-        return chunk_kwargs(self.backend, self.chunk_size)
+    def block(self) -> Callable:
+        return block_sweep(self.backend, self.chunk_size, self.nested)
 
 
 class SigLipLossFunction(torch.autograd.Function):
@@ -49,10 +64,8 @@ class SigLipLossFunction(torch.autograd.Function):
     def forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor], ids_row: Optional[torch.Tensor],
                 ids_col: Optional[torch.Tensor], opts: SigLipOptions):
-        impl = siglip_backends.get_loaded(opts.backend)
-        loss_sum, d_img, d_txt, d_scale, d_bias = impl.siglip_block(
-            img, txt, scale, bias, ids_row, ids_col,
-            opts.diag_positive, opts.need_grad, **opts.kwargs())
+        loss_sum, d_img, d_txt, d_scale, d_bias = opts.block()(
+            img, txt, scale, bias, ids_row, ids_col, opts.diag_positive, opts.need_grad)
         n = opts.n_norm or img.shape[0]
         loss = fresh_output(loss_sum / n, opts.loss_dtype or img.dtype)
         return loss, d_img, d_txt, d_scale, d_bias

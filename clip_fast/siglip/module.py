@@ -1,7 +1,7 @@
 """``FastSigLipLoss``: a drop-in replacement for open_clip's ``SigLipLoss``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -9,9 +9,10 @@ from torch import nn
 from . import backends as siglip_backends
 from ..core.checks import ScalarLike, aliased, check_chunk_size
 from ..core.distributed import check_world_size
+from ..core.matryoshka import check_matryoshka
 from ..core.registry import BACKENDS
 from .distributed import DIST_IMPLS
-from .functional import siglip_loss
+from .functional import nested_backend, siglip_loss
 
 
 class FastSigLipLoss(nn.Module):
@@ -36,6 +37,9 @@ class FastSigLipLoss(nn.Module):
         backend: "auto", "torch", "triton" or "cuda" (see ``clip_fast.available_backends``).
         chunk_size: rows per strip for the torch backend.
         group: the ``torch.distributed`` process group (default: the world).
+        matryoshka_dims, matryoshka_weights, matryoshka_renormalize: the nested-size
+            loss, as ``siglip_loss`` takes them (backend "auto"/"torch" or "triton", one
+            process or distributed; docs/matryoshka.md).
 
     ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False,
     *, group_ids=None)`` returns the scalar loss, or ``{"contrastive_loss": loss}``.
@@ -44,7 +48,9 @@ class FastSigLipLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, bidir: Optional[bool] = None,
                  use_horovod: bool = False, backend: str = "auto",
-                 chunk_size: Optional[int] = None, group=None, distributed: Optional[str] = None):
+                 chunk_size: Optional[int] = None, group=None, distributed: Optional[str] = None,
+                 matryoshka_dims: Optional[Sequence[int]] = None,
+                 matryoshka_weights: Optional[Sequence[float]] = None, matryoshka_renormalize: bool = True):
         super().__init__()
         if use_horovod:
             raise NotImplementedError(
@@ -71,21 +77,31 @@ class FastSigLipLoss(nn.Module):
         siglip_backends.preload(backend)  # import now: torch.compile cannot trace an import
         self.chunk_size = check_chunk_size(chunk_size)
         self.group = group
+        self.matryoshka = None
+        if matryoshka_dims is not None:
+            nested_backend(backend, "FastSigLipLoss")
+            # The features' D is not known yet: each call checks the sizes against it.
+            self.matryoshka = check_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_renormalize, None)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"
+        text = f"backend={self.backend!r}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"
+        if self.matryoshka is not None:
+            text += f", matryoshka_dims={self.matryoshka.dims}"
+        return text
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: ScalarLike, logit_bias: Optional[ScalarLike] = None,
                 output_dict: bool = False, *, group_ids: Optional[torch.Tensor] = None):
+        options = dict(group_ids=group_ids, backend=self.backend, chunk_size=self.chunk_size)
+        if self.matryoshka is not None:
+            options.update(matryoshka_dims=self.matryoshka.dims, matryoshka_weights=self.matryoshka.weights,
+                           matryoshka_renormalize=self.matryoshka.renormalize)
         if self.world_size > 1:
             from .distributed import distributed_siglip_loss
 
             loss = distributed_siglip_loss(
-                image_features, text_features, logit_scale, logit_bias, group_ids=group_ids,
-                rank=self.rank, world_size=self.world_size, dist_impl=self.dist_impl,
-                backend=self.backend, chunk_size=self.chunk_size, group=self.group)
+                image_features, text_features, logit_scale, logit_bias, rank=self.rank,
+                world_size=self.world_size, dist_impl=self.dist_impl, group=self.group, **options)
         else:
-            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                               group_ids=group_ids, backend=self.backend, chunk_size=self.chunk_size)
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, **options)
         return {"contrastive_loss": loss} if output_dict else loss

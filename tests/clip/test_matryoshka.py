@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, paired_features, seed_ratio
+from helpers import DTYPE_UNIT as UNIT, GemmFlops as _GemmFlops, PRECISION_FACTOR as FACTOR, paired_features, seed_ratio
 from reference import reference_matryoshka_loss
 
 import clip_fast
@@ -165,32 +165,6 @@ def test_bad_options(kwargs, match):
 def test_module_refuses_distributed():
     with pytest.raises(NotImplementedError, match="world_size=2"):
         clip_fast.FastClipLoss(world_size=2, rank=0, matryoshka_dims=(4, 8))
-
-
-class _GemmFlops:
-    """Counts 2 * m * k * n of every matrix product dispatched inside the block."""
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        aten = torch.ops.aten
-        counter = self
-        self.flops = 0
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in (aten.mm.default,):
-                    counter.flops += 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
-                elif func in (aten.addmm.default, aten.addmm_.default):
-                    counter.flops += 2 * args[1].shape[0] * args[1].shape[1] * args[2].shape[1]
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
 
 
 @pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])

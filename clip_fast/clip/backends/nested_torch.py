@@ -48,6 +48,20 @@ def _size_logits(run: torch.Tensor, rs: Optional[torch.Tensor], c: Optional[torc
     return (run * rs[:, None]).mul_(c[None, :])
 
 
+def multiply_down(h: List[torch.Tensor], segs, x: torch.Tensor, y: torch.Tensor, r0: int, r1: int,
+                  d_x: torch.Tensor, d_y: torch.Tensor) -> None:
+    """One strip's gradient GEMMs: d_x[r0:r1, seg_j] = (sum_{k >= j} H_k) @ y[:, seg_j] and
+    d_y[:, seg_j] += (sum_{k >= j} H_k).T @ x[r0:r1, seg_j], the H (one per size, ``h``,
+    consumed) summed from the largest size down so that each segment is multiplied once."""
+    acc = h.pop()
+    for j in range(len(segs) - 1, -1, -1):
+        d0, d1 = segs[j]
+        d_x[r0:r1, d0:d1] = torch.mm(acc, y[:, d0:d1])
+        d_y[:, d0:d1].addmm_(acc.T, x[r0:r1, d0:d1])
+        if j:
+            acc.add_(h.pop())
+
+
 @torch.no_grad()
 def nested_lse_forward(x: torch.Tensor, y: torch.Tensor, dims: Sequence[int], rs: Optional[torch.Tensor],
                        c: Optional[torch.Tensor], chunk_size: Optional[int] = None):
@@ -129,13 +143,6 @@ def nested_grad_backward(x_gemm: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 grad.mul_(r[k, r0:r1, None])
             h.append(grad)
         # 3. From the largest size down: the running sum of H multiplies each segment once.
-        acc = h.pop()
-        for j in range(sizes - 1, -1, -1):
-            d0, d1 = segs[j]
-            d_x[r0:r1, d0:d1] = torch.mm(acc, y[:, d0:d1])
-            d_y[:, d0:d1].addmm_(acc.T, x[r0:r1, d0:d1])
-            if j:
-                acc.add_(h.pop())
-        del acc
+        multiply_down(h, segs, x, y, r0, r1, d_x, d_y)
     d_scale = (d_x * x).sum(dim=1, dtype=torch.float64).sum()
     return d_x.mul_(s), d_y.mul_(s), u_row, u_col, d_scale

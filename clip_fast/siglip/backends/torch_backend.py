@@ -45,22 +45,65 @@ def strip_labels(m0: int, m1: int, k: int, ids_row, ids_col, diag_positive: bool
     return None
 
 
+def siglip_strip_rows(m: int, k: int, chunk_size: Optional[int] = None) -> int:
+    """Rows per strip: the user's ``chunk_size``, else strips of 2^20 elements (the float64
+    elementwise stage holds a few of them at once)."""
+    return strip_rows(m, k, chunk_size) if chunk_size else max(1, min(m, (1 << 20) // max(k, 1)))
+
+
+def strip_terms(logits: torch.Tensor, r0: int, ids_row, ids_col, diag_positive: bool,
+                need_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Steps 2-4 of the contract on one strip of S (rows r0.., overwritten): the strip's
+    loss sum (float64, 0-d) and, with ``need_grad``, its G (else None)."""
+    cd, f64, dev, k = logits.dtype, torch.float64, logits.device, logits.shape[1]
+    # 2. x = -z S: S on the negatives (z = -1), -S on the positives (z = +1); the
+    #    diagonal labels negate the strip's diagonal in place.
+    pos = None
+    arg = logits
+    if ids_row is not None:
+        pos = strip_labels(r0, r0 + logits.shape[0], k, ids_row, ids_col, diag_positive, dev)
+        arg = torch.where(pos, -logits, logits)
+    elif diag_positive:
+        _strip_diag(arg, r0, k).neg_()
+    # 3. Loss terms softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) (no exp of a
+    #    positive number).  Below float32's normal range (|x| > 87) e is taken as
+    #    exp(64 - |x|), summed and scaled by e^-64 in float64 (there log1p(e) = e), so
+    #    a batch of confident pairs at |S| ~ 90 is not flushed (numerics, step 3).
+    #    Each row is summed in the compute dtype (torch's pairwise sum), rows in float64.
+    a = arg.abs()
+    far = a > _FAR if cd != f64 else torch.zeros((), dtype=torch.bool, device=dev)
+    t = torch.where(far, _SHIFT - a, -a).exp_()
+    loss = (torch.clamp(arg, min=0).sum(dim=1).sum(dtype=f64)
+            + torch.log1p(torch.where(far, 0.0, t)).sum(dim=1).sum(dtype=f64)
+            + torch.where(far, t, 0.0).sum(dim=1).sum(dtype=f64) * math.exp(-_SHIFT))
+    del a, t, far
+    if not need_grad:
+        return loss, None
+    # 4. G = -z sigmoid(x): -sigmoid(x) on positives, +sigmoid(x) on negatives
+    #    (torch's sigmoid is accurate for either sign of x).
+    grad = torch.sigmoid(arg)
+    if pos is not None:
+        grad = torch.where(pos, -grad, grad)
+    elif diag_positive:
+        _strip_diag(grad, r0, k).neg_()
+    return loss, grad
+
+
 @torch.no_grad()
 def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                  bias: Optional[torch.Tensor], ids_row: Optional[torch.Tensor],
                  ids_col: Optional[torch.Tensor], diag_positive: bool, need_grad: bool,
                  chunk_size: Optional[int] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Long: the numbered numerics of the contract, applied strip by strip in one loop, in the
-    # order the kernels apply them per tile, so the oracle reads beside them step for step.
+    # The numbered numerics of the contract, strip by strip, in the order the kernels apply
+    # them per tile (steps 2-4 in ``strip_terms``), so the oracle reads beside them.
     cd = torch.float64 if img.dtype == torch.float64 else torch.float32
     f64 = torch.float64
     x, y = img.to(cd), txt.to(cd)  # a copy only for half/bfloat16 inputs: O(N*D)
     s = scale.reshape(()).to(cd)
     b = None if bias is None else bias.reshape(()).to(cd)
     m, k = x.shape[0], y.shape[0]
-    # Strips of 2^20 elements: the float64 elementwise stage holds a few of them at once.
-    c = strip_rows(m, k, chunk_size) if chunk_size else max(1, min(m, (1 << 20) // max(k, 1)))
+    c = siglip_strip_rows(m, k, chunk_size)
     dev = x.device
     loss = torch.zeros((), dtype=f64, device=dev)
     d_scale = torch.zeros((), dtype=f64, device=dev)
@@ -74,42 +117,17 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
         logits = raw * s
         if b is not None:
             logits += b
-        # 2. x = -z S: S on the negatives (z = -1), -S on the positives (z = +1); the
-        #    diagonal labels negate the strip's diagonal in place.
-        pos = None
-        arg = logits
-        if ids_row is not None:
-            pos = strip_labels(r0, r1, k, ids_row, ids_col, diag_positive, dev)
-            arg = torch.where(pos, -logits, logits)
-        elif diag_positive:
-            _strip_diag(arg, r0, k).neg_()
+        # 2-4. Its loss terms and G.
+        strip_loss, grad = strip_terms(logits, r0, ids_row, ids_col, diag_positive, need_grad)
+        loss += strip_loss
         del logits
-        # 3. Loss terms softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) (no exp of a
-        #    positive number).  Below float32's normal range (|x| > 87) e is taken as
-        #    exp(64 - |x|), summed and scaled by e^-64 in float64 (there log1p(e) = e), so
-        #    a batch of confident pairs at |S| ~ 90 is not flushed (numerics, step 3).
-        #    Each row is summed in the compute dtype (torch's pairwise sum), rows in float64.
-        a = arg.abs()
-        far = a > _FAR if cd != f64 else torch.zeros((), dtype=torch.bool, device=dev)
-        t = torch.where(far, _SHIFT - a, -a).exp_()
-        loss += (torch.clamp(arg, min=0).sum(dim=1).sum(dtype=f64)
-                 + torch.log1p(torch.where(far, 0.0, t)).sum(dim=1).sum(dtype=f64)
-                 + torch.where(far, t, 0.0).sum(dim=1).sum(dtype=f64) * math.exp(-_SHIFT))
-        del a, t, far
         if need_grad:
-            # 4. G = -z sigmoid(x): -sigmoid(x) on positives, +sigmoid(x) on negatives
-            #    (torch's sigmoid is accurate for either sign of x).
-            grad = torch.sigmoid(arg)
-            if pos is not None:
-                grad = torch.where(pos, -grad, grad)
-            elif diag_positive and ids_row is None:
-                _strip_diag(grad, r0, k).neg_()
             d_scale += torch.mul(grad, raw).sum(dim=1).sum(dtype=f64)
             d_bias += grad.sum(dim=1).sum(dtype=f64)
             d_img[r0:r1] = torch.mm(grad, y)
             d_txt.addmm_(grad.T, x[r0:r1])
             del grad
-        del arg, raw, pos
+        del raw
     if need_grad:
         d_img.mul_(s)
         d_txt.mul_(s)

@@ -29,3 +29,12 @@ def siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
                  ids_col: Optional[torch.Tensor], diag_positive: bool, need_grad: bool):
     return torch.ops.clip_fast.triton_siglip_block(img, txt, scale, bias, ids_row, ids_col,
                                                    bool(diag_positive), bool(need_grad))
+
+
+def nested_siglip_block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                        bias: Optional[torch.Tensor], ids_row: Optional[torch.Tensor],
+                        ids_col: Optional[torch.Tensor], diag_positive: bool, need_grad: bool, nested):
+    """The Matryoshka sweep (``clip_fast.kernels.siglip.nested_siglip_block``): the size
+    boundaries inside the K loop, one epilogue per size."""
+    return _kernels.nested_siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive, need_grad, nested)
+
