@@ -63,6 +63,7 @@ import triton.language as tl
 from . import config as _config
 from ..core.numerics import LOG2E, combine_diag, compute_dtype, diag_grad, split_float
 from .lse_forward import COL_SLACK, COL_UNDERFLOW, LN2, headroom_log2, merge_log2_parts
+from .tile import grouped_tile
 from .workspace import block_shape, mm_f32
 
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -95,6 +96,20 @@ def _size_logits(acc, rs_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, RENORM: tl.
         c = tl.load(c_ptr + offs_n, mask=col_ok, other=0.0)
         return (acc * rs[:, None]) * c[None, :]
     return acc
+
+
+@triton.jit
+def _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, N,
+               stride_xd, stride_yd, RENORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               DOT_UPCAST: tl.constexpr, BK: tl.constexpr):
+    """Step 1 of both sweeps, one code path so the backward's S is the forward's bit for bit:
+    the running sum over segment k (from d_lo to d_k), then size k's tile of S in natural units.
+    Returns (acc, d_k, S_k)."""
+    d_hi = tl.load(dims_ptr + k)
+    acc = _segment_dot(acc, x_rows, y_cols, row_ok, col_ok, d_lo, d_hi, stride_xd, stride_yd,
+                       DOT_PRECISION, DOT_UPCAST, BK)
+    s = _size_logits(acc, rs_ptr + k * N, c_ptr + k * N, offs_m, offs_n, row_ok, col_ok, RENORM)
+    return acc, d_hi, s
 
 
 # One kernel body, longer than a screen on purpose: the tile loop with its per-size epilogue
@@ -131,14 +146,12 @@ def _nested_lse_kernel(
         acc = tl.zeros((BM, BN), acc_t)
         d_lo = 0
         for k in tl.static_range(NS):
-            # 1. The running sum over segment k: the tile of R_k.
-            d_hi = tl.load(dims_ptr + k)
-            acc = _segment_dot(acc, x_rows, y_cols, row_ok, col_ok, d_lo, d_hi, stride_xd, stride_yd,
-                               DOT_PRECISION, DOT_UPCAST, BK)
-            d_lo = d_hi
-            # 2. Size k's logits in log2 units.
-            s2 = _size_logits(acc, rs_ptr + k * N, c_ptr + k * N, offs_m, offs_n, row_ok, col_ok,
-                              RENORM) * _LOG2E_K
+            # 1. The running sum over segment k: the tile of R_k, and size k's logits.
+            acc, d_lo, s = _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, offs_n,
+                                      row_ok, col_ok, N, stride_xd, stride_yd, RENORM, DOT_PRECISION,
+                                      DOT_UPCAST, BK)
+            # 2. In log2 units.
+            s2 = s * _LOG2E_K
             # 3. The diagonal, written and taken out of the sums.
             if on_diag:
                 if WRITE_DIAG:
@@ -183,15 +196,7 @@ def _nested_grad_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     acc_t = lse_ptr.dtype.element_ty
-    # Grouped tile order (Triton's matmul tutorial): neighbouring programs share y blocks in L2.
-    pid = tl.program_id(0)
-    num_pm = tl.cdiv(R, BM)
-    num_pn = tl.cdiv(C, BN)
-    group = GROUP_M * num_pn
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pm - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), R, C, BM, BN, GROUP_M)
     offs_r = pid_m * BM + tl.arange(0, BM)
     offs_c = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_r < R
@@ -207,11 +212,9 @@ def _nested_grad_kernel(
     d_lo = 0
     for k in tl.static_range(NS):
         # 1. Size k's tile of S, recomputed as the forward formed it.
-        d_hi = tl.load(dims_ptr + k)
-        acc = _segment_dot(acc, x_rows, y_cols, row_ok, col_ok, d_lo, d_hi, stride_xd, stride_yd,
-                           DOT_PRECISION, DOT_UPCAST, BK)
-        d_lo = d_hi
-        s = _size_logits(acc, rs_ptr + k * N, c_ptr + k * N, offs_m, offs_n, row_ok, col_ok, RENORM)
+        acc, d_lo, s = _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, offs_n,
+                                  row_ok, col_ok, N, stride_xd, stride_yd, RENORM, DOT_PRECISION,
+                                  DOT_UPCAST, BK)
         s2 = s * _LOG2E_K
         # 2. G_k = coef_row P_row + coef_col P_col, each lse a float-float pair (hi, lo) in log2
         #    units (grad_backward's step 3): S2 is the forward's bit for bit, so P is consistent
@@ -255,15 +258,30 @@ def _flags(dtype: torch.dtype) -> dict:
                 DOT_UPCAST=_config.interpreter_active() and dtype == torch.bfloat16)
 
 
-# float64 on a GPU: a 64 x 64 tile (a 128 x 128 float64 accumulator spills, and three stages of
-# 128 x 32 float64 slices exceed sm_80's shared memory; aot_check).
+# The nested sweeps' tile on a GPU.  128 x 64 (BN halved from the plain kernels' 128 x 128): the
+# per-size row statistics and the backward's reverse sums keep more registers live, and at
+# 128 x 128 ptxas spills (sm_90 bf16: ~1-2 KB of spill stores per kernel) where 128 x 64 does not
+# (forward) or barely (backward, 80 B) -- ``python -m clip_fast.kernels.aot_check --only nested``.
+# Untimed: chosen from the compile report alone.  fp32 halves BK (shared memory, as the table).
+_GPU_TILE = _config.KernelConfig(128, 64, 64, 8, 3)
+# float64: a 64 x 64 tile (a 128 x 128 float64 accumulator spills heavily, and three stages of
+# 128 x 32 float64 slices exceed sm_80's shared memory).
 _FP64_TILE = _config.KernelConfig(64, 64, 32, 4, 2)
 
 
-def _tile(x: torch.Tensor) -> _config.KernelConfig:
-    """The forward's tile, used by both sweeps (the backward's S is the forward's bit for bit)."""
-    if x.dtype == torch.float64 and x.device.type == "cuda":
+def gpu_tile(dtype: torch.dtype) -> _config.KernelConfig:
+    if dtype == torch.float64:
         return _FP64_TILE
+    if dtype == torch.float32:
+        return _config.KernelConfig(_GPU_TILE.BM, _GPU_TILE.BN, 32, _GPU_TILE.num_warps, _GPU_TILE.num_stages)
+    return _GPU_TILE
+
+
+def _tile(x: torch.Tensor) -> _config.KernelConfig:
+    """The tile of both sweeps (the backward's S is the forward's bit for bit): ``gpu_tile`` on
+    CUDA, the configured forward tile under the interpreter or a ``config.override``."""
+    if x.device.type == "cuda" and _config._override is None:
+        return gpu_tile(x.dtype)
     return _config.get_configs(x.device, x.dtype).forward
 
 
@@ -433,10 +451,9 @@ def nested_grad_backward(x_gemm: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 def aot_variants(dtype: torch.dtype, arch: int):
     """The compile variants of the nested kernels (``python -m clip_fast.kernels.aot_check``):
     five sizes, both normalisation modes, padded tiles; with fp32 also the float64 kernels."""
-    table = _config.table_configs(arch // 10, dtype).forward
-    builds = [(dtype, "", table)]
+    builds = [(dtype, "", gpu_tile(dtype))]
     if dtype == torch.float32:
-        builds.append((torch.float64, " fp64", _FP64_TILE))
+        builds.append((torch.float64, " fp64", gpu_tile(torch.float64)))
     for op, tag, tile in builds:
         feat = "*fp64" if op == torch.float64 else _config.feature_ptr(op)
         acc = "*fp64" if op == torch.float64 else "*fp32"

@@ -40,7 +40,7 @@ def _reference_kwargs(opts):
     return out
 
 
-def _run(img, txt, scale, dims, weights, renorm, opts, chunk_size=None):
+def _run(img, txt, scale, dims, weights, renorm, opts, chunk_size=None, backend="auto"):
     """clip_fast's loss and the gradients of (img, txt, scale, negatives) in float64."""
     leaves = {"img": img.clone().requires_grad_(True), "txt": txt.clone().requires_grad_(True),
               "scale": torch.tensor(scale, dtype=torch.float64 if img.dtype == torch.float64 else torch.float32,
@@ -51,7 +51,7 @@ def _run(img, txt, scale, dims, weights, renorm, opts, chunk_size=None):
             opts[k] = leaves[k] = opts[k].clone().requires_grad_(True)
     loss = clip_fast.clip_loss(leaves["img"], leaves["txt"], leaves["scale"], matryoshka_dims=dims,
                                matryoshka_weights=weights, matryoshka_renormalize=renorm, chunk_size=chunk_size,
-                               **opts)
+                               backend=backend, **opts)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return [loss.detach().double()] + [g.double() for g in grads]
 

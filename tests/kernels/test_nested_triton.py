@@ -6,65 +6,30 @@ through the prefix normalisation, no clip_fast code).  float64 (the nested kerne
 float64 operands in float64): loss and the gradients of img, txt, logit_scale (and hard
 negatives) to 1e-9 relative.  float32 and bfloat16: the precision rule (tests/helpers.py)
 against the materialised per-size losses in the same dtype, on random rows, confident rows at
-scale 100 and raw prefixes with |S| up to ~10^3.  bfloat16 runs the kernels with bf16 operands
-upcast to fp32 before tl.dot (exact; the interpreter's own bf16 tl.dot is broken), so it
-covers the bf16 loads, the bf16 workspace of the backward and the host's bf16 GEMMs, not the
-GPU's bf16 MMA.  Shapes: N = 37 or 41 (two 32-row blocks under the interpreter, the second
-padded), D = 29 / 33, sizes (5, 13, 29) / (7, 20, 33) / (3, 17) of D = 30 -- none a multiple of
-the tile's BK = 32, and the largest below D in one case.
+scale 100 and raw prefixes with |S| up to ~10^3 (the torch backend's tests' runner and inputs,
+tests/clip/test_matryoshka.py).  bfloat16 runs the kernels with bf16 operands upcast to fp32
+before tl.dot (exact; the interpreter's own bf16 tl.dot is broken), so it covers the bf16
+loads, the bf16 workspace of the backward and the host's bf16 GEMMs, not the GPU's bf16 MMA.
+Shapes: N = 37 or 41 (two 32-row blocks under the interpreter, the second padded), D = 29 / 33,
+sizes (5, 13, 29) / (7, 20, 33) / (3, 17) of D = 30 -- none a multiple of the tile's BK = 32,
+and the largest below D in one case.
 """
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 import torch
 
 from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, paired_features, seed_ratio
-from reference import reference_matryoshka_loss
 
 import clip_fast
 
 pytest.importorskip("triton")
-
-
-def _run(img, txt, scale, dims, weights, renorm, opts, backend="triton"):
-    """clip_fast's loss and the gradients of (img, txt, scale, negatives), as float64."""
-    leaves = {"img": img.clone().requires_grad_(True), "txt": txt.clone().requires_grad_(True),
-              "scale": torch.tensor(scale, dtype=torch.float64 if img.dtype == torch.float64 else torch.float32,
-                                    requires_grad=True)}
-    opts = dict(opts)
-    for k in ("negative_text_features", "negative_image_features"):
-        if k in opts:
-            opts[k] = leaves[k] = opts[k].clone().requires_grad_(True)
-    loss = clip_fast.clip_loss(leaves["img"], leaves["txt"], leaves["scale"], matryoshka_dims=dims,
-                               matryoshka_weights=weights, matryoshka_renormalize=renorm, backend=backend, **opts)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return [loss.detach().double()] + [g.double() for g in grads]
-
-
-def _reference(img, txt, scale, dims, weights, renorm, opts, dtype=torch.float64):
-    kw = {k: v for k, v in opts.items() if not k.startswith("negative")}
-    ref = reference_matryoshka_loss(img, txt, scale, dims, weights, renorm, dtype=dtype,
-                                    negative_text=opts.get("negative_text_features"),
-                                    negative_image=opts.get("negative_image_features"), **kw)
-    return [t.double() for t in ref if t is not None]
-
-
-def _rel(got, ref):
-    return float((got - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-def _options(kind, n, d, gen):
-    if kind == "plain":
-        return {}
-    if kind == "groups":
-        return dict(group_ids=torch.randint(0, max(2, n // 3), (n,), generator=gen))
-    if kind == "smooth_weight":
-        return dict(label_smoothing=0.1, image_to_text_weight=0.3)
-    if kind == "negatives":
-        return dict(negative_text_features=torch.randn(5, d, generator=gen, dtype=torch.float64),
-                    negative_image_features=torch.randn(3, d, generator=gen, dtype=torch.float64),
-                    label_smoothing=0.05, group_ids=torch.randint(0, 4, (n,), generator=gen))
-    raise ValueError(kind)
+# The torch backend's Matryoshka tests: their runner, options and input makers serve both.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clip"))
+from test_matryoshka import _confident, _options, _random, _reference, _rel, _run  # noqa: E402
 
 
 CASES = [
@@ -88,42 +53,18 @@ def test_float64_equals_separate_losses(case):
     img, txt = paired_features(n, n, d, dtype=torch.float64, normalise=not renorm)
     if renorm:  # rows of different norms: the prefix normalisation matters
         img = img * (0.5 + torch.rand(n, 1, generator=gen, dtype=torch.float64))
-    opts = _options(kind, n, d, gen)
-    got = _run(img, txt, 9.0, dims, weights, renorm, opts)
+    opts = _options(kind, n, d, torch.float64, gen)
+    got = _run(img, txt, 9.0, dims, weights, renorm, opts, backend="triton")
     ref = _reference(img, txt, 9.0, dims, weights, renorm, opts)
     assert len(got) == len(ref)
     for name, g, r in zip(["loss", "d_img", "d_txt", "d_scale", "d_neg_txt", "d_neg_img"], got, ref):
         assert _rel(g, r) <= 1e-9, (name, _rel(g, r))
 
 
-def _random(n, d, seed, dtype, renorm):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, dtype=torch.float64, generator=g)
-    t = 0.6 * x + 0.8 * torch.randn(n, d, dtype=torch.float64, generator=g)
-    if not renorm:
-        x, t = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(t, dim=1)
-    return x.to(dtype), t.to(dtype), 20.0
-
-
-def _confident(n, d, seed, dtype, renorm):
-    """Scale-100 rows whose pair dominates at every size: per-size losses ~1e-4 and below."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64, generator=g), dim=1)
-    t = x + 0.05 * torch.randn(n, d, dtype=torch.float64, generator=g)
-    return x.to(dtype), t.to(dtype), 100.0
-
-
-def _large(n, d, seed, dtype, renorm):
-    """Raw prefixes of norm ~sqrt(d) at scale 30: |S| up to ~10^3."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, dtype=torch.float64, generator=g)
-    t = x + 0.3 * torch.randn(n, d, dtype=torch.float64, generator=g)
-    return x.to(dtype), t.to(dtype), 30.0
-
-
+# (dtype, inputs, re-normalised): _random at scale 20, raw prefixes of norm ~sqrt(D), is the
+# large-|S| case (|S| up to ~10^3); _confident at scale 100 (raw: unit image rows).
 PRECISION = [(torch.float32, _random, True), (torch.float32, _random, False),
              (torch.float32, _confident, True), (torch.float32, _confident, False),
-             (torch.float32, _large, False),
              (torch.bfloat16, _random, True), (torch.bfloat16, _confident, False)]
 
 
@@ -135,8 +76,10 @@ def test_precision_rule(dtype, make, renorm):
     dims, n, d = (7, 20, 33), 41, 33
     errors, floors = {}, {}
     for seed in range(4):
-        img, txt, scale = make(n, d, seed, dtype, renorm)
-        got = _run(img, txt, scale, dims, None, renorm, {})
+        img, txt, scale = make(n, d, seed, dtype)
+        if not renorm and make is _confident:  # raw prefixes: keep |S| of size scale at the largest size
+            img = torch.nn.functional.normalize(img.double(), dim=1).to(dtype)
+        got = _run(img, txt, scale, dims, None, renorm, {}, backend="triton")
         ref = _reference(img.double(), txt.double(), scale, dims, None, renorm, {})
         mat = _reference(img, txt, scale, dims, None, renorm, {}, dtype=dtype)
         for i, (g, r, m) in enumerate(zip(got, ref, mat)):
@@ -170,7 +113,7 @@ def test_underflowed_columns_take_the_exact_fallback(renorm, monkeypatch):
         return launch(x, y, dims_t, rs, c, c2, row_flags, *rest)
 
     monkeypatch.setattr(nested, "_launch_sweep", spy)
-    got = _run(img, txt, 100.0, dims, None, renorm, {})
+    got = _run(img, txt, 100.0, dims, None, renorm, {}, backend="triton")
     ref = _reference(img, txt, 100.0, dims, None, renorm, {})
     assert flagged and flagged[0] >= 3
     for name, a, b in zip(["loss", "d_img", "d_txt", "d_scale"], got, ref):
