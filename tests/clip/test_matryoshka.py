@@ -111,13 +111,18 @@ def _random(n, d, seed, dtype):
 def test_precision_rule(dtype, make, renorm):
     """Each output's error against float64 (of the dtype-rounded inputs) is within FACTOR of
     the materialised per-size losses' error in the same dtype, over 4 seeds (``seed_ratio``)."""
+    check_precision(dtype, make, renorm, backend="torch")
+
+
+def check_precision(dtype, make, renorm, backend):
+    """``test_precision_rule``'s check on ``backend`` (strips of 16 rows on the torch backend)."""
     dims, n, d = (7, 20, 33), 41, 33
     errors, floors = {}, {}
     for seed in range(4):
         img, txt, scale = make(n, d, seed, dtype)
         if not renorm and make is _confident:  # raw prefixes: keep |S| of size scale at the largest size
             img = torch.nn.functional.normalize(img.double(), dim=1).to(dtype)
-        got = _run(img, txt, scale, dims, None, renorm, {}, chunk_size=16)
+        got = _run(img, txt, scale, dims, None, renorm, {}, chunk_size=16, backend=backend)
         ref = _reference(img.double(), txt.double(), scale, dims, None, renorm, {})
         mat = _reference(img, txt, scale, dims, None, renorm, {}, dtype=dtype)
         for i, (g, r, m) in enumerate(zip(got, ref, mat)):

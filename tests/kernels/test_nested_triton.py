@@ -22,14 +22,15 @@ import sys
 import pytest
 import torch
 
-from helpers import DTYPE_UNIT as UNIT, PRECISION_FACTOR as FACTOR, paired_features, seed_ratio
+from helpers import paired_features
 
 import clip_fast
 
 pytest.importorskip("triton")
 # The torch backend's Matryoshka tests: their runner, options and input makers serve both.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clip"))
-from test_matryoshka import _confident, _options, _random, _reference, _rel, _run  # noqa: E402
+from test_matryoshka import (_confident, _GemmFlops, _options, _random, _reference, _rel, _run,  # noqa: E402
+                             check_precision)
 
 
 CASES = [
@@ -73,20 +74,7 @@ PRECISION = [(torch.float32, _random, True), (torch.float32, _random, False),
 def test_precision_rule(dtype, make, renorm):
     """Each output's error against float64 (of the dtype-rounded inputs) is within FACTOR of the
     materialised per-size losses' error in the same dtype, over 4 seeds (``seed_ratio``)."""
-    dims, n, d = (7, 20, 33), 41, 33
-    errors, floors = {}, {}
-    for seed in range(4):
-        img, txt, scale = make(n, d, seed, dtype)
-        if not renorm and make is _confident:  # raw prefixes: keep |S| of size scale at the largest size
-            img = torch.nn.functional.normalize(img.double(), dim=1).to(dtype)
-        got = _run(img, txt, scale, dims, None, renorm, {}, backend="triton")
-        ref = _reference(img.double(), txt.double(), scale, dims, None, renorm, {})
-        mat = _reference(img, txt, scale, dims, None, renorm, {}, dtype=dtype)
-        for i, (g, r, m) in enumerate(zip(got, ref, mat)):
-            errors.setdefault(i, []).append(float((g - r).norm()))
-            floors.setdefault(i, []).append(max(float((m - r).norm()), UNIT[dtype] * float(r.norm())))
-    for i, name in enumerate(["loss", "d_img", "d_txt", "d_scale"]):
-        assert seed_ratio(errors[i], floors[i]) <= FACTOR, (name, errors[i], floors[i])
+    check_precision(dtype, make, renorm, backend="triton")
 
 
 @pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
@@ -137,3 +125,14 @@ def test_dispatch():
                  lambda: clip_fast.FastClipLoss(backend="cuda", matryoshka_dims=(4, 12))):
         with pytest.raises(ValueError, match="matryoshka_dims.*backend='triton' or backend='torch'"):
             call()
+
+
+def test_backward_gemm_work_is_the_largest_size():
+    """The backward's host GEMMs multiply each segment once: d_img and d_txt cost 2 products of
+    N x N x D_max in all (the sweeps themselves are Triton kernels, not aten products)."""
+    n, d, dims = 40, 29, (5, 13, 29)
+    img, txt = paired_features(n, n, d, normalise=False)
+    x, y = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    with _GemmFlops() as nested:
+        clip_fast.clip_loss(x, y, 10.0, matryoshka_dims=dims, backend="triton").backward()
+    assert nested.flops == 2 * 2 * n * n * max(dims)
