@@ -2,6 +2,8 @@
 
     python benchmarks/bench_matryoshka.py                                   # N=8192, dims 64..768
     python benchmarks/bench_matryoshka.py --n 1024 --dims 16 32 64 --reps 1  # a quick look
+    python benchmarks/bench_matryoshka.py --device cuda --backends torch,triton --dtype bfloat16 \
+        --n 65536 --dims 64 128 256 512 768 --out $OUT/matryoshka_gpu.csv   # the GPU rows
 
 Cases (forward+backward of the loss on (anchor, positive) fp32 embeddings of N rows,
 MNRL's loss: image->text cross-entropy at scale 20, each prefix L2-normalised, weights 1):
@@ -11,6 +13,11 @@ MNRL's loss: image->text cross-entropy at scale 20, each prefix L2-normalised, w
                  (N x N logits per size)
     fast_loop    clip_fast's own per-size loop: ``clip_loss`` on each normalised prefix
     fast_sweep   ``clip_loss(..., matryoshka_dims=dims)``: every size in one sweep
+    fast_loop_triton, fast_sweep_triton   the same on backend="triton" (``--backends torch,triton``)
+
+``--device cuda`` times on the GPU (synchronised; memory: peak allocated growth, in process);
+``st_loop`` is skipped where sentence-transformers is not installed (ratios are then to the
+first case).  ``--dtype`` sets the embeddings' dtype (default float32).
 
 Time: the cases run interleaved in one process (a warm-up round, then ``--reps`` rounds), so
 each sees the same machine load; ``ratio`` / ``cpu_ratio`` are medians over rounds of (case /
@@ -43,15 +50,30 @@ FIELDS = ["date", "device", "torch", "triton", "python", "sentence_transformers"
 SCALE = 20.0
 
 
-def make_inputs(n: int, d: int, seed: int = 0) -> List[torch.Tensor]:
-    """(anchor, positive) fp32 embeddings of n rows, positives near their anchors."""
+def make_inputs(n: int, d: int, seed: int = 0, device: str = "cpu", dtype=torch.float32) -> List[torch.Tensor]:
+    """(anchor, positive) embeddings of n rows, positives near their anchors."""
     gen = torch.Generator().manual_seed(seed)
     q, p = (torch.randn(n, d, generator=gen) for _ in range(2))
-    return [q, 0.8 * q + 0.6 * p]
+    return [t.to(device=device, dtype=dtype) for t in (q, 0.8 * q + 0.6 * p)]
+
+
+def cases(backends: Sequence[str]) -> List[str]:
+    """st_loop (when sentence-transformers imports), then each backend's loop and sweep."""
+    try:
+        import sentence_transformers  # noqa: F401
+        out = ["st_loop"]
+    except ImportError:
+        out = []
+    for b in backends:
+        out += ["fast_loop", "fast_sweep"] if b == "torch" else [f"fast_loop_{b}", f"fast_sweep_{b}"]
+    return out
 
 
 def loss_fn(case: str, dims: Sequence[int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     import clip_fast
+
+    backend = case.split("_")[2] if case.count("_") == 2 else "torch"
+    case = "_".join(case.split("_")[:2])
 
     if case == "st_loop":
         from sentence_transformers.sentence_transformer import losses
@@ -61,22 +83,44 @@ def loss_fn(case: str, dims: Sequence[int]) -> Callable[[torch.Tensor, torch.Ten
         return lambda q, p: sum(mnrl.compute_loss_from_embeddings([shrink(q, d), shrink(p, d)], None) for d in dims)
     if case == "fast_loop":
         return lambda q, p: sum(clip_fast.clip_loss(F.normalize(q[:, :d], dim=1), F.normalize(p[:, :d], dim=1),
-                                                    SCALE, image_to_text_weight=1.0, backend="torch") for d in dims)
+                                                    SCALE, image_to_text_weight=1.0, backend=backend) for d in dims)
     if case == "fast_sweep":
-        return lambda q, p: clip_fast.clip_loss(q, p, SCALE, image_to_text_weight=1.0, backend="torch",
+        return lambda q, p: clip_fast.clip_loss(q, p, SCALE, image_to_text_weight=1.0, backend=backend,
                                                 matryoshka_dims=tuple(dims))
     raise ValueError(f"case must be one of {CASES}, got {case!r}")
 
 
 def step_fn(case: str, embeddings: List[torch.Tensor], dims: Sequence[int]) -> Callable[[], None]:
-    """One forward+backward of ``case``; gradients land on leaf copies."""
+    """One forward+backward of ``case`` (synchronised on a GPU); gradients land on leaf copies."""
     fn = loss_fn(case, dims)
     q, p = (e.clone().requires_grad_(True) for e in embeddings)
 
     def run():
         q.grad = p.grad = None
         fn(q, p).backward()
+        if q.is_cuda:
+            torch.cuda.synchronize()
     return run
+
+
+def _fails(fn) -> str:
+    """"" when one step runs, else why not (a GPU out of memory; the other cases still run)."""
+    try:
+        fn()
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        return f"out of memory: {str(exc).splitlines()[0][:80]}"
+    return ""
+
+
+def cuda_memory(case, n, dims, dtype) -> float:
+    """Peak allocated growth (MiB) of one step over the allocation with its inputs alive."""
+    fn = step_fn(case, make_inputs(n, max(dims), device="cuda", dtype=dtype), dims)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return max(0, torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def memory_worker(case, n, dims) -> Dict:
@@ -96,24 +140,40 @@ def memory(case, n, dims) -> float:
 
 
 def run(args) -> List[Dict]:
-    import sentence_transformers
-
-    env = dict(environment("cpu"), sentence_transformers=sentence_transformers.__version__,
+    try:
+        import sentence_transformers
+        st_version = sentence_transformers.__version__
+    except ImportError:
+        st_version = "none"
+    dtype = getattr(torch, args.dtype)
+    env = dict(environment(args.device), sentence_transformers=st_version,
                threads=torch.get_num_threads(), dims=" ".join(map(str, args.dims)))
+    if args.device == "cuda" or args.dtype != "float32":
+        env["device"] = f"{env['device']} {args.dtype}"
+    names = cases(args.backends.split(","))
     rows = []
     for n in args.n:
-        fns = {c: step_fn(c, make_inputs(n, max(args.dims)), args.dims) for c in CASES}
-        times = interleaved_times(fns, args.reps)
+        fns = {c: step_fn(c, make_inputs(n, max(args.dims), device=args.device, dtype=dtype), args.dims)
+               for c in names}
+        failed = {c: status for c in names if (status := _fails(fns[c]))}
+        live = [c for c in names if c not in failed]
+        nan = float("nan")
+        rows += [dict(env, case=c, n=n, median_ms=nan, cpu_median_ms=nan, ratio=nan, cpu_ratio=nan, extra_mib=nan,
+                      mem_ratio=nan, status=failed[c]) for c in failed]
+        if not live:
+            continue
+        times = interleaved_times({c: fns[c] for c in live}, args.reps)
         del fns
-        mems = {c: memory(c, n, args.dims) for c in CASES}
-        base = times["st_loop"]
-        for c in CASES:
+        mems = {c: cuda_memory(c, n, args.dims, dtype) if args.device == "cuda" else memory(c, n, args.dims)
+                for c in live}
+        base = times[live[0]]
+        for c in live:
             t = times[c]
             rows.append(dict(env, case=c, n=n, median_ms=1e3 * statistics.median(t["wall"]),
                              cpu_median_ms=1e3 * statistics.median(t["cpu"]),
                              ratio=paired_ratio(t["wall"], base["wall"]),
                              cpu_ratio=paired_ratio(t["cpu"], base["cpu"]),
-                             extra_mib=mems[c], mem_ratio=mems[c] / max(mems["st_loop"], 1e-9), status="ok"))
+                             extra_mib=mems[c], mem_ratio=mems[c] / max(mems[live[0]], 1e-9), status="ok"))
     return rows
 
 
@@ -154,11 +214,16 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--n", type=int, nargs="+", default=[8192])
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256, 512, 768])
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backends", default="torch", help="comma list among torch,triton (default torch)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/matryoshka_cpu_DATE.csv)")
     p.add_argument("--plot", action="store_true", help="also write the CSV's PNG beside it")
     p.add_argument("--replot", default=None, metavar="CSV", help="only draw an existing CSV's PNG beside it")
     p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if any(b not in ("torch", "triton") for b in args.backends.split(",")):
+        p.error(f"--backends takes a comma list among torch,triton, got {args.backends!r}")
     if args.replot:
         import csv
 
@@ -169,10 +234,11 @@ def main(argv: Optional[List[str]] = None):
         print(json.dumps(memory_worker(*json.loads(args.worker_memory))))
         return
     rows = run(args)
-    out = args.out or os.path.join(RESULTS, f"matryoshka_cpu_{rows[0]['date']}.csv")
+    out = args.out or os.path.join(RESULTS, f"matryoshka_{args.device}_{rows[0]['date']}.csv")
     write_csv(rows, out, fields=FIELDS)
     print(f"{rows[0]['device']}, torch {rows[0]['torch']}, sentence-transformers {rows[0]['sentence_transformers']}, "
-          f"{rows[0]['threads']} threads, {rows[0]['date']}; dims {args.dims}, fp32, shared CPU\n")
+          f"{rows[0]['threads']} threads, {rows[0]['date']}; dims {args.dims}, {args.dtype}"
+          f"{', shared CPU' if args.device == 'cpu' else ''}\n")
     print(table(rows))
     if args.plot:
         print(f"wrote {plot(rows, out[:-4] + '.png')}")

@@ -10,9 +10,10 @@ Both are registered as torch.library ops (``clip_fast::triton_lse_forward``,
 
 Modules (not re-exported as functions, so ``clip_fast.kernels.lse_forward`` stays the
 module): ``lse_forward``, ``grad_backward``, ``fused_backward`` (the backward variant without a
-G workspace), ``siglip``, ``distill``, ``tile`` and ``workspace`` (what the sweeps share),
-``config`` (block sizes, the variants and their selection, the ``AotVariant`` each kernel
-module declares as ``aot_variants``), ``aot_check``
+G workspace), ``siglip``, ``distill``, ``nested`` (the Matryoshka sweeps: every prefix size in
+one pass), ``tile`` and ``workspace`` (what the sweeps share), ``config`` (block sizes, the
+variants and their selection, the ``AotVariant`` each kernel module declares as
+``aot_variants``), ``aot_check``
 (``python -m clip_fast.kernels.aot_check``: compile every variant of every kernel for
 sm_80/sm_90, no GPU) and ``sass`` (its cost report).
 """

@@ -5,7 +5,7 @@ report ptxas usage.
     python -m clip_fast.kernels.aot_check --sass [--d 512] [--only forward:sweep] [--no-cuda]
 
 The variants are declared beside the kernels: each module of ``KERNEL_MODULES`` (the CLIP
-forward and backward, SigLIP, distillation) has ``aot_variants(dtype, arch)`` yielding
+forward and backward, SigLIP, distillation, the nested Matryoshka sweeps) has ``aot_variants(dtype, arch)`` yielding
 ``config.AotVariant`` (kind, name, tile, argument types).  ``--only`` keeps the variants
 whose ``kind:name`` contains one of its words (kinds: forward, backward, fused_bwd, siglip, distill).
 
@@ -55,10 +55,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import config as _config
-from . import distill, fused_backward, grad_backward, lse_forward, sass as _sass, siglip
+from . import distill, fused_backward, grad_backward, lse_forward, nested, sass as _sass, siglip
 
 # Every module with Triton kernels; each declares its variants as ``aot_variants(dtype, arch)``.
-KERNEL_MODULES = (lse_forward, grad_backward, fused_backward, siglip, distill)
+KERNEL_MODULES = (lse_forward, grad_backward, fused_backward, siglip, distill, nested)
 _TRITON_DTYPE = _config._TRITON_DTYPE
 _SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 

@@ -75,7 +75,7 @@ from . import config as _config
 from .workspace import block_shape, mm_f32
 from .fused_backward import dv_cap, feature_chunk
 from .lse_forward import use_tma
-from .tile import tile_dot, tile_dot_desc, tile_dot_range
+from .tile import grouped_tile, tile_dot, tile_dot_desc, tile_dot_range
 from ..core.matryoshka import NestedOptions, chains, scalings
 from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
@@ -85,21 +85,6 @@ _LOG2E_HH = tl.constexpr(1.4423828125)
 _LOG2E_HL = tl.constexpr(0.00031220912933349609)
 _LOG2E_LO = tl.constexpr(1.925963001510248e-08)
 _LN2_K = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _tile_ids(R, C, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's (row tile, column tile) of an R x C block, in grouped tile order (Triton's
-    matmul tutorial): neighbouring programs share txt in L2."""
-    pid = tl.program_id(0)
-    num_pm = tl.cdiv(R, BM)
-    num_pn = tl.cdiv(C, BN)
-    group = GROUP_M * num_pn
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pm - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -195,7 +180,7 @@ def _siglip_tile_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # LABELS: 0 every pair negative, 1 the diagonal positive, 2 equal ids positive.
-    pid_m, pid_n = _tile_ids(R, C, BM, BN, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), R, C, BM, BN, GROUP_M)
 
     offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the block
     offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the block
@@ -336,7 +321,7 @@ def _nested_siglip_tile_kernel(
     # else S = acc * scale + b.  Per size and row, float64 sums_ptr cells (4, NSIZES, M):
     # loss, tiny, sum_j G and p = sum_j G c_q acc (d_scale's and the chain's partial);
     # u_col (NSIZES, K): sum_i G c_q acc rs_q; ws[q] = H_q = r_q G c_q (unweighted, fp32).
-    pid_m, pid_n = _tile_ids(R, C, BM, BN, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), R, C, BM, BN, GROUP_M)
     offs_r = pid_m * BM + tl.arange(0, BM)
     offs_c = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_r < R

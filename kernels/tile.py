@@ -110,3 +110,16 @@ def tile_dot_range(acc, img_rows, txt_cols, row_ok, col_ok, d0, d1, stride_id, s
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def grouped_tile(pid, R, C, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` over an R x C grid of BM x BN tiles in grouped order
+    (Triton's matmul tutorial): GROUP_M row blocks walk the columns together, so neighbouring
+    programs share column blocks in L2."""
+    num_pm = tl.cdiv(R, BM)
+    num_pn = tl.cdiv(C, BN)
+    group = GROUP_M * num_pn
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pm - first_m, GROUP_M)
+    return first_m + (pid % group) % group_size, (pid % group) // group_size

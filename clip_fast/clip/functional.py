@@ -2,7 +2,7 @@
 rules every entry point applies (``prepare_call``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -99,7 +99,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         matryoshka_dims: optional nested sizes, e.g. (64, 128, 256): the loss is then
             sum_k w_k * (this loss on the first d_k dimensions of both features), every
             size from one sweep over D (``clip_fast.clip.matryoshka``, docs/matryoshka.md).
-            The torch backend runs it ("auto" picks it).
+            The torch and Triton backends run it ("auto" picks as for the plain loss);
+            backend="cuda" raises.
         matryoshka_weights: the w_k (default: all 1, as sentence-transformers).
         matryoshka_renormalize: L2-normalise each prefix before its loss (default True,
             so each prefix is a unit embedding, as in sentence-transformers' cosine losses);
@@ -130,13 +131,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 def _matryoshka(image_features, text_features, logit_scale, logit_bias, backend, chunk_size, dims, weights,
                 renormalize, **options) -> torch.Tensor:
-    """``clip_loss`` with ``matryoshka_dims``: the nested sweep (torch backend)."""
+    """``clip_loss`` with ``matryoshka_dims``: the nested sweep (``matryoshka.nested_backend``
+    picks the backend)."""
     from . import matryoshka
 
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"matryoshka_dims runs on backend='torch' (or 'auto'), got backend={backend!r}: "
-                         "the nested sweep has no fused-kernel form yet")
     check_inputs(image_features, text_features, logit_scale, logit_bias)
     nested = matryoshka.check_matryoshka(dims, weights, renormalize, image_features.shape[1])
     call = prepare_call(image_features, text_features, logit_scale, logit_bias, "torch", chunk_size, **options)
+    call = replace(call, opts=replace(call.opts, backend=matryoshka.nested_backend(backend, call.img.device,
+                                                                                 call.img.dtype)))
     return matryoshka.nested_clip_loss(call, nested)

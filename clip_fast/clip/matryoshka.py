@@ -9,11 +9,12 @@ makes each prefix a usable embedding on its own) or the identity.  Every option 
 ``clip_loss`` (positive groups, label smoothing, direction weight, hard negatives) applies
 to each size as it does to one call.
 
-forward:  ``nested_torch.nested_lse_forward`` -> every size's row/column lse and diagonal
+forward:  ``nested_lse_forward`` (``backends.nested_ops(backend)``: torch's ``nested_torch`` or
+          Triton's ``clip_fast.kernels.nested``) -> every size's row/column lse and diagonal
           from one pass over D (a prefix's normalisation is a per-row / per-column
           scaling of its partial dot products); then, per size, the O(N * D) target terms
           and the hard-negative blocks, exactly as ``ClipLossFunction`` forms them.
-backward: ``nested_torch.nested_grad_backward`` -> the gradient through the partial sums
+backward: ``nested_grad_backward`` -> the gradient through the partial sums
           (each segment multiplied once) and each size's u_k = <f_k, d f_k>; the target terms
           and negative blocks give each size's d_f_k explicitly; the normalisation chain
           d_x[:, :d_k] += r_k (d_f_k - f_k <f_k, d_f_k>) joins them per size.
@@ -32,9 +33,30 @@ from ..core.autograd import (apply_function, bias_guard, bias_meta, finish_grads
 # re-exported for the CLIP functional and module).
 from ..core.matryoshka import NestedOptions, chain, check_matryoshka, prefix, scalings  # noqa: F401
 from ..core.numerics import compute_dtype, compute_scalar
-from .backends import torch_backend
-from .backends.nested_torch import nested_grad_backward, nested_lse_forward
+from . import backends
+from .backends import nested_ops, torch_backend
 from .function import LossOptions, TargetPlan, _neg_grad
+
+def nested_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend of the nested sweep for ``backend``: "auto" takes the plain loss's choice
+    (Triton on CUDA when it can run; a CUDA choice, forced by CLIP_FAST_BACKEND, becomes Triton,
+    else torch); "triton" raises when it cannot run on the device (its nested kernels also take
+    float64); "cuda" raises (no nested CUDA sweep); anything else goes to the registry."""
+    if backend == "cuda":
+        nested_ops("cuda")   # raises, naming the backends that have the sweep
+    if backend == "auto":
+        name = backends.resolve_backend("auto", device, dtype).NAME
+        if name == "cuda":
+            name = "triton" if backends.unavailable_reason("triton", device, dtype) is None else "torch"
+        return name
+    if backend == "triton":
+        reason = backends.unavailable_reason("triton", device, torch.float32 if dtype == torch.float64 else dtype)
+        if reason is not None:
+            raise RuntimeError(f"clip_fast backend='triton' with matryoshka_dims cannot run on device={device} "
+                               f"with dtype={dtype}: {reason}")
+        return "triton"
+    return backends.resolve_backend(backend, device, dtype).NAME
+
 
 
 def sweep_operands(x, y, s, nested: NestedOptions):
@@ -49,6 +71,15 @@ def sweep_operands(x, y, s, nested: NestedOptions):
     return x, rs, r64[0].to(x.dtype), c64[0].to(x.dtype), r64, c64
 
 
+def gemm_operands(backend: str, x_gemm: torch.Tensor, y: torch.Tensor, dtype: torch.dtype):
+    """The nested sweep's GEMM operands: the compute dtype's for the torch backend; the input
+    dtype's for Triton (fp16/bf16 tensor cores, fp32 accumulation; x_gemm = scale * x rounded
+    to the input dtype without re-normalisation, as the materialised loss rounds it)."""
+    if backend != "triton" or x_gemm.dtype == dtype:
+        return x_gemm, y
+    return x_gemm.to(dtype), y.to(dtype)
+
+
 class NestedClipLossFunction(torch.autograd.Function):
     """Inputs: (img, txt, scale, bias, group_ids, neg_txt, neg_img, opts, nested)."""
 
@@ -57,7 +88,9 @@ class NestedClipLossFunction(torch.autograd.Function):
         acc = compute_dtype(img.dtype)
         x, y, s = img.to(acc), txt.to(acc), compute_scalar(scale, acc)
         x_gemm, rs, _, c, _, _ = sweep_operands(x, y, s, nested)
-        lse_row, lse_col, diag = nested_lse_forward(x_gemm, y, nested.dims, rs, c, opts.chunk_size)
+        lse_forward, _ = nested_ops(opts.backend)
+        x_gemm, y_gemm = gemm_operands(opts.backend, x_gemm, y, img.dtype)
+        lse_row, lse_col, diag = lse_forward(x_gemm, y_gemm, nested.dims, rs, c, opts.chunk_size)
         total = torch.zeros((), dtype=torch.float64, device=img.device)
         for k, sz in enumerate(_sizes(x, y, neg_txt, neg_img, ids, opts, nested)):
             if sz.plan.neg_txt is not None:  # hard negatives join the row / column softmax
@@ -104,9 +137,10 @@ class NestedClipLossFunction(torch.autograd.Function):
                 if dn is not None:
                     rn, live_n = scalings(neg.to(acc), (sz.d,), nested.renormalize)
                     chain(d_neg[i], neg.to(acc), sz.d, rn[0], live_n[0], dn, None, nested.renormalize)
-        d_x, d_y, u_row, u_col, ds = nested_grad_backward(x_gemm, x, y, s, nested.dims, rs, r_sweep, c_sweep,
-                                                          lse_row, lse_col, diag, coefs,
-                                                          chunk_size=opts.chunk_size)
+        _, grad_backward = nested_ops(opts.backend)
+        x_gemm, y_gemm = gemm_operands(opts.backend, x_gemm, y, img.dtype)
+        d_x, d_y, u_row, u_col, ds = grad_backward(x_gemm, x, y_gemm, s, nested.dims, rs, r_sweep, c_sweep,
+                                                   lse_row, lse_col, diag, coefs, chunk_size=opts.chunk_size)
         for k, d in enumerate(nested.dims):
             chain(d_x, x, d, r[k], live_r[k], extra[k].d_x, u_row[k], nested.renormalize)
             chain(d_y, y, d, c[k], live_c[k], extra[k].d_y, u_col[k], nested.renormalize)

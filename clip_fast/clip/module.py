@@ -36,7 +36,7 @@ class FastClipLoss(nn.Module):
             + (1 - lambda) * CE(text -> image); 0.5 is CLIP.
         matryoshka_dims, matryoshka_weights, matryoshka_renormalize: the nested-size
             (Matryoshka) loss of ``clip_fast.clip_loss``, every size from one sweep over D
-            (single process, torch backend; docs/matryoshka.md).
+            (single process, Triton or torch backend; docs/matryoshka.md).
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
     *, group_ids=None, negative_text_features=None, negative_image_features=None)``
@@ -82,9 +82,8 @@ class FastClipLoss(nn.Module):
             if world_size > 1:
                 raise NotImplementedError("FastClipLoss(matryoshka_dims=...) runs in one process (world_size=1); "
                                           f"got world_size={world_size}")
-            if backend not in ("auto", "torch"):
-                raise ValueError(f"FastClipLoss(matryoshka_dims=...) runs on backend='torch' (or 'auto'), "
-                                 f"got backend={backend!r}")
+            if backend == "cuda":
+                backends.nested_ops("cuda")   # raises: the nested sweep runs on Triton and torch
             # The features' D is not known yet: each call checks the sizes against it.
             self.matryoshka = check_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_renormalize, None)
 

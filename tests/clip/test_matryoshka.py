@@ -6,7 +6,7 @@ gradient to 1e-9 relative; float32 / bfloat16: the precision rule (tests/helpers
 the same materialised losses run in that dtype.  Sizes that are not multiples of anything
 (5, 13, 29 of D = 29; 3, 17 of D = 30, the largest size below D) and strips of a few rows
 (``chunk_size``) so every sweep crosses strip and segment boundaries.  Covers the torch
-backend (the only one the nested sweep has).
+backend; tests/kernels/test_nested_triton.py covers Triton's.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _reference_kwargs(opts):
     return out
 
 
-def _run(img, txt, scale, dims, weights, renorm, opts, chunk_size=None):
+def _run(img, txt, scale, dims, weights, renorm, opts, chunk_size=None, backend="auto"):
     """clip_fast's loss and the gradients of (img, txt, scale, negatives) in float64."""
     leaves = {"img": img.clone().requires_grad_(True), "txt": txt.clone().requires_grad_(True),
               "scale": torch.tensor(scale, dtype=torch.float64 if img.dtype == torch.float64 else torch.float32,
@@ -51,7 +51,7 @@ def _run(img, txt, scale, dims, weights, renorm, opts, chunk_size=None):
             opts[k] = leaves[k] = opts[k].clone().requires_grad_(True)
     loss = clip_fast.clip_loss(leaves["img"], leaves["txt"], leaves["scale"], matryoshka_dims=dims,
                                matryoshka_weights=weights, matryoshka_renormalize=renorm, chunk_size=chunk_size,
-                               **opts)
+                               backend=backend, **opts)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return [loss.detach().double()] + [g.double() for g in grads]
 
@@ -111,13 +111,18 @@ def _random(n, d, seed, dtype):
 def test_precision_rule(dtype, make, renorm):
     """Each output's error against float64 (of the dtype-rounded inputs) is within FACTOR of
     the materialised per-size losses' error in the same dtype, over 4 seeds (``seed_ratio``)."""
+    check_precision(dtype, make, renorm, backend="torch")
+
+
+def check_precision(dtype, make, renorm, backend):
+    """``test_precision_rule``'s check on ``backend`` (strips of 16 rows on the torch backend)."""
     dims, n, d = (7, 20, 33), 41, 33
     errors, floors = {}, {}
     for seed in range(4):
         img, txt, scale = make(n, d, seed, dtype)
         if not renorm and make is _confident:  # raw prefixes: keep |S| of size scale at the largest size
             img = torch.nn.functional.normalize(img.double(), dim=1).to(dtype)
-        got = _run(img, txt, scale, dims, None, renorm, {}, chunk_size=16)
+        got = _run(img, txt, scale, dims, None, renorm, {}, chunk_size=16, backend=backend)
         ref = _reference(img.double(), txt.double(), scale, dims, None, renorm, {})
         mat = _reference(img, txt, scale, dims, None, renorm, {}, dtype=dtype)
         for i, (g, r, m) in enumerate(zip(got, ref, mat)):
@@ -154,7 +159,7 @@ def test_module_and_autocast():
     (dict(matryoshka_dims=(4, 8), matryoshka_weights=(1.0,)), "sequence of 2 floats"),
     (dict(matryoshka_dims=(4, 8), matryoshka_weights=(1.0, float("nan"))), "finite floats"),
     (dict(matryoshka_dims=(4, 8), matryoshka_renormalize="yes"), "matryoshka_renormalize must be a bool"),
-    (dict(matryoshka_dims=(4, 8), backend="triton"), "backend='torch'"),
+    (dict(matryoshka_dims=(4, 8), backend="cuda"), "backend='triton' or backend='torch'"),
 ])
 def test_bad_options(kwargs, match):
     img, txt = paired_features(6, 6, 16)

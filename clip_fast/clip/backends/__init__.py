@@ -116,3 +116,25 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Modu
 def get_loaded(name: str) -> ModuleType:
     """The module of a backend that ``resolve_backend`` already loaded."""
     return _CLIP.get_loaded(name)
+
+
+def nested_ops(name: str):
+    """``(nested_lse_forward, nested_grad_backward)`` of backend ``name``: the nested
+    (Matryoshka) sweeps of one square block, every prefix size in one pass over D.
+
+    "torch": ``nested_torch`` (any device, float32/float64 compute).  "triton":
+    ``clip_fast.kernels.nested`` (CUDA, or CPU under TRITON_INTERPRET=1); its functions take
+    the GEMM operands in fp16/bf16/fp32/fp64, so a caller may hand them the input dtype's
+    features (fp16/bf16 tensor cores) instead of the compute dtype's.  Both follow the contract
+    in ``nested_torch``'s docs.  "cuda" has no nested sweep: a ValueError says so.
+    """
+    if name == "torch":
+        from .nested_torch import nested_grad_backward, nested_lse_forward
+    elif name == "triton":
+        from ...kernels.nested import nested_grad_backward, nested_lse_forward
+    elif name == "cuda":
+        raise ValueError("matryoshka_dims has no backend='cuda' form (the nested sweep runs on the Triton "
+                         "and torch backends): use backend='triton' or backend='torch'")
+    else:
+        raise ValueError(f"nested_ops: unknown backend {name!r} (expected 'torch' or 'triton')")
+    return nested_lse_forward, nested_grad_backward
