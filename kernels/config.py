@@ -49,6 +49,13 @@ class Configs:
     backward_kind: str = "workspace"
     # The forward sweep loads its tiles through tensor descriptors (TMA on sm_90).
     use_tma: bool = False
+    # Programs per SM of a persistent forward grid (0: one program per row block and column
+    # split): each program walks the work units in the grouped order (kernels/tile.py
+    # ``grouped_tile``).
+    persistent: int = 0
+    # ptxas register cap per thread for the forward and backward tile kernels (None: the
+    # compiler's choice); 65536 / (32 x num_warps x maxnreg) CTAs then fit an SM's registers.
+    maxnreg: Optional[int] = None
 
 
 # Per-architecture table: (major compute capability) -> configs.  The backward uses the
@@ -131,12 +138,21 @@ VARIANTS: Dict[str, dict] = {
     "fused_bwd": dict(share_exp=False, backward_kind="fused", use_tma=False),
     "share_exp+fused_bwd": dict(share_exp=True, backward_kind="fused", use_tma=False),
     "tma": dict(share_exp=False, backward_kind="workspace", use_tma=True),
+    # The TMA forward on a persistent grid (one program per SM walking row block x column
+    # split units in the grouped order), so the strips the running programs share stay in L2.
+    "tma_persistent": dict(share_exp=False, backward_kind="workspace", use_tma=True, persistent=1),
+    # Register layouts for two CTAs per SM (VARIANT_TILES): the 128 x 128 tile with ptxas
+    # capped at 128 registers (2 x 256 threads x 128 = the 64 K register file), so one CTA's
+    # epilogue can overlap the other's MMA.
+    "regs128": dict(share_exp=False, backward_kind="workspace", use_tma=False, maxnreg=128),
 }
 # The sm_90 tile a variant needs, for both sweeps (the backward recomputes S at the forward's
 # tile): the fused backward keeps a BM x D fp32 output block in registers, so BM = 64.
 VARIANT_TILES: Dict[str, KernelConfig] = {
     "fused_bwd": KernelConfig(64, 128, 64, 8, 2),
     "share_exp+fused_bwd": KernelConfig(64, 128, 64, 8, 2),
+    # Two stages: 2 x 64 KiB of operand buffers per CTA, so two CTAs fit 227 KiB of shared memory.
+    "regs128": KernelConfig(128, 128, 64, 8, 2),
 }
 _variant_override: Optional[str] = None
 # The GPU check's winner (benchmarks/gpu_check.sh writes it; committed beside this file).
@@ -296,3 +312,4 @@ class AotVariant:
     div16: frozenset           # arguments Triton sees as 16-divisible (pointers always are)
     floats: frozenset = frozenset()   # fp32 scalar arguments
     pointers: tuple = ()       # (argument, type) for pointers that are not "*fp32"
+    options: tuple = ()        # extra compile options, (name, value) pairs ("maxnreg", 128)

@@ -43,8 +43,8 @@ import triton.language as tl
 
 from . import config as _config
 from .fused_backward import fused_grad_backward
-from .lse_forward import share_budget
-from .tile import shared_exp_g, tile_dot, two_exp_g
+from .lse_forward import launch_options, share_budget
+from .tile import grouped_tile, shared_exp_g, tile_dot, two_exp_g
 from .workspace import block_shape, mm_f32
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
@@ -69,14 +69,7 @@ def _grad_tile_kernel(
 ):
     # Grouped tile order (as in Triton's matmul tutorial) so neighbouring programs
     # share txt blocks in L2.
-    pid = tl.program_id(0)
-    num_pm = tl.cdiv(R, BM)
-    num_pn = tl.cdiv(C, BN)
-    group = GROUP_M * num_pn
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pm - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
 
     offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the workspace block
     offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the workspace block
@@ -188,9 +181,9 @@ def _kernel_flags(cfg, dtype, has_bias: bool, coef_row, coef_col, coef_diag, gsc
     )
 
 
-def _launch_block(kernel, bwd, ptrs, args: dict) -> None:
+def _launch_block(kernel, bwd, ptrs, args: dict, options: dict) -> None:
     """One workspace block's launch: the configured tile shape ``bwd``, or (None) the
-    autotuner's choice."""
+    autotuner's choice; ``options``: the variant's compile options (``launch_options``)."""
     r, c, D = args["R"], args["C"], args["D"]
     if bwd is None:
         grid = lambda meta: (triton.cdiv(r, meta["BM"]) * triton.cdiv(c, meta["BN"]),)  # noqa: E731
@@ -198,7 +191,7 @@ def _launch_block(kernel, bwd, ptrs, args: dict) -> None:
     else:
         grid = (triton.cdiv(r, bwd.BM) * triton.cdiv(c, bwd.BN),)
         kernel[grid](*ptrs, **args, EVEN_D=D % bwd.BK == 0, BM=bwd.BM, BN=bwd.BN,
-                     BK=bwd.BK, num_warps=bwd.num_warps, num_stages=bwd.num_stages)
+                     BK=bwd.BK, num_warps=bwd.num_warps, num_stages=bwd.num_stages, **options)
 
 
 def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
@@ -254,7 +247,7 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                 flags, row0=r0, col0=c0, R=r, C=c, D=D,
                 stride_im=img.stride(0), stride_id=img.stride(1),
                 stride_tk=txt.stride(0), stride_td=txt.stride(1),
-                stride_wr=block.stride(0), stride_wc=block.stride(1)))
+                stride_wr=block.stride(0), stride_wc=block.stride(1)), launch_options(cfg))
             # cuBLAS: both gradient GEMMs from the same workspace block.
             d_img[r0:r0 + r].add_(mm_f32(block, txt[c0:c0 + c]))
             d_txt[c0:c0 + c].add_(mm_f32(block.t(), img[r0:r0 + r]))
@@ -321,9 +314,19 @@ def aot_variants(dtype: torch.dtype, arch: int):
                 ("tile split-scale", dict(base, HAS_DIAG=False, G_DIAG=False, SPLIT_SCALE=True))]
     feat = _config.feature_ptr(dtype)
     ints = frozenset({"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"})
+    table = _config.table_configs(arch // 10, dtype).backward
+    tiles = {name: table for name, _ in variants}
+    options = {}
+    # "regs128" (config.VARIANTS): its tile, ptxas capped at 128 registers for two CTAs per SM.
+    regs = _config.VARIANT_TILES["regs128"]
+    variants.append(("tile regs128", base))
+    tiles["tile regs128"] = _config.KernelConfig(regs.BM, regs.BN, min(regs.BK, table.BK),
+                                                 regs.num_warps, regs.num_stages)
+    options["tile regs128"] = (("maxnreg", _config.VARIANTS["regs128"]["maxnreg"]),)
     for name, ce in variants:
         yield _config.AotVariant(
-            "backward", name, _grad_tile_kernel, _config.table_configs(arch // 10, dtype).backward, ce,
+            "backward", name, _grad_tile_kernel, tiles[name], ce,
             ints=ints, div16=ints, floats=frozenset({"coef_row", "coef_col", "coef_diag", "gscale"}),
             pointers=(("img_ptr", feat), ("txt_ptr", feat), ("ws_ptr", feat),
-                      ("d_scale_ptr", "*fp64"), ("d_scale_rest_ptr", "*fp64")))
+                      ("d_scale_ptr", "*fp64"), ("d_scale_rest_ptr", "*fp64")),
+            options=options.get(name, ()))

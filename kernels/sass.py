@@ -173,6 +173,9 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
             loops[t] = max(loops.get(t, 0), ins.addr)
     # (A branch to itself, the trap SASS ends with after EXIT, is no loop.)
     spans = sorted((h, e) for h, e in loops.items() if e > h)
+    # A backward branch whose span crosses a loop's (starts inside it, ends past its back
+    # edge) is no loop: it returns from a block laid out after the loop (``_out_of_line``).
+    spans = [s for s in spans if not any(o[0] < s[0] <= o[1] < s[1] for o in spans)]
 
     def inside(a, span):
         return span[0] <= a <= span[1]
@@ -238,6 +241,11 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
                 continue
             if t is not None and not back and t <= hi and not _guard(ins, t, body, k):
                 _merge(reach, t, here)
+            elif t is not None and t > hi:
+                side = _out_of_line(instrs, t, ins.addr, hi, target)
+                if side is not None:   # a block placed after the region that branches back in
+                    block, ret = side
+                    _merge(reach, ret, [_sum(c, block, is_mma, top and ins.addr > mma_loop[1]) for c in here])
             if ins.op.startswith("EXIT") and top and structure == "one tile per program":
                 ends += here
             uncond = ins.pred in ("", "@PT") and ins.op.startswith(("BRA", "EXIT", "RET", "JMP"))
@@ -262,6 +270,32 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
     if others:
         notes.append(f"{others} other loop(s) inside the tile counted once")
     return TileCost(kind, shape, structure, slices, light, heavy, len(paths), others, notes)
+
+
+def _out_of_line(instrs: List[Instr], t: int, src: int, hi: int, target) -> Optional[Tuple[List[Instr], int]]:
+    """(block, return address) when the forward branch at ``src`` to ``t`` (past the region's end
+    ``hi``) enters a block that the compiler laid out after the loop: branch-free up to an
+    unconditional branch back into the region, after ``src``.  ptxas moves the rarer side of
+    an if there (the shared-exponential branch of the 128 x 128 forward, for one)."""
+    block = []
+    for x in instrs:
+        if x.addr < t:
+            continue
+        block.append(x)
+        if x.op.startswith(("EXIT", "RET", "JMP")) or len(block) > 4096:
+            return None
+        if x.op.startswith("BRA"):
+            r = target(x)
+            if x.pred in ("", "@PT") and r is not None and src < r <= hi:
+                return block, r
+            return None
+    return None
+
+
+def _sum(c: Counts, block: List[Instr], is_mma, in_epilogue: bool) -> Counts:
+    for x in block:
+        c = c.add(_one(x, is_mma, in_epilogue))
+    return c
 
 
 _MAX_PATHS = 256

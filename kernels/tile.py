@@ -47,6 +47,20 @@ def tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
 
 
 @triton.jit
+def grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of ``tile_id`` in the grouped order of Triton's matmul tutorials: tiles
+    come GROUP_M rows at a time, column by column within the group, so the programs running
+    at one time read GROUP_M row blocks and a few column blocks, which L2 then holds.  A
+    bijection of [0, num_pid_m * num_pid_n) (tests/kernels/test_variants.py checks it)."""
+    group = GROUP_M * num_pid_n
+    first_m = (tile_id // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group) % group_size
+    pid_n = (tile_id % group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
 def tile_dot_desc(img_desc, txt_desc, off_m, off_n, D, DOT_PRECISION: tl.constexpr,
                   DOT_UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """``tile_dot`` through tensor descriptors (TMA loads on sm_90): the BM x BK and BN x BK
