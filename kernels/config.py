@@ -53,6 +53,8 @@ class Configs:
     # split): each program walks the work units in the grouped order (kernels/tile.py
     # ``grouped_tile``).
     persistent: int = 0
+    # The backward's G kernel (workspace design) loads its tiles through tensor descriptors too.
+    backward_tma: bool = False
     # ptxas register cap per thread for the forward and backward tile kernels (None: the
     # compiler's choice); 65536 / (32 x num_warps x maxnreg) CTAs then fit an SM's registers.
     maxnreg: Optional[int] = None
@@ -138,9 +140,12 @@ VARIANTS: Dict[str, dict] = {
     "fused_bwd": dict(share_exp=False, backward_kind="fused", use_tma=False),
     "share_exp+fused_bwd": dict(share_exp=True, backward_kind="fused", use_tma=False),
     "tma": dict(share_exp=False, backward_kind="workspace", use_tma=True),
-    # The TMA forward on a persistent grid (one program per SM walking row block x column
-    # split units in the grouped order), so the strips the running programs share stay in L2.
-    "tma_persistent": dict(share_exp=False, backward_kind="workspace", use_tma=True, persistent=1),
+    # Both sweeps through tensor descriptors on a persistent grid (one program per SM): the
+    # forward's programs walk row block x column split units, the backward's G kernel walks
+    # each workspace block's tiles, both in the grouped order, so the strips the running
+    # programs share stay in L2.
+    "tma_persistent": dict(share_exp=False, backward_kind="workspace", use_tma=True, backward_tma=True,
+                           persistent=1),
     # Register layouts for two CTAs per SM (VARIANT_TILES): the 128 x 128 tile with ptxas
     # capped at 128 registers (2 x 256 threads x 128 = the 64 K register file), so one CTA's
     # epilogue can overlap the other's MMA.

@@ -225,16 +225,21 @@ def test_persistent_grouped_order_visits_every_unit_once(num_pid_m, num_pid_n, g
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,k,programs,splits", [(37, 45, 2, 2), (32, 48, 3, 1), (37, 45, 1, 3)])
-def test_tma_persistent_forward(m, k, programs, splits, dtype):
-    """The forward on a persistent grid through tensor descriptors: ``programs`` programs walk
+def test_tma_persistent(m, k, programs, splits, dtype, monkeypatch):
+    """Both sweeps on a persistent grid through tensor descriptors (the ``tma_persistent``
+    variant's switches at the interpreter's tile): the forward's ``programs`` programs walk
     row block x column split units (3 x ``splits`` here) in the grouped order, so a program
-    sweeps several units, non-adjacent ones when programs > 1; padded (37 x 45) and whole
-    (32 x 48) tiles, then the backward, against float64 and the torch backend.  The interpreter
-    runs the descriptor loads and the persistent loop; NOT covered on CPU: the TMA instructions
-    and the residency of the programs (aot_check compiles the variant)."""
+    sweeps several units, non-adjacent ones when programs > 1; the backward's walk the tiles
+    of each workspace block, the workspace kept at 4 KiB so that blocks start at rows and
+    columns > 0 (the descriptors end at each block's last row and column).  Padded (37 x 45) and
+    whole (32 x 48) tiles, against float64 and the torch backend.  The interpreter runs the
+    descriptor loads and the persistent loops; NOT covered on CPU: the TMA instructions, the
+    software pipelining across tiles (``flatten``) and the residency of the programs
+    (aot_check compiles the variant)."""
+    monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", str(4096 / 2**20))
     img, txt = features(m, 32, dtype=dtype, device=DEV), features(k, 32, dtype=dtype, device=DEV)
     cfg = kconfig.Configs(forward=SMALL.forward, backward=SMALL.backward, col_splits=splits,
-                          use_tma=True, persistent=programs)
+                          use_tma=True, backward_tma=True, persistent=programs)
     with kconfig.override(cfg):
         assert lf.use_tma(kconfig.get_configs(DEV, dtype), img, txt)
         _check_block(img, txt, scale=30.0, bias=0.5)
@@ -243,7 +248,7 @@ def test_tma_persistent_forward(m, k, programs, splits, dtype):
 def test_tma_persistent_variant_switches():
     """The variant sets TMA and one persistent program per SM on top of the table."""
     cfg = kconfig.apply_variant(kconfig.table_configs(9), "tma_persistent")
-    assert cfg.use_tma and cfg.persistent == 1 and cfg.backward_kind == "workspace"
+    assert cfg.use_tma and cfg.backward_tma and cfg.persistent == 1 and cfg.backward_kind == "workspace"
 
 
 def test_regs128_at_its_own_tile():
