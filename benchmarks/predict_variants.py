@@ -84,7 +84,7 @@ def predict(rows: Dict[str, Dict[str, str]], m=MODEL) -> List[dict]:
     for variant, fwd, bwd in (("default", "sweep", "tile"), ("share_exp", "sweep shared-exp", "tile shared-exp"),
                               ("fused_bwd", "sweep fused_bwd tile", None),
                               ("share_exp+fused_bwd", "sweep shared-exp fused_bwd tile", "shared-exp"),
-                              ("tma", "sweep tma", "tile"), ("tma_persistent", "sweep tma persistent", "tile"),
+                              ("tma", "sweep tma", "tile"), ("tma_persistent", "sweep tma persistent", "tile tma persistent"),
                               ("regs128", "sweep regs128", "tile regs128")):
         f = rows.get(f"triton bf16 forward {fwd}")
         if f is None:

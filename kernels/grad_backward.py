@@ -30,7 +30,9 @@ per element.  ``shared_exp_g`` takes that path on the tiles whose lse spread kee
 extra rounding within the precision budget, the two-exp path elsewhere; the
 ``share_exp`` variants switch it on (``config.Configs.share_exp``).
 The ``fused`` backward (``config.Configs.backward_kind``, kernels/fused_backward.py)
-forms the same G and keeps it on chip.
+forms the same G and keeps it on chip.  The ``tma_persistent`` variant runs this kernel on a
+persistent grid (``config.Configs.persistent``) with its tiles loaded through tensor
+descriptors (``Configs.backward_tma``); the tile's arithmetic is the same function, ``_grad_tile``.
 """
 from __future__ import annotations
 
@@ -177,24 +179,27 @@ def _grad_tile_kernel(
     num_pn = tl.cdiv(C, BN)
     if PERSISTENT:
         # num_programs programs walk the block's tiles with that stride, in the grouped order.
+        # flatten: this loop and the D loop inside it are one loop to the software pipeliner,
+        # so the next tile's first loads are issued during this tile's epilogue (sm_90: one
+        # more stage of operand buffers, 32 KiB, in aot_check's shared-memory figure).
         for t in tl.range(tl.program_id(0), num_pm * num_pn, num_programs, flatten=True):
             pid_m, pid_n = grouped_tile(t, num_pm, num_pn, GROUP_M)
-            _grad_tile(pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr, lse_row_ptr, lse_row_lo_ptr,
-                       lse_col_ptr, lse_col_lo_ptr, g_diag_ptr, ws_ptr, d_scale_ptr, d_scale_rest_ptr,
-                       row0, col0, R, C, D, stride_im, stride_id, stride_tk, stride_td, stride_wr,
-                       stride_wc, coef_row, coef_col, coef_diag, gscale,
-                       HAS_BIAS, HAS_ROW, HAS_COL, HAS_DIAG, G_DIAG, SHARE_EXP, SPLIT_SCALE, SHARE_BUDGET, EVEN_D,
-                       USE_TMA, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+            _grad_tile(pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr,
+                       lse_row_ptr, lse_row_lo_ptr, lse_col_ptr, lse_col_lo_ptr, g_diag_ptr, ws_ptr,
+                       d_scale_ptr, d_scale_rest_ptr, row0, col0, R, C, D, stride_im, stride_id, stride_tk,
+                       stride_td, stride_wr, stride_wc, coef_row, coef_col, coef_diag, gscale,
+                       HAS_BIAS, HAS_ROW, HAS_COL, HAS_DIAG, G_DIAG, SHARE_EXP, SPLIT_SCALE, SHARE_BUDGET,
+                       EVEN_D, USE_TMA, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
     else:
         # Grouped tile order (as in Triton's matmul tutorial) so neighbouring programs
         # share txt blocks in L2.
         pid_m, pid_n = grouped_tile(tl.program_id(0), num_pm, num_pn, GROUP_M)
-        _grad_tile(pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr, lse_row_ptr, lse_row_lo_ptr,
-                   lse_col_ptr, lse_col_lo_ptr, g_diag_ptr, ws_ptr, d_scale_ptr, d_scale_rest_ptr,
-                   row0, col0, R, C, D, stride_im, stride_id, stride_tk, stride_td, stride_wr,
-                   stride_wc, coef_row, coef_col, coef_diag, gscale,
-                   HAS_BIAS, HAS_ROW, HAS_COL, HAS_DIAG, G_DIAG, SHARE_EXP, SPLIT_SCALE, SHARE_BUDGET, EVEN_D,
-                   USE_TMA, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+        _grad_tile(pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr,
+                   lse_row_ptr, lse_row_lo_ptr, lse_col_ptr, lse_col_lo_ptr, g_diag_ptr, ws_ptr,
+                   d_scale_ptr, d_scale_rest_ptr, row0, col0, R, C, D, stride_im, stride_id, stride_tk,
+                   stride_td, stride_wr, stride_wc, coef_row, coef_col, coef_diag, gscale,
+                   HAS_BIAS, HAS_ROW, HAS_COL, HAS_DIAG, G_DIAG, SHARE_EXP, SPLIT_SCALE, SHARE_BUDGET,
+                   EVEN_D, USE_TMA, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
 
 _autotuned = None

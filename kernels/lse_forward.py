@@ -20,6 +20,10 @@ out of the sums and comes back in float64, why columns record their maxima, and 
 exponential could serve both softmaxes -- are derived in docs/numerics.md, which the
 CUDA kernels follow too.
 
+Layout variants (``config.VARIANTS``): the tiles through tensor descriptors (``USE_TMA``), and a
+persistent grid (``PERSISTENT``) whose programs walk the (row block, column split) units in
+the grouped order of ``tile.grouped_tile``; each unit's sweep is the same function, ``_sweep_unit``.
+
 Why a fixed column shift (the rejected options): a column's lse needs every row block's
 contribution.  An online max/sum per column cannot be merged with atomics (the sum's
 scale changes whenever the max does); per-row-block partials would need (N / BM) x N

@@ -4,6 +4,9 @@
 looping over D in BK slices.  It is a plain ``@triton.jit`` function: Triton inlines
 it into each kernel that calls it, with the caller's compile-time flags.
 
+``grouped_tile`` maps a linear tile (or work unit) index to its grouped (row, column) position,
+for the grouped launch order and the persistent grids.
+
 ``two_exp_g`` and ``shared_exp_g`` turn a tile of S (in log2 units) into G's softmax part,
 coef_row P_row + coef_col P_col, for both backward designs (``grad_backward``'s workspace and
 ``fused_backward``'s on-chip one).

@@ -90,6 +90,34 @@ def test_block_placed_after_the_loop_is_part_of_the_tile():
     assert c.light.total == 1 + 12 + 3 + 2
 
 
+# A flattened loop nest (tl.range(..., flatten=True)): one loop, one HGMMA per iteration, and
+# the epilogue (2 EX2) under a branch that one iteration per tile takes.
+_FLATTENED = """
+.text.flat:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/               @P1 BRA `(.L_x_2) ;
+        /*0040*/                   MUFU.EX2 R5, R5 ;
+        /*0050*/                   MUFU.EX2 R6, R6 ;
+        /*0060*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0070*/              @!P0 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   BRA `(.L_x_3);
+"""
+
+
+def test_flattened_loop_counts_one_epilogue_per_tile():
+    """D/BK = 4 iterations a tile: three without the epilogue (4 instructions each) and one
+    with it (7), so 4 HGMMA, 2 EX2 and 3 epilogue instructions per tile."""
+    c = sass.tile_costs(sass.parse_functions(_FLATTENED)["flat"], D=64, BK=16, BM=64, BN=128, warps=4)
+    assert c.structure == "flattened tile loop"
+    assert (c.light.mma, c.light.ex2, c.light.total, c.light.epilogue) == (4, 2, 19, 3)
+
+
 @pytest.mark.slow
 def test_cost_report_reads_a_bf16_sm90_forward():
     """`aot_check --sass` on one variant: wgmma (HGMMA) at 64 per tile for D = 512, sane counts."""
