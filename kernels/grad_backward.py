@@ -293,8 +293,9 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     flags = _kernel_flags(cfg, img.dtype, bias is not None, coef_row, coef_col, coef_diag, gscale,
                           g_diag is not None, split_scale,
                           tma=bool(cfg.backward_tma) and not autotune and use_tma(cfg, img, txt))
-    # A persistent grid: config.Configs.persistent programs per SM.
-    max_programs = cfg.persistent * _num_sms(dev) if not autotune else 0
+    # A persistent grid (config.Configs.persistent programs per SM), with the descriptor loads
+    # only: the compiled and tested pairing (aot_variants).
+    max_programs = cfg.persistent * _num_sms(dev) if flags["USE_TMA"] else 0
     for r0 in range(0, M, R):
         r = min(R, M - r0)
         for c0 in range(0, K, C):

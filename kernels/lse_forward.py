@@ -406,9 +406,11 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
 
     m_part = torch.empty((splits, M), device=img.device, dtype=torch.float32)
     l_part = torch.empty((splits, M), device=img.device, dtype=torch.float32)
-    # Persistent grid (config.Configs.persistent programs per SM, never more than the units).
+    # Persistent grid (config.Configs.persistent programs per SM, never more than the units),
+    # with the descriptor loads only: the compiled and tested pairing (aot_variants).
+    tma = use_tma(cfg, img, txt)
     units = row_blocks * splits
-    programs = min(units, cfg.persistent * _num_sms(img.device)) if cfg.persistent and not autotune else 0
+    programs = min(units, cfg.persistent * _num_sms(img.device)) if cfg.persistent and tma and not autotune else 0
     args = dict(
         M=M, K=K, D=D, H2=H2, num_splits=splits, num_programs=max(programs, 1),
         stride_im=img.stride(0), stride_id=img.stride(1),
@@ -418,7 +420,7 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
         SHARE_EXP=bool(cfg.share_exp) and compute_col,
         SHARE_BUDGET=share_budget(img.dtype),
         STATS=_share_counter is not None,
-        USE_TMA=use_tma(cfg, img, txt), PERSISTENT=programs > 0, GROUP_M=8,
+        USE_TMA=tma, PERSISTENT=programs > 0, GROUP_M=8,
         DOT_PRECISION=_config.dot_precision(img.dtype),
         DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
     )

@@ -177,10 +177,12 @@ def test_tma_forward(m, k, dtype):
         _check_block(img, txt, scale=30.0, bias=0.5)
 
 
-def test_tma_needs_aligned_rows():
-    """Rows of 33 fp32 features (132 bytes) are not 16-byte aligned: the sweep keeps pointer loads."""
+@pytest.mark.parametrize("variant", ["tma", "tma_persistent"])
+def test_tma_needs_aligned_rows(variant):
+    """Rows of 33 fp32 features (132 bytes) are not 16-byte aligned: the sweeps keep pointer loads
+    (and, for tma_persistent, one program per unit: the persistent grid runs with descriptors only)."""
     img = features(20, 33, device=DEV)
-    with kconfig.variant_override("tma"):
+    with kconfig.variant_override(variant):
         assert not lf.use_tma(kconfig.get_configs(DEV, img.dtype), img, img)
         _check_block(img, features(21, 33, device=DEV), scale=30.0)
 
