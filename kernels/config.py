@@ -49,9 +49,10 @@ class Configs:
     backward_kind: str = "workspace"
     # The forward sweep loads its tiles through tensor descriptors (TMA on sm_90).
     use_tma: bool = False
-    # Programs per SM of a persistent forward grid (0: one program per row block and column
-    # split): each program walks the work units in the grouped order (kernels/tile.py
-    # ``grouped_tile``).
+    # Programs per SM of a persistent grid for the forward sweep and the backward's G kernel
+    # (0: one program per unit, i.e. per row block and column split, or per G tile): each
+    # program walks the units in the grouped order (kernels/tile.py ``grouped_tile``).  Used
+    # with the descriptor loads only (the launches fall back to one program per unit).
     persistent: int = 0
     # The backward's G kernel (workspace design) loads its tiles through tensor descriptors too.
     backward_tma: bool = False
@@ -156,7 +157,7 @@ VARIANTS: Dict[str, dict] = {
 VARIANT_TILES: Dict[str, KernelConfig] = {
     "fused_bwd": KernelConfig(64, 128, 64, 8, 2),
     "share_exp+fused_bwd": KernelConfig(64, 128, 64, 8, 2),
-    # Two stages: 2 x 64 KiB of operand buffers per CTA, so two CTAs fit 227 KiB of shared memory.
+    # Two stages: 64 KiB of operand buffers per CTA (2 x 32 KiB), so two CTAs fit 227 KiB.
     "regs128": KernelConfig(128, 128, 64, 8, 2),
 }
 _variant_override: Optional[str] = None
