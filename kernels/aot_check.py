@@ -168,7 +168,7 @@ def cost_row(name: str, sass_text: str, *, D: int, BM: int, BN: int, BK: int, wa
     return row
 
 
-def _compile(fn, ptr_types, ints, floats, constexprs, div16, cfg, arch):
+def _compile(fn, ptr_types, ints, floats, constexprs, div16, cfg, arch, options=()):
     ce = dict(constexprs, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK)
     sig = {}
     for name in fn.arg_names:
@@ -187,7 +187,7 @@ def _compile(fn, ptr_types, ints, floats, constexprs, div16, cfg, arch):
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(fn.arg_names.index(k),): v for k, v in ce.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **dict(options)})
 
 
 def compile_variant(v: _config.AotVariant, arch: int, tile: Optional[_config.KernelConfig] = None):
@@ -195,7 +195,7 @@ def compile_variant(v: _config.AotVariant, arch: int, tile: Optional[_config.Ker
     ptrs = {n: "*fp32" for n in v.kernel.arg_names if n.endswith("_ptr")}
     ptrs.update(dict(v.pointers))
     return _compile(v.kernel, ptrs, ints=v.ints, floats=v.floats, constexprs=v.constexprs,
-                    div16=v.div16, cfg=tile or v.tile, arch=arch)
+                    div16=v.div16, cfg=tile or v.tile, arch=arch, options=v.options)
 
 
 def _sass_row(k, kind: str, name: str, dtype, cfg, D: int, arch: int) -> None:

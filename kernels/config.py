@@ -49,6 +49,16 @@ class Configs:
     backward_kind: str = "workspace"
     # The forward sweep loads its tiles through tensor descriptors (TMA on sm_90).
     use_tma: bool = False
+    # Programs per SM of a persistent grid for the forward sweep and the backward's G kernel
+    # (0: one program per unit, i.e. per row block and column split, or per G tile): each
+    # program walks the units in the grouped order (kernels/tile.py ``grouped_tile``).  Used
+    # with the descriptor loads only (the launches fall back to one program per unit).
+    persistent: int = 0
+    # The backward's G kernel (workspace design) loads its tiles through tensor descriptors too.
+    backward_tma: bool = False
+    # ptxas register cap per thread for the forward and backward tile kernels (None: the
+    # compiler's choice); 65536 / (32 x num_warps x maxnreg) CTAs then fit an SM's registers.
+    maxnreg: Optional[int] = None
 
 
 # Per-architecture table: (major compute capability) -> configs.  The backward uses the
@@ -131,12 +141,24 @@ VARIANTS: Dict[str, dict] = {
     "fused_bwd": dict(share_exp=False, backward_kind="fused", use_tma=False),
     "share_exp+fused_bwd": dict(share_exp=True, backward_kind="fused", use_tma=False),
     "tma": dict(share_exp=False, backward_kind="workspace", use_tma=True),
+    # Both sweeps through tensor descriptors on a persistent grid (one program per SM): the
+    # forward's programs walk row block x column split units, the backward's G kernel walks
+    # each workspace block's tiles, both in the grouped order, so the strips the running
+    # programs share stay in L2.
+    "tma_persistent": dict(share_exp=False, backward_kind="workspace", use_tma=True, backward_tma=True,
+                           persistent=1),
+    # Register layouts for two CTAs per SM (VARIANT_TILES): the 128 x 128 tile with ptxas
+    # capped at 128 registers (2 x 256 threads x 128 = the 64 K register file), so one CTA's
+    # epilogue can overlap the other's MMA.
+    "regs128": dict(share_exp=False, backward_kind="workspace", use_tma=False, maxnreg=128),
 }
 # The sm_90 tile a variant needs, for both sweeps (the backward recomputes S at the forward's
 # tile): the fused backward keeps a BM x D fp32 output block in registers, so BM = 64.
 VARIANT_TILES: Dict[str, KernelConfig] = {
     "fused_bwd": KernelConfig(64, 128, 64, 8, 2),
     "share_exp+fused_bwd": KernelConfig(64, 128, 64, 8, 2),
+    # Two stages: 64 KiB of operand buffers per CTA (2 x 32 KiB), so two CTAs fit 227 KiB.
+    "regs128": KernelConfig(128, 128, 64, 8, 2),
 }
 _variant_override: Optional[str] = None
 # The GPU check's winner (benchmarks/gpu_check.sh writes it; committed beside this file).
@@ -296,6 +318,7 @@ class AotVariant:
     div16: frozenset           # arguments Triton sees as 16-divisible (pointers always are)
     floats: frozenset = frozenset()   # fp32 scalar arguments
     pointers: tuple = ()       # (argument, type) for pointers that are not "*fp32"
+    options: tuple = ()        # extra compile options, (name, value) pairs ("maxnreg", 128)
 
 
 # ---- SigLIP kernel variants (kernels/siglip.py; docs/gpu_variants.md) ----

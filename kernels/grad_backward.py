@@ -30,7 +30,9 @@ per element.  ``shared_exp_g`` takes that path on the tiles whose lse spread kee
 extra rounding within the precision budget, the two-exp path elsewhere; the
 ``share_exp`` variants switch it on (``config.Configs.share_exp``).
 The ``fused`` backward (``config.Configs.backward_kind``, kernels/fused_backward.py)
-forms the same G and keeps it on chip.
+forms the same G and keeps it on chip.  The ``tma_persistent`` variant runs this kernel on a
+persistent grid (``config.Configs.persistent``) with its tiles loaded through tensor
+descriptors (``Configs.backward_tma``); the tile's arithmetic is the same function, ``_grad_tile``.
 """
 from __future__ import annotations
 
@@ -43,41 +45,30 @@ import triton.language as tl
 
 from . import config as _config
 from .fused_backward import fused_grad_backward
-from .lse_forward import share_budget
-from .tile import shared_exp_g, tile_dot, two_exp_g
+from .lse_forward import _num_sms, launch_options, share_budget, use_tma
+from .tile import grouped_tile, shared_exp_g, tile_dot, tile_dot_desc, two_exp_g
 from .workspace import block_shape, mm_f32
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
 
 
-# One kernel body, longer than a screen on purpose: the recompute, G and its two reductions
-# are one tile's epilogue, read top to bottom in the module doc's numbered steps.
+# One tile's work, longer than a screen on purpose: the recompute, G and its two reductions
+# are one tile's epilogue, read top to bottom in the module doc's numbered steps.  Inlined into
+# ``_grad_tile_kernel`` once (one tile per program) or inside its persistent loop.
 @triton.jit
-def _grad_tile_kernel(
-    img_ptr, txt_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_row_lo_ptr, lse_col_ptr,
-    lse_col_lo_ptr, g_diag_ptr,
-    ws_ptr, d_scale_ptr, d_scale_rest_ptr,
+def _grad_tile(
+    pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr, lse_row_ptr,
+    lse_row_lo_ptr, lse_col_ptr, lse_col_lo_ptr, g_diag_ptr, ws_ptr, d_scale_ptr, d_scale_rest_ptr,
     row0, col0, R, C, D,
     stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
     coef_row, coef_col, coef_diag, gscale,
     HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
     HAS_DIAG: tl.constexpr, G_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
-    SHARE_BUDGET: tl.constexpr, EVEN_D: tl.constexpr,
+    SHARE_BUDGET: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    # Grouped tile order (as in Triton's matmul tutorial) so neighbouring programs
-    # share txt blocks in L2.
-    pid = tl.program_id(0)
-    num_pm = tl.cdiv(R, BM)
-    num_pn = tl.cdiv(C, BN)
-    group = GROUP_M * num_pn
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pm - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
-
     offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the workspace block
     offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the workspace block
     row_ok = offs_r < R
@@ -87,11 +78,16 @@ def _grad_tile_kernel(
     img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
     txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
 
-    # 1. Recompute the tile acc = img_blk @ txt_blk.T (masked loads read 0 outside).
-    acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
-                   EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+    # 1. Recompute the tile acc = img_blk @ txt_blk.T (masked loads read 0 outside; the
+    #    descriptors end at the block's last row and column, and pad with 0 past them).
+    if USE_TMA:
+        acc = tile_dot_desc(img_desc, txt_desc, row0 + pid_m * BM, col0 + pid_n * BN, D,
+                            DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+    else:
+        acc = tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
+                       EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
-    # 2. S in log2 units.
+    # 2. S in log2 units (the scalars loaded after the MMA loop: fewer live registers in it).
     scale2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E_K
     if HAS_BIAS:
         bias2 = tl.load(bias_ptr).to(tl.float32) * _LOG2E_K
@@ -155,6 +151,57 @@ def _grad_tile_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _grad_tile_kernel(
+    img_ptr, txt_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_row_lo_ptr, lse_col_ptr,
+    lse_col_lo_ptr, g_diag_ptr,
+    ws_ptr, d_scale_ptr, d_scale_rest_ptr,
+    row0, col0, R, C, D, num_programs,
+    stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
+    coef_row, coef_col, coef_diag, gscale,
+    HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
+    HAS_DIAG: tl.constexpr, G_DIAG: tl.constexpr, SHARE_EXP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
+    SHARE_BUDGET: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    if USE_TMA:
+        # Tensor descriptors (TMA loads on sm_90) ending at this workspace block's last row of
+        # img and of txt, made once per program.
+        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[row0 + R, D], strides=[stride_im, 1],
+                                             block_shape=[BM, BK])
+        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[col0 + C, D], strides=[stride_tk, 1],
+                                             block_shape=[BN, BK])
+    else:
+        img_desc = img_ptr
+        txt_desc = txt_ptr
+    num_pm = tl.cdiv(R, BM)
+    num_pn = tl.cdiv(C, BN)
+    if PERSISTENT:
+        # num_programs programs walk the block's tiles with that stride, in the grouped order.
+        # flatten: this loop and the D loop inside it are one loop to the software pipeliner,
+        # so the next tile's first loads are issued during this tile's epilogue (sm_90: one
+        # more stage of operand buffers, 32 KiB, in aot_check's shared-memory figure).
+        for t in tl.range(tl.program_id(0), num_pm * num_pn, num_programs, flatten=True):
+            pid_m, pid_n = grouped_tile(t, num_pm, num_pn, GROUP_M)
+            _grad_tile(pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr,
+                       lse_row_ptr, lse_row_lo_ptr, lse_col_ptr, lse_col_lo_ptr, g_diag_ptr, ws_ptr,
+                       d_scale_ptr, d_scale_rest_ptr, row0, col0, R, C, D, stride_im, stride_id, stride_tk,
+                       stride_td, stride_wr, stride_wc, coef_row, coef_col, coef_diag, gscale,
+                       HAS_BIAS, HAS_ROW, HAS_COL, HAS_DIAG, G_DIAG, SHARE_EXP, SPLIT_SCALE, SHARE_BUDGET,
+                       EVEN_D, USE_TMA, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+    else:
+        # Grouped tile order (as in Triton's matmul tutorial) so neighbouring programs
+        # share txt blocks in L2.
+        pid_m, pid_n = grouped_tile(tl.program_id(0), num_pm, num_pn, GROUP_M)
+        _grad_tile(pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr,
+                   lse_row_ptr, lse_row_lo_ptr, lse_col_ptr, lse_col_lo_ptr, g_diag_ptr, ws_ptr,
+                   d_scale_ptr, d_scale_rest_ptr, row0, col0, R, C, D, stride_im, stride_id, stride_tk,
+                   stride_td, stride_wr, stride_wc, coef_row, coef_col, coef_diag, gscale,
+                   HAS_BIAS, HAS_ROW, HAS_COL, HAS_DIAG, G_DIAG, SHARE_EXP, SPLIT_SCALE, SHARE_BUDGET,
+                   EVEN_D, USE_TMA, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+
+
 _autotuned = None
 
 
@@ -172,7 +219,7 @@ def _kernel(autotune: bool):
 
 
 def _kernel_flags(cfg, dtype, has_bias: bool, coef_row, coef_col, coef_diag, gscale, has_g_diag: bool,
-                  split_scale: bool) -> dict:
+                  split_scale: bool, tma: bool) -> dict:
     """The kernel arguments that are the same for every workspace block of one call."""
     has_row, has_col = coef_row != 0.0, coef_col != 0.0
     return dict(
@@ -181,24 +228,27 @@ def _kernel_flags(cfg, dtype, has_bias: bool, coef_row, coef_col, coef_diag, gsc
         HAS_BIAS=has_bias, HAS_ROW=has_row, HAS_COL=has_col,
         HAS_DIAG=coef_diag != 0.0, G_DIAG=has_g_diag,
         SHARE_EXP=bool(cfg.share_exp) and has_row and has_col and not split_scale,
-        SPLIT_SCALE=bool(split_scale), SHARE_BUDGET=share_budget(dtype),
+        SPLIT_SCALE=bool(split_scale), SHARE_BUDGET=share_budget(dtype), USE_TMA=bool(tma),
         DOT_PRECISION=_config.dot_precision(dtype),
         DOT_UPCAST=_config.interpreter_active() and dtype == torch.bfloat16,
         GROUP_M=8,
     )
 
 
-def _launch_block(kernel, bwd, ptrs, args: dict) -> None:
+def _launch_block(kernel, bwd, ptrs, args: dict, options: dict, max_programs: int) -> None:
     """One workspace block's launch: the configured tile shape ``bwd``, or (None) the
-    autotuner's choice."""
+    autotuner's choice; ``options``: the variant's compile options (``launch_options``);
+    ``max_programs`` > 0: a persistent grid of at most that many programs."""
     r, c, D = args["R"], args["C"], args["D"]
     if bwd is None:
         grid = lambda meta: (triton.cdiv(r, meta["BM"]) * triton.cdiv(c, meta["BN"]),)  # noqa: E731
-        kernel[grid](*ptrs, **args, EVEN_D=False)
+        kernel[grid](*ptrs, **args, num_programs=1, PERSISTENT=False, EVEN_D=False)
     else:
-        grid = (triton.cdiv(r, bwd.BM) * triton.cdiv(c, bwd.BN),)
-        kernel[grid](*ptrs, **args, EVEN_D=D % bwd.BK == 0, BM=bwd.BM, BN=bwd.BN,
-                     BK=bwd.BK, num_warps=bwd.num_warps, num_stages=bwd.num_stages)
+        tiles = triton.cdiv(r, bwd.BM) * triton.cdiv(c, bwd.BN)
+        programs = min(tiles, max_programs)
+        kernel[(programs or tiles,)](*ptrs, **args, num_programs=max(programs, 1), PERSISTENT=programs > 0,
+                                     EVEN_D=D % bwd.BK == 0, BM=bwd.BM, BN=bwd.BN, BK=bwd.BK,
+                                     num_warps=bwd.num_warps, num_stages=bwd.num_stages, **options)
 
 
 def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
@@ -241,7 +291,11 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
     g_diag_t = g_diag.to(f32).contiguous() if g_diag is not None else dummy
     kernel = _kernel(autotune)
     flags = _kernel_flags(cfg, img.dtype, bias is not None, coef_row, coef_col, coef_diag, gscale,
-                          g_diag is not None, split_scale)
+                          g_diag is not None, split_scale,
+                          tma=bool(cfg.backward_tma) and not autotune and use_tma(cfg, img, txt))
+    # A persistent grid (config.Configs.persistent programs per SM), with the descriptor loads
+    # only: the compiled and tested pairing (aot_variants).
+    max_programs = cfg.persistent * _num_sms(dev) if flags["USE_TMA"] else 0
     for r0 in range(0, M, R):
         r = min(R, M - r0)
         for c0 in range(0, K, C):
@@ -254,7 +308,7 @@ def _grad_backward_impl(img, txt, scale, bias, lse_row, lse_col,
                 flags, row0=r0, col0=c0, R=r, C=c, D=D,
                 stride_im=img.stride(0), stride_id=img.stride(1),
                 stride_tk=txt.stride(0), stride_td=txt.stride(1),
-                stride_wr=block.stride(0), stride_wc=block.stride(1)))
+                stride_wr=block.stride(0), stride_wc=block.stride(1)), launch_options(cfg), max_programs)
             # cuBLAS: both gradient GEMMs from the same workspace block.
             d_img[r0:r0 + r].add_(mm_f32(block, txt[c0:c0 + c]))
             d_txt[c0:c0 + c].add_(mm_f32(block.t(), img[r0:r0 + r]))
@@ -311,7 +365,8 @@ def aot_variants(dtype: torch.dtype, arch: int):
     """The compile variants of ``_grad_tile_kernel`` (``python -m clip_fast.kernels.aot_check``)."""
     prec = "tf32" if dtype == torch.float32 else "ieee"
     base = dict(HAS_BIAS=False, HAS_ROW=True, HAS_COL=True, HAS_DIAG=True, G_DIAG=True,
-                SHARE_EXP=False, SPLIT_SCALE=False, SHARE_BUDGET=share_budget(dtype), EVEN_D=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                SHARE_EXP=False, SPLIT_SCALE=False, SHARE_BUDGET=share_budget(dtype), EVEN_D=True,
+                USE_TMA=False, PERSISTENT=False, DOT_PRECISION=prec, DOT_UPCAST=False,
                 GROUP_M=8, stride_id=1, stride_td=1, stride_wc=1)
     variants = [("tile", base),
                 ("tile coef-diag bias odd-D", dict(base, G_DIAG=False, HAS_BIAS=True, EVEN_D=False)),
@@ -320,10 +375,23 @@ def aot_variants(dtype: torch.dtype, arch: int):
                 # The ring's off-diagonal blocks: d_scale split into the row term and the rest.
                 ("tile split-scale", dict(base, HAS_DIAG=False, G_DIAG=False, SPLIT_SCALE=True))]
     feat = _config.feature_ptr(dtype)
-    ints = frozenset({"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"})
+    ints = frozenset({"row0", "col0", "R", "C", "D", "num_programs", "stride_im", "stride_tk", "stride_wr"})
+    table = _config.table_configs(arch // 10, dtype).backward
+    tiles = {name: table for name, _ in variants}
+    options = {}
+    # "regs128" (config.VARIANTS): its tile, ptxas capped at 128 registers for two CTAs per SM.
+    regs = _config.VARIANT_TILES["regs128"]
+    variants.append(("tile regs128", base))
+    tiles["tile regs128"] = _config.KernelConfig(regs.BM, regs.BN, min(regs.BK, table.BK),
+                                                 regs.num_warps, regs.num_stages)
+    options["tile regs128"] = (("maxnreg", _config.VARIANTS["regs128"]["maxnreg"]),)
+    if arch >= 90:   # "tma_persistent" (config.VARIANTS): descriptors, a persistent grid
+        variants.append(("tile tma persistent", dict(base, USE_TMA=True, PERSISTENT=True)))
+        tiles["tile tma persistent"] = table
     for name, ce in variants:
         yield _config.AotVariant(
-            "backward", name, _grad_tile_kernel, _config.table_configs(arch // 10, dtype).backward, ce,
-            ints=ints, div16=ints, floats=frozenset({"coef_row", "coef_col", "coef_diag", "gscale"}),
+            "backward", name, _grad_tile_kernel, tiles[name], ce,
+            ints=ints, div16=ints - {"num_programs"}, floats=frozenset({"coef_row", "coef_col", "coef_diag", "gscale"}),
             pointers=(("img_ptr", feat), ("txt_ptr", feat), ("ws_ptr", feat),
-                      ("d_scale_ptr", "*fp64"), ("d_scale_rest_ptr", "*fp64")))
+                      ("d_scale_ptr", "*fp64"), ("d_scale_rest_ptr", "*fp64")),
+            options=options.get(name, ()))

@@ -20,6 +20,10 @@ out of the sums and comes back in float64, why columns record their maxima, and 
 exponential could serve both softmaxes -- are derived in docs/numerics.md, which the
 CUDA kernels follow too.
 
+Layout variants (``config.VARIANTS``): the tiles through tensor descriptors (``USE_TMA``), and a
+persistent grid (``PERSISTENT``) whose programs walk the (row block, column split) units in
+the grouped order of ``tile.grouped_tile``; each unit's sweep is the same function, ``_sweep_unit``.
+
 Why a fixed column shift (the rejected options): a column's lse needs every row block's
 contribution.  An online max/sum per column cannot be merged with atomics (the sum's
 scale changes whenever the max does); per-row-block partials would need (N / BM) x N
@@ -41,7 +45,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import config as _config
 from ..core.numerics import combine_diag
-from .tile import tile_dot, tile_dot_desc
+from .tile import grouped_tile, tile_dot, tile_dot_desc
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -112,38 +116,30 @@ def _shared_exp_sums(s2, shift, m_ref, c_max, row_ok, col_ok, SHARE_BUDGET: tl.c
     return col_part, row_part, shared
 
 
-# One kernel body, longer than a screen on purpose: the tile loop is the whole sweep, and
-# its numbered steps (module doc) read in order with every register's lifetime visible;
-# the pieces that stand alone (tile_dot, _two_exp_sums) are separate jit functions.
+# The sweep of one work unit (a row block and one column range), longer than a screen on
+# purpose: the tile loop is the whole sweep, and its numbered steps (module doc) read in order
+# with every register's lifetime visible; the pieces that stand alone (tile_dot, _two_exp_sums)
+# are separate jit functions.  Inlined into ``_lse_forward_kernel`` once (one unit per program)
+# or inside its persistent loop.
 @triton.jit
-def _lse_forward_kernel(
-    img_ptr, txt_ptr, scale_ptr, bias_ptr, c2_ptr, row_flag_ptr,
+def _sweep_unit(
+    pid_m, pid_s, img_ptr, txt_ptr, img_desc, txt_desc, c2_ptr, row_flag_ptr,
     m_part_ptr, l_part_ptr, col_sum_ptr, col_max_ptr, diag2_ptr, stats_ptr,
-    M, K, D, H2, num_splits,
+    M, K, D, H2, num_splits, scale2, bias2,
     stride_im, stride_id, stride_tk, stride_td,
-    HAS_BIAS: tl.constexpr, COMPUTE_COL: tl.constexpr, WRITE_DIAG: tl.constexpr,
+    COMPUTE_COL: tl.constexpr, WRITE_DIAG: tl.constexpr,
     ROW_FLAGS: tl.constexpr, SHARE_EXP: tl.constexpr, SHARE_BUDGET: tl.constexpr,
-    STATS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
+    STATS: tl.constexpr, USE_TMA: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    # EVEN_D: D % BK == 0 (no feature masks); EVEN_MK: M % BM == 0 and K % BN == 0 (no
-    # padded rows or columns, so the tile-wide masking selects are compiled out).
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
     row_ok = offs_m < M
     # 64-bit row offsets: N * D can exceed 2^31 elements.
     img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
-    scale = tl.load(scale_ptr).to(tl.float32)
-    scale2 = scale * _LOG2E_K
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
-    else:
-        bias = 0.0
-    bias2 = bias * _LOG2E_K
 
-    # This program's column range: split pid_s of num_splits, in whole BN blocks.
+    # This unit's column range: split pid_s of num_splits, in whole BN blocks.
     n_blocks = tl.cdiv(K, BN)
     per_split = tl.cdiv(n_blocks, num_splits)
     n_lo = pid_s * per_split * BN
@@ -153,13 +149,6 @@ def _lse_forward_kernel(
         # any flagged row does no work (empty column range).
         flags = tl.load(row_flag_ptr + offs_m, mask=row_ok, other=0)
         n_hi = tl.where(tl.max(flags, axis=0) > 0, n_hi, n_lo)
-
-    if USE_TMA:
-        # Tensor descriptors (TMA loads on sm_90; unit feature stride, 16-byte aligned rows).
-        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[M, D], strides=[stride_im, 1],
-                                             block_shape=[BM, BK])
-        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[K, D], strides=[stride_tk, 1],
-                                             block_shape=[BN, BK])
 
     m_i = tl.full((BM,), float("-inf"), tl.float32)   # running row max (log2 units)
     l_i = tl.zeros((BM,), tl.float32)                 # running row sum of exp2(S2 - m_i)
@@ -236,6 +225,62 @@ def _lse_forward_kernel(
     # This column range's (max, sum) of the row's off-diagonal entries, merged on the host.
     tl.store(m_part_ptr + pid_s * M + offs_m, m_i, mask=row_ok)
     tl.store(l_part_ptr + pid_s * M + offs_m, l_i, mask=row_ok)
+
+
+@triton.jit
+def _lse_forward_kernel(
+    img_ptr, txt_ptr, scale_ptr, bias_ptr, c2_ptr, row_flag_ptr,
+    m_part_ptr, l_part_ptr, col_sum_ptr, col_max_ptr, diag2_ptr, stats_ptr,
+    M, K, D, H2, num_splits, num_programs,
+    stride_im, stride_id, stride_tk, stride_td,
+    HAS_BIAS: tl.constexpr, COMPUTE_COL: tl.constexpr, WRITE_DIAG: tl.constexpr,
+    ROW_FLAGS: tl.constexpr, SHARE_EXP: tl.constexpr, SHARE_BUDGET: tl.constexpr,
+    STATS: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_MK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    # EVEN_D: D % BK == 0 (no feature masks); EVEN_MK: M % BM == 0 and K % BN == 0 (no
+    # padded rows or columns, so the tile-wide masking selects are compiled out).
+    scale = tl.load(scale_ptr).to(tl.float32)
+    scale2 = scale * _LOG2E_K
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    else:
+        bias = 0.0
+    bias2 = bias * _LOG2E_K
+    if USE_TMA:
+        # Tensor descriptors (TMA loads on sm_90; unit feature stride, 16-byte aligned rows),
+        # made once per program.
+        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[M, D], strides=[stride_im, 1],
+                                             block_shape=[BM, BK])
+        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[K, D], strides=[stride_tk, 1],
+                                             block_shape=[BN, BK])
+    else:
+        img_desc = img_ptr
+        txt_desc = txt_ptr
+    if PERSISTENT:
+        # A persistent grid of num_programs programs walks the work units (row block x
+        # column split) with stride num_programs, in the grouped order of ``grouped_tile``:
+        # GROUP_M row blocks' units are consecutive, so the programs running at one time
+        # share their img blocks and txt strips in L2.
+        row_blocks = tl.cdiv(M, BM)
+        for unit in tl.range(tl.program_id(0), row_blocks * num_splits, num_programs):
+            pid_m, pid_s = grouped_tile(unit, row_blocks, num_splits, GROUP_M)
+            _sweep_unit(pid_m, pid_s, img_ptr, txt_ptr, img_desc, txt_desc, c2_ptr, row_flag_ptr,
+                        m_part_ptr, l_part_ptr, col_sum_ptr, col_max_ptr, diag2_ptr, stats_ptr,
+                        M, K, D, H2, num_splits, scale2, bias2,
+                        stride_im, stride_id, stride_tk, stride_td,
+                        COMPUTE_COL, WRITE_DIAG, ROW_FLAGS, SHARE_EXP, SHARE_BUDGET, STATS, USE_TMA,
+                        EVEN_D, EVEN_MK, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+    else:
+        # One unit per program: grid (row blocks, column splits).
+        _sweep_unit(tl.program_id(0), tl.program_id(1), img_ptr, txt_ptr, img_desc, txt_desc,
+                    c2_ptr, row_flag_ptr, m_part_ptr, l_part_ptr, col_sum_ptr, col_max_ptr,
+                    diag2_ptr, stats_ptr, M, K, D, H2, num_splits, scale2, bias2,
+                    stride_im, stride_id, stride_tk, stride_td,
+                    COMPUTE_COL, WRITE_DIAG, ROW_FLAGS, SHARE_EXP, SHARE_BUDGET, STATS, USE_TMA,
+                    EVEN_D, EVEN_MK, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
 
 _autotuned = None
@@ -326,6 +371,11 @@ def _set_descriptor_allocator() -> None:
     triton.set_allocator(alloc)
 
 
+def launch_options(cfg) -> dict:
+    """Compile options a variant adds to a tile kernel's launch (``maxnreg``)."""
+    return {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
+
+
 def headroom_log2(M: int) -> float:
     """H2: the shift headroom (log2 units) for column sums over M rows (docs/numerics.md)."""
     return float(min(100, 122 - math.ceil(math.log2(M + 1))))
@@ -356,8 +406,13 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
 
     m_part = torch.empty((splits, M), device=img.device, dtype=torch.float32)
     l_part = torch.empty((splits, M), device=img.device, dtype=torch.float32)
+    # Persistent grid (config.Configs.persistent programs per SM, never more than the units),
+    # with the descriptor loads only: the compiled and tested pairing (aot_variants).
+    tma = use_tma(cfg, img, txt)
+    units = row_blocks * splits
+    programs = min(units, cfg.persistent * _num_sms(img.device)) if cfg.persistent and tma and not autotune else 0
     args = dict(
-        M=M, K=K, D=D, H2=H2, num_splits=splits,
+        M=M, K=K, D=D, H2=H2, num_splits=splits, num_programs=max(programs, 1),
         stride_im=img.stride(0), stride_id=img.stride(1),
         stride_tk=txt.stride(0), stride_td=txt.stride(1),
         HAS_BIAS=bias is not None, COMPUTE_COL=compute_col, WRITE_DIAG=diag2 is not None,
@@ -365,7 +420,7 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
         SHARE_EXP=bool(cfg.share_exp) and compute_col,
         SHARE_BUDGET=share_budget(img.dtype),
         STATS=_share_counter is not None,
-        USE_TMA=use_tma(cfg, img, txt),
+        USE_TMA=tma, PERSISTENT=programs > 0, GROUP_M=8,
         DOT_PRECISION=_config.dot_precision(img.dtype),
         DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
     )
@@ -384,9 +439,9 @@ def _launch(img, txt, scale, bias, *, c2, row_flags, col_sum, col_max, diag2,
     else:
         args["EVEN_D"] = D % fwd.BK == 0
         args["EVEN_MK"] = M % fwd.BM == 0 and K % fwd.BN == 0
-        _wrap(_kernel(False))[(row_blocks, splits)](
+        _wrap(_kernel(False))[(programs,) if programs else (row_blocks, splits)](
             *ptrs, **args, BM=fwd.BM, BN=fwd.BN, BK=fwd.BK,
-            num_warps=fwd.num_warps, num_stages=fwd.num_stages)
+            num_warps=fwd.num_warps, num_stages=fwd.num_stages, **launch_options(cfg))
     return merge_log2_parts(m_part, l_part)
 
 
@@ -492,7 +547,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
     # The production default: two exponentials per element (config.Configs.share_exp).
     base = dict(HAS_BIAS=False, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False,
                 SHARE_EXP=False, SHARE_BUDGET=share_budget(dtype), STATS=False, USE_TMA=False,
-                EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False,
+                PERSISTENT=False, GROUP_M=8, EVEN_D=True, EVEN_MK=True, DOT_PRECISION=prec, DOT_UPCAST=False,
                 stride_id=1, stride_td=1)
     variants = [("sweep", base),
                 ("sweep padded odd-D bias", dict(base, EVEN_MK=False, EVEN_D=False, HAS_BIAS=True)),
@@ -501,7 +556,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
     if dtype == torch.float32:
         variants.append(("sweep ieee", dict(base, DOT_PRECISION="ieee")))
     feat = _config.feature_ptr(dtype)
-    ints = frozenset({"M", "K", "D", "num_splits", "stride_im", "stride_tk"})
+    ints = frozenset({"M", "K", "D", "num_splits", "num_programs", "stride_im", "stride_tk"})
     table = _config.table_configs(arch // 10, dtype).forward
     tiles = {name: table for name, _ in variants}
     # The fused-backward variants run both sweeps at their own tile (config.VARIANT_TILES).
@@ -510,12 +565,21 @@ def aot_variants(dtype: torch.dtype, arch: int):
     for name, ce in (("sweep fused_bwd tile", base), ("sweep shared-exp fused_bwd tile", dict(base, SHARE_EXP=True))):
         variants.append((name, ce))
         tiles[name] = fused
-    if arch >= 90:   # the TMA variant is Hopper's ("tma" in config.VARIANTS)
-        variants.append(("sweep tma", dict(base, USE_TMA=True)))
-        tiles["sweep tma"] = table
+    options = {}
+    if arch >= 90:   # the TMA variants are Hopper's ("tma", "tma_persistent" in config.VARIANTS)
+        for name, ce in (("sweep tma", dict(base, USE_TMA=True)),
+                         ("sweep tma persistent", dict(base, USE_TMA=True, PERSISTENT=True))):
+            variants.append((name, ce))
+            tiles[name] = table
+    # "regs128" (config.VARIANTS): its tile, ptxas capped at 128 registers for two CTAs per SM.
+    regs = _config.VARIANT_TILES["regs128"]
+    variants.append(("sweep regs128", base))
+    tiles["sweep regs128"] = _config.KernelConfig(regs.BM, regs.BN, min(regs.BK, table.BK),
+                                                  regs.num_warps, regs.num_stages)
+    options["sweep regs128"] = (("maxnreg", _config.VARIANTS["regs128"]["maxnreg"]),)
     for name, ce in variants:
         yield _config.AotVariant(
             "forward", name, _lse_forward_kernel, tiles[name], ce,
-            ints=ints, div16=ints - {"num_splits"}, floats=frozenset({"H2"}),
+            ints=ints, div16=ints - {"num_splits", "num_programs"}, floats=frozenset({"H2"}),
             pointers=(("img_ptr", feat), ("txt_ptr", feat), ("row_flag_ptr", "*i32"),
-                      ("stats_ptr", "*i32")))
+                      ("stats_ptr", "*i32")), options=options.get(name, ()))

@@ -178,7 +178,7 @@ def _nested_grad_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     acc_t = lse_ptr.dtype.element_ty
-    pid_m, pid_n = grouped_tile(tl.program_id(0), R, C, BM, BN, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
     offs_r = pid_m * BM + tl.arange(0, BM)
     offs_c = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_r < R

@@ -13,7 +13,9 @@ the text to ``tile_costs``.  What it derives, and how:
    neither): one iteration multiplies one BK-wide slice of D.  The tile loop is the
    loop right around it (the forward kernels' sweep over column tiles); a kernel whose
    MMA loop has no loop around it does one tile per program, and then the whole kernel,
-   entry to EXIT, is "one tile".
+   entry to EXIT, is "one tile".  A flattened loop nest (``tl.range(..., flatten=True)``) has
+   one loop holding both the matrix instructions and the exponentials: one tile is then
+   D / BK - 1 iterations that skip the epilogue and one that runs it.
 3. One tile = one path through the tile loop's body, from its first instruction to its
    back edge (or through the kernel, entry to EXIT), with every loop inside it collapsed
    to (trip count x one path through its body).  The MMA loop runs D / BK times (D is
@@ -25,7 +27,9 @@ the text to ``tile_costs``.  What it derives, and how:
 4. Branches inside a tile: every path is enumerated (a few hundred at most), except
    that a conditional forward branch over a short branch-free block (at most 24
    instructions: ``if (col < n_cols) psum += exp2f(...)``) is read as a bounds guard and
-   its block counts as executed, as in an interior tile.  Two paths are reported: the
+   its block counts as executed, as in an interior tile.  A block that ptxas placed after
+   the loop and that branches back into it is part of the path that enters it.  Two paths
+   are reported: the
    COMMON one, with the fewest MUFU.EX2 and then the fewest instructions (for the
    forward and backward kernels: the shared-exponential branch, off the diagonal), and
    the HEAVY one, with the most instructions (a diagonal tile, the two-exp branch, the
@@ -173,6 +177,9 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
             loops[t] = max(loops.get(t, 0), ins.addr)
     # (A branch to itself, the trap SASS ends with after EXIT, is no loop.)
     spans = sorted((h, e) for h, e in loops.items() if e > h)
+    # A backward branch whose span crosses a loop's (starts inside it, ends past its back
+    # edge) is no loop: it returns from a block laid out after the loop (``_out_of_line``).
+    spans = [s for s in spans if not any(o[0] < s[0] <= o[1] < s[1] for o in spans)]
 
     def inside(a, span):
         return span[0] <= a <= span[1]
@@ -207,7 +214,11 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
     slices = float(round(slices))
     trip = D / BK / slices
 
-    # 4. Every path through a region, inner loops collapsed (recursive).
+    # 4. Every path through a region, inner loops collapsed (recursive).  ``work`` bounds the
+    #    enumeration: a tile whose branches multiply past it (a flattened loop nest, where the
+    #    epilogue sits under a branch inside the MMA loop) is reported as not read.
+    work = [0]
+
     def path(lo: int, hi: int, top: bool) -> List[Counts]:
         body = [ins for ins in instrs if lo <= ins.addr <= hi]
         inner = [sp for sp in spans if lo <= sp[0] and sp[1] <= hi and sp != (lo, hi)]
@@ -219,10 +230,16 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
             if ins.addr not in reach:
                 continue              # not reached from the region's entry, or inside a collapsed loop
             here = reach.pop(ins.addr)
+            work[0] += len(here)
+            if work[0] > _MAX_WORK:
+                raise ValueError(f"more than {_MAX_WORK} path steps (the MMA loop's {len(mma_addrs)} "
+                                 f"{kind} are under branches: a flattened loop nest?)")
             if ins.addr in heads:
                 sp = heads[ins.addr]
                 times = trip if sp == mma_loop else 1.0
-                here = [c.add(b, times) for c in here for b in path(sp[0], sp[1], False)]
+                inner_paths = path(sp[0], sp[1], False)
+                work[0] += len(here) * len(inner_paths)
+                here = [c.add(b, times) for c in here for b in inner_paths]
                 nxt = next((x.addr for x in body[k:] if x.addr > sp[1]), None)
                 if nxt is None:
                     ends += here
@@ -238,6 +255,11 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
                 continue
             if t is not None and not back and t <= hi and not _guard(ins, t, body, k):
                 _merge(reach, t, here)
+            elif t is not None and t > hi:
+                side = _out_of_line(instrs, t, ins.addr, hi, target)
+                if side is not None:   # a block placed after the region that branches back in
+                    block, ret = side
+                    _merge(reach, ret, [_sum(c, block, is_mma, top and ins.addr > mma_loop[1]) for c in here])
             if ins.op.startswith("EXIT") and top and structure == "one tile per program":
                 ends += here
             uncond = ins.pred in ("", "@PT") and ins.op.startswith(("BRA", "EXIT", "RET", "JMP"))
@@ -252,7 +274,19 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
             raise ValueError(f"no path through [{lo:#x}, {hi:#x}]")
         return _distinct(ends)
 
-    paths = path(region[0], region[1], True)
+    if any(ins.op == "MUFU.EX2" and inside(ins.addr, mma_loop) for ins in instrs):
+        # A flattened loop nest (``tl.range(..., flatten=True)``): one loop of D/BK iterations
+        # per tile, the epilogue under a branch that one iteration in D/BK takes.  One tile =
+        # (D/BK - 1) iterations without it + one with it; its extra instructions are the epilogue.
+        structure = "flattened tile loop"
+        iters = path(mma_loop[0], mma_loop[1], False)
+        plain = min(iters, key=lambda c: (c.ex2, c.total))
+        epi = [c for c in iters if c.ex2 > plain.ex2] or [plain]
+        tiles = [Counts().add(plain, trip - 1).add(c) for c in epi]
+        paths = [dataclasses.replace(t, epilogue=t.total - trip * plain.total) for t in tiles]
+        region = mma_loop
+    else:
+        paths = path(region[0], region[1], True)
     # The common tile: fewest exponentials (the shared-exp branch), then fewest
     # instructions (no diagonal, no masking); the heavy one: most instructions.
     light = min(paths, key=lambda c: (c.ex2, c.total))
@@ -264,7 +298,34 @@ def tile_costs(items: List[Tuple[str, object]], *, D: int, BK: int, BM: int, BN:
     return TileCost(kind, shape, structure, slices, light, heavy, len(paths), others, notes)
 
 
+def _out_of_line(instrs: List[Instr], t: int, src: int, hi: int, target) -> Optional[Tuple[List[Instr], int]]:
+    """(block, return address) when the forward branch at ``src`` to ``t`` (past the region's end
+    ``hi``) enters a block that the compiler laid out after the loop: branch-free up to an
+    unconditional branch back into the region, after ``src``.  ptxas moves the rarer side of
+    an if there (the shared-exponential branch of the 128 x 128 forward, for one)."""
+    block = []
+    for x in instrs:
+        if x.addr < t:
+            continue
+        block.append(x)
+        if x.op.startswith(("EXIT", "RET", "JMP")) or len(block) > 4096:
+            return None
+        if x.op.startswith("BRA"):
+            r = target(x)
+            if x.pred in ("", "@PT") and r is not None and src < r <= hi:
+                return block, r
+            return None
+    return None
+
+
+def _sum(c: Counts, block: List[Instr], is_mma, in_epilogue: bool) -> Counts:
+    for x in block:
+        c = c.add(_one(x, is_mma, in_epilogue))
+    return c
+
+
 _MAX_PATHS = 256
+_MAX_WORK = 500_000   # path steps (instructions x live paths) per tile: seconds of Python
 _GUARD = 24   # instructions: a conditional branch over fewer, branch-free, is a bounds guard
 
 

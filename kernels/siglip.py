@@ -180,7 +180,7 @@ def _siglip_tile_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # LABELS: 0 every pair negative, 1 the diagonal positive, 2 equal ids positive.
-    pid_m, pid_n = grouped_tile(tl.program_id(0), R, C, BM, BN, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
 
     offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the block
     offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the block
@@ -321,7 +321,7 @@ def _nested_siglip_tile_kernel(
     # else S = acc * scale + b.  Per size and row, float64 sums_ptr cells (4, NSIZES, M):
     # loss, tiny, sum_j G and p = sum_j G c_q acc (d_scale's and the chain's partial);
     # u_col (NSIZES, K): sum_i G c_q acc rs_q; ws[q] = H_q = r_q G c_q (unweighted, fp32).
-    pid_m, pid_n = grouped_tile(tl.program_id(0), R, C, BM, BN, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
     offs_r = pid_m * BM + tl.arange(0, BM)
     offs_c = pid_n * BN + tl.arange(0, BN)
     row_ok = offs_r < R

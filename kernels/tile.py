@@ -4,6 +4,9 @@
 looping over D in BK slices.  It is a plain ``@triton.jit`` function: Triton inlines
 it into each kernel that calls it, with the caller's compile-time flags.
 
+``grouped_tile`` maps a linear tile (or work unit) index to its grouped (row, column) position,
+for the grouped launch order and the persistent grids.
+
 ``two_exp_g`` and ``shared_exp_g`` turn a tile of S (in log2 units) into G's softmax part,
 coef_row P_row + coef_col P_col, for both backward designs (``grad_backward``'s workspace and
 ``fused_backward``'s on-chip one).
@@ -44,6 +47,20 @@ def tile_dot(img_rows, txt_cols, row_ok, col_ok, D, stride_id, stride_td,
         # input_precision passed explicitly: Triton's fp32 default changed across versions.
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of ``tile_id`` in the grouped order of Triton's matmul tutorials: tiles
+    come GROUP_M rows at a time, column by column within the group, so the programs running
+    at one time read GROUP_M row blocks and a few column blocks, which L2 then holds.  A
+    bijection of [0, num_pid_m * num_pid_n) (tests/kernels/test_variants.py checks it)."""
+    group = GROUP_M * num_pid_n
+    first_m = (tile_id // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group) % group_size
+    pid_n = (tile_id % group) // group_size
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -110,16 +127,3 @@ def tile_dot_range(acc, img_rows, txt_cols, row_ok, col_ok, d0, d1, stride_id, s
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
-
-
-@triton.jit
-def grouped_tile(pid, R, C, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program ``pid`` over an R x C grid of BM x BN tiles in grouped order
-    (Triton's matmul tutorial): GROUP_M row blocks walk the columns together, so neighbouring
-    programs share column blocks in L2."""
-    num_pm = tl.cdiv(R, BM)
-    num_pn = tl.cdiv(C, BN)
-    group = GROUP_M * num_pn
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pm - first_m, GROUP_M)
-    return first_m + (pid % group) % group_size, (pid % group) // group_size

@@ -96,7 +96,9 @@ def small_loss(n=1025):
     pytest.param("share_exp", marks=pytest.mark.slow),
     pytest.param("fused_bwd", marks=pytest.mark.slow),
     pytest.param("share_exp+fused_bwd", marks=pytest.mark.slow),
-    pytest.param("tma", marks=pytest.mark.slow)])
+    pytest.param("tma", marks=pytest.mark.slow),
+    pytest.param("tma_persistent", marks=pytest.mark.slow),
+    pytest.param("regs128", marks=pytest.mark.slow)])
 def kernel_variant(request):
     """Run the test under one Triton kernel variant; the variants are Triton designs, so a
     test of another backend (or of none) runs only once, as ``default``."""

@@ -51,6 +51,73 @@ def test_static_counts_on_a_toy_kernel():
     assert c.light.epilogue == 1 + 1 + 3 + 1
 
 
+# The same tile loop where the compiler placed one side of the if AFTER the loop's back edge
+# (ptxas does this to the shared-exponential branch of the 128 x 128 forward): a conditional
+# branch out to .L_x_5, one EX2 there, and an unconditional branch back into the loop.
+_OUT_OF_LINE = """
+.text.ool:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   MOV R2, RZ ;
+.L_x_1:
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0040*/              @!P0 BRA `(.L_x_1) ;
+        /*0050*/               @P1 BRA `(.L_x_5) ;
+        /*0060*/                   MUFU.EX2 R5, R5 ;
+        /*0070*/                   MUFU.EX2 R6, R6 ;
+        /*0080*/                   MUFU.EX2 R7, R7 ;
+        /*0090*/                   MUFU.EX2 R8, R8 ;
+.L_x_3:
+        /*00a0*/                   SHFL.BFLY PT, R3, R4, 0x1, 0x1f ;
+        /*00b0*/              @!P2 BRA `(.L_x_0) ;
+        /*00c0*/                   EXIT ;
+.L_x_5:
+        /*00d0*/                   MUFU.EX2 R5, R5 ;
+        /*00e0*/                   BRA `(.L_x_3) ;
+.L_x_4:
+        /*00f0*/                   BRA `(.L_x_4);
+"""
+
+
+def test_block_placed_after_the_loop_is_part_of_the_tile():
+    """The branch back from the out-of-line block is no loop, and the path through that block
+    is a path of the tile: 1 EX2 on the common path, 4 on the heavy one."""
+    c = sass.tile_costs(sass.parse_functions(_OUT_OF_LINE)["ool"], D=64, BK=16, BM=64, BN=128, warps=4)
+    assert c.structure == "tile loop" and c.paths == 2 and c.other_loops == 0
+    assert (c.light.ex2, c.heavy.ex2) == (1, 4)
+    # MOV + 4 x (HGMMA, IADD3, BRA) + branch out, EX2, branch back + SHFL + back edge.
+    assert c.light.total == 1 + 12 + 3 + 2
+
+
+# A flattened loop nest (tl.range(..., flatten=True)): one loop, one HGMMA per iteration, and
+# the epilogue (2 EX2) under a branch that one iteration per tile takes.
+_FLATTENED = """
+.text.flat:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/               @P1 BRA `(.L_x_2) ;
+        /*0040*/                   MUFU.EX2 R5, R5 ;
+        /*0050*/                   MUFU.EX2 R6, R6 ;
+        /*0060*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0070*/              @!P0 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   BRA `(.L_x_3);
+"""
+
+
+def test_flattened_loop_counts_one_epilogue_per_tile():
+    """D/BK = 4 iterations a tile: three without the epilogue (4 instructions each) and one
+    with it (7), so 4 HGMMA, 2 EX2 and 3 epilogue instructions per tile."""
+    c = sass.tile_costs(sass.parse_functions(_FLATTENED)["flat"], D=64, BK=16, BM=64, BN=128, warps=4)
+    assert c.structure == "flattened tile loop"
+    assert (c.light.mma, c.light.ex2, c.light.total, c.light.epilogue) == (4, 2, 19, 3)
+
+
 @pytest.mark.slow
 def test_cost_report_reads_a_bf16_sm90_forward():
     """`aot_check --sass` on one variant: wgmma (HGMMA) at 64 per tile for D = 512, sane counts."""

@@ -335,7 +335,9 @@ def test_torch_compile_module_fullgraph():
 def test_kernels_compile_for_sm90_without_gpu():
     """Compiled mode (not the interpreter): every kernel variant of every loss compiles for
     sm_90; the CLIP and distillation kernels without spills (SigLIP's 64 x 128 tile spills a
-    little, see ``kernels.siglip.tile_config``).
+    little, see ``kernels.siglip.tile_config``; the ``regs128`` variant's register cap spills by
+    design, its cost is in the cost report; the nested (Matryoshka) backward tile keeps one
+    size's H beside the running sum and may spill at most 128 B, ``kernels/nested.py``).
 
     Runs `python -m clip_fast.kernels.aot_check` in a subprocess without TRITON_INTERPRET:
     Triton's real compiler down to PTX plus ptxas, for an explicit target, no GPU needed.
@@ -351,10 +353,14 @@ def test_kernels_compile_for_sm90_without_gpu():
     assert "aot_check: 0 failure(s)" in report, report
     kinds = re.findall(r"^sm_90 bf16 (\w+) ", report, flags=re.M)
     assert {"forward", "backward", "siglip", "distill"} <= set(kinds), report
-    spills = [int(x) for x in re.findall(r"^sm_90 bf16 (?:forward|backward|distill) .* spill_stores=(\d+)B",
-                                         report, flags=re.M)]
-    assert len(spills) == kinds.count("forward") + kinds.count("backward") + kinds.count("distill"), report
-    assert max(spills) == 0, report
+    capped = len(re.findall(r"^sm_90 bf16 \w+ .* regs128 ", report, flags=re.M))
+    assert capped == 2, report
+    rows = [(m.group(1), int(m.group(2))) for m in re.finditer(
+        r"^sm_90 bf16 (?:forward|backward|distill) (.*) spill_stores=(\d+)B", report, flags=re.M)
+        if " regs128 " not in m.group(1)]
+    assert len(rows) == kinds.count("forward") + kinds.count("backward") + kinds.count("distill") - capped, report
+    assert max(b for name, b in rows if " nested " not in name) == 0, report
+    assert max(b for name, b in rows if " nested " in name) <= 128, report
 
 
 # ---- GPU only: real tensor-core dots, default block table, large N, torch.compile ----

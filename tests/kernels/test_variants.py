@@ -177,9 +177,88 @@ def test_tma_forward(m, k, dtype):
         _check_block(img, txt, scale=30.0, bias=0.5)
 
 
-def test_tma_needs_aligned_rows():
-    """Rows of 33 fp32 features (132 bytes) are not 16-byte aligned: the sweep keeps pointer loads."""
+@pytest.mark.parametrize("variant", ["tma", "tma_persistent"])
+def test_tma_needs_aligned_rows(variant):
+    """Rows of 33 fp32 features (132 bytes) are not 16-byte aligned: the sweeps keep pointer loads
+    (and, for tma_persistent, one program per unit: the persistent grid runs with descriptors only)."""
     img = features(20, 33, device=DEV)
-    with kconfig.variant_override("tma"):
+    with kconfig.variant_override(variant):
         assert not lf.use_tma(kconfig.get_configs(DEV, img.dtype), img, img)
         _check_block(img, features(21, 33, device=DEV), scale=30.0)
+
+
+# ---- the persistent grid and its grouped order (kernels/tile.py grouped_tile) ----
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from clip_fast.kernels.tile import grouped_tile  # noqa: E402
+
+
+@triton.jit
+def _visit_kernel(count_ptr, order_ptr, num_pid_m, num_pid_n, num_programs, GROUP_M: tl.constexpr):
+    """The forward's persistent loop with an empty body: each program walks the units with
+    stride num_programs, maps each through ``grouped_tile``, counts the visit and records the
+    unit's (pid_m, pid_n)."""
+    for unit in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs):
+        pid_m, pid_n = grouped_tile(unit, num_pid_m, num_pid_n, GROUP_M)
+        tl.atomic_add(count_ptr + pid_m * num_pid_n + pid_n, 1)
+        tl.store(order_ptr + 2 * unit, pid_m)
+        tl.store(order_ptr + 2 * unit + 1, pid_n)
+
+
+@pytest.mark.parametrize("num_pid_m,num_pid_n,group_m,programs",
+                         [(5, 3, 2, 1), (5, 3, 2, 4), (7, 4, 8, 3), (16, 1, 8, 5), (3, 2, 8, 50), (9, 5, 4, 7)])
+def test_persistent_grouped_order_visits_every_unit_once(num_pid_m, num_pid_n, group_m, programs):
+    """``grouped_tile`` under the persistent loop is a bijection onto the (pid_m, pid_n) grid,
+    whatever the grid size (fewer programs than units, more, one) and with a partial last
+    group; consecutive units walk GROUP_M row blocks before moving to the next column."""
+    n = num_pid_m * num_pid_n
+    count = torch.zeros(n, dtype=torch.int32)
+    order = torch.full((n, 2), -1, dtype=torch.int32)
+    _visit_kernel[(min(programs, n),)](count, order, num_pid_m, num_pid_n, min(programs, n), GROUP_M=group_m)
+    assert count.tolist() == [1] * n
+    pm, pn = order[:, 0].tolist(), order[:, 1].tolist()
+    assert all(0 <= a < num_pid_m for a in pm) and all(0 <= b < num_pid_n for b in pn)
+    # Grouped: within the first group the row index runs fastest, over min(GROUP_M, rows) rows.
+    g = min(group_m, num_pid_m)
+    assert pm[:g] == list(range(g)) and pn[:g] == [0] * g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,programs,splits", [(37, 45, 2, 2), (32, 48, 3, 1), (37, 45, 1, 3)])
+def test_tma_persistent(m, k, programs, splits, dtype, monkeypatch):
+    """Both sweeps on a persistent grid through tensor descriptors (the ``tma_persistent``
+    variant's switches at the interpreter's tile): the forward's ``programs`` programs walk
+    row block x column split units (3 x ``splits`` here) in the grouped order, so a program
+    sweeps several units, non-adjacent ones when programs > 1; the backward's walk the tiles
+    of each workspace block, the workspace kept at 4 KiB so that blocks start at rows and
+    columns > 0 (the descriptors end at each block's last row and column).  Padded (37 x 45) and
+    whole (32 x 48) tiles, against float64 and the torch backend.  The interpreter runs the
+    descriptor loads and the persistent loops; NOT covered on CPU: the TMA instructions, the
+    software pipelining across tiles (``flatten``) and the residency of the programs
+    (aot_check compiles the variant)."""
+    monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", str(4096 / 2**20))
+    img, txt = features(m, 32, dtype=dtype, device=DEV), features(k, 32, dtype=dtype, device=DEV)
+    cfg = kconfig.Configs(forward=SMALL.forward, backward=SMALL.backward, col_splits=splits,
+                          use_tma=True, backward_tma=True, persistent=programs)
+    with kconfig.override(cfg):
+        assert lf.use_tma(kconfig.get_configs(DEV, dtype), img, txt)
+        _check_block(img, txt, scale=30.0, bias=0.5)
+
+
+def test_tma_persistent_variant_switches():
+    """The variant sets TMA and one persistent program per SM on top of the table."""
+    cfg = kconfig.apply_variant(kconfig.table_configs(9), "tma_persistent")
+    assert cfg.use_tma and cfg.backward_tma and cfg.persistent == 1 and cfg.backward_kind == "workspace"
+
+
+def test_regs128_at_its_own_tile():
+    """regs128 at its own 128 x 128 x 64 tile (two stages), padded: the arithmetic of the tile the
+    variant runs at on sm_90.  The register cap itself (ptxas's maxnreg) is a compile option that
+    the interpreter does not see: aot_check compiles it and the cost report shows its spills."""
+    tile = kconfig.VARIANT_TILES["regs128"]
+    cfg = kconfig.apply_variant(kconfig.Configs(forward=tile, backward=tile, col_splits=1), "regs128")
+    assert cfg.maxnreg == 128 and lf.launch_options(cfg) == {"maxnreg": 128}
+    with kconfig.override(cfg):
+        _check_block(features(130, 40, device=DEV), features(140, 40, device=DEV), scale=30.0, bias=0.5)
