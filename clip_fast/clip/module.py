@@ -36,7 +36,7 @@ class FastClipLoss(nn.Module):
             + (1 - lambda) * CE(text -> image); 0.5 is CLIP.
         matryoshka_dims, matryoshka_weights, matryoshka_renormalize: the nested-size
             (Matryoshka) loss of ``clip_fast.clip_loss``, every size from one sweep over D
-            (single process, torch backend; docs/matryoshka.md).
+            (torch backend; in both distributed modes too; docs/matryoshka.md).
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
     *, group_ids=None, negative_text_features=None, negative_image_features=None)``
@@ -79,9 +79,6 @@ class FastClipLoss(nn.Module):
         if matryoshka_dims is not None:
             from .matryoshka import check_matryoshka
 
-            if world_size > 1:
-                raise NotImplementedError("FastClipLoss(matryoshka_dims=...) runs in one process (world_size=1); "
-                                          f"got world_size={world_size}")
             if backend not in ("auto", "torch"):
                 raise ValueError(f"FastClipLoss(matryoshka_dims=...) runs on backend='torch' (or 'auto'), "
                                  f"got backend={backend!r}")

@@ -131,12 +131,17 @@ class _Gathered:
         return None if self.counts is None else self.counts[:self.n]
 
 
-def _local_forward(tg: FamilyTargets, layout: Layout, g: _Gathered, img, txt, ids,
+def _gather_stats(v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Every rank's per-row statistics (the last axis), rotated; a leading size axis kept."""
+    return all_gather_rows(v.movedim(-1, 0), layout, rotate=True).movedim(0, -1).contiguous()
+
+
+def _local_forward(tg: FamilyTargets, ops, layout: Layout, g: _Gathered, img, txt, ids,
                    lse_row, lse_col_r, diag, s, acc):
     """Rank r's own loss (local_loss): lam / n_r * its rows' CE + (1 - lam) / n_r * its
     columns' CE.  Returns (loss, w_row, w_col): the diagonals' target weights."""
     a, b = tg.weights(layout.n_local)
-    loss = a * (lse_row - diag).sum() + b * (lse_col_r - diag).sum()
+    loss = a * ops.total(lse_row - diag) + b * ops.total(lse_col_r - diag)
     counts = g.own_counts()
     # Rows: strip (img_r, TXT); columns: strip (IMG, txt_r); both with the pairs on the diagonal.
     t_r, w_r = _diag_weights(tg, img, g.txt, a, 0.0, acc, (ids, g.ids), (counts, g.counts))
@@ -151,13 +156,13 @@ def _local_forward(tg: FamilyTargets, layout: Layout, g: _Gathered, img, txt, id
     return loss, w_r, w_c
 
 
-def _global_forward(tg: FamilyTargets, layout: Layout, g: _Gathered, img, ids, neg_img,
+def _global_forward(tg: FamilyTargets, ops, layout: Layout, g: _Gathered, img, ids, neg_img,
                     lse_row, lse_col_r, diag, s, acc):
     """The global loss (not local_loss), the same on every rank: each rank forms its rows',
     its columns' and its row strip's target share, and one all_reduce sums them.
     Returns (loss, w): the diagonal's target weights, for both of its strips."""
     a, b = tg.weights(layout.n_global)
-    part = a * (lse_row - diag).sum() + b * (lse_col_r - diag).sum()
+    part = a * ops.total(lse_row - diag) + b * ops.total(lse_col_r - diag)
     counts = g.own_counts()
     t, w = _diag_weights(tg, img, g.txt, a, b, acc, (ids, g.ids), (counts, g.counts))
     if tg.host:
@@ -177,7 +182,7 @@ class GatherClipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, img, txt, scale, bias, ids, neg_txt, neg_img, layout: Layout):
-        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
+        ops, s, acc, tg = sweep_setup(layout, scale, img)
         n, o = layout.n_local, layout.offsets[layout.rank]
         img, txt = img.contiguous(), txt.contiguous()
         # 1. Everyone's features (the no-grad copies of open_clip's gather), ids and
@@ -186,23 +191,23 @@ class GatherClipLoss(torch.autograd.Function):
         # 2. Row strip: complete lse for this rank's rows (negative texts included), the
         #    label logits (diag, float64) and column partials over them and over this
         #    rank's negative images (rotated, as the strip's columns).
-        lse_row, col_partial, diag = impl.lse_forward(img, g.txt, s, None, **kw)
+        lse_row, col_partial, diag = ops.lse(img, g.txt)
         if g.nt is not None:
-            lse_row = torch.logaddexp(lse_row, impl.lse_forward(img, g.nt, s, None, **kw)[0])
+            lse_row = torch.logaddexp(lse_row, ops.lse(img, g.nt)[0])
         if g.ni is not None and neg_img.shape[0]:
-            col_partial = torch.logaddexp(col_partial, impl.lse_forward(neg_img, g.txt, s, None, **kw)[1])
+            col_partial = torch.logaddexp(col_partial, ops.lse(neg_img, g.txt)[1])
         # 3. Complete column lse: logsumexp of every rank's partials, in rank order.
         lse_col = logsumexp_across_ranks(unrotate(col_partial, layout), layout)
-        lse_col_r = lse_col[o:o + n]
+        lse_col_r = lse_col[..., o:o + n]
         if layout.local_loss:
-            loss, w_row, w_col = _local_forward(tg, layout, g, img, txt, ids, lse_row, lse_col_r,
+            loss, w_row, w_col = _local_forward(tg, ops, layout, g, img, txt, ids, lse_row, lse_col_r,
                                                 diag, s, acc)
             lse_row_all = None
         else:
-            loss, w_row = _global_forward(tg, layout, g, img, ids, neg_img, lse_row, lse_col_r,
+            loss, w_row = _global_forward(tg, ops, layout, g, img, ids, neg_img, lse_row, lse_col_r,
                                           diag, s, acc)
             w_col = w_row
-            lse_row_all = all_gather_rows(lse_row, layout, rotate=True)
+            lse_row_all = _gather_stats(lse_row, layout)
         loss = loss + bias_guard(bias)
         ctx.save_for_backward(img, txt, scale, g.img, g.txt, lse_row, lse_col, lse_row_all, diag,
                               ids, g.ids, g.counts, neg_txt, neg_img, g.nt, g.ni,
@@ -239,26 +244,25 @@ class _Backward:
          self.lse_row_all, self.diag, self.ids, self.all_ids, self.counts_all, self.neg_txt,
          self.neg_img, self.all_nt, self.all_ni, w_row, w_col) = saved
         self.layout, self.acc = layout, acc
-        self.impl, self.kw, self.s, _, self.tg = sweep_setup(layout, scale, self.img)
+        self.ops, self.s, _, self.tg = sweep_setup(layout, scale, self.img)
         n, o = layout.n_local, layout.offsets[layout.rank]
         self.counts = None if self.counts_all is None else self.counts_all[:n]
         self.lse_col = lse_col
-        self.lse_col_r = lse_col[o:o + n].contiguous()
+        self.lse_col_r = lse_col[..., o:o + n].contiguous()
         self.w_row, self.w_col = w_row, w_col
 
     def _strip(self, x, y, lse_row, lse_col, a, b, w, ids, counts, keep_x=True, keep_y=True):
         """One rotated strip's (d_x, d_y, d_scale): the kernels' sweep with the label pairs
         on the diagonal (weights ``w``), minus the host target terms."""
         w = (a + b) if w is None else w
-        d_x, d_y, ds = self.impl.grad_backward(x, y, self.s, None, lse_row, lse_col, a, b, w,
-                                               diag=self.diag, **self.kw)
+        d_x, d_y, ds = self.ops.grad(x, y, lse_row, lse_col, a, b, w, diag=self.diag)
         d_x, d_y = (d_x if keep_x else None), (d_y if keep_y else None)  # an unkept (N, D) goes now
         ds = ds.to(_F64) - _sub_targets(self.tg, d_x, d_y, x, y, a, b, self.s, self.acc, ids, counts)
         return d_x, d_y, ds
 
     def _neg(self, x, y, lse_row, lse_col, a, b, keep_x=True, keep_y=True):
         """A hard-negative strip (no label pairs): (d_x, d_y, d_scale), as ``_strip``."""
-        d_x, d_y, ds = self.impl.grad_backward(x, y, self.s, None, lse_row, lse_col, a, b, 0.0, **self.kw)
+        d_x, d_y, ds = self.ops.grad(x, y, lse_row, lse_col, a, b, 0.0)
         d_x, d_y = (d_x if keep_x else None), (d_y if keep_y else None)
         ds = ds.to(_F64) - _sub_uniform(self.tg, d_x, d_y, x, y, a, b, self.s, self.acc)
         return d_x, d_y, ds
