@@ -88,22 +88,23 @@ def _local_call(img, txt, logit_scale, logit_bias, mode, local_loss, gather_with
     call = prepare_call(img, txt, logit_scale, logit_bias, "torch" if matryoshka[0] is not None else backend,
                         chunk_size, **options)
     if matryoshka[0] is not None:
-        nested = _check_nested(call, matryoshka)
+        nested = _check_nested(call, matryoshka, mode)
     check_mode(mode, local_loss, gather_with_grad)
     check_comm_device(comm_name, call.img)
     return call, nested
 
 
-def _check_nested(call: Call, matryoshka) -> NestedOptions:
-    """The Matryoshka options against this rank's features, and the options they compose with."""
+def _check_nested(call: Call, matryoshka, mode) -> NestedOptions:
+    """The Matryoshka options against this rank's features, and the options they compose with
+    (every one in gather mode; the ring's target sums travel as raw-feature sums, so it takes
+    neither group_ids nor label_smoothing with them)."""
     nested = check_matryoshka(*matryoshka, call.img.shape[1])
-    given = [name for name, v in (("group_ids", call.ids), ("negative_text_features", call.neg_txt),
-                                  ("negative_image_features", call.neg_img),
-                                  ("label_smoothing", call.opts.label_smoothing or None)) if v is not None]
-    if given:
-        raise NotImplementedError(f"matryoshka_dims with world_size > 1 does not take {', '.join(given)} "
-                                  "yet (image_to_text_weight it does); run them in one process, or without "
-                                  "matryoshka_dims")
+    if mode == "ring":
+        given = (["group_ids"] if call.ids is not None else []) + \
+            (["label_smoothing"] if call.opts.label_smoothing else [])
+        if given:
+            raise NotImplementedError(f"matryoshka_dims in ring mode does not take {' or '.join(given)}; use "
+                                      "distributed='gather' (or one process) for them")
     return nested
 
 

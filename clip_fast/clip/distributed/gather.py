@@ -58,46 +58,43 @@ from .common import FamilyTargets, sweep_setup
 _F64 = torch.float64
 
 
-def _sub_targets(tg: FamilyTargets, d_x, d_y, x, y, a: float, b: float, s, acc, ids=(None, None),
+def _strip_targets(tg: FamilyTargets, a: float, b: float, acc, ids=(None, None), counts=(None, None)):
+    """One rotated strip's host target terms as a function of its features (``ops.host_sum``,
+    ``ops.sub_host``): its label pairs are its diagonal, carried by the kernels' ``coef_diag``,
+    so Q here holds the id groups and the smoothing beyond them."""
+    return lambda x, y: tg.block(x, y, a, b, acc, positives=True, ids_x=ids[0], ids_y=ids[1],
+                                 counts_x=counts[0], counts_y=counts[1], kernel_diag=True)
+
+
+def _sub_targets(tg: FamilyTargets, ops, d_x, d_y, x, y, a: float, b: float, acc, ids=(None, None),
                  counts=(None, None)):
     """Subtract one strip's host target part, s * Q @ y from d_x and s * Q.T @ x from d_y
-    (either may be None: not wanted), and return t = sum_ij Q_ij <x_i, y_j> (float64).
-
-    The strip's label pairs are its diagonal (rotated strips), carried by the kernels'
-    ``coef_diag``: Q here holds the id groups and the smoothing beyond them; 0 without.
-    """
+    (either may be None: not wanted), and return t = sum_ij Q_ij <x_i, y_j> (float64); 0
+    without groups or smoothing."""
     if not tg.host:
         return 0.0
-    qx, qy, t, _ = tg.block(x, y, a, b, acc, positives=True, ids_x=ids[0], ids_y=ids[1],
-                            counts_x=counts[0], counts_y=counts[1], kernel_diag=True)
-    if d_x is not None:
-        d_x.sub_(qx * s)
-    if d_y is not None:
-        d_y.sub_(qy * s)
-    return t
+    return ops.sub_host(d_x, d_y, x, y, _strip_targets(tg, a, b, acc, ids, counts))
 
 
-def _sub_uniform(tg: FamilyTargets, d_x, d_y, x, y, a: float, b: float, s, acc):
+def _sub_uniform(tg: FamilyTargets, ops, d_x, d_y, x, y, a: float, b: float, acc):
     """A hard-negative strip's target part (smoothing only), as ``_sub_targets``; 0 without smoothing."""
-    terms = tg.uniform(x, y, a, b, acc)
-    if terms is None:
+    if not tg.eps:
         return 0.0
-    qx, qy, t = terms
-    if d_x is not None:
-        d_x.sub_(qx * s)
-    if d_y is not None:
-        d_y.sub_(qy * s)
-    return t
+    return ops.sub_host(d_x, d_y, x, y, lambda px, py: tg.uniform(px, py, a, b, acc))
 
 
-def _diag_weights(tg: FamilyTargets, x, y, a: float, b: float, acc, ids=(None, None),
+def _uniform_sum(tg: FamilyTargets, ops, x, y, a: float, b: float, acc):
+    """A hard-negative strip's t (smoothing only)."""
+    return ops.host_sum(x, y, lambda px, py: tg.uniform(px, py, a, b, acc))[0]
+
+
+def _diag_weights(tg: FamilyTargets, ops, x, y, a: float, b: float, acc, ids=(None, None),
                   counts=(None, None)):
     """(t, w) of one rotated strip: t = sum Q_ij <x_i, y_j> over all but its diagonal pairs,
     w their target weights (the kernels' ``coef_diag``: a + b without groups or smoothing)."""
     if not tg.host:
         return 0.0, a + b
-    _, _, t, w = tg.block(x, y, a, b, acc, positives=True, ids_x=ids[0], ids_y=ids[1],
-                          counts_x=counts[0], counts_y=counts[1], kernel_diag=True)
+    t, (w,) = ops.host_sum(x, y, _strip_targets(tg, a, b, acc, ids, counts))
     return t, w
 
 
@@ -144,15 +141,15 @@ def _local_forward(tg: FamilyTargets, ops, layout: Layout, g: _Gathered, img, tx
     loss = a * ops.total(lse_row - diag) + b * ops.total(lse_col_r - diag)
     counts = g.own_counts()
     # Rows: strip (img_r, TXT); columns: strip (IMG, txt_r); both with the pairs on the diagonal.
-    t_r, w_r = _diag_weights(tg, img, g.txt, a, 0.0, acc, (ids, g.ids), (counts, g.counts))
-    t_c, w_c = _diag_weights(tg, g.img, txt, 0.0, b, acc, (g.ids, ids), (g.counts, counts))
+    t_r, w_r = _diag_weights(tg, ops, img, g.txt, a, 0.0, acc, (ids, g.ids), (counts, g.counts))
+    t_c, w_c = _diag_weights(tg, ops, g.img, txt, 0.0, b, acc, (g.ids, ids), (g.counts, counts))
     if tg.host:
         t = t_r + t_c
         if g.nt is not None and tg.eps:
-            t = t + tg.uniform(img, g.nt, a, 0.0, acc)[2]
+            t = t + _uniform_sum(tg, ops, img, g.nt, a, 0.0, acc)
         if g.ni is not None and tg.eps:
-            t = t + tg.uniform(g.ni, txt, 0.0, b, acc)[2]
-        loss = loss + ((a - w_r) * diag).sum() + ((b - w_c) * diag).sum() - s.to(_F64) * t
+            t = t + _uniform_sum(tg, ops, g.ni, txt, 0.0, b, acc)
+        loss = loss + ops.total((a - w_r) * diag) + ops.total((b - w_c) * diag) - s.to(_F64) * t
     return loss, w_r, w_c
 
 
@@ -164,15 +161,15 @@ def _global_forward(tg: FamilyTargets, ops, layout: Layout, g: _Gathered, img, i
     a, b = tg.weights(layout.n_global)
     part = a * ops.total(lse_row - diag) + b * ops.total(lse_col_r - diag)
     counts = g.own_counts()
-    t, w = _diag_weights(tg, img, g.txt, a, b, acc, (ids, g.ids), (counts, g.counts))
+    t, w = _diag_weights(tg, ops, img, g.txt, a, b, acc, (ids, g.ids), (counts, g.counts))
     if tg.host:
         # The row strips (img_q, TXT) and the negative strips (img_q, NEG_TXT),
         # (neg_img_q, TXT) partition every target block.
         if g.nt is not None and tg.eps:
-            t = t + tg.uniform(img, g.nt, a, 0.0, acc)[2]
+            t = t + _uniform_sum(tg, ops, img, g.nt, a, 0.0, acc)
         if g.ni is not None and tg.eps and neg_img.shape[0]:
-            t = t + tg.uniform(neg_img, g.txt, 0.0, b, acc)[2]
-        part = part + ((a + b - w) * diag).sum() - s.to(_F64) * t
+            t = t + _uniform_sum(tg, ops, neg_img, g.txt, 0.0, b, acc)
+        part = part + ops.total((a + b - w) * diag) - s.to(_F64) * t
     dist.all_reduce(part, group=layout.group)
     return part, w
 
@@ -257,14 +254,14 @@ class _Backward:
         w = (a + b) if w is None else w
         d_x, d_y, ds = self.ops.grad(x, y, lse_row, lse_col, a, b, w, diag=self.diag)
         d_x, d_y = (d_x if keep_x else None), (d_y if keep_y else None)  # an unkept (N, D) goes now
-        ds = ds.to(_F64) - _sub_targets(self.tg, d_x, d_y, x, y, a, b, self.s, self.acc, ids, counts)
+        ds = ds.to(_F64) - _sub_targets(self.tg, self.ops, d_x, d_y, x, y, a, b, self.acc, ids, counts)
         return d_x, d_y, ds
 
     def _neg(self, x, y, lse_row, lse_col, a, b, keep_x=True, keep_y=True):
         """A hard-negative strip (no label pairs): (d_x, d_y, d_scale), as ``_strip``."""
         d_x, d_y, ds = self.ops.grad(x, y, lse_row, lse_col, a, b, 0.0)
         d_x, d_y = (d_x if keep_x else None), (d_y if keep_y else None)
-        ds = ds.to(_F64) - _sub_uniform(self.tg, d_x, d_y, x, y, a, b, self.s, self.acc)
+        ds = ds.to(_F64) - _sub_uniform(self.tg, self.ops, d_x, d_y, x, y, a, b, self.acc)
         return d_x, d_y, ds
 
     def local(self, g):

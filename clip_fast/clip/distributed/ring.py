@@ -297,12 +297,12 @@ class _Sweeps:
         dnt = None
         if cur_nt.shape[0]:
             di, dnt, ds = ops.grad(img, cur_nt, self.lse_row, None, a_r, 0.0, 0.0)
-            self.ds_own += ds.to(_F64) - _sub_uniform(tg, di, dnt, img, cur_nt, a_r, 0.0, s, acc)
+            self.ds_own += ds.to(_F64) - _sub_uniform(tg, ops, di, dnt, img, cur_nt, a_r, 0.0, acc)
             self.d_img += di
         # 4. This rank's negative images: more rows of rank q's columns (loss_q alone).
         if self.neg_img is not None:
             dni, dt2, ds = ops.grad(self.neg_img, cur_txt, None, cur_lse, 0.0, b_q, 0.0)
-            ds_col = ds_col + ds.to(_F64) - _sub_uniform(tg, dni, dt2, self.neg_img, cur_txt, 0.0, b_q, s, acc)
+            ds_col = ds_col + ds.to(_F64) - _sub_uniform(tg, ops, dni, dt2, self.neg_img, cur_txt, 0.0, b_q, acc)
             self.d_ni += dni
             dt += dt2
         if own:  # the own block's column part is this rank's own

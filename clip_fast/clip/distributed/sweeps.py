@@ -14,6 +14,11 @@ run one code path for either:
     and the distributed modes sum, reduce-scatter and pass them on unchanged).
 ``total(t)``: a loss from per-row terms, t of ``lse``'s shape: the sum, weighted per size.
 ``stats(n)``: the shape of ``lse``'s statistics over n rows.
+``host_sum(x, y, block)``, ``sub_host(d_x, d_y, x, y, block)``: a block's target terms
+    beyond the sweeps (``clip_fast.clip.targets``; ``block(x, y) -> (qx, qy, t, ...)``) on
+    the features of every size: the weighted sum of t (and the rest of the block's answer,
+    the same for every size), and, for the gradient, s * qx and s * qy taken from d_x and
+    d_y through each size's normalisation chain (t returned).
 
 The nested sweep's prefix normalisation is per row, so a block's scalings come from its
 own rows (``matryoshka.sweep_operands``): nothing beyond the features travels between
@@ -50,6 +55,19 @@ class PlainSweeps:
     @staticmethod
     def total(t: torch.Tensor) -> torch.Tensor:
         return t.sum()
+
+    @staticmethod
+    def host_sum(x, y, block):
+        out = block(x, y)
+        return out[2], out[3:]
+
+    def sub_host(self, d_x, d_y, x, y, block):
+        qx, qy, t = block(x, y)[:3]
+        if d_x is not None:
+            d_x.sub_(qx * self.s)
+        if d_y is not None:
+            d_y.sub_(qy * self.s)
+        return t
 
     @staticmethod
     def stats(n: int) -> Tuple[int, ...]:
@@ -118,6 +136,38 @@ class NestedSweeps:
     def total(self, t: torch.Tensor) -> torch.Tensor:
         w = torch.tensor(self.nested.weights, dtype=_F64, device=t.device)
         return (t.sum(dim=-1) * w).sum()
+
+    def _prefixes(self, x, y):
+        """(k, d_k, weight_k, f_k(x), f_k(y)) of every size: the prefix features."""
+        from ..matryoshka import prefix
+
+        nested = self.nested
+        for k, (d, wk) in enumerate(zip(nested.dims, nested.weights)):
+            yield k, d, wk, prefix(x, d, nested.renormalize), prefix(y, d, nested.renormalize)
+
+    def host_sum(self, x, y, block):
+        t, rest = 0.0, ()
+        for _, _, wk, px, py in self._prefixes(x.to(self.acc), y.to(self.acc)):
+            out = block(px, py)
+            t, rest = t + wk * out[2], out[3:]
+        return t, rest
+
+    def sub_host(self, d_x, d_y, x, y, block):
+        from ..matryoshka import chain, scalings
+
+        nested, acc = self.nested, self.acc
+        x, y = x.to(acc), y.to(acc)
+        (r_x, live_x), (r_y, live_y) = scalings(x, nested.dims, nested.renormalize), \
+            scalings(y, nested.dims, nested.renormalize)
+        t = 0.0
+        for k, d, wk, px, py in self._prefixes(x, y):
+            qx, qy, tk = block(px, py)[:3]
+            if d_x is not None:
+                chain(d_x, x, d, r_x[k], live_x[k], qx * (-wk * self.s), None, nested.renormalize)
+            if d_y is not None:
+                chain(d_y, y, d, r_y[k], live_y[k], qy * (-wk * self.s), None, nested.renormalize)
+            t = t + wk * tk
+        return t
 
     def stats(self, n: int) -> Tuple[int, ...]:
         return (self.sizes, n)
