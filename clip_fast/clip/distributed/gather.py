@@ -30,6 +30,11 @@ appear only as gathered (constant) copies, so their gradient is zero, as open_cl
 gather would give.
 The target terms beyond the softmaxes (Q of ``clip_fast.clip.targets``) are O(N * D) host
 sums per strip.
+With ``matryoshka_dims`` every strip goes through the nested sweep (``sweeps.NestedSweeps``):
+the statistics gain a leading size axis (the logsumexp across ranks and the rotations act
+per size), the loss is the weighted sum over the sizes, the host target terms are formed on
+each size's prefix features, and each strip's gradient is already that of the raw features
+(the prefix normalisation inside), so the reduce-scatter and all_reduce steps are unchanged.
 
 Exactness: every gathered tensor is built rotated, this rank's rows first
 (``clip_fast.core.collectives.rank_order``), so in the strips (img_r, TXT) and (IMG, txt_r)

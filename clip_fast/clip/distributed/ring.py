@@ -39,6 +39,12 @@ Options (``clip_fast.clip.targets``), with global softmaxes as in gather mode:
                    accumulator.  Negative images stay home: block (neg_img_r, txt_q)
                    feeds the column accumulator travelling with txt_q, and d neg_img_r
                    is kept.
+    matryoshka_dims  every block goes through the nested sweep (``sweeps.NestedSweeps``):
+                   each statistic has one row per size (the column lse travels as
+                   n_sizes x n floats, merged per size), the loss is the weighted sum over
+                   the sizes, and each block's gradient already carries the prefix
+                   normalisation; an off-diagonal block's backward runs its row and column
+                   terms apart (d_scale split between two losses), twice its plain work.
 """
 from __future__ import annotations
 
