@@ -12,10 +12,9 @@ at scale 100 (|S| ~ 100, per-size losses ~1e-3 and below).  Shards of 7 rows (op
 gathers equal shards), D = 13, sizes (3, 8, 13) and (5, 11) (the largest below D), strips
 of 3 rows so the sweeps cross strip and segment boundaries; 2 and 3 ranks, torch backend.
 Options: group_ids, label_smoothing, hard negatives (unequal counts per rank, one rank
-none) and all together with image_to_text_weight in gather mode (two flag pairs); direction
-weight and hard negatives in ring mode; the module ``FastClipLoss``.  Mismatched or bad
-Matryoshka options, and options ring mode does not take with them, raise the same error on
-every rank (no hang).
+none), image_to_text_weight, and all together, in gather mode (two flag pairs) and ring
+mode; the module ``FastClipLoss``.  Mismatched or bad Matryoshka options raise the same
+error on every rank (no hang).
 """
 from __future__ import annotations
 
@@ -42,10 +41,11 @@ QUANTITIES = ("loss", "d_img", "d_txt", "d_scale", "d_neg_txt", "d_neg_img")  # 
 
 NEG_SIZES = [3, 0, 2]  # hard negatives per rank (texts and images): unequal, one rank none
 SEEDS = range(8)
-# The loss options in gather mode (all of them) and ring mode (direction weight, hard negatives).
+# The loss options, in gather mode (two flag pairs) and ring mode.
 OPTIONS = {"ids": dict(ids=True), "smoothing": dict(eps=0.1), "negatives": dict(negs=True),
            "all": dict(ids=True, eps=0.1, lam=0.3, negs=True)}
-RING_OPTIONS = {"negatives-lam": dict(negs=True, lam=0.7)}
+RING_OPTIONS = {"ids": dict(ids=True), "smoothing": dict(eps=0.1), "negatives-lam": dict(negs=True, lam=0.7),
+                "all": dict(ids=True, eps=0.1, lam=0.3, negs=True)}
 
 
 def _case(name, *, mode="gather", local=True, gwg=True, dtype="float64", regime="random", sizes="three",
@@ -84,8 +84,6 @@ def _cases(world_size):
     cases.append(_case("err-renorm-differ", bad="renorm", error="Matryoshka options"))
     cases.append(_case("err-one-rank-without", bad="none", error="Matryoshka options"))
     cases.append(_case("err-dims-above-d", bad="big", error=r"matryoshka_dims must lie in \[1, D\] = \[1, 13\]"))
-    cases.append(_case("err-ring-smoothing", mode="ring", eps=0.1, error="ring mode does not take label_smoothing"))
-    cases.append(_case("err-ring-ids", mode="ring", ids=True, error="ring mode does not take group_ids"))
     return cases
 
 

@@ -87,25 +87,11 @@ def _local_call(img, txt, logit_scale, logit_bias, mode, local_loss, gather_with
         raise ValueError(f"matryoshka_dims runs on backend='torch' (or 'auto'), got backend={backend!r}")
     call = prepare_call(img, txt, logit_scale, logit_bias, "torch" if matryoshka[0] is not None else backend,
                         chunk_size, **options)
-    if matryoshka[0] is not None:
-        nested = _check_nested(call, matryoshka, mode)
+    if matryoshka[0] is not None:  # the sizes against this rank's D
+        nested = check_matryoshka(*matryoshka, call.img.shape[1])
     check_mode(mode, local_loss, gather_with_grad)
     check_comm_device(comm_name, call.img)
     return call, nested
-
-
-def _check_nested(call: Call, matryoshka, mode) -> NestedOptions:
-    """The Matryoshka options against this rank's features, and the options they compose with
-    (every one in gather mode; the ring's target sums travel as raw-feature sums, so it takes
-    neither group_ids nor label_smoothing with them)."""
-    nested = check_matryoshka(*matryoshka, call.img.shape[1])
-    if mode == "ring":
-        given = (["group_ids"] if call.ids is not None else []) + \
-            (["label_smoothing"] if call.opts.label_smoothing else [])
-        if given:
-            raise NotImplementedError(f"matryoshka_dims in ring mode does not take {' or '.join(given)}; use "
-                                      "distributed='gather' (or one process) for them")
-    return nested
 
 
 def _describe(checked, rank, world_size, local_loss, gather_with_grad, mode) -> RankDescriptor:

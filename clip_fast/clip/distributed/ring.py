@@ -41,10 +41,12 @@ Options (``clip_fast.clip.targets``), with global softmaxes as in gather mode:
                    is kept.
     matryoshka_dims  every block goes through the nested sweep (``sweeps.NestedSweeps``):
                    each statistic has one row per size (the column lse travels as
-                   n_sizes x n floats, merged per size), the loss is the weighted sum over
-                   the sizes, and each block's gradient already carries the prefix
-                   normalisation; an off-diagonal block's backward runs its row and column
-                   terms apart (d_scale split between two losses), twice its plain work.
+                   n_sizes x n floats, merged per size, and with ids so do the positive
+                   pairs' dot sums), the loss is the weighted sum over the sizes, the target
+                   terms are formed on each size's prefix features, and each block's
+                   gradient already carries the prefix normalisation; an off-diagonal
+                   block's backward runs its row and column terms apart (d_scale split
+                   between two losses), twice its plain work.
 """
 from __future__ import annotations
 
@@ -79,13 +81,12 @@ class _Blocks:
     def block(self, txt, neg_txt):
         return torch.cat([txt, neg_txt]).contiguous() if self.use_nt else txt
 
-    def buffers(self, txt, ids, stat_rows: int):
+    def buffers(self, txt, ids, c_rows: int):
         """The two receive buffers of each thing that travels: text blocks, ids, and an
-        (c_rows, n) float64 pack beside them (``stat_rows`` rows of column statistics, one
-        per loss size, and one more with ids), and c_rows."""
+        (c_rows, n) float64 pack beside them (column statistics, one row per loss size, and
+        what the ids need), and c_rows."""
         n_max, dim = max(self.sizes), txt.shape[1]
         blk_max = max(self.rows(q) for q in range(len(self.sizes)))
-        c_rows = stat_rows + (0 if ids is None else 1)
         return ([txt.new_empty(blk_max, dim) for _ in range(2)],
                 None if ids is None else [ids.new_empty(n_max) for _ in range(2)],
                 [torch.empty(c_rows * n_max, dtype=_F64, device=txt.device) for _ in range(2)],
@@ -110,12 +111,13 @@ class RingClipLoss(torch.autograd.Function):
         n, ns = sizes[r], ops.sizes
         img, txt = img.contiguous(), txt.contiguous()
         ring = Ring(layout)
-        # The column accumulator: lse partials, and with ids the positive pairs' dot sums.
-        blk_buf, ids_buf, col_buf, c_rows = blocks.buffers(txt, ids, ns)
+        # The column accumulator: lse partials, and with ids the positive pairs' dot sums
+        # (one row of each per loss size).
+        blk_buf, ids_buf, col_buf, c_rows = blocks.buffers(txt, ids, ns * (1 if ids is None else 2))
         counts = row_pos = None
         if ids is not None:
             counts = torch.zeros(n, dtype=_F64, device=img.device)
-            row_pos = torch.zeros(n, dtype=_F64, device=img.device)
+            row_pos = torch.zeros(ops.stats(n), dtype=_F64, device=img.device)
         use_ni = blocks.use_ni and neg_img.shape[0] > 0
         cur_blk, cur_ids = blocks.block(txt, neg_txt), ids
         lse_row = diag = col_in = col_send = None
@@ -148,9 +150,9 @@ class RingClipLoss(torch.autograd.Function):
                 # Global group sizes and the positive pairs' dot products (the own pairs
                 # left to the diagonal), per row (kept) and per column (travelling).
                 counts += match_counts(ids, cur_ids)
-                rp, cp = positive_dots(img, cur_txt, ids, cur_ids, own=k == 0)
-                row_pos += rp
-                col = torch.cat([col, cp.reshape(1, -1)])
+                dots = [positive_dots(x, y, ids, cur_ids, own=k == 0) for _, (x, y) in ops.features(img, cur_txt)]
+                row_pos += torch.stack([rp for rp, _ in dots]).reshape(row_pos.shape)
+                col = torch.cat([col, torch.stack([cp for _, cp in dots])])
             # 3. Merge into the accumulator travelling with txt_q, then pass it on (after the
             #    last step it arrives home, complete).
             if k > 0:
@@ -169,8 +171,9 @@ class RingClipLoss(torch.autograd.Function):
         a, b = tg.weights(n)
         loss = a * ops.total(lse_row - diag) + b * ops.total(lse_col - diag)
         if tg.host:
-            loss = loss + _target_loss(tg, img, txt, neg_txt, neg_img, diag, counts, row_pos,
-                                       None if ids is None else home[ns], a, b, s, layout)
+            col_pos = None if ids is None else home[ns:].reshape(ops.stats(n))
+            loss = loss + _target_loss(tg, ops, img, txt, neg_txt, neg_img, diag, counts, row_pos, col_pos,
+                                       a, b, s, layout)
         ctx.save_for_backward(img, txt, scale, lse_row, lse_col, diag, ids, counts, neg_txt, neg_img)
         ctx.layout = layout
         ctx.bias_meta = bias_meta(bias)
@@ -197,7 +200,7 @@ class RingClipLoss(torch.autograd.Function):
         coef_col = [gq * tg.weights(nq)[1] for gq, nq in zip(g_list, sizes)]
         ring = Ring(layout)
         # What travels with the texts besides them: the column lse and, with ids, the group sizes.
-        blk_buf, ids_buf, pack_buf, c_rows = blocks.buffers(txt, ids, ns)
+        blk_buf, ids_buf, pack_buf, c_rows = blocks.buffers(txt, ids, ns + (0 if ids is None else 1))
         acc_max = max(blocks.acc_len(q, dim) for q in range(w))
         acc_buf = [torch.empty(acc_max, dtype=acc, device=img.device) for _ in range(2)]
         sweeps = _Sweeps(ops, s, acc, tg, img, lse_row, diag, ids, counts, neg_img,
@@ -274,30 +277,24 @@ class _Sweeps:
         #    to loss_q.  The own block carries the label targets on its diagonal; the
         #    others split d_scale between the two losses.
         terms = None
+        if tg.host:  # the block's target terms (own block: its pairs on the diagonal; else t split)
+            terms = ops.host(img, cur_txt, lambda x, y: tg.block(
+                x, y, a_r, b_q, acc, positives=True, ids_x=self.ids, ids_y=cur_ids, counts_x=self.counts,
+                counts_y=cur_counts, pair_offset=0 if own else None, kernel_diag=own, split_t=not own))
         if own:
-            w_diag, t = a_r + b_q, 0.0
-            if tg.host:
-                qx, qy, t, w_diag = tg.block(img, cur_txt, a_r, b_q, acc, positives=True, ids_x=self.ids,
-                                             ids_y=cur_ids, counts_x=self.counts, counts_y=cur_counts,
-                                             pair_offset=0, kernel_diag=True)
-                terms = (qx, qy)
+            w_diag, t = (a_r + b_q, 0.0) if terms is None else (terms.rest[0], terms.t)
             di, dt, ds = ops.grad(img, cur_txt, self.lse_row, cur_lse, a_r, b_q, w_diag, diag=self.diag)
             self.ds_own += ds.to(_F64) - t
             ds_col = torch.zeros((), dtype=_F64, device=img.device)
         else:
             di, dt, ds = ops.grad(img, cur_txt, self.lse_row, cur_lse, a_r, b_q, 0.0, split_scale=True)
             ds = ds.to(_F64)
-            if tg.host:
-                qx, qy, t, _ = tg.block(img, cur_txt, a_r, b_q, acc, positives=True, ids_x=self.ids,
-                                        ids_y=cur_ids, counts_x=self.counts, counts_y=cur_counts,
-                                        pair_offset=None, split_t=True)
-                terms = (qx, qy)
-                ds = ds - t
+            if terms is not None:
+                ds = ds - terms.t
             self.ds_own += ds[0]
             ds_col = ds[1]
         if terms is not None:
-            di.sub_(terms[0] * s)
-            dt.sub_(terms[1] * s)
+            ops.sub_terms(di, dt, img, cur_txt, terms)
         self.d_img += di
         # 3. Rank q's negative texts: more columns of rank r's rows (loss_r alone).
         dnt = None
@@ -317,27 +314,33 @@ class _Sweeps:
         return dt, dnt, ds_col
 
 
-def _target_loss(tg: FamilyTargets, img, txt, neg_txt, neg_img, diag, counts: Optional[torch.Tensor],
+def _target_loss(tg: FamilyTargets, ops, img, txt, neg_txt, neg_img, diag, counts: Optional[torch.Tensor],
                  row_pos, col_pos, a: float, b: float, s, layout: Layout) -> torch.Tensor:
     """Rank r's target terms beyond the per-pair loss terms (``clip_fast.clip.targets``):
     sum_i (a + b - w_i) S_ii - s * t, with w_i the own pair's target weight and t the
     target sum of every other entry of rank r's rows and columns, from the positive-pair
-    sums the ring accumulated and the global feature sums (one all_reduce of two D-vectors)."""
+    sums the ring accumulated and the global feature sums (one all_reduce of two D-vectors
+    per loss size); weighted over the sizes (``ops.total``, ``ops.features``)."""
     n, eps = img.shape[0], tg.eps
     c = counts if counts is not None else torch.ones(n, dtype=_F64, device=img.device)
     w_diag = (1.0 - eps) * (a + b) / c + eps * (a * tg.inv_k_row + b * tg.inv_k_col)
     t = torch.zeros((), dtype=_F64, device=img.device)
     if counts is not None:
-        t = t + (1.0 - eps) * (a * (row_pos / c).sum() + b * (col_pos / c).sum())
+        t = t + (1.0 - eps) * (a * ops.total(row_pos / c) + b * ops.total(col_pos / c))
     if eps:
-        x64, y64 = img.to(_F64), txt.to(_F64)
-        sums = torch.stack([x64.sum(0), y64.sum(0)])
-        if neg_img is not None:
-            sums[0] += neg_img.to(_F64).sum(0)
-        if neg_txt is not None:
-            sums[1] += neg_txt.to(_F64).sum(0)
+        feats = ops.features(img, txt, neg_img, neg_txt)
+        sums = torch.zeros(len(feats), 2, img.shape[1], dtype=_F64, device=img.device)
+        for k, (_, (x, y, ni, nt)) in enumerate(feats):
+            d = x.shape[1]
+            sums[k, 0, :d], sums[k, 1, :d] = x.to(_F64).sum(0), y.to(_F64).sum(0)
+            if ni is not None:
+                sums[k, 0, :d] += ni.to(_F64).sum(0)
+            if nt is not None:
+                sums[k, 1, :d] += nt.to(_F64).sum(0)
         dist.all_reduce(sums, group=layout.group)  # every image and every text of the group
-        own = rowdot(x64, y64, _F64).sum()          # the own pairs, carried by w_diag
-        t = t + eps * a * tg.inv_k_row * (x64.sum(0) @ sums[1] - own)
-        t = t + eps * b * tg.inv_k_col * (y64.sum(0) @ sums[0] - own)
-    return ((a + b - w_diag) * diag).sum() - s.to(_F64) * t
+        for k, (wk, (x, y, _, _)) in enumerate(feats):
+            x64, y64, d = x.to(_F64), y.to(_F64), x.shape[1]
+            own = rowdot(x64, y64, _F64).sum()      # the own pairs, carried by w_diag
+            t = t + wk * eps * a * tg.inv_k_row * (x64.sum(0) @ sums[k, 1, :d] - own)
+            t = t + wk * eps * b * tg.inv_k_col * (y64.sum(0) @ sums[k, 0, :d] - own)
+    return ops.total((a + b - w_diag) * diag) - s.to(_F64) * t

@@ -1,8 +1,8 @@
 """The block sweeps the distributed modes are built from: one loss size (the backend's
 ``lse_forward`` / ``grad_backward``) or every Matryoshka size at once (the nested sweeps).
 
-Both objects answer the same two calls on one (M, K) block, so ``gather`` and ``ring``
-run one code path for either:
+Both objects answer the same calls, so ``gather`` and ``ring`` run one code path for either;
+the two sweeps of one (M, K) block, then what the losses form around them:
 
 ``lse(x, y) -> (lse_row, lse_col, diag)``
     float64; (M,), (K,), (min(M, K),) for one size, with a leading ``n_sizes`` axis for the
@@ -14,11 +14,13 @@ run one code path for either:
     and the distributed modes sum, reduce-scatter and pass them on unchanged).
 ``total(t)``: a loss from per-row terms, t of ``lse``'s shape: the sum, weighted per size.
 ``stats(n)``: the shape of ``lse``'s statistics over n rows.
-``host_sum(x, y, block)``, ``sub_host(d_x, d_y, x, y, block)``: a block's target terms
-    beyond the sweeps (``clip_fast.clip.targets``; ``block(x, y) -> (qx, qy, t, ...)``) on
-    the features of every size: the weighted sum of t (and the rest of the block's answer,
-    the same for every size), and, for the gradient, s * qx and s * qy taken from d_x and
-    d_y through each size's normalisation chain (t returned).
+``host(x, y, block) -> HostTerms``: a block's target terms beyond the sweeps
+    (``clip_fast.clip.targets``; ``block(x, y) -> (qx, qy, t, ...)``) on the features of every
+    size: the weighted sum of t, the rest of the block's answer (the same for every size),
+    and ``sub_terms(d_x, d_y, x, y, terms)`` takes s * qx and s * qy from d_x and d_y through
+    each size's normalisation chain.  ``host_sum`` and ``sub_host`` are the two in one call.
+``features(*tensors)``: ``(weight, [each tensor's features])`` of every size (the ring's
+    positive-pair dot sums and label smoothing's feature sums are formed on them).
 
 The nested sweep's prefix normalisation is per row, so a block's scalings come from its
 own rows (``matryoshka.sweep_operands``): nothing beyond the features travels between
@@ -28,7 +30,8 @@ on its own: d_x[:, :d_k] -= f_k u_k r_k with u_k = sum_j G_k S_k along the block
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -38,7 +41,43 @@ from .. import backends
 _F64 = torch.float64
 
 
-class PlainSweeps:
+@dataclass
+class HostTerms:
+    """A block's host target terms over the sizes: per size (k, d_k, weight_k, qx, qy), the
+    weighted t, and the rest of the block's answer (``w_diag`` for a strip with label pairs)."""
+    parts: List[tuple]
+    t: object
+    rest: tuple
+
+
+class _Sweeps:
+    """What both kinds share: the host terms from ``features`` and ``chain_one``."""
+
+    def host(self, x, y, block) -> HostTerms:
+        parts, t, rest = [], 0.0, ()
+        for k, (wk, (px, py)) in enumerate(self.features(x, y)):
+            out = block(px, py)
+            parts.append((k, px.shape[1], wk, out[0], out[1]))
+            t, rest = t + wk * out[2], out[3:]
+        return HostTerms(parts, t, rest)
+
+    def sub_terms(self, d_x, d_y, x, y, terms: HostTerms) -> None:
+        for k, d, wk, qx, qy in terms.parts:
+            for d_out, feats, q in ((d_x, x, qx), (d_y, y, qy)):
+                if d_out is not None:
+                    self.chain_one(d_out, feats, k, d, q * (-wk * self.s))
+
+    def host_sum(self, x, y, block):
+        terms = self.host(x, y, block)
+        return terms.t, terms.rest
+
+    def sub_host(self, d_x, d_y, x, y, block):
+        terms = self.host(x, y, block)
+        self.sub_terms(d_x, d_y, x, y, terms)
+        return terms.t
+
+
+class PlainSweeps(_Sweeps):
     """The backend's two sweeps: one loss size."""
     sizes = 1
 
@@ -57,17 +96,12 @@ class PlainSweeps:
         return t.sum()
 
     @staticmethod
-    def host_sum(x, y, block):
-        out = block(x, y)
-        return out[2], out[3:]
+    def features(*tensors):
+        return [(1.0, list(tensors))]
 
-    def sub_host(self, d_x, d_y, x, y, block):
-        qx, qy, t = block(x, y)[:3]
-        if d_x is not None:
-            d_x.sub_(qx * self.s)
-        if d_y is not None:
-            d_y.sub_(qy * self.s)
-        return t
+    @staticmethod
+    def chain_one(d_out, x, k, d, d_feat) -> None:
+        d_out.add_(d_feat)
 
     @staticmethod
     def stats(n: int) -> Tuple[int, ...]:
@@ -85,7 +119,7 @@ def nested_pair(backend: str):
     return nested_torch.nested_lse_forward, nested_torch.nested_grad_backward
 
 
-class NestedSweeps:
+class NestedSweeps(_Sweeps):
     """Every Matryoshka size of a block from one pass over D (``clip_fast.clip.matryoshka``)."""
 
     def __init__(self, nested, backend: str, chunk_size: Optional[int], s: torch.Tensor, acc: torch.dtype):
@@ -137,40 +171,23 @@ class NestedSweeps:
         w = torch.tensor(self.nested.weights, dtype=_F64, device=t.device)
         return (t.sum(dim=-1) * w).sum()
 
-    def _prefixes(self, x, y):
-        """(k, d_k, weight_k, f_k(x), f_k(y)) of every size: the prefix features."""
+    def stats(self, n: int) -> Tuple[int, ...]:
+        return (self.sizes, n)
+
+    def features(self, *tensors):
         from ..matryoshka import prefix
 
         nested = self.nested
-        for k, (d, wk) in enumerate(zip(nested.dims, nested.weights)):
-            yield k, d, wk, prefix(x, d, nested.renormalize), prefix(y, d, nested.renormalize)
+        return [(wk, [None if t is None else prefix(t.to(self.acc), d, nested.renormalize) for t in tensors])
+                for d, wk in zip(nested.dims, nested.weights)]
 
-    def host_sum(self, x, y, block):
-        t, rest = 0.0, ()
-        for _, _, wk, px, py in self._prefixes(x.to(self.acc), y.to(self.acc)):
-            out = block(px, py)
-            t, rest = t + wk * out[2], out[3:]
-        return t, rest
-
-    def sub_host(self, d_x, d_y, x, y, block):
+    def chain_one(self, d_out, x, k, d, d_feat) -> None:
+        """Size k's d_f (of the prefix features) into the raw features' gradient."""
         from ..matryoshka import chain, scalings
 
-        nested, acc = self.nested, self.acc
-        x, y = x.to(acc), y.to(acc)
-        (r_x, live_x), (r_y, live_y) = scalings(x, nested.dims, nested.renormalize), \
-            scalings(y, nested.dims, nested.renormalize)
-        t = 0.0
-        for k, d, wk, px, py in self._prefixes(x, y):
-            qx, qy, tk = block(px, py)[:3]
-            if d_x is not None:
-                chain(d_x, x, d, r_x[k], live_x[k], qx * (-wk * self.s), None, nested.renormalize)
-            if d_y is not None:
-                chain(d_y, y, d, r_y[k], live_y[k], qy * (-wk * self.s), None, nested.renormalize)
-            t = t + wk * tk
-        return t
-
-    def stats(self, n: int) -> Tuple[int, ...]:
-        return (self.sizes, n)
+        x = x.to(self.acc)
+        r, live = scalings(x[:, :d], (d,), self.nested.renormalize)
+        chain(d_out, x, d, r[0], live[0], d_feat, None, self.nested.renormalize)
 
 
 def _stats_or_zeros(v: Optional[torch.Tensor], sizes: int, like: torch.Tensor) -> torch.Tensor:
