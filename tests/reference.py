@@ -238,7 +238,7 @@ def reference_matryoshka_siglip_loss(img, txt, scale, dims, weights=None, renorm
 
 def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.5, neg_txts=None,
                                  neg_imgs=None, local_loss=True, gather_with_grad=True, upstream=None,
-                                 bias=None, dtype=torch.float64):
+                                 bias=None, dtype=torch.float64, matryoshka=None):
     """Every rank's share of the generalised CLIP loss, materialised in float64 (or, with
     ``dtype``, in that dtype throughout: the materialised loss of the precision rule).
 
@@ -250,6 +250,9 @@ def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.
     as open_clip's ``gather_features`` builds them (with grad, or detached with the own shard
     re-inserted when not local_loss), negatives the same way.  Targets: explicit matrices,
     uniform over a row's positives (equal ids) with label smoothing eps over all its classes.
+    ``matryoshka``: (dims, weights, renormalize), or None: rank r's loss is then
+    sum_k weights_k * that loss on the first dims_k columns of every feature (L2-normalised per
+    row with ``renormalize``), the prefixes cut from the gathered copies (autograd through them).
     Returns per rank (loss, d_img, d_txt, d_scale, d_neg_txt, d_neg_img, d_bias) of
     sum_r upstream_r * loss_r, float64 (d_neg_* None when not given, d_bias None without bias).
     """
@@ -282,14 +285,13 @@ def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.
     def with_negs(x, negs):
         return x if negs is None else torch.cat([x, negs])
 
-    losses = []
-    for r in range(w):
-        all_i, all_t = gathered(I, r), gathered(T, r)
-        cols_t, cols_i = with_negs(all_t, gathered(NT, r)), with_negs(all_i, gathered(NI, r))
+    def rank_loss(r, cut):
+        all_i, all_t = cut(gathered(I, r)), cut(gathered(T, r))
+        cols_t, cols_i = with_negs(all_t, cut(gathered(NT, r))), with_negs(all_i, cut(gathered(NI, r)))
         if local_loss:
             o = sum(sizes[:r])
             rows = slice(o, o + sizes[r])
-            per_img, per_txt = S[r] * I[r] @ cols_t.T, S[r] * T[r] @ cols_i.T
+            per_img, per_txt = S[r] * cut(I[r]) @ cols_t.T, S[r] * cut(T[r]) @ cols_i.T
             qr, qc = q_row[rows], q_col[rows]
         else:
             per_img, per_txt = S[r] * all_i @ cols_t.T, S[r] * all_t @ cols_i.T
@@ -298,7 +300,23 @@ def reference_family_distributed(imgs, txts, scale, *, ids=None, eps=0.0, lam=0.
             per_img, per_txt = per_img + B[r], per_txt + B[r]
         ce_row = -(qr * F.log_softmax(per_img, 1)).sum(1)
         ce_col = -(qc * F.log_softmax(per_txt, 1)).sum(1)
-        losses.append(lam * ce_row.mean() + (1 - lam) * ce_col.mean())
+        return lam * ce_row.mean() + (1 - lam) * ce_col.mean()
+
+    def prefix(d, renormalize):
+        def cut(t):
+            if t is None:
+                return None
+            return F.normalize(t[:, :d], dim=1) if renormalize else t[:, :d]
+        return cut
+
+    losses = []
+    for r in range(w):
+        if matryoshka is None:
+            losses.append(rank_loss(r, lambda t: t))
+        else:
+            dims, weights, renormalize = matryoshka
+            weights = [1.0] * len(dims) if weights is None else weights
+            losses.append(sum(wk * rank_loss(r, prefix(d, renormalize)) for d, wk in zip(dims, weights)))
     total = sum(u * l for u, l in zip(upstream, losses))
     leaves = I + T + S + B + (NT or []) + (NI or [])
     grads = torch.autograd.grad(total, leaves, allow_unused=True)

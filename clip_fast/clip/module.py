@@ -36,7 +36,8 @@ class FastClipLoss(nn.Module):
             + (1 - lambda) * CE(text -> image); 0.5 is CLIP.
         matryoshka_dims, matryoshka_weights, matryoshka_renormalize: the nested-size
             (Matryoshka) loss of ``clip_fast.clip_loss``, every size from one sweep over D
-            (single process, Triton or torch backend; docs/matryoshka.md).
+            (Triton or torch backend in one process; torch in both distributed modes;
+            docs/matryoshka.md).
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
     *, group_ids=None, negative_text_features=None, negative_image_features=None)``
@@ -79,11 +80,12 @@ class FastClipLoss(nn.Module):
         if matryoshka_dims is not None:
             from .matryoshka import check_matryoshka
 
-            if world_size > 1:
-                raise NotImplementedError("FastClipLoss(matryoshka_dims=...) runs in one process (world_size=1); "
-                                          f"got world_size={world_size}")
             if backend == "cuda":
                 backends.nested_ops("cuda")   # raises: the nested sweep runs on Triton and torch
+            if world_size > 1 and backend not in ("auto", "torch"):
+                raise ValueError(f"FastClipLoss(matryoshka_dims=..., world_size={world_size}) runs its block "
+                                 f"sweeps on backend='torch' (or 'auto'): the Triton nested kernels take square "
+                                 f"blocks only; got backend={backend!r}")
             # The features' D is not known yet: each call checks the sizes against it.
             self.matryoshka = check_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_renormalize, None)
 

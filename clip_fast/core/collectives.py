@@ -104,13 +104,15 @@ def reduce_scatter_rows(full: torch.Tensor, layout: RankLayout, sizes: Optional[
 
 
 def unrotate(v: torch.Tensor, layout: RankLayout) -> torch.Tensor:
-    """An (N,) vector over a rotated strip's rows or columns, back in rank order."""
-    return torch.roll(v, layout.offsets[layout.rank]) if layout.world_size > 1 else v
+    """An (N,) vector over a rotated strip's rows or columns, back in rank order (along the
+    last axis: a leading axis, one row per loss size, is kept)."""
+    return torch.roll(v, layout.offsets[layout.rank], -1) if layout.world_size > 1 else v
 
 
 def rotate(v: torch.Tensor, layout: RankLayout) -> torch.Tensor:
-    """An (N,) vector in rank order, in ``rank_order(layout, True)``'s order (this rank first)."""
-    return torch.roll(v, -layout.offsets[layout.rank]) if layout.world_size > 1 else v
+    """An (N,) vector in rank order, in ``rank_order(layout, True)``'s order (this rank first;
+    along the last axis, as ``unrotate``)."""
+    return torch.roll(v, -layout.offsets[layout.rank], -1) if layout.world_size > 1 else v
 
 
 def logsumexp_across_ranks(partial: torch.Tensor, layout: RankLayout) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Nested (Matryoshka) sweeps for the torch backend: the log-sum-exp and gradient of every
-prefix size of one square block in one pass over the feature dimension.
+prefix size of one (M, K) block in one pass over the feature dimension (the single-process
+loss sweeps the square block; the distributed modes sweep rectangular ones, whose
+diagonal, of min(M, K) entries, holds the label pairs as in ``clip_fast.clip.backends``).
 
 For sizes d_1 < ... < d_n (segments [d_{k-1}, d_k), d_0 = 0) size k's logits are
 
@@ -65,20 +67,21 @@ def multiply_down(h: List[torch.Tensor], segs, x: torch.Tensor, y: torch.Tensor,
 @torch.no_grad()
 def nested_lse_forward(x: torch.Tensor, y: torch.Tensor, dims: Sequence[int], rs: Optional[torch.Tensor],
                        c: Optional[torch.Tensor], chunk_size: Optional[int] = None):
-    """(lse_row, lse_col, diag), each (n_sizes, N) float64, of every size of the square block.
+    """(lse_row (n_sizes, M), lse_col (n_sizes, K), diag (n_sizes, min(M, K))), float64, of
+    every size of the block.
 
-    x, y: (N, D) in the compute dtype (x = scale * img without re-normalisation);
-    rs, c: (n_sizes, N) row and column scalings, or both None (no re-normalisation).
+    x: (M, D), y: (K, D) in the compute dtype (x = scale * img without re-normalisation);
+    rs: (n_sizes, M) row and c: (n_sizes, K) column scalings, or both None (no re-normalisation).
     """
     cd = compute_dtype(x.dtype)
-    n, sizes = x.shape[0], len(dims)
-    c_rows = strip_rows(n, n, chunk_size)
-    lse_row = torch.empty(sizes, n, dtype=torch.float64, device=x.device)
-    diag = torch.empty(sizes, n, dtype=cd, device=x.device)
+    m, n, sizes = x.shape[0], y.shape[0], len(dims)
+    c_rows = strip_rows(m, n, chunk_size)
+    lse_row = torch.empty(sizes, m, dtype=torch.float64, device=x.device)
+    diag = torch.empty(sizes, min(m, n), dtype=cd, device=x.device)
     col_max = [torch.full((n,), float("-inf"), dtype=cd, device=x.device) for _ in dims]
     col_sum = [torch.zeros(n, dtype=cd, device=x.device) for _ in dims]
-    for r0 in range(0, n, c_rows):
-        r1 = min(r0 + c_rows, n)
+    for r0 in range(0, m, c_rows):
+        r1 = min(r0 + c_rows, m)
         run = torch.zeros(r1 - r0, n, dtype=cd, device=x.device)
         for k, (d0, d1) in enumerate(_segments(dims)):
             # 1. The running partial sum passes d_k: size k's strip of logits.
@@ -104,26 +107,26 @@ def nested_grad_backward(x_gemm: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 
     x_gemm: the forward's x (scale * x without re-normalisation); x: the features;
     r = rs / scale.  d_x, d_y: the gradient through R only (the scalings held fixed),
-    compute dtype; u_row, u_col: (n_sizes, N) float64; d_scale: 0-d float64.
+    compute dtype; u_row: (n_sizes, M), u_col: (n_sizes, K) float64; d_scale: 0-d float64.
     coefs = (coef_row, coef_col, coef_diag), each a per-size sequence of the contract's
     coefficients (coef_diag[k] a float or a float64 (N,) vector).
     """
     cd = compute_dtype(x.dtype)
-    n, sizes = x.shape[0], len(dims)
+    m, n, sizes = x.shape[0], y.shape[0], len(dims)
     segs = _segments(dims)
     # Every size's G of one strip is alive at once (summed from the largest down): the
     # strip budget is shared by the sizes.
-    c_rows = strip_rows(n, n * sizes, chunk_size)
+    c_rows = strip_rows(m, n * sizes, chunk_size)
     d_x = torch.zeros_like(x)
     d_y = torch.zeros_like(y)
-    u_row = torch.zeros(sizes, n, dtype=torch.float64, device=x.device)
+    u_row = torch.zeros(sizes, m, dtype=torch.float64, device=x.device)
     u_col = torch.zeros(sizes, n, dtype=torch.float64, device=x.device)
     g_diag = [diag_grad(lse_row[k], lse_col[k], diag[k], coefs[0][k], coefs[1][k], coefs[2][k]).to(cd)
               for k in range(sizes)]
     rows = [hi_lo(lse_row[k], cd) for k in range(sizes)]
     cols = [hi_lo(lse_col[k], cd) for k in range(sizes)]
-    for r0 in range(0, n, c_rows):
-        r1 = min(r0 + c_rows, n)
+    for r0 in range(0, m, c_rows):
+        r1 = min(r0 + c_rows, m)
         run = torch.zeros(r1 - r0, n, dtype=cd, device=x.device)
         h = []
         for k, (d0, d1) in enumerate(segs):

@@ -24,7 +24,7 @@ All ranks must call the loss, and its backward, in the same order (as with open_
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -44,7 +44,9 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
                           backend: str = "auto", chunk_size: Optional[int] = None, group=None,
                           group_ids=None, label_smoothing: float = 0.0, image_to_text_weight: float = 0.5,
                           negative_text_features=None, negative_image_features=None,
-                          mode: Optional[str] = None) -> torch.Tensor:
+                          mode: Optional[str] = None, matryoshka_dims: Optional[Sequence[int]] = None,
+                          matryoshka_weights: Optional[Sequence[float]] = None,
+                          matryoshka_renormalize: bool = True) -> torch.Tensor:
     """The CLIP loss of a batch sharded over ``group`` (default: the world), as a scalar.
 
     Args:
@@ -70,6 +72,10 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
             Every rank's negative texts join every image's softmax and every rank's
             negative images every text's softmax; their gradients follow the features'
             rule (``gather_with_grad``; ring mode: every rank's loss reaches the owner).
+        matryoshka_dims, matryoshka_weights, matryoshka_renormalize: as in ``clip_loss``
+            (equal on every rank): each rank's loss is the weighted sum over the sizes of
+            its loss above on the (re-normalised) prefixes, every size of a block from one
+            nested sweep over D (torch backend), with every option above applied to each size.
 
     Each rank's loss is open_clip's ``ClipLoss`` generalised to these options on that rank:
     with ``local_loss`` ``lambda / n_r * sum of its rows' CE + (1 - lambda) / n_r * sum of
@@ -87,7 +93,8 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         local_loss=local_loss, gather_with_grad=gather_with_grad, mode=distributed, backend=backend,
         chunk_size=chunk_size, group=group, group_ids=group_ids, label_smoothing=label_smoothing,
         image_to_text_weight=image_to_text_weight, negative_text_features=negative_text_features,
-        negative_image_features=negative_image_features)
+        negative_image_features=negative_image_features,
+        matryoshka=(matryoshka_dims, matryoshka_weights, matryoshka_renormalize))
     fn = RingClipLoss if distributed == "ring" else GatherClipLoss
     return apply_function(fn, call.opts.loss_dtype, call.img, call.txt, call.scale, call.bias, call.ids,
                           call.neg_txt, call.neg_img, layout)

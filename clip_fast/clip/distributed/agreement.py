@@ -9,6 +9,7 @@ The exchange and the fields every loss shares are the core's
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -20,6 +21,7 @@ from ...core.distributed import (ShardLayout, agree_features, agree_needs_grad, 
                                 features_row, float_bits, mismatch, share_verdicts)
 from ..function import LossOptions
 from ..functional import Call, prepare_call
+from ..matryoshka import NestedOptions, check_matryoshka
 
 @dataclass(frozen=True)
 class Layout(ShardLayout):
@@ -30,6 +32,7 @@ class Layout(ShardLayout):
     has_ids: bool = False                 # group_ids given (on every rank)
     neg_txt_sizes: Tuple[int, ...] = ()   # hard-negative texts per rank (empty: not given)
     neg_img_sizes: Tuple[int, ...] = ()   # hard-negative images per rank (empty: not given)
+    nested: Optional[NestedOptions] = None  # Matryoshka sizes, weights, renormalize (None: one size)
 
     @property
     def m_txt(self) -> int:
@@ -66,6 +69,7 @@ class RankDescriptor:
     m_img: int              # rows of negative_image_features, -1 when not given
     smoothing_bits: int     # float64 bits of label_smoothing
     weight_bits: int        # float64 bits of image_to_text_weight
+    nested_crc: int         # CRC-32 of the checked Matryoshka options, -1 when not given
 
     def row(self) -> List[int]:
         return list(dataclasses.astuple(self))
@@ -76,15 +80,22 @@ class RankDescriptor:
 
 
 def _local_call(img, txt, logit_scale, logit_bias, mode, local_loss, gather_with_grad, backend,
-                chunk_size, comm_name, options) -> Call:
+                chunk_size, comm_name, options, matryoshka) -> Tuple[Call, Optional[NestedOptions]]:
     """This rank's own checks (raising here alone would leave the other ranks hanging)."""
-    call = prepare_call(img, txt, logit_scale, logit_bias, backend, chunk_size, **options)
+    nested = None
+    if matryoshka[0] is not None and backend not in ("auto", "torch"):
+        raise ValueError(f"matryoshka_dims runs on backend='torch' (or 'auto'), got backend={backend!r}")
+    call = prepare_call(img, txt, logit_scale, logit_bias, "torch" if matryoshka[0] is not None else backend,
+                        chunk_size, **options)
+    if matryoshka[0] is not None:  # the sizes against this rank's D
+        nested = check_matryoshka(*matryoshka, call.img.shape[1])
     check_mode(mode, local_loss, gather_with_grad)
     check_comm_device(comm_name, call.img)
-    return call
+    return call, nested
 
 
-def _describe(call: Optional[Call], rank, world_size, local_loss, gather_with_grad, mode) -> RankDescriptor:
+def _describe(checked, rank, world_size, local_loss, gather_with_grad, mode) -> RankDescriptor:
+    call, nested = checked if checked is not None else (None, None)
     ok = call is not None
     grad = ok and needs_grad(call.img, call.txt, call.scale, call.bias, call.neg_txt, call.neg_img)
     shared = features_row(call.img if ok else None, call.scale if ok else None, call.bias if ok else None,
@@ -95,7 +106,8 @@ def _describe(call: Optional[Call], rank, world_size, local_loss, gather_with_gr
         m_txt=call.neg_txt.shape[0] if ok and call.neg_txt is not None else -1,
         m_img=call.neg_img.shape[0] if ok and call.neg_img is not None else -1,
         smoothing_bits=float_bits(call.opts.label_smoothing) if ok else 0,
-        weight_bits=float_bits(call.opts.image_to_text_weight) if ok else 0)
+        weight_bits=float_bits(call.opts.image_to_text_weight) if ok else 0,
+        nested_crc=-1 if nested is None else zlib.crc32(repr(nested).encode()))
 
 
 _LOSS = "clip_fast distributed loss"
@@ -120,23 +132,27 @@ def _agree(descs: List[RankDescriptor], group_size: int) -> None:
         mismatch("label_smoothing", [bits_float(v) for v in field("smoothing_bits")])
     if len(set(field("weight_bits"))) > 1:
         mismatch("image_to_text_weight", [bits_float(v) for v in field("weight_bits")])
+    if len(set(field("nested_crc"))) > 1:
+        mismatch("the Matryoshka options (matryoshka_dims, matryoshka_weights, matryoshka_renormalize: "
+                 "CRC-32 of each rank's, -1 when not given)", field("nested_crc"))
     agree_needs_grad(field, _LOSS)
 
 
 def check_across_ranks(img, txt, logit_scale, logit_bias, *, rank, world_size, local_loss,
                        gather_with_grad, mode, backend, chunk_size, group, group_ids=None,
                        label_smoothing=0.0, image_to_text_weight=0.5, negative_text_features=None,
-                       negative_image_features=None) -> Tuple[Layout, Call]:
-    """Check this rank's call, share the verdicts, and raise the same error on every rank."""
+                       negative_image_features=None, matryoshka=(None, None, True)) -> Tuple[Layout, Call]:
+    """Check this rank's call, share the verdicts, and raise the same error on every rank.
+    ``matryoshka``: (matryoshka_dims, matryoshka_weights, matryoshka_renormalize)."""
     group_size = dist.get_world_size(group)
     comm_name = str(dist.get_backend(group)).lower()
     options = dict(group_ids=group_ids, label_smoothing=label_smoothing,
                    image_to_text_weight=image_to_text_weight,
                    negative_text_features=negative_text_features,
                    negative_image_features=negative_image_features)
-    call, rows = share_verdicts(
+    (call, nested), rows = share_verdicts(
         lambda: _local_call(img, txt, logit_scale, logit_bias, mode, local_loss, gather_with_grad,
-                            backend, chunk_size, comm_name, options),
+                            backend, chunk_size, comm_name, options, matryoshka),
         lambda call: _describe(call, rank, world_size, local_loss, gather_with_grad, mode).row(),
         group, img, _LOSS)
     descs = [RankDescriptor.from_row(row) for row in rows]
@@ -146,5 +162,6 @@ def check_across_ranks(img, txt, logit_scale, logit_bias, *, rank, world_size, l
                     opts=call.opts, group=group, nccl=comm_name == "nccl",
                     has_ids=bool(descs[0].has_ids),
                     neg_txt_sizes=tuple(d.m_txt for d in descs) if descs[0].m_txt >= 0 else (),
-                    neg_img_sizes=tuple(d.m_img for d in descs) if descs[0].m_img >= 0 else ())
+                    neg_img_sizes=tuple(d.m_img for d in descs) if descs[0].m_img >= 0 else (),
+                    nested=nested)
     return layout, call

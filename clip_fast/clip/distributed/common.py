@@ -6,23 +6,24 @@ from typing import Tuple
 
 import torch
 
-from .. import backends
 from ...core.numerics import compute_dtype
 from ..targets import block_targets
 from .agreement import Layout
+from .sweeps import make_sweeps
 
 
 def sweep_setup(layout: Layout, scale, img: torch.Tensor):
-    """What every distributed Function's forward and backward start from: ``(impl, kw, s,
-    acc, tg)``, the backend module and its keyword arguments, the scale the backends read
-    (already their 0-d scalar: ``clip_fast.core.checks.as_scalar_tensor``), the compute
-    dtype and the call's :class:`FamilyTargets`.
+    """What every distributed Function's forward and backward start from: ``(ops, s, acc,
+    tg)``, the block sweeps (``sweeps.PlainSweeps`` or, with Matryoshka options,
+    ``sweeps.NestedSweeps``), the scale the backends read (already their 0-d scalar:
+    ``clip_fast.core.checks.as_scalar_tensor``), the compute dtype and the call's
+    :class:`FamilyTargets`.
 
     No bias: it shifts every logit equally, so it cancels from every softmax of this loss
     and is kept out of the arithmetic.
     """
-    return (backends.get_loaded(layout.opts.backend), layout.opts.kwargs(), scale,
-            compute_dtype(img.dtype), FamilyTargets.of(layout))
+    acc = compute_dtype(img.dtype)
+    return make_sweeps(layout, scale, acc), scale, acc, FamilyTargets.of(layout)
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -30,6 +30,11 @@ appear only as gathered (constant) copies, so their gradient is zero, as open_cl
 gather would give.
 The target terms beyond the softmaxes (Q of ``clip_fast.clip.targets``) are O(N * D) host
 sums per strip.
+With ``matryoshka_dims`` every strip goes through the nested sweep (``sweeps.NestedSweeps``):
+the statistics gain a leading size axis (the logsumexp across ranks and the rotations act
+per size), the loss is the weighted sum over the sizes, the host target terms are formed on
+each size's prefix features, and each strip's gradient is already that of the raw features
+(the prefix normalisation inside), so the reduce-scatter and all_reduce steps are unchanged.
 
 Exactness: every gathered tensor is built rotated, this rank's rows first
 (``clip_fast.core.collectives.rank_order``), so in the strips (img_r, TXT) and (IMG, txt_r)
@@ -58,46 +63,43 @@ from .common import FamilyTargets, sweep_setup
 _F64 = torch.float64
 
 
-def _sub_targets(tg: FamilyTargets, d_x, d_y, x, y, a: float, b: float, s, acc, ids=(None, None),
+def _strip_targets(tg: FamilyTargets, a: float, b: float, acc, ids=(None, None), counts=(None, None)):
+    """One rotated strip's host target terms as a function of its features (``ops.host_sum``,
+    ``ops.sub_host``): its label pairs are its diagonal, carried by the kernels' ``coef_diag``,
+    so Q here holds the id groups and the smoothing beyond them."""
+    return lambda x, y: tg.block(x, y, a, b, acc, positives=True, ids_x=ids[0], ids_y=ids[1],
+                                 counts_x=counts[0], counts_y=counts[1], kernel_diag=True)
+
+
+def _sub_targets(tg: FamilyTargets, ops, d_x, d_y, x, y, a: float, b: float, acc, ids=(None, None),
                  counts=(None, None)):
     """Subtract one strip's host target part, s * Q @ y from d_x and s * Q.T @ x from d_y
-    (either may be None: not wanted), and return t = sum_ij Q_ij <x_i, y_j> (float64).
-
-    The strip's label pairs are its diagonal (rotated strips), carried by the kernels'
-    ``coef_diag``: Q here holds the id groups and the smoothing beyond them; 0 without.
-    """
+    (either may be None: not wanted), and return t = sum_ij Q_ij <x_i, y_j> (float64); 0
+    without groups or smoothing."""
     if not tg.host:
         return 0.0
-    qx, qy, t, _ = tg.block(x, y, a, b, acc, positives=True, ids_x=ids[0], ids_y=ids[1],
-                            counts_x=counts[0], counts_y=counts[1], kernel_diag=True)
-    if d_x is not None:
-        d_x.sub_(qx * s)
-    if d_y is not None:
-        d_y.sub_(qy * s)
-    return t
+    return ops.sub_host(d_x, d_y, x, y, _strip_targets(tg, a, b, acc, ids, counts))
 
 
-def _sub_uniform(tg: FamilyTargets, d_x, d_y, x, y, a: float, b: float, s, acc):
+def _sub_uniform(tg: FamilyTargets, ops, d_x, d_y, x, y, a: float, b: float, acc):
     """A hard-negative strip's target part (smoothing only), as ``_sub_targets``; 0 without smoothing."""
-    terms = tg.uniform(x, y, a, b, acc)
-    if terms is None:
+    if not tg.eps:
         return 0.0
-    qx, qy, t = terms
-    if d_x is not None:
-        d_x.sub_(qx * s)
-    if d_y is not None:
-        d_y.sub_(qy * s)
-    return t
+    return ops.sub_host(d_x, d_y, x, y, lambda px, py: tg.uniform(px, py, a, b, acc))
 
 
-def _diag_weights(tg: FamilyTargets, x, y, a: float, b: float, acc, ids=(None, None),
+def _uniform_sum(tg: FamilyTargets, ops, x, y, a: float, b: float, acc):
+    """A hard-negative strip's t (smoothing only)."""
+    return ops.host_sum(x, y, lambda px, py: tg.uniform(px, py, a, b, acc))[0]
+
+
+def _diag_weights(tg: FamilyTargets, ops, x, y, a: float, b: float, acc, ids=(None, None),
                   counts=(None, None)):
     """(t, w) of one rotated strip: t = sum Q_ij <x_i, y_j> over all but its diagonal pairs,
     w their target weights (the kernels' ``coef_diag``: a + b without groups or smoothing)."""
     if not tg.host:
         return 0.0, a + b
-    _, _, t, w = tg.block(x, y, a, b, acc, positives=True, ids_x=ids[0], ids_y=ids[1],
-                          counts_x=counts[0], counts_y=counts[1], kernel_diag=True)
+    t, (w,) = ops.host_sum(x, y, _strip_targets(tg, a, b, acc, ids, counts))
     return t, w
 
 
@@ -131,43 +133,48 @@ class _Gathered:
         return None if self.counts is None else self.counts[:self.n]
 
 
-def _local_forward(tg: FamilyTargets, layout: Layout, g: _Gathered, img, txt, ids,
+def _gather_stats(v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Every rank's per-row statistics (the last axis), rotated; a leading size axis kept."""
+    return all_gather_rows(v.movedim(-1, 0), layout, rotate=True).movedim(0, -1).contiguous()
+
+
+def _local_forward(tg: FamilyTargets, ops, layout: Layout, g: _Gathered, img, txt, ids,
                    lse_row, lse_col_r, diag, s, acc):
     """Rank r's own loss (local_loss): lam / n_r * its rows' CE + (1 - lam) / n_r * its
     columns' CE.  Returns (loss, w_row, w_col): the diagonals' target weights."""
     a, b = tg.weights(layout.n_local)
-    loss = a * (lse_row - diag).sum() + b * (lse_col_r - diag).sum()
+    loss = a * ops.total(lse_row - diag) + b * ops.total(lse_col_r - diag)
     counts = g.own_counts()
     # Rows: strip (img_r, TXT); columns: strip (IMG, txt_r); both with the pairs on the diagonal.
-    t_r, w_r = _diag_weights(tg, img, g.txt, a, 0.0, acc, (ids, g.ids), (counts, g.counts))
-    t_c, w_c = _diag_weights(tg, g.img, txt, 0.0, b, acc, (g.ids, ids), (g.counts, counts))
+    t_r, w_r = _diag_weights(tg, ops, img, g.txt, a, 0.0, acc, (ids, g.ids), (counts, g.counts))
+    t_c, w_c = _diag_weights(tg, ops, g.img, txt, 0.0, b, acc, (g.ids, ids), (g.counts, counts))
     if tg.host:
         t = t_r + t_c
         if g.nt is not None and tg.eps:
-            t = t + tg.uniform(img, g.nt, a, 0.0, acc)[2]
+            t = t + _uniform_sum(tg, ops, img, g.nt, a, 0.0, acc)
         if g.ni is not None and tg.eps:
-            t = t + tg.uniform(g.ni, txt, 0.0, b, acc)[2]
-        loss = loss + ((a - w_r) * diag).sum() + ((b - w_c) * diag).sum() - s.to(_F64) * t
+            t = t + _uniform_sum(tg, ops, g.ni, txt, 0.0, b, acc)
+        loss = loss + ops.total((a - w_r) * diag) + ops.total((b - w_c) * diag) - s.to(_F64) * t
     return loss, w_r, w_c
 
 
-def _global_forward(tg: FamilyTargets, layout: Layout, g: _Gathered, img, ids, neg_img,
+def _global_forward(tg: FamilyTargets, ops, layout: Layout, g: _Gathered, img, ids, neg_img,
                     lse_row, lse_col_r, diag, s, acc):
     """The global loss (not local_loss), the same on every rank: each rank forms its rows',
     its columns' and its row strip's target share, and one all_reduce sums them.
     Returns (loss, w): the diagonal's target weights, for both of its strips."""
     a, b = tg.weights(layout.n_global)
-    part = a * (lse_row - diag).sum() + b * (lse_col_r - diag).sum()
+    part = a * ops.total(lse_row - diag) + b * ops.total(lse_col_r - diag)
     counts = g.own_counts()
-    t, w = _diag_weights(tg, img, g.txt, a, b, acc, (ids, g.ids), (counts, g.counts))
+    t, w = _diag_weights(tg, ops, img, g.txt, a, b, acc, (ids, g.ids), (counts, g.counts))
     if tg.host:
         # The row strips (img_q, TXT) and the negative strips (img_q, NEG_TXT),
         # (neg_img_q, TXT) partition every target block.
         if g.nt is not None and tg.eps:
-            t = t + tg.uniform(img, g.nt, a, 0.0, acc)[2]
+            t = t + _uniform_sum(tg, ops, img, g.nt, a, 0.0, acc)
         if g.ni is not None and tg.eps and neg_img.shape[0]:
-            t = t + tg.uniform(neg_img, g.txt, 0.0, b, acc)[2]
-        part = part + ((a + b - w) * diag).sum() - s.to(_F64) * t
+            t = t + _uniform_sum(tg, ops, neg_img, g.txt, 0.0, b, acc)
+        part = part + ops.total((a + b - w) * diag) - s.to(_F64) * t
     dist.all_reduce(part, group=layout.group)
     return part, w
 
@@ -177,7 +184,7 @@ class GatherClipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, img, txt, scale, bias, ids, neg_txt, neg_img, layout: Layout):
-        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
+        ops, s, acc, tg = sweep_setup(layout, scale, img)
         n, o = layout.n_local, layout.offsets[layout.rank]
         img, txt = img.contiguous(), txt.contiguous()
         # 1. Everyone's features (the no-grad copies of open_clip's gather), ids and
@@ -186,23 +193,23 @@ class GatherClipLoss(torch.autograd.Function):
         # 2. Row strip: complete lse for this rank's rows (negative texts included), the
         #    label logits (diag, float64) and column partials over them and over this
         #    rank's negative images (rotated, as the strip's columns).
-        lse_row, col_partial, diag = impl.lse_forward(img, g.txt, s, None, **kw)
+        lse_row, col_partial, diag = ops.lse(img, g.txt)
         if g.nt is not None:
-            lse_row = torch.logaddexp(lse_row, impl.lse_forward(img, g.nt, s, None, **kw)[0])
+            lse_row = torch.logaddexp(lse_row, ops.lse(img, g.nt)[0])
         if g.ni is not None and neg_img.shape[0]:
-            col_partial = torch.logaddexp(col_partial, impl.lse_forward(neg_img, g.txt, s, None, **kw)[1])
+            col_partial = torch.logaddexp(col_partial, ops.lse(neg_img, g.txt)[1])
         # 3. Complete column lse: logsumexp of every rank's partials, in rank order.
         lse_col = logsumexp_across_ranks(unrotate(col_partial, layout), layout)
-        lse_col_r = lse_col[o:o + n]
+        lse_col_r = lse_col[..., o:o + n]
         if layout.local_loss:
-            loss, w_row, w_col = _local_forward(tg, layout, g, img, txt, ids, lse_row, lse_col_r,
+            loss, w_row, w_col = _local_forward(tg, ops, layout, g, img, txt, ids, lse_row, lse_col_r,
                                                 diag, s, acc)
             lse_row_all = None
         else:
-            loss, w_row = _global_forward(tg, layout, g, img, ids, neg_img, lse_row, lse_col_r,
+            loss, w_row = _global_forward(tg, ops, layout, g, img, ids, neg_img, lse_row, lse_col_r,
                                           diag, s, acc)
             w_col = w_row
-            lse_row_all = all_gather_rows(lse_row, layout, rotate=True)
+            lse_row_all = _gather_stats(lse_row, layout)
         loss = loss + bias_guard(bias)
         ctx.save_for_backward(img, txt, scale, g.img, g.txt, lse_row, lse_col, lse_row_all, diag,
                               ids, g.ids, g.counts, neg_txt, neg_img, g.nt, g.ni,
@@ -239,28 +246,27 @@ class _Backward:
          self.lse_row_all, self.diag, self.ids, self.all_ids, self.counts_all, self.neg_txt,
          self.neg_img, self.all_nt, self.all_ni, w_row, w_col) = saved
         self.layout, self.acc = layout, acc
-        self.impl, self.kw, self.s, _, self.tg = sweep_setup(layout, scale, self.img)
+        self.ops, self.s, _, self.tg = sweep_setup(layout, scale, self.img)
         n, o = layout.n_local, layout.offsets[layout.rank]
         self.counts = None if self.counts_all is None else self.counts_all[:n]
         self.lse_col = lse_col
-        self.lse_col_r = lse_col[o:o + n].contiguous()
+        self.lse_col_r = lse_col[..., o:o + n].contiguous()
         self.w_row, self.w_col = w_row, w_col
 
     def _strip(self, x, y, lse_row, lse_col, a, b, w, ids, counts, keep_x=True, keep_y=True):
         """One rotated strip's (d_x, d_y, d_scale): the kernels' sweep with the label pairs
         on the diagonal (weights ``w``), minus the host target terms."""
         w = (a + b) if w is None else w
-        d_x, d_y, ds = self.impl.grad_backward(x, y, self.s, None, lse_row, lse_col, a, b, w,
-                                               diag=self.diag, **self.kw)
+        d_x, d_y, ds = self.ops.grad(x, y, lse_row, lse_col, a, b, w, diag=self.diag)
         d_x, d_y = (d_x if keep_x else None), (d_y if keep_y else None)  # an unkept (N, D) goes now
-        ds = ds.to(_F64) - _sub_targets(self.tg, d_x, d_y, x, y, a, b, self.s, self.acc, ids, counts)
+        ds = ds.to(_F64) - _sub_targets(self.tg, self.ops, d_x, d_y, x, y, a, b, self.acc, ids, counts)
         return d_x, d_y, ds
 
     def _neg(self, x, y, lse_row, lse_col, a, b, keep_x=True, keep_y=True):
         """A hard-negative strip (no label pairs): (d_x, d_y, d_scale), as ``_strip``."""
-        d_x, d_y, ds = self.impl.grad_backward(x, y, self.s, None, lse_row, lse_col, a, b, 0.0, **self.kw)
+        d_x, d_y, ds = self.ops.grad(x, y, lse_row, lse_col, a, b, 0.0)
         d_x, d_y = (d_x if keep_x else None), (d_y if keep_y else None)
-        ds = ds.to(_F64) - _sub_uniform(self.tg, d_x, d_y, x, y, a, b, self.s, self.acc)
+        ds = ds.to(_F64) - _sub_uniform(self.tg, self.ops, d_x, d_y, x, y, a, b, self.acc)
         return d_x, d_y, ds
 
     def local(self, g):

@@ -39,6 +39,14 @@ Options (``clip_fast.clip.targets``), with global softmaxes as in gather mode:
                    accumulator.  Negative images stay home: block (neg_img_r, txt_q)
                    feeds the column accumulator travelling with txt_q, and d neg_img_r
                    is kept.
+    matryoshka_dims  every block goes through the nested sweep (``sweeps.NestedSweeps``):
+                   each statistic has one row per size (the column lse travels as
+                   n_sizes x n floats, merged per size, and with ids so do the positive
+                   pairs' dot sums), the loss is the weighted sum over the sizes, the target
+                   terms are formed on each size's prefix features, and each block's
+                   gradient already carries the prefix normalisation; an off-diagonal
+                   block's backward runs its row and column terms apart (d_scale split
+                   between two losses), twice its plain work.
 """
 from __future__ import annotations
 
@@ -73,12 +81,12 @@ class _Blocks:
     def block(self, txt, neg_txt):
         return torch.cat([txt, neg_txt]).contiguous() if self.use_nt else txt
 
-    def buffers(self, txt, ids):
+    def buffers(self, txt, ids, c_rows: int):
         """The two receive buffers of each thing that travels: text blocks, ids, and an
-        (c_rows, n) float64 pack beside them (one row without ids, two with), and c_rows."""
+        (c_rows, n) float64 pack beside them (column statistics, one row per loss size, and
+        what the ids need), and c_rows."""
         n_max, dim = max(self.sizes), txt.shape[1]
         blk_max = max(self.rows(q) for q in range(len(self.sizes)))
-        c_rows = 1 if ids is None else 2
         return ([txt.new_empty(blk_max, dim) for _ in range(2)],
                 None if ids is None else [ids.new_empty(n_max) for _ in range(2)],
                 [torch.empty(c_rows * n_max, dtype=_F64, device=txt.device) for _ in range(2)],
@@ -97,18 +105,19 @@ class RingClipLoss(torch.autograd.Function):
         # Long: one loop over the ring's steps whose stages share the buffers in flight (the
         # block being received while this one is swept); split, they would travel as arguments
         # and the overlap of the exchange with the sweep would no longer be visible in one place.
-        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
+        ops, s, acc, tg = sweep_setup(layout, scale, img)
         blocks = _Blocks(layout, tg)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
-        n = sizes[r]
+        n, ns = sizes[r], ops.sizes
         img, txt = img.contiguous(), txt.contiguous()
         ring = Ring(layout)
-        # The column accumulator: lse partials, and with ids the positive pairs' dot sums.
-        blk_buf, ids_buf, col_buf, c_rows = blocks.buffers(txt, ids)
+        # The column accumulator: lse partials, and with ids the positive pairs' dot sums
+        # (one row of each per loss size).
+        blk_buf, ids_buf, col_buf, c_rows = blocks.buffers(txt, ids, ns * (1 if ids is None else 2))
         counts = row_pos = None
         if ids is not None:
             counts = torch.zeros(n, dtype=_F64, device=img.device)
-            row_pos = torch.zeros(n, dtype=_F64, device=img.device)
+            row_pos = torch.zeros(ops.stats(n), dtype=_F64, device=img.device)
         use_ni = blocks.use_ni and neg_img.shape[0] > 0
         cur_blk, cur_ids = blocks.block(txt, neg_txt), ids
         lse_row = diag = col_in = col_send = None
@@ -128,28 +137,28 @@ class RingClipLoss(torch.autograd.Function):
             # 2. Sweep the block (img_r, txt_q): rows of img_r, columns of txt_q; then rank q's
             #    negative texts (more columns of img_r's rows) and this rank's negative images
             #    (more rows of txt_q's columns).
-            row_part, col_part, d = impl.lse_forward(img, cur_txt, s, None, **kw)
+            row_part, col_part, d = ops.lse(img, cur_txt)
             if k == 0:
                 diag = d  # the own block (img_r, txt_r): its diagonal holds the label logits
             lse_row = row_part if lse_row is None else torch.logaddexp(lse_row, row_part)
             if cur_nt.shape[0]:
-                lse_row = torch.logaddexp(lse_row, impl.lse_forward(img, cur_nt, s, None, **kw)[0])
+                lse_row = torch.logaddexp(lse_row, ops.lse(img, cur_nt)[0])
             if use_ni:
-                col_part = torch.logaddexp(col_part, impl.lse_forward(neg_img, cur_txt, s, None, **kw)[1])
-            col = col_part.reshape(1, -1)
+                col_part = torch.logaddexp(col_part, ops.lse(neg_img, cur_txt)[1])
+            col = col_part.reshape(ns, -1)
             if ids is not None:
                 # Global group sizes and the positive pairs' dot products (the own pairs
                 # left to the diagonal), per row (kept) and per column (travelling).
                 counts += match_counts(ids, cur_ids)
-                rp, cp = positive_dots(img, cur_txt, ids, cur_ids, own=k == 0)
-                row_pos += rp
-                col = torch.stack([col_part, cp])
+                dots = [positive_dots(x, y, ids, cur_ids, own=k == 0) for _, (x, y) in ops.features(img, cur_txt)]
+                row_pos += torch.stack([rp for rp, _ in dots]).reshape(row_pos.shape)
+                col = torch.cat([col, torch.stack([cp for _, cp in dots])])
             # 3. Merge into the accumulator travelling with txt_q, then pass it on (after the
             #    last step it arrives home, complete).
             if k > 0:
                 wait_all(col_works)
                 prev = col_in.view(c_rows, -1)
-                col = torch.cat([torch.logaddexp(prev[:1], col[:1]), prev[1:] + col[1:]])
+                col = torch.cat([torch.logaddexp(prev[:ns], col[:ns]), prev[ns:] + col[ns:]])
             col_send = col.reshape(-1).contiguous()
             col_in = col_buf[k % 2][:c_rows * sizes[q_next]]
             col_works = ring.exchange([col_send], [col_in], [TAG_LSE])
@@ -157,12 +166,14 @@ class RingClipLoss(torch.autograd.Function):
             cur_blk, cur_ids = nxt_blk, nxt_ids
         wait_all(col_works)
         home = col_in.view(c_rows, n)
-        lse_col = home[0].clone()  # this rank's columns, over all N rows (and negative images)
+        # This rank's columns, over all N rows (and negative images).
+        lse_col = home[:ns].reshape(ops.stats(n)).clone()
         a, b = tg.weights(n)
-        loss = a * (lse_row - diag).sum() + b * (lse_col - diag).sum()
+        loss = a * ops.total(lse_row - diag) + b * ops.total(lse_col - diag)
         if tg.host:
-            loss = loss + _target_loss(tg, img, txt, neg_txt, neg_img, diag, counts, row_pos,
-                                       None if ids is None else home[1], a, b, s, layout)
+            col_pos = None if ids is None else home[ns:].reshape(ops.stats(n))
+            loss = loss + _target_loss(tg, ops, img, txt, neg_txt, neg_img, diag, counts, row_pos, col_pos,
+                                       a, b, s, layout)
         ctx.save_for_backward(img, txt, scale, lse_row, lse_col, diag, ids, counts, neg_txt, neg_img)
         ctx.layout = layout
         ctx.bias_meta = bias_meta(bias)
@@ -176,10 +187,10 @@ class RingClipLoss(torch.autograd.Function):
         # block's own sweeps, steps 2-4, are ``_Sweeps.block``).
         img, txt, scale, lse_row, lse_col, diag, ids, counts, neg_txt, neg_img = ctx.saved_tensors
         layout: Layout = ctx.layout
-        impl, kw, s, acc, tg = sweep_setup(layout, scale, img)
+        ops, s, acc, tg = sweep_setup(layout, scale, img)
         blocks = _Blocks(layout, tg)
         w, r, sizes = layout.world_size, layout.rank, layout.sizes
-        n, dim = sizes[r], img.shape[1]
+        n, dim, ns = sizes[r], img.shape[1], ops.sizes
         # Every rank's upstream gradient: the column term of block (r, q) belongs to loss_q.
         g = grad_loss.detach().reshape(1).to(acc).contiguous()
         g_all = torch.empty(w, 1, dtype=acc, device=img.device)
@@ -189,12 +200,12 @@ class RingClipLoss(torch.autograd.Function):
         coef_col = [gq * tg.weights(nq)[1] for gq, nq in zip(g_list, sizes)]
         ring = Ring(layout)
         # What travels with the texts besides them: the column lse and, with ids, the group sizes.
-        blk_buf, ids_buf, pack_buf, c_rows = blocks.buffers(txt, ids)
+        blk_buf, ids_buf, pack_buf, c_rows = blocks.buffers(txt, ids, ns + (0 if ids is None else 1))
         acc_max = max(blocks.acc_len(q, dim) for q in range(w))
         acc_buf = [torch.empty(acc_max, dtype=acc, device=img.device) for _ in range(2)]
-        sweeps = _Sweeps(impl, kw, s, acc, tg, img, lse_row, diag, ids, counts, neg_img,
+        sweeps = _Sweeps(ops, s, acc, tg, img, lse_row, diag, ids, counts, neg_img,
                          blocks.use_ni and neg_img.shape[0] > 0)
-        own_pack = lse_col if ids is None else torch.cat([lse_col, counts])
+        own_pack = lse_col.reshape(-1) if ids is None else torch.cat([lse_col.reshape(-1), counts])
         cur_blk, cur_pack, cur_ids = blocks.block(txt, neg_txt), own_pack, ids
         acc_in, acc_send, acc_works = None, None, []
         for k in range(w):
@@ -211,8 +222,8 @@ class RingClipLoss(torch.autograd.Function):
                     sends, recvs, tags = sends + [cur_ids], recvs + [nxt_ids], tags + [TAG_IDS]
                 works = ring.exchange(sends, recvs, tags)
             cur_txt, cur_nt = cur_blk[:nq], cur_blk[nq:]
-            cur_lse = cur_pack[:nq]
-            cur_counts = None if ids is None else cur_pack[nq:]
+            cur_lse = cur_pack[:ns * nq].view(ops.stats(nq))
+            cur_counts = None if ids is None else cur_pack[ns * nq:]
             # 2.-4. The block's sweep, and its negatives' (``_Sweeps.block``).
             dt, dnt, ds_col = sweeps.block(own, cur_txt, cur_nt, cur_lse, cur_ids, cur_counts,
                                            coef_row[r], coef_col[q])
@@ -250,9 +261,9 @@ class _Sweeps:
     around the ring, accumulating this rank's own gradients: d img_r, d neg_img_r and the
     part of d_scale that belongs to loss_r."""
 
-    def __init__(self, impl, kw, s, acc, tg: FamilyTargets, img, lse_row, diag, ids, counts, neg_img,
+    def __init__(self, ops, s, acc, tg: FamilyTargets, img, lse_row, diag, ids, counts, neg_img,
                  use_ni: bool):
-        self.impl, self.kw, self.s, self.acc, self.tg = impl, kw, s, acc, tg
+        self.ops, self.s, self.acc, self.tg = ops, s, acc, tg
         self.img, self.lse_row, self.diag, self.ids, self.counts = img, lse_row, diag, ids, counts
         self.neg_img = neg_img if use_ni else None
         self.d_img = torch.zeros(img.shape, dtype=acc, device=img.device)
@@ -261,49 +272,40 @@ class _Sweeps:
 
     def block(self, own: bool, cur_txt, cur_nt, cur_lse, cur_ids, cur_counts, a_r: float, b_q: float):
         """(d txt_q, d neg_txt_q or None, the column part of d_scale: loss_q's) of block q."""
-        impl, kw, s, acc, tg, img = self.impl, self.kw, self.s, self.acc, self.tg, self.img
+        ops, s, acc, tg, img = self.ops, self.s, self.acc, self.tg, self.img
         # 2. One sweep of the block for both directions: rows belong to loss_r, columns
         #    to loss_q.  The own block carries the label targets on its diagonal; the
         #    others split d_scale between the two losses.
         terms = None
+        if tg.host:  # the block's target terms (own block: its pairs on the diagonal; else t split)
+            terms = ops.host(img, cur_txt, lambda x, y: tg.block(
+                x, y, a_r, b_q, acc, positives=True, ids_x=self.ids, ids_y=cur_ids, counts_x=self.counts,
+                counts_y=cur_counts, pair_offset=0 if own else None, kernel_diag=own, split_t=not own))
         if own:
-            w_diag, t = a_r + b_q, 0.0
-            if tg.host:
-                qx, qy, t, w_diag = tg.block(img, cur_txt, a_r, b_q, acc, positives=True, ids_x=self.ids,
-                                             ids_y=cur_ids, counts_x=self.counts, counts_y=cur_counts,
-                                             pair_offset=0, kernel_diag=True)
-                terms = (qx, qy)
-            di, dt, ds = impl.grad_backward(img, cur_txt, s, None, self.lse_row, cur_lse, a_r, b_q, w_diag,
-                                            diag=self.diag, **kw)
+            w_diag, t = (a_r + b_q, 0.0) if terms is None else (terms.rest[0], terms.t)
+            di, dt, ds = ops.grad(img, cur_txt, self.lse_row, cur_lse, a_r, b_q, w_diag, diag=self.diag)
             self.ds_own += ds.to(_F64) - t
             ds_col = torch.zeros((), dtype=_F64, device=img.device)
         else:
-            di, dt, ds = impl.grad_backward(img, cur_txt, s, None, self.lse_row, cur_lse, a_r, b_q, 0.0,
-                                            split_scale=True, **kw)
+            di, dt, ds = ops.grad(img, cur_txt, self.lse_row, cur_lse, a_r, b_q, 0.0, split_scale=True)
             ds = ds.to(_F64)
-            if tg.host:
-                qx, qy, t, _ = tg.block(img, cur_txt, a_r, b_q, acc, positives=True, ids_x=self.ids,
-                                        ids_y=cur_ids, counts_x=self.counts, counts_y=cur_counts,
-                                        pair_offset=None, split_t=True)
-                terms = (qx, qy)
-                ds = ds - t
+            if terms is not None:
+                ds = ds - terms.t
             self.ds_own += ds[0]
             ds_col = ds[1]
         if terms is not None:
-            di.sub_(terms[0] * s)
-            dt.sub_(terms[1] * s)
+            ops.sub_terms(di, dt, img, cur_txt, terms)
         self.d_img += di
         # 3. Rank q's negative texts: more columns of rank r's rows (loss_r alone).
         dnt = None
         if cur_nt.shape[0]:
-            di, dnt, ds = impl.grad_backward(img, cur_nt, s, None, self.lse_row, None, a_r, 0.0, 0.0, **kw)
-            self.ds_own += ds.to(_F64) - _sub_uniform(tg, di, dnt, img, cur_nt, a_r, 0.0, s, acc)
+            di, dnt, ds = ops.grad(img, cur_nt, self.lse_row, None, a_r, 0.0, 0.0)
+            self.ds_own += ds.to(_F64) - _sub_uniform(tg, ops, di, dnt, img, cur_nt, a_r, 0.0, acc)
             self.d_img += di
         # 4. This rank's negative images: more rows of rank q's columns (loss_q alone).
         if self.neg_img is not None:
-            dni, dt2, ds = impl.grad_backward(self.neg_img, cur_txt, s, None, None, cur_lse, 0.0, b_q, 0.0,
-                                              **kw)
-            ds_col = ds_col + ds.to(_F64) - _sub_uniform(tg, dni, dt2, self.neg_img, cur_txt, 0.0, b_q, s, acc)
+            dni, dt2, ds = ops.grad(self.neg_img, cur_txt, None, cur_lse, 0.0, b_q, 0.0)
+            ds_col = ds_col + ds.to(_F64) - _sub_uniform(tg, ops, dni, dt2, self.neg_img, cur_txt, 0.0, b_q, acc)
             self.d_ni += dni
             dt += dt2
         if own:  # the own block's column part is this rank's own
@@ -312,27 +314,33 @@ class _Sweeps:
         return dt, dnt, ds_col
 
 
-def _target_loss(tg: FamilyTargets, img, txt, neg_txt, neg_img, diag, counts: Optional[torch.Tensor],
+def _target_loss(tg: FamilyTargets, ops, img, txt, neg_txt, neg_img, diag, counts: Optional[torch.Tensor],
                  row_pos, col_pos, a: float, b: float, s, layout: Layout) -> torch.Tensor:
     """Rank r's target terms beyond the per-pair loss terms (``clip_fast.clip.targets``):
     sum_i (a + b - w_i) S_ii - s * t, with w_i the own pair's target weight and t the
     target sum of every other entry of rank r's rows and columns, from the positive-pair
-    sums the ring accumulated and the global feature sums (one all_reduce of two D-vectors)."""
+    sums the ring accumulated and the global feature sums (one all_reduce of two D-vectors
+    per loss size); weighted over the sizes (``ops.total``, ``ops.features``)."""
     n, eps = img.shape[0], tg.eps
     c = counts if counts is not None else torch.ones(n, dtype=_F64, device=img.device)
     w_diag = (1.0 - eps) * (a + b) / c + eps * (a * tg.inv_k_row + b * tg.inv_k_col)
     t = torch.zeros((), dtype=_F64, device=img.device)
     if counts is not None:
-        t = t + (1.0 - eps) * (a * (row_pos / c).sum() + b * (col_pos / c).sum())
+        t = t + (1.0 - eps) * (a * ops.total(row_pos / c) + b * ops.total(col_pos / c))
     if eps:
-        x64, y64 = img.to(_F64), txt.to(_F64)
-        sums = torch.stack([x64.sum(0), y64.sum(0)])
-        if neg_img is not None:
-            sums[0] += neg_img.to(_F64).sum(0)
-        if neg_txt is not None:
-            sums[1] += neg_txt.to(_F64).sum(0)
+        feats = ops.features(img, txt, neg_img, neg_txt)
+        sums = torch.zeros(len(feats), 2, img.shape[1], dtype=_F64, device=img.device)
+        for k, (_, (x, y, ni, nt)) in enumerate(feats):
+            d = x.shape[1]
+            sums[k, 0, :d], sums[k, 1, :d] = x.to(_F64).sum(0), y.to(_F64).sum(0)
+            if ni is not None:
+                sums[k, 0, :d] += ni.to(_F64).sum(0)
+            if nt is not None:
+                sums[k, 1, :d] += nt.to(_F64).sum(0)
         dist.all_reduce(sums, group=layout.group)  # every image and every text of the group
-        own = rowdot(x64, y64, _F64).sum()          # the own pairs, carried by w_diag
-        t = t + eps * a * tg.inv_k_row * (x64.sum(0) @ sums[1] - own)
-        t = t + eps * b * tg.inv_k_col * (y64.sum(0) @ sums[0] - own)
-    return ((a + b - w_diag) * diag).sum() - s.to(_F64) * t
+        for k, (wk, (x, y, _, _)) in enumerate(feats):
+            x64, y64, d = x.to(_F64), y.to(_F64), x.shape[1]
+            own = rowdot(x64, y64, _F64).sum()      # the own pairs, carried by w_diag
+            t = t + wk * eps * a * tg.inv_k_row * (x64.sum(0) @ sums[k, 1, :d] - own)
+            t = t + wk * eps * b * tg.inv_k_col * (y64.sum(0) @ sums[k, 0, :d] - own)
+    return ops.total((a + b - w_diag) * diag) - s.to(_F64) * t
