@@ -1,7 +1,9 @@
 """Nested (Matryoshka) sweeps in Triton: every prefix size's row lse, column lse and diagonal of
-one square block in ONE pass over D, and the gradient through every size with each K segment
+one (M, K) block in ONE pass over D, and the gradient through every size with each K segment
 multiplied once.  The torch twin, and the contract these follow, is
-``clip_fast.clip.backends.nested_torch``.
+``clip_fast.clip.backends.nested_torch``: the single-process loss sweeps the square block, the
+distributed modes rectangular ones, whose diagonal of min(M, K) entries holds the label pairs
+(or, on a block without any, ordinary entries the caller passes back as ``diag``).
 
 For sizes d_1 < ... < d_n (segments [d_{k-1}, d_k), d_0 = 0) size k's logits are
 
@@ -81,7 +83,7 @@ def _size_logits(acc, rs_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, RENORM: tl.
 
 
 @triton.jit
-def _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, N,
+def _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, M, N,
                stride_xd, stride_yd, RENORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                DOT_UPCAST: tl.constexpr, BK: tl.constexpr):
     """Step 1 of both sweeps, one code path so the backward's S is the forward's bit for bit:
@@ -90,7 +92,7 @@ def _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, of
     d_hi = tl.load(dims_ptr + k)
     acc = tile_dot_range(acc, x_rows, y_cols, row_ok, col_ok, d_lo, d_hi, stride_xd, stride_yd,
                          DOT_PRECISION, DOT_UPCAST, BK)
-    s = _size_logits(acc, rs_ptr + k * N, c_ptr + k * N, offs_m, offs_n, row_ok, col_ok, RENORM)
+    s = _size_logits(acc, rs_ptr + k * M, c_ptr + k * N, offs_m, offs_n, row_ok, col_ok, RENORM)
     return acc, d_hi, s
 
 
@@ -100,7 +102,7 @@ def _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, of
 def _nested_lse_kernel(
     x_ptr, y_ptr, dims_ptr, rs_ptr, c_ptr, c2_ptr, row_flag_ptr,
     m_ptr, l_ptr, col_sum_ptr, col_max_ptr, diag2_ptr,
-    N, H2, stride_xm, stride_xd, stride_ym, stride_yd,
+    M, N, H2, stride_xm, stride_xd, stride_ym, stride_yd,
     NS: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr, COMPUTE_COL: tl.constexpr,
     WRITE_DIAG: tl.constexpr, ROW_FLAGS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -109,7 +111,7 @@ def _nested_lse_kernel(
     acc_t = m_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
-    row_ok = offs_m < N
+    row_ok = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     n_hi = N
     if ROW_FLAGS:
@@ -130,7 +132,7 @@ def _nested_lse_kernel(
         for k in tl.static_range(NS):
             # 1. The running sum over segment k: the tile of R_k, and size k's logits.
             acc, d_lo, s = _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, offs_n,
-                                      row_ok, col_ok, N, stride_xd, stride_yd, RENORM, DOT_PRECISION,
+                                      row_ok, col_ok, M, N, stride_xd, stride_yd, RENORM, DOT_PRECISION,
                                       DOT_UPCAST, BK)
             # 2. In log2 units.
             s2 = s * _LOG2E_K
@@ -138,8 +140,8 @@ def _nested_lse_kernel(
             if on_diag:
                 if WRITE_DIAG:
                     dg = tl.sum(tl.where(eq, s2, 0.0), axis=1)
-                    on_tile = row_ok & (offs_m >= start_n) & (offs_m < start_n + BN)
-                    tl.store(diag2_ptr + k * N + offs_m, dg, mask=on_tile)
+                    on_tile = row_ok & (offs_m < N) & (offs_m >= start_n) & (offs_m < start_n + BN)
+                    tl.store(diag2_ptr + k * M + offs_m, dg, mask=on_tile)
                 s2 = tl.where(eq, float("-inf"), s2)
             # 4. Size k's online row statistics (padded columns -inf; m_ref = 0 keeps a row
             #    with no finite entry yet away from -inf - -inf).
@@ -160,7 +162,7 @@ def _nested_lse_kernel(
                 tl.atomic_add(col_sum_ptr + k * N + offs_n, tl.sum(e, axis=0), mask=col_ok, sem="relaxed")
                 c_max = tl.max(tl.where(row_ok[:, None], s2, float("-inf")), axis=0)
                 tl.atomic_max(col_max_ptr + k * N + offs_n, c_max, mask=col_ok, sem="relaxed")
-    out = size * N + offs_m[:, None]
+    out = size * M + offs_m[:, None]
     keep = row_ok[:, None] & (size < NS)
     tl.store(m_ptr + out, m_all, mask=keep)
     tl.store(l_ptr + out, l_all, mask=keep)
@@ -170,14 +172,14 @@ def _nested_lse_kernel(
 # reverse-cumulative sums are one tile's work, read top to bottom.
 @triton.jit
 def _nested_grad_kernel(
-    x_ptr, y_ptr, dims_ptr, rs_ptr, c_ptr, r_ptr, lse_ptr, g_diag_ptr, coef_ptr,
+    x_ptr, y_ptr, dims_ptr, rs_ptr, c_ptr, r_ptr, lse_row_ptr, lse_col_ptr, g_diag_ptr, coef_ptr,
     ws_ptr, u_row_ptr, u_col_ptr,
-    row0, col0, R, C, N, stride_xm, stride_xd, stride_ym, stride_yd, stride_wk, stride_wr, gscale,
+    row0, col0, R, C, M, N, stride_xm, stride_xd, stride_ym, stride_yd, stride_wk, stride_wr, gscale,
     NS: tl.constexpr, RENORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    acc_t = lse_ptr.dtype.element_ty
+    acc_t = lse_row_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
     offs_r = pid_m * BM + tl.arange(0, BM)
     offs_c = pid_n * BN + tl.arange(0, BN)
@@ -195,32 +197,35 @@ def _nested_grad_kernel(
     for k in tl.static_range(NS):
         # 1. Size k's tile of S, recomputed as the forward formed it.
         acc, d_lo, s = _next_size(acc, k, d_lo, dims_ptr, x_rows, y_cols, rs_ptr, c_ptr, offs_m, offs_n,
-                                  row_ok, col_ok, N, stride_xd, stride_yd, RENORM, DOT_PRECISION,
+                                  row_ok, col_ok, M, N, stride_xd, stride_yd, RENORM, DOT_PRECISION,
                                   DOT_UPCAST, BK)
         s2 = s * _LOG2E_K
         # 2. G_k = coef_row P_row + coef_col P_col, each lse a float-float pair (hi, lo) in log2
         #    units (grad_backward's step 3): S2 is the forward's bit for bit, so P is consistent
         #    with the forward's lse.  The diagonal from the forward's float64 terms.
-        r_hi = tl.load(lse_ptr + (0 * NS + k) * N + offs_m, mask=row_ok, other=0.0)
-        r_lo = tl.load(lse_ptr + (1 * NS + k) * N + offs_m, mask=row_ok, other=0.0)
-        c_hi = tl.load(lse_ptr + (2 * NS + k) * N + offs_n, mask=col_ok, other=0.0)
-        c_lo = tl.load(lse_ptr + (3 * NS + k) * N + offs_n, mask=col_ok, other=0.0)
+        r_hi = tl.load(lse_row_ptr + k * M + offs_m, mask=row_ok, other=0.0)
+        r_lo = tl.load(lse_row_ptr + (NS + k) * M + offs_m, mask=row_ok, other=0.0)
+        c_hi = tl.load(lse_col_ptr + k * N + offs_n, mask=col_ok, other=0.0)
+        c_lo = tl.load(lse_col_ptr + (NS + k) * N + offs_n, mask=col_ok, other=0.0)
         coef_row = tl.load(coef_ptr + k)
         coef_col = tl.load(coef_ptr + NS + k)
-        g = (coef_row * tl.exp2((s2 - r_hi[:, None]) - r_lo[:, None])
-             + coef_col * tl.exp2((s2 - c_hi[None, :]) - c_lo[None, :]))
-        g_ii = tl.load(g_diag_ptr + k * N + offs_m, mask=row_ok, other=0.0)
+        # A zero coefficient switches its term off: its exponent is -inf (the lse it would read
+        # is a placeholder, whose exp2 could overflow, and inf * 0 would be NaN).
+        e_row = tl.where(coef_row != 0, (s2 - r_hi[:, None]) - r_lo[:, None], float("-inf"))
+        e_col = tl.where(coef_col != 0, (s2 - c_hi[None, :]) - c_lo[None, :], float("-inf"))
+        g = coef_row * tl.exp2(e_row) + coef_col * tl.exp2(e_col)
+        g_ii = tl.load(g_diag_ptr + k * M + offs_m, mask=row_ok, other=0.0)
         g = tl.where(eq, g_ii[:, None], g)
         g = tl.where(tile_ok, g, 0.0)
         if RENORM:
             # 3. The chain sums u_k = sum G_k S_k along rows and columns (float64 cells), then
             #    H_k = r_k G_k c_k.
             gs = g * s
-            tl.atomic_add(u_row_ptr + k * N + offs_m, tl.sum(gs, axis=1).to(tl.float64), mask=row_ok,
+            tl.atomic_add(u_row_ptr + k * M + offs_m, tl.sum(gs, axis=1).to(tl.float64), mask=row_ok,
                           sem="relaxed")
             tl.atomic_add(u_col_ptr + k * N + offs_n, tl.sum(gs, axis=0).to(tl.float64), mask=col_ok,
                           sem="relaxed")
-            r_k = tl.load(r_ptr + k * N + offs_m, mask=row_ok, other=0.0)
+            r_k = tl.load(r_ptr + k * M + offs_m, mask=row_ok, other=0.0)
             c_k = tl.load(c_ptr + k * N + offs_n, mask=col_ok, other=0.0)
             g = (g * r_k[:, None]) * c_k[None, :]
         g = g * gscale
@@ -243,7 +248,8 @@ def _flags(dtype: torch.dtype) -> dict:
 # The nested sweeps' tile on a GPU.  128 x 64 (BN halved from the plain kernels' 128 x 128): the
 # per-size row statistics and the backward's reverse sums keep more registers live, and at
 # 128 x 128 ptxas spills (sm_90 bf16: ~1-2 KB of spill stores per kernel) where 128 x 64 does not
-# (forward) or barely (backward, 80 B) -- ``python -m clip_fast.kernels.aot_check --only nested``.
+# (forward) or barely (backward, tens of bytes at most) --
+# ``python -m clip_fast.kernels.aot_check --only nested``.
 # Untimed: chosen from the compile report alone.  fp32 halves BK (shared memory, as the table).
 _GPU_TILE = _config.KernelConfig(128, 64, 64, 8, 3)
 # float64: a 64 x 64 tile (a 128 x 128 float64 accumulator spills heavily, and three stages of
@@ -268,9 +274,10 @@ def _tile(x: torch.Tensor) -> _config.KernelConfig:
 
 
 def _launch_sweep(x, y, dims_t, rs, c, c2, row_flags, col_sum, col_max, diag2, H2, ns):
-    """One launch of the forward kernel over x's rows; returns the (NS, N) row lse in log2 units
-    (float64, off-diagonal) and fills col_sum / col_max / diag2 when given."""
-    n = x.shape[0]
+    """One launch of the forward kernel over x's (M) rows against y's (K): returns the (NS, M)
+    row lse in log2 units (float64, off-diagonal) and fills col_sum / col_max (NS, K) and diag2
+    (NS, M; its first min(M, K) columns) when given."""
+    n, k_cols = x.shape[0], y.shape[0]
     cd = compute_dtype(x.dtype)
     tile = _tile(x)
     m_part = torch.empty((ns, n), device=x.device, dtype=cd)
@@ -281,7 +288,7 @@ def _launch_sweep(x, y, dims_t, rs, c, c2, row_flags, col_sum, col_max, diag2, H
         dims_t if row_flags is None else row_flags, m_part, l_part,
         dummy if col_sum is None else col_sum, dummy if col_max is None else col_max,
         dummy if diag2 is None else diag2,
-        n, H2, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        n, k_cols, H2, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         NS=ns, KP=triton.next_power_of_2(ns), RENORM=rs is not None, COMPUTE_COL=col_sum is not None,
         WRITE_DIAG=diag2 is not None, ROW_FLAGS=row_flags is not None, **_flags(x.dtype),
         BM=tile.BM, BN=tile.BN, BK=tile.BK, num_warps=tile.num_warps, num_stages=tile.num_stages)
@@ -310,28 +317,35 @@ def _column_bounds_log2(x, y, dims, rs, c) -> torch.Tensor:
 @torch.no_grad()
 def nested_lse_forward(x: torch.Tensor, y: torch.Tensor, dims: Sequence[int], rs: Optional[torch.Tensor],
                        c: Optional[torch.Tensor], chunk_size: Optional[int] = None):
-    """(lse_row, lse_col, diag), each (n_sizes, N) float64: ``nested_torch.nested_lse_forward``'s
-    contract.  x, y: (N, D), fp16/bf16/fp32/fp64 (the GEMM operands; x = scale * img without
-    re-normalisation); rs, c: (n_sizes, N) in the accumulator's dtype, or both None.
-    ``chunk_size`` is accepted for the contract and unused (the kernel's tiles bound memory)."""
-    n, ns = x.shape[0], len(dims)
+    """(lse_row (n_sizes, M), lse_col (n_sizes, K), diag (n_sizes, min(M, K))), float64:
+    ``nested_torch.nested_lse_forward``'s contract.  x: (M, D), y: (K, D), fp16/bf16/fp32/fp64
+    (the GEMM operands; x = scale * img without re-normalisation); rs: (n_sizes, M) and
+    c: (n_sizes, K) in the accumulator's dtype, or both None.  ``chunk_size`` is accepted for
+    the contract and unused (the kernel's tiles bound memory)."""
+    n, k_cols, ns = x.shape[0], y.shape[0], len(dims)
     cd = compute_dtype(x.dtype)
     dev = x.device
+    if n == 0 or k_cols == 0:
+        return _empty_stats(n, k_cols, ns, dev)
     dims_t = torch.tensor(list(dims), dtype=torch.int32, device=dev)
     rs = None if rs is None else rs.to(cd).contiguous()
     c = None if c is None else c.to(cd).contiguous()
     c2 = _column_bounds_log2(x, y, dims, rs, c)
     H2 = headroom_log2(n)
-    col_sum = torch.zeros((ns, n), device=dev, dtype=cd)
-    col_max = torch.full((ns, n), float("-inf"), device=dev, dtype=cd)
+    col_sum = torch.zeros((ns, k_cols), device=dev, dtype=cd)
+    col_max = torch.full((ns, k_cols), float("-inf"), device=dev, dtype=cd)
     diag2 = torch.empty((ns, n), device=dev, dtype=cd)
     row_off2 = _launch_sweep(x, y, dims_t, rs, c, c2, None, col_sum, col_max, diag2, H2, ns)
+    diag2 = diag2[:, :min(n, k_cols)]
     # Column lse relative to the column's largest S2 (lse_forward_offdiag's finishing step).
     shift = c2.new_full((), H2) - c2
     top = (col_max + shift).to(torch.float64)
     col_off2 = torch.where(col_max == float("-inf"), col_max.to(torch.float64),
                            col_max.to(torch.float64) + torch.log2(col_sum.to(torch.float64)) - top)
-    total = col_sum.to(torch.float64) + torch.exp2(diag2.to(torch.float64) + shift.to(torch.float64))
+    # A column's shifted total: its off-diagonal sum plus its diagonal term (columns past
+    # min(M, K) have none).
+    total = col_sum.to(torch.float64)
+    total[:, :diag2.shape[1]] += torch.exp2(diag2.to(torch.float64) + shift[:, :diag2.shape[1]].to(torch.float64))
     flags = (total < COL_UNDERFLOW) | ~torch.isfinite(total)
     if bool(flags.any()):
         # The exact fallback: the transposed problem (rows scaled by c, columns by rs), only
@@ -345,6 +359,13 @@ def nested_lse_forward(x: torch.Tensor, y: torch.Tensor, dims: Sequence[int], rs
     return lse_row, lse_col, diag
 
 
+def _empty_stats(m: int, k: int, ns: int, dev: torch.device):
+    """The statistics of a block without entries (M or K zero): the lse of an empty sum, -inf."""
+    f64 = torch.float64
+    return (torch.full((ns, m), float("-inf"), dtype=f64, device=dev),
+            torch.full((ns, k), float("-inf"), dtype=f64, device=dev), torch.empty((ns, 0), dtype=f64, device=dev))
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b) if a.dtype == torch.float64 else mm_f32(a, b)
 
@@ -355,6 +376,12 @@ def _lse_pair(lse: torch.Tensor, cd: torch.dtype) -> Tuple[torch.Tensor, torch.T
     if cd == torch.float64:
         return lse2, torch.zeros_like(lse2)
     return split_float(lse2)
+
+
+def _lse_pairs(lse: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """(2, NS, L): every size's float64 lse (NS, L) as its (hi, lo) pair of ``_lse_pair``."""
+    pairs = [_lse_pair(lse[k], cd) for k in range(lse.shape[0])]
+    return torch.stack([torch.stack([p[i] for p in pairs]) for i in (0, 1)]).to(cd).contiguous()
 
 
 def _gscale(coefs, r, c, ns: int) -> float:
@@ -377,45 +404,47 @@ def nested_grad_backward(x_gemm: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                          dims: Sequence[int], rs: Optional[torch.Tensor], r: Optional[torch.Tensor],
                          c: Optional[torch.Tensor], lse_row: torch.Tensor, lse_col: torch.Tensor,
                          diag: torch.Tensor, coefs, chunk_size: Optional[int] = None):
-    """(d_x, d_y, u_row, u_col, d_scale): ``nested_torch.nested_grad_backward``'s contract.
-    x_gemm, y: the forward's operands (any of fp16/bf16/fp32/fp64); x: the features (any float
-    dtype, cast to the operands' for the d_y GEMMs).  d_x, d_y in the accumulator's dtype."""
-    n, ns, D = x_gemm.shape[0], len(dims), x_gemm.shape[1]
+    """(d_x, d_y, u_row, u_col, d_scale): ``nested_torch.nested_grad_backward``'s contract on an
+    (M, K) block.  x_gemm, y: the forward's operands (any of fp16/bf16/fp32/fp64); x: the
+    features (any float dtype, cast to the operands' for the d_y GEMMs).  d_x, d_y in the
+    accumulator's dtype; u_row (n_sizes, M), u_col (n_sizes, K)."""
+    n, k_cols, ns, D = x_gemm.shape[0], y.shape[0], len(dims), x_gemm.shape[1]
     op = x_gemm.dtype
     cd = compute_dtype(op)
     dev = x_gemm.device
     segs = list(zip((0,) + tuple(dims[:-1]), dims))
     d_x = torch.zeros((n, D), device=dev, dtype=cd)
-    d_y = torch.zeros((n, D), device=dev, dtype=cd)
+    d_y = torch.zeros((k_cols, D), device=dev, dtype=cd)
     u_row = torch.zeros((ns, n), dtype=torch.float64, device=dev)
-    u_col = torch.zeros((ns, n), dtype=torch.float64, device=dev)
+    u_col = torch.zeros((ns, k_cols), dtype=torch.float64, device=dev)
+    if n == 0 or k_cols == 0:
+        return d_x, d_y, u_row, u_col, torch.zeros((), dtype=torch.float64, device=dev)
     x_op = x.to(op)
     dims_t = torch.tensor(list(dims), dtype=torch.int32, device=dev)
-    rows = [_lse_pair(lse_row[k], cd) for k in range(ns)]
-    cols = [_lse_pair(lse_col[k], cd) for k in range(ns)]
-    lse_t = torch.stack([torch.stack([p[i] for p in pairs]) for pairs, i in
-                         ((rows, 0), (rows, 1), (cols, 0), (cols, 1))]).to(cd).contiguous()
-    g_diag = torch.stack([diag_grad(lse_row[k], lse_col[k], diag[k], coefs[0][k], coefs[1][k], coefs[2][k])
-                          for k in range(ns)]).to(cd).contiguous()
+    lse_r, lse_c = _lse_pairs(lse_row, cd), _lse_pairs(lse_col, cd)
+    # G's diagonal per size, (NS, M): the first min(M, K) entries, the rest never read.
+    g_diag = torch.zeros((ns, n), dtype=cd, device=dev)
+    g_diag[:, :diag.shape[1]] = torch.stack([diag_grad(lse_row[k], lse_col[k], diag[k], coefs[0][k], coefs[1][k],
+                                                       coefs[2][k]) for k in range(ns)]).to(cd)
     coef_t = torch.tensor([list(coefs[0]), list(coefs[1])], dtype=cd, device=dev)
     renorm = rs is not None
     rs_t, r_t, c_t = ((None, None, None) if not renorm else
                       (rs.to(cd).contiguous(), r.to(cd).contiguous(), c.to(cd).contiguous()))
     gscale = _gscale(coefs, r_t, c_t, ns)
     tile = _tile(x_gemm)
-    R, C = block_shape(n, n, x_gemm.element_size() * ns, tile.BM, tile.BN)
+    R, C = block_shape(n, k_cols, x_gemm.element_size() * ns, tile.BM, tile.BN)
     ws = torch.empty((ns, R, C), device=dev, dtype=op)
     dummy = u_row
     for r0 in range(0, n, R):
         r1 = min(r0 + R, n)
-        for c0 in range(0, n, C):
-            c1 = min(c0 + C, n)
+        for c0 in range(0, k_cols, C):
+            c1 = min(c0 + C, k_cols)
             block = ws[:, :r1 - r0, :c1 - c0]
             grid = (triton.cdiv(r1 - r0, tile.BM) * triton.cdiv(c1 - c0, tile.BN),)
             _nested_grad_kernel[grid](
                 x_gemm, y, dims_t, dummy if not renorm else rs_t, dummy if not renorm else c_t,
-                dummy if not renorm else r_t, lse_t, g_diag, coef_t, block, u_row, u_col,
-                r0, c0, r1 - r0, c1 - c0, n, x_gemm.stride(0), x_gemm.stride(1), y.stride(0), y.stride(1),
+                dummy if not renorm else r_t, lse_r, lse_c, g_diag, coef_t, block, u_row, u_col,
+                r0, c0, r1 - r0, c1 - c0, n, k_cols, x_gemm.stride(0), x_gemm.stride(1), y.stride(0), y.stride(1),
                 block.stride(0), block.stride(1), gscale, NS=ns, RENORM=renorm, **_flags(op),
                 BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=8, num_warps=tile.num_warps,
                 num_stages=tile.num_stages)
@@ -442,7 +471,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
         prec = "ieee" if op != torch.float32 else "tf32"
         base = dict(NS=5, DOT_PRECISION=prec, DOT_UPCAST=False, stride_xd=1, stride_yd=1)
         fwd = dict(base, KP=8, COMPUTE_COL=True, WRITE_DIAG=True, ROW_FLAGS=False)
-        ints = frozenset({"N", "stride_xm", "stride_ym"})
+        ints = frozenset({"M", "N", "stride_xm", "stride_ym"})
         stats = ("rs_ptr", "c_ptr", "c2_ptr", "m_ptr", "l_ptr", "col_sum_ptr", "col_max_ptr", "diag2_ptr")
         for name, ce in ((f"nested sweep renorm{tag}", dict(fwd, RENORM=True)),
                          (f"nested sweep raw{tag}", dict(fwd, RENORM=False)),
@@ -452,7 +481,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
                 "forward", name, _nested_lse_kernel, tile, ce, ints=ints, div16=ints, floats=frozenset({"H2"}),
                 pointers=(("x_ptr", feat), ("y_ptr", feat), ("dims_ptr", "*i32"), ("row_flag_ptr", "*i32"))
                 + tuple((p, acc) for p in stats))
-        ints = frozenset({"row0", "col0", "R", "C", "N", "stride_xm", "stride_ym", "stride_wk", "stride_wr"})
+        ints = frozenset({"row0", "col0", "R", "C", "M", "N", "stride_xm", "stride_ym", "stride_wk", "stride_wr"})
         for name, ce in ((f"nested tile renorm{tag}", dict(base, RENORM=True, GROUP_M=8)),
                          (f"nested tile raw{tag}", dict(base, RENORM=False, GROUP_M=8))):
             yield _config.AotVariant(
@@ -460,4 +489,5 @@ def aot_variants(dtype: torch.dtype, arch: int):
                 floats=frozenset({"gscale"}),
                 pointers=(("x_ptr", feat), ("y_ptr", feat), ("dims_ptr", "*i32"), ("ws_ptr", feat),
                           ("u_row_ptr", "*fp64"), ("u_col_ptr", "*fp64"))
-                + tuple((p, acc) for p in ("rs_ptr", "c_ptr", "r_ptr", "lse_ptr", "g_diag_ptr", "coef_ptr")))
+                + tuple((p, acc) for p in ("rs_ptr", "c_ptr", "r_ptr", "lse_row_ptr", "lse_col_ptr", "g_diag_ptr",
+                                           "coef_ptr")))

@@ -36,7 +36,7 @@ class FastClipLoss(nn.Module):
             + (1 - lambda) * CE(text -> image); 0.5 is CLIP.
         matryoshka_dims, matryoshka_weights, matryoshka_renormalize: the nested-size
             (Matryoshka) loss of ``clip_fast.clip_loss``, every size from one sweep over D
-            (Triton or torch backend in one process; torch in both distributed modes;
+            (Triton or torch backend, in one process and in both distributed modes;
             docs/matryoshka.md).
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
@@ -82,10 +82,6 @@ class FastClipLoss(nn.Module):
 
             if backend == "cuda":
                 backends.nested_ops("cuda")   # raises: the nested sweep runs on Triton and torch
-            if world_size > 1 and backend not in ("auto", "torch"):
-                raise ValueError(f"FastClipLoss(matryoshka_dims=..., world_size={world_size}) runs its block "
-                                 f"sweeps on backend='torch' (or 'auto'): the Triton nested kernels take square "
-                                 f"blocks only; got backend={backend!r}")
             # The features' D is not known yet: each call checks the sizes against it.
             self.matryoshka = check_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_renormalize, None)
 

@@ -167,9 +167,24 @@ def test_bad_options(kwargs, match):
         clip_fast.clip_loss(img, txt, 10.0, **kwargs)
 
 
-def test_module_distributed_needs_torch_sweeps():
-    with pytest.raises(ValueError, match="backend='triton'"):
-        clip_fast.FastClipLoss(world_size=2, rank=0, matryoshka_dims=(4, 8), backend="triton")
+def test_distributed_nested_backend_choice():
+    """The distributed modes' nested sweep: backend="triton" runs the Triton pair, "auto" takes
+    the plain loss's choice (torch on CPU), "torch" stays torch; the module takes
+    backend="triton" with world_size > 1 and refuses backend="cuda" (no nested CUDA sweep)."""
+    from clip_fast.clip.distributed.agreement import _local_call
+
+    img, txt = paired_features(6, 6, 16)
+    auto = clip_fast.clip.backends.resolve_backend("auto", img.device, img.dtype).NAME
+    for backend, want in (("triton", "triton"), ("torch", "torch"), ("auto", auto)):
+        call, nested = _local_call(img, txt, 10.0, None, "gather", True, True, backend, None, "gloo", {},
+                                   ((4, 16), None, True))
+        assert call.opts.backend == want and nested.dims == (4, 16), (backend, call.opts.backend)
+    assert auto == "torch" or torch.cuda.is_available()
+    clip_fast.FastClipLoss(world_size=2, rank=0, matryoshka_dims=(4, 8), backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' or backend='torch'"):
+        clip_fast.FastClipLoss(world_size=2, rank=0, matryoshka_dims=(4, 8), backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton' or backend='torch'"):
+        _local_call(img, txt, 10.0, None, "gather", True, True, "cuda", None, "gloo", {}, ((4, 16), None, True))
 
 
 @pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])

@@ -10,7 +10,9 @@ apart) to 1e-9 relative.  float32: the precision rule (tests/helpers.py) against
 materialised loss run in float32, over 8 seeds (``helpers.seed_ratio``), on confident rows
 at scale 100 (|S| ~ 100, per-size losses ~1e-3 and below).  Shards of 7 rows (open_clip
 gathers equal shards), D = 13, sizes (3, 8, 13) and (5, 11) (the largest below D), strips
-of 3 rows so the sweeps cross strip and segment boundaries; 2 and 3 ranks, torch backend.
+of 3 rows so the sweeps cross strip and segment boundaries; 2 and 3 ranks, the torch backend
+("auto" on CPU) and the Triton backend (its nested kernels under the interpreter; every path,
+both size sets, float64 and fp32 over the 8 seeds, all options together, the module).
 Options: group_ids, label_smoothing, hard negatives (unequal counts per rank, one rank
 none), image_to_text_weight, and all together, in gather mode (two flag pairs) and ring
 mode; the module ``FastClipLoss``.  Mismatched or bad Matryoshka options raise the same
@@ -49,22 +51,31 @@ RING_OPTIONS = {"ids": dict(ids=True), "smoothing": dict(eps=0.1), "negatives-la
 
 
 def _case(name, *, mode="gather", local=True, gwg=True, dtype="float64", regime="random", sizes="three",
-          renorm=True, lam=0.5, via="function", error=None, bad=None, ids=False, eps=0.0, negs=False):
+          renorm=True, lam=0.5, via="function", error=None, bad=None, ids=False, eps=0.0, negs=False,
+          backend="auto"):
     return dict(name=name, mode=mode, local=local, gwg=gwg, dtype=dtype, regime=regime, sizes=sizes,
-                renorm=renorm, lam=lam, via=via, error=error, bad=bad, ids=ids, eps=eps, negs=negs)
+                renorm=renorm, lam=lam, via=via, error=error, bad=bad, ids=ids, eps=eps, negs=negs,
+                backend=backend)
 
 
-def _cases(world_size):
+def _path_cases(prefix="", **extra):
+    """Every path (gather's four flag pairs, the ring) with and without re-normalisation: both
+    size sets in float64, and fp32 confident rows over the seeds."""
     cases = []
     for mode, local, gwg in PATHS:
-        tag = f"{mode}-local{int(local)}-gwg{int(gwg)}"
-        flags = dict(mode=mode, local=local, gwg=gwg)
+        tag = f"{prefix}{mode}-local{int(local)}-gwg{int(gwg)}"
+        flags = dict(mode=mode, local=local, gwg=gwg, **extra)
         for renorm in (True, False):
             for sizes in SIZES:
                 cases.append(_case(f"f64-{tag}-{sizes}-renorm{int(renorm)}", sizes=sizes, renorm=renorm, **flags))
             for seed in SEEDS:
                 cases.append(_case(f"f32-{tag}-renorm{int(renorm)}-s{seed}", dtype="float32", regime="confident",
                                    renorm=renorm, **flags))
+    return cases
+
+
+def _cases(world_size):
+    cases = _path_cases()
     options = [(opt, kw, dict(local=local, gwg=gwg)) for opt, kw in OPTIONS.items()
                for local, gwg in ((True, True), (False, False))]
     options += [(opt, kw, dict(mode="ring")) for opt, kw in RING_OPTIONS.items()]
@@ -78,12 +89,25 @@ def _cases(world_size):
     cases.append(_case("f64-lam-ring", mode="ring", lam=0.8, sizes="below_d"))
     cases.append(_case("f64-module-gather-local1-gwg0", local=True, gwg=False, via="module"))
     cases.append(_case("f64-module-ring", mode="ring", via="module", renorm=False))
+    cases += _triton_cases()
     # Every rank must raise the same error; rank 1 alone differs where it is marked.
     cases.append(_case("err-dims-differ", bad="dims", error="Matryoshka options"))
     cases.append(_case("err-weights-differ", mode="ring", bad="weights", error="Matryoshka options"))
     cases.append(_case("err-renorm-differ", bad="renorm", error="Matryoshka options"))
     cases.append(_case("err-one-rank-without", bad="none", error="Matryoshka options"))
     cases.append(_case("err-dims-above-d", bad="big", error=r"matryoshka_dims must lie in \[1, D\] = \[1, 13\]"))
+    return cases
+
+
+def _triton_cases():
+    """The Triton nested sweeps (the interpreter on CPU) on the gathered and ring blocks:
+    every path with and without re-normalisation, both size sets, float64 and fp32 confident
+    rows (TRITON_INTERPRET reaches the spawned ranks through the environment, tests/conftest.py)."""
+    cases = _path_cases("triton-", backend="triton")
+    for mode, flags in (("gather", dict(local=False, gwg=False)), ("ring", dict(mode="ring"))):
+        cases.append(_case(f"f64-triton-{mode}-all", ids=True, eps=0.1, lam=0.3, negs=True, backend="triton",
+                           **flags))
+    cases.append(_case("f64-triton-module-ring", mode="ring", via="module", backend="triton"))
     return cases
 
 
@@ -134,7 +158,8 @@ def _upstream(world_size):
 def _loss(case, img, txt, scale, ids, nt, ni, rank, world_size):
     dims, weights, renorm = _matryoshka(case, rank)
     flags = dict(rank=rank, world_size=world_size, local_loss=case["local"], gather_with_grad=case["gwg"])
-    opts = dict(image_to_text_weight=case["lam"], label_smoothing=case["eps"], chunk_size=CHUNK)
+    opts = dict(image_to_text_weight=case["lam"], label_smoothing=case["eps"], chunk_size=CHUNK,
+                backend=case["backend"])
     per_batch = dict(group_ids=ids, negative_text_features=nt, negative_image_features=ni)
     if case["via"] == "module":
         import clip_fast

@@ -77,21 +77,10 @@ def test_precision_rule(dtype, make, renorm):
     check_precision(dtype, make, renorm, backend="triton")
 
 
-@pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
-def test_underflowed_columns_take_the_exact_fallback(renorm, monkeypatch):
-    """Text rows opposed to every image row at scale 100: their columns' shifted sums underflow
-    (2^(S2 + H2 - c2) with S2 ~ -c2), the transposed sweep recomputes them, and the loss and
-    gradients stay the float64 reference's."""
+def _spy_fallback(monkeypatch):
+    """The number of flagged rows of each fallback launch (the transposed sweep), as a list."""
     from clip_fast.kernels import nested
 
-    n, d, dims = 37, 29, (5, 13, 29)
-    g = torch.Generator().manual_seed(5)
-    u = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64, generator=g), dim=0)
-    img = u + 0.05 * torch.randn(n, d, dtype=torch.float64, generator=g)
-    txt = img + 0.05 * torch.randn(n, d, dtype=torch.float64, generator=g)
-    txt[[3, 20, 36]] = -img[[3, 20, 36]] + 0.05 * torch.randn(3, d, dtype=torch.float64, generator=g)
-    if not renorm:
-        img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
     flagged = []
     launch = nested._launch_sweep
 
@@ -101,6 +90,23 @@ def test_underflowed_columns_take_the_exact_fallback(renorm, monkeypatch):
         return launch(x, y, dims_t, rs, c, c2, row_flags, *rest)
 
     monkeypatch.setattr(nested, "_launch_sweep", spy)
+    return flagged
+
+
+@pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
+def test_underflowed_columns_take_the_exact_fallback(renorm, monkeypatch):
+    """Text rows opposed to every image row at scale 100: their columns' shifted sums underflow
+    (2^(S2 + H2 - c2) with S2 ~ -c2), the transposed sweep recomputes them, and the loss and
+    gradients stay the float64 reference's."""
+    n, d, dims = 37, 29, (5, 13, 29)
+    g = torch.Generator().manual_seed(5)
+    u = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64, generator=g), dim=0)
+    img = u + 0.05 * torch.randn(n, d, dtype=torch.float64, generator=g)
+    txt = img + 0.05 * torch.randn(n, d, dtype=torch.float64, generator=g)
+    txt[[3, 20, 36]] = -img[[3, 20, 36]] + 0.05 * torch.randn(3, d, dtype=torch.float64, generator=g)
+    if not renorm:
+        img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
+    flagged = _spy_fallback(monkeypatch)
     got = _run(img, txt, 100.0, dims, None, renorm, {}, backend="triton")
     ref = _reference(img, txt, 100.0, dims, None, renorm, {})
     assert flagged and flagged[0] >= 3
@@ -136,3 +142,108 @@ def test_backward_gemm_work_is_the_largest_size():
     with _GemmFlops() as nested:
         clip_fast.clip_loss(x, y, 10.0, matryoshka_dims=dims, backend="triton").backward()
     assert nested.flops == 2 * 2 * n * n * max(dims)
+
+
+# Rectangular blocks (the distributed modes' gather and ring blocks): (M, K) both ways round,
+# odd sizes, sizes not multiples of BK; the label-pair block and the ring's blocks without
+# label pairs (the row term or the column term alone, w = 0).
+RECT = [(37, 23, 29, (5, 13, 29)), (23, 37, 29, (5, 13, 29)), (1, 9, 30, (17, 3)), (40, 7, 33, (7, 20, 33))]
+COEFS = {"pairs": (0.02, 0.03, 0.05), "row_only": (0.04, 0.0, 0.0), "col_only": (0.0, 0.03, 0.0)}
+
+
+def _pair_outputs(backend, img, txt, scale, dims, renorm, coefs):
+    """Both sweeps of ``nested_ops(backend)`` on one (M, K) block, called as the distributed
+    modes call them (``sweeps.NestedSweeps``): the forward's stats, then the backward's outputs
+    with the given per-size (coef_row, coef_col, coef_diag) and the forward's diagonal."""
+    from clip_fast.clip.backends import nested_ops
+    from clip_fast.clip.matryoshka import check_matryoshka, sweep_operands
+
+    forward, backward = nested_ops(backend)
+    nested = check_matryoshka(dims, None, renorm, img.shape[1])
+    s = torch.tensor(scale, dtype=img.dtype)
+    x_gemm, rs, r, c, _, _ = sweep_operands(img, txt, s, nested)
+    stats = forward(x_gemm, txt, nested.dims, rs, c, None)
+    a, b, w = coefs
+    ns = len(dims)
+    lse_row = stats[0] if a else torch.zeros_like(stats[0])
+    lse_col = stats[1] if b else torch.zeros_like(stats[1])
+    grads = backward(x_gemm, img, txt, s, nested.dims, rs, r, c, lse_row, lse_col, stats[2],
+                     ([a] * ns, [b] * ns, [w] * ns), chunk_size=None)
+    return list(stats) + list(grads)
+
+
+OUT_NAMES = ["lse_row", "lse_col", "diag", "d_x", "d_y", "u_row", "u_col", "d_scale"]
+
+
+@pytest.mark.parametrize("coefs", list(COEFS), ids=list(COEFS))
+@pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
+@pytest.mark.parametrize("rect", RECT, ids=[f"{m}x{k}" for m, k, _, _ in RECT])
+def test_rectangular_pair_equals_torch_pair_float64(rect, renorm, coefs):
+    """float64: the Triton pair's statistics and gradients are the torch pair's (nested_torch,
+    the contract's reference) to 1e-9 relative, shapes included."""
+    m, k, d, dims = rect
+    gen = torch.Generator().manual_seed(m * 7 + k)
+    img = torch.randn(m, d, dtype=torch.float64, generator=gen)
+    txt = torch.randn(k, d, dtype=torch.float64, generator=gen)
+    got = _pair_outputs("triton", img, txt, 7.0, dims, renorm, COEFS[coefs])
+    ref = _pair_outputs("torch", img, txt, 7.0, dims, renorm, COEFS[coefs])
+    for name, g, r in zip(OUT_NAMES, got, ref):
+        assert g.shape == r.shape, (name, g.shape, r.shape)
+        if name in ("u_row", "u_col") and not renorm:
+            assert not g.any() and not r.any(), name   # no normalisation chain without re-normalisation
+            continue
+        assert _rel(g.double(), r.double()) <= 1e-9, (name, _rel(g.double(), r.double()))
+
+
+@pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
+@pytest.mark.parametrize("rect", RECT[:2], ids=[f"{m}x{k}" for m, k, _, _ in RECT[:2]])
+def test_rectangular_pair_fp32_confident(rect, renorm):
+    """float32, confident rows at scale 100 (each row's pair dominates at every size): the
+    per-pair loss terms lse - diag (~1e-4 and below) and the gradients of the two pairs agree
+    with the float64 torch pair's within the same error as the fp32 torch pair's, times the
+    precision factor (tests/helpers.py)."""
+    from helpers import PRECISION_FACTOR
+
+    m, k, d, dims = rect
+    n = min(m, k)
+    gen = torch.Generator().manual_seed(m + 3 * k)
+    base = torch.nn.functional.normalize(torch.randn(max(m, k), d, dtype=torch.float64, generator=gen), dim=1)
+    img = base[:m].clone()
+    txt = base[:k] + 0.05 * torch.randn(k, d, dtype=torch.float64, generator=gen)
+    ref = _pair_outputs("torch", img, txt, 100.0, dims, renorm, COEFS["pairs"])
+    outs = {b: _pair_outputs(b, img.float(), txt.float(), 100.0, dims, renorm, COEFS["pairs"])
+            for b in ("triton", "torch")}
+
+    def terms(o):   # the per-pair loss terms of every size, then the gradients
+        return [o[0][:, :n] - o[2], o[1][:, :n] - o[2]] + [t.double() for t in o[3:]]
+
+    ref_t = terms(ref)
+    for i, (g, t, r) in enumerate(zip(terms(outs["triton"]), terms(outs["torch"]), ref_t)):
+        if not r.any():
+            continue
+        err, floor = float((g - r).norm()), float((t - r).norm())
+        assert err <= PRECISION_FACTOR * floor + 1e-12 * float(r.norm()), (i, err, floor)
+
+
+@pytest.mark.parametrize("renorm", [True, False], ids=["renorm", "raw"])
+@pytest.mark.parametrize("m, k", [(37, 23), (23, 37)], ids=["37x23", "23x37"])
+def test_rectangular_fallback_equals_torch_pair(m, k, renorm, monkeypatch):
+    """Text rows opposed to every image row at scale 100 on a rectangular block: their columns'
+    shifted sums underflow, the transposed sweep (K rows against M columns) recomputes them,
+    and the statistics and gradients stay the torch pair's to 1e-9 in float64."""
+    d, dims = 29, (5, 13, 29)
+    g = torch.Generator().manual_seed(m + k)
+    u = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64, generator=g), dim=0)
+    img = u + 0.05 * torch.randn(m, d, dtype=torch.float64, generator=g)
+    txt = u + 0.05 * torch.randn(k, d, dtype=torch.float64, generator=g)
+    txt[[3, 20, k - 1]] = -u + 0.05 * torch.randn(3, d, dtype=torch.float64, generator=g)
+    if not renorm:
+        img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
+    flagged = _spy_fallback(monkeypatch)
+    got = _pair_outputs("triton", img, txt, 100.0, dims, renorm, COEFS["pairs"])
+    ref = _pair_outputs("torch", img, txt, 100.0, dims, renorm, COEFS["pairs"])
+    assert flagged and flagged[0] >= 3
+    for name, a, b in zip(OUT_NAMES, got, ref):
+        if name in ("u_row", "u_col") and not renorm:
+            continue
+        assert _rel(a.double(), b.double()) <= 1e-9, (name, _rel(a.double(), b.double()))

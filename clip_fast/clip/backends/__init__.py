@@ -120,7 +120,8 @@ def get_loaded(name: str) -> ModuleType:
 
 def nested_ops(name: str):
     """``(nested_lse_forward, nested_grad_backward)`` of backend ``name``: the nested
-    (Matryoshka) sweeps of one square block, every prefix size in one pass over D.
+    (Matryoshka) sweeps of one (M, K) block, every prefix size in one pass over D (the
+    single-process loss sweeps the square block, the distributed modes rectangular ones).
 
     "torch": ``nested_torch`` (any device, float32/float64 compute).  "triton":
     ``clip_fast.kernels.nested`` (CUDA, or CPU under TRITON_INTERPRET=1); its functions take

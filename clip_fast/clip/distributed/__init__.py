@@ -75,7 +75,8 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         matryoshka_dims, matryoshka_weights, matryoshka_renormalize: as in ``clip_loss``
             (equal on every rank): each rank's loss is the weighted sum over the sizes of
             its loss above on the (re-normalised) prefixes, every size of a block from one
-            nested sweep over D (torch backend), with every option above applied to each size.
+            nested sweep over D (Triton or torch backend, chosen as in ``clip_loss``), with
+            every option above applied to each size.
 
     Each rank's loss is open_clip's ``ClipLoss`` generalised to these options on that rank:
     with ``local_loss`` ``lambda / n_r * sum of its rows' CE + (1 - lambda) / n_r * sum of

@@ -21,7 +21,7 @@ from ...core.distributed import (ShardLayout, agree_features, agree_needs_grad, 
                                 features_row, float_bits, mismatch, share_verdicts)
 from ..function import LossOptions
 from ..functional import Call, prepare_call
-from ..matryoshka import NestedOptions, check_matryoshka
+from ..matryoshka import NestedOptions, check_matryoshka, nested_backend
 
 @dataclass(frozen=True)
 class Layout(ShardLayout):
@@ -83,12 +83,14 @@ def _local_call(img, txt, logit_scale, logit_bias, mode, local_loss, gather_with
                 chunk_size, comm_name, options, matryoshka) -> Tuple[Call, Optional[NestedOptions]]:
     """This rank's own checks (raising here alone would leave the other ranks hanging)."""
     nested = None
-    if matryoshka[0] is not None and backend not in ("auto", "torch"):
-        raise ValueError(f"matryoshka_dims runs on backend='torch' (or 'auto'), got backend={backend!r}")
     call = prepare_call(img, txt, logit_scale, logit_bias, "torch" if matryoshka[0] is not None else backend,
                         chunk_size, **options)
-    if matryoshka[0] is not None:  # the sizes against this rank's D
+    if matryoshka[0] is not None:
+        # The sizes against this rank's D, and the nested sweep's backend as the single-process
+        # loss picks it (auto: the plain loss's choice, Triton on CUDA, torch on CPU).
         nested = check_matryoshka(*matryoshka, call.img.shape[1])
+        call = dataclasses.replace(call, opts=dataclasses.replace(
+            call.opts, backend=nested_backend(backend, call.img.device, call.img.dtype)))
     check_mode(mode, local_loss, gather_with_grad)
     check_comm_device(comm_name, call.img)
     return call, nested

@@ -111,12 +111,9 @@ class PlainSweeps(_Sweeps):
 def nested_pair(backend: str):
     """(nested_lse_forward, nested_grad_backward) of a backend: the one indirection through
     which the distributed modes reach the nested sweeps (signatures of
-    ``clip_fast.clip.backends.nested_torch``)."""
-    if backend != "torch":
-        raise ValueError(f"matryoshka_dims runs on backend='torch' (or 'auto'), got backend={backend!r}")
-    from ..backends import nested_torch
-
-    return nested_torch.nested_lse_forward, nested_torch.nested_grad_backward
+    ``clip_fast.clip.backends.nested_torch``): "torch" or "triton", both taking rectangular
+    blocks; anything else raises (``backends.nested_ops``)."""
+    return backends.nested_ops(backend)
 
 
 class NestedSweeps(_Sweeps):
