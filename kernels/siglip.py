@@ -80,7 +80,7 @@ from . import config as _config
 from .workspace import block_shape, mm_f32
 from .fused_backward import dv_cap, feature_chunk
 from .lse_forward import _num_sms, use_tma
-from .tile import grouped_tile, tile_dot, tile_dot_desc, tile_dot_range
+from .tile import block_descriptors, grouped_tile, tile_dot, tile_dot_desc, tile_dot_range
 from ..core.matryoshka import NestedOptions, chains, scalings
 from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
@@ -232,17 +232,10 @@ def _siglip_tile_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # LABELS: 0 every pair negative, 1 the diagonal positive, 2 equal ids positive.
-    if USE_TMA:
-        # Tensor descriptors (TMA loads on sm_90) over rows [0, row0 + R) and [0, col0 + C), made
-        # once per program: rows past the block and features past D arrive as 0, as the masked
-        # loads give them.
-        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[row0 + R, D], strides=[stride_im, 1],
-                                             block_shape=[BM, BK])
-        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[col0 + C, D], strides=[stride_tk, 1],
-                                             block_shape=[BN, BK])
-    else:
-        img_desc = img_ptr
-        txt_desc = txt_ptr
+    # The descriptors (USE_TMA) end at this workspace block's last row of img and of txt; made once
+    # per program.
+    img_desc, txt_desc = block_descriptors(img_ptr, txt_ptr, row0 + R, col0 + C, D, stride_im, stride_tk,
+                                           USE_TMA, BM, BN, BK)
     if PERSISTENT:
         # num_programs programs walk the block's tiles with that stride, in the grouped order;
         # flatten: the tile loop and the D loop inside it are one loop to the software pipeliner
