@@ -649,8 +649,9 @@ def nested_siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: 
 
 def aot_variants(dtype: torch.dtype, arch: int):
     """The compile variants of ``_siglip_tile_kernel`` (``python -m clip_fast.kernels.aot_check``):
-    each label mode, with a bias, at the GPU tile of ``tile_config``; the "tma" variant's sweep
-    (sm_90) and the "fused_bwd" variant's two launches (``config.SIGLIP_VARIANTS``), diagonal labels."""
+    each label mode, with a bias, at the GPU tile of ``tile_config``; the "tma" and "tma_persistent"
+    variants' sweeps (sm_90) and the "fused_bwd" variant's two launches (``config.SIGLIP_VARIANTS``),
+    diagonal labels; the nested (Matryoshka) tile."""
     tile = dataclasses.replace(_config.table_configs(arch // 10, dtype).backward, BM=64, BN=128, num_warps=8)
     feat = _config.feature_ptr(dtype)
     ptrs = {n: "*fp64" for n in _siglip_tile_kernel.arg_names if n.endswith("_ptr")}
