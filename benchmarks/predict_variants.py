@@ -121,14 +121,16 @@ def predict(rows: Dict[str, Dict[str, str]], m=MODEL) -> List[dict]:
 
 def predict_siglip(rows: Dict[str, Dict[str, str]], m=MODEL) -> List[dict]:
     """One prediction per SigLIP variant (kernels/config.py SIGLIP_VARIANTS; bf16, diagonal labels,
-    loss and every gradient), by the same model: the one-sweep designs ("default", "tma") are the
-    tile kernel + G's store + two cuBLAS GEMMs; "fused_bwd" is its two launches, each sweeping
+    loss and every gradient), by the same model: the one-sweep designs ("default", "tma",
+    "tma_persistent", the last from its flattened tile loop's row, its grid's spread not modelled
+    as for CLIP's) are the tile kernel + G's store + two cuBLAS GEMMs; "fused_bwd" is its two launches, each sweeping
     D / DV times with 2 BM BN (D + DV) flops a tile (the recompute and the gradient MMA)."""
     N, D = m["N"], m["D"]
     gemm_ms = 1e3 * 2.0 * N * N * D / (m["gemm_tflops"] * 1e12)
     g_store_ms = 1e3 * 2.0 * N * N / m["copy_bytes_per_s"]
     out = []
     for variant, names in (("default", ["tile diagonal"]), ("tma", ["tile diagonal tma"]),
+                           ("tma_persistent", ["tile diagonal tma persistent"]),
                            ("fused_bwd", ["fused rows d_img", "fused cols d_txt"])):
         found = [rows.get(f"triton bf16 siglip {n}") for n in names]
         if None in found:

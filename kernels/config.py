@@ -324,16 +324,21 @@ class AotVariant:
 # ---- SigLIP kernel variants (kernels/siglip.py; docs/gpu_variants.md) ----
 
 # The CLIP variants' ideas where they apply to the sigmoid loss.  "tma": the tile's img and txt
-# slices through tensor descriptors (TMA loads on sm_90).  "fused_bwd": d_img and d_txt
+# slices through tensor descriptors (TMA loads on sm_90); "tma_persistent": the same on a
+# persistent grid.  "fused_bwd": d_img and d_txt
 # accumulated in-kernel from the recomputed tile (G never reaches device memory) instead of G
 # written to the workspace and read back by two cuBLAS GEMMs.  Exponent sharing has no SigLIP
 # counterpart: there is no softmax, each element needs exactly one exp2 already.
 # Selected like the CLIP variants: ``siglip_variant_override`` > env CLIP_FAST_SIGLIP_VARIANT >
 # the winner file's "siglip" entry (on a GPU, never a dry run's) > "default".
 SIGLIP_VARIANTS: Dict[str, dict] = {
-    "default": dict(use_tma=False, fused_bwd=False),
-    "tma": dict(use_tma=True, fused_bwd=False),
-    "fused_bwd": dict(use_tma=False, fused_bwd=True),
+    "default": dict(use_tma=False, fused_bwd=False, persistent=0),
+    "tma": dict(use_tma=True, fused_bwd=False, persistent=0),
+    "fused_bwd": dict(use_tma=False, fused_bwd=True, persistent=0),
+    # The tile kernel through tensor descriptors on a persistent grid (one program per SM, fewer
+    # when a workspace block has fewer tiles) walking each block's tiles in the grouped order, as
+    # CLIP's "tma_persistent" runs its G kernel.
+    "tma_persistent": dict(use_tma=True, fused_bwd=False, persistent=1),
 }
 # The GPU tile of a SigLIP variant that needs its own (others: kernels/siglip.tile_config's 64 x 128
 # x 64 w8 s3): the fused backward keeps a BM x DV fp32 output block in registers beside the
@@ -350,6 +355,9 @@ class SiglipDesign:
     name: str
     use_tma: bool
     fused_bwd: bool
+    # Programs per SM of a persistent grid for the tile kernel (0: one program per tile); with the
+    # descriptor loads only (kernels/siglip.py falls back to one program per tile without them).
+    persistent: int = 0
 
 
 def _siglip_name_ok(name, where: str) -> str:

@@ -46,7 +46,7 @@ import triton.language as tl
 from . import config as _config
 from .fused_backward import fused_grad_backward
 from .lse_forward import _num_sms, launch_options, share_budget, use_tma
-from .tile import grouped_tile, shared_exp_g, tile_dot, tile_dot_desc, two_exp_g
+from .tile import block_descriptors, grouped_tile, shared_exp_g, tile_dot, tile_dot_desc, two_exp_g
 from .workspace import block_shape, mm_f32
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
@@ -165,16 +165,10 @@ def _grad_tile_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    if USE_TMA:
-        # Tensor descriptors (TMA loads on sm_90) ending at this workspace block's last row of
-        # img and of txt, made once per program.
-        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[row0 + R, D], strides=[stride_im, 1],
-                                             block_shape=[BM, BK])
-        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[col0 + C, D], strides=[stride_tk, 1],
-                                             block_shape=[BN, BK])
-    else:
-        img_desc = img_ptr
-        txt_desc = txt_ptr
+    # Tensor descriptors (USE_TMA: TMA loads on sm_90) ending at this workspace block's last row
+    # of img and of txt, made once per program.
+    img_desc, txt_desc = block_descriptors(img_ptr, txt_ptr, row0 + R, col0 + C, D, stride_im, stride_tk,
+                                           USE_TMA, BM, BN, BK)
     num_pm = tl.cdiv(R, BM)
     num_pn = tl.cdiv(C, BN)
     if PERSISTENT:

@@ -45,7 +45,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import config as _config
 from ..core.numerics import combine_diag
-from .tile import grouped_tile, tile_dot, tile_dot_desc
+from .tile import block_descriptors, grouped_tile, tile_dot, tile_dot_desc
 
 # log2(e) as a compile-time constant for the kernels (exp(x) = exp2(x * log2 e)).
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -249,16 +249,9 @@ def _lse_forward_kernel(
     else:
         bias = 0.0
     bias2 = bias * _LOG2E_K
-    if USE_TMA:
-        # Tensor descriptors (TMA loads on sm_90; unit feature stride, 16-byte aligned rows),
-        # made once per program.
-        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[M, D], strides=[stride_im, 1],
-                                             block_shape=[BM, BK])
-        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[K, D], strides=[stride_tk, 1],
-                                             block_shape=[BN, BK])
-    else:
-        img_desc = img_ptr
-        txt_desc = txt_ptr
+    # Tensor descriptors (USE_TMA: TMA loads on sm_90; unit feature stride, 16-byte aligned rows),
+    # made once per program.
+    img_desc, txt_desc = block_descriptors(img_ptr, txt_ptr, M, K, D, stride_im, stride_tk, USE_TMA, BM, BN, BK)
     if PERSISTENT:
         # A persistent grid of num_programs programs walks the work units (row block x
         # column split) with stride num_programs, in the grouped order of ``grouped_tile``:

@@ -34,7 +34,12 @@ Variants (``config.SIGLIP_VARIANTS``, selected like the CLIP ones; docs/gpu_vari
 * "default": the above.
 * "tma": step 1 through tensor descriptors (TMA loads on sm_90) over rows [0, row0 + R) of img
   and [0, col0 + C) of txt, whose zero padding past the block and past D gives the masked
-  loads' zeros; the grouped tile order above is kept (no persistent grid).
+  loads' zeros; the grouped tile order above is kept, one program per tile.
+* "tma_persistent": "tma" on a persistent grid (``SiglipDesign.persistent`` programs per SM, never
+  more than a workspace block's tiles): each program walks the block's tiles with that stride
+  in the grouped order, its D loop and tile loop flattened into one software-pipelined loop.
+  The tile's steps 1-6 are one function, ``_siglip_tile``, for both launches.  Without the
+  descriptor loads (sm_80, rows not 16-byte aligned) it runs as "default".
 * "fused_bwd": G never reaches device memory.  ``_siglip_fused_kernel`` is launched twice: a
   program owns BM rows (d_img, the four row sums in float64 registers, no atomics) or BN
   columns (d_txt) and DV of the D output features, sweeps the other dimension, recomputes
@@ -74,8 +79,8 @@ import triton.language as tl
 from . import config as _config
 from .workspace import block_shape, mm_f32
 from .fused_backward import dv_cap, feature_chunk
-from .lse_forward import use_tma
-from .tile import grouped_tile, tile_dot, tile_dot_desc, tile_dot_range
+from .lse_forward import _num_sms, use_tma
+from .tile import block_descriptors, grouped_tile, tile_dot, tile_dot_desc, tile_dot_range
 from ..core.matryoshka import NestedOptions, chains, scalings
 from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
@@ -169,19 +174,18 @@ def _siglip_terms(acc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr, offs_m, of
     return term, tiny, _sigmoid_grad(x, pos, e, u, ok, LABELS)
 
 
+# One tile's work (steps 1-6), inlined into ``_siglip_tile_kernel`` once (one tile per program)
+# or inside its persistent loop ("tma_persistent"): both launches run the same arithmetic.
 @triton.jit
-def _siglip_tile_kernel(
-    img_ptr, txt_ptr, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr,
+def _siglip_tile(
+    pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr,
     ws_ptr, loss_ptr, tiny_ptr, d_scale_ptr, d_bias_ptr,
     row0, col0, R, C, D,
     stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
     HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, NEED_GRAD: tl.constexpr, USE_TMA: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    # LABELS: 0 every pair negative, 1 the diagonal positive, 2 equal ids positive.
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
-
     offs_r = pid_m * BM + tl.arange(0, BM)      # row inside the block
     offs_c = pid_n * BN + tl.arange(0, BN)      # column inside the block
     row_ok = offs_r < R
@@ -192,12 +196,6 @@ def _siglip_tile_kernel(
     # 1. The tile acc = img_blk @ txt_blk.T.  Masked loads read 0 outside the block;
     #    those entries are zeroed out of every sum below by the valid-entry mask.
     if USE_TMA:
-        # Tensor descriptors (TMA loads on sm_90) over rows [0, row0 + R) and [0, col0 + C):
-        # rows past the block and features past D arrive as 0, as the masked loads give them.
-        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[row0 + R, D], strides=[stride_im, 1],
-                                             block_shape=[BM, BK])
-        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[col0 + C, D], strides=[stride_tk, 1],
-                                             block_shape=[BN, BK])
         acc = tile_dot_desc(img_desc, txt_desc, row0 + pid_m * BM, col0 + pid_n * BN, D,
                             DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
     else:
@@ -221,6 +219,45 @@ def _siglip_tile_kernel(
         # 6. G into the workspace block, in the workspace's dtype.
         ws = ws_ptr + offs_r.to(tl.int64)[:, None] * stride_wr + offs_c[None, :] * stride_wc
         tl.store(ws, g.to(ws_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _siglip_tile_kernel(
+    img_ptr, txt_ptr, scale_ptr, bias_ptr, ids_row_ptr, ids_col_ptr,
+    ws_ptr, loss_ptr, tiny_ptr, d_scale_ptr, d_bias_ptr,
+    row0, col0, R, C, D, num_programs,
+    stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
+    HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, NEED_GRAD: tl.constexpr, USE_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # LABELS: 0 every pair negative, 1 the diagonal positive, 2 equal ids positive.
+    # The descriptors (USE_TMA) end at this workspace block's last row of img and of txt; made once
+    # per program.
+    img_desc, txt_desc = block_descriptors(img_ptr, txt_ptr, row0 + R, col0 + C, D, stride_im, stride_tk,
+                                           USE_TMA, BM, BN, BK)
+    if PERSISTENT:
+        # num_programs programs walk the block's tiles with that stride, in the grouped order;
+        # flatten: the tile loop and the D loop inside it are one loop to the software pipeliner
+        # (the next tile's first loads issued during this tile's epilogue), as in the CLIP
+        # backward's G kernel.
+        num_pm = tl.cdiv(R, BM)
+        num_pn = tl.cdiv(C, BN)
+        for t in tl.range(tl.program_id(0), num_pm * num_pn, num_programs, flatten=True):
+            pid_m, pid_n = grouped_tile(t, num_pm, num_pn, GROUP_M)
+            _siglip_tile(pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr,
+                         ids_row_ptr, ids_col_ptr, ws_ptr, loss_ptr, tiny_ptr, d_scale_ptr, d_bias_ptr,
+                         row0, col0, R, C, D, stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
+                         HAS_BIAS, LABELS, NEED_GRAD, USE_TMA, EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
+    else:
+        # Grouped tile order so neighbouring programs share txt blocks in L2.  The tile counts are
+        # formed here, not above the branch: in this order ptxas gives the fp32 "negatives" tile
+        # 3038 epilogue instructions, against 3423 the other way (aot_check --sass, sm_90).
+        pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
+        _siglip_tile(pid_m, pid_n, img_ptr, txt_ptr, img_desc, txt_desc, scale_ptr, bias_ptr,
+                     ids_row_ptr, ids_col_ptr, ws_ptr, loss_ptr, tiny_ptr, d_scale_ptr, d_bias_ptr,
+                     row0, col0, R, C, D, stride_im, stride_id, stride_tk, stride_td, stride_wr, stride_wc,
+                     HAS_BIAS, LABELS, NEED_GRAD, USE_TMA, EVEN_D, DOT_PRECISION, DOT_UPCAST, BM, BN, BK)
 
 
 # One kernel body for both launches of the fused variant (module doc, "fused_bwd"): the sweep
@@ -424,9 +461,10 @@ def _launch_fused(img, txt, scale, bias, ids_r, ids_c, labels: int, rows, d_img,
 
 
 def _launch_sweep(img, txt, scale, bias, ids_r, ids_c, labels: int, rows, d_img, d_txt, cfg,
-                  need_grad: bool, tma: bool) -> None:
+                  need_grad: bool, tma: bool, max_programs: int) -> None:
     """The one-sweep design: the tile kernel over workspace-sized blocks of S; with ``need_grad``
-    each block's G goes through the workspace into two cuBLAS GEMMs."""
+    each block's G goes through the workspace into two cuBLAS GEMMs.  ``max_programs`` > 0: each
+    block on a persistent grid of at most that many programs (never more than its tiles)."""
     M, D = img.shape
     K = txt.shape[0]
     if need_grad:
@@ -439,16 +477,17 @@ def _launch_sweep(img, txt, scale, bias, ids_r, ids_c, labels: int, rows, d_img,
         for c0 in range(0, K, C):
             c = min(C, K - c0)
             block = ws[:r, :c] if ws is not None else None
-            grid = (triton.cdiv(r, cfg.BM) * triton.cdiv(c, cfg.BN),)
-            _siglip_tile_kernel[grid](
+            tiles = triton.cdiv(r, cfg.BM) * triton.cdiv(c, cfg.BN)
+            programs = min(tiles, max_programs)
+            _siglip_tile_kernel[(programs or tiles,)](
                 img, txt, scale, bias if bias is not None else scale, ids_r, ids_c,
                 block if block is not None else rows, rows[0], rows[1], rows[2], rows[3],
-                r0, c0, r, c, D,
+                r0, c0, r, c, D, max(programs, 1),
                 img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
                 block.stride(0) if block is not None else 0,
                 block.stride(1) if block is not None else 0,
                 HAS_BIAS=bias is not None, LABELS=labels, NEED_GRAD=need_grad, USE_TMA=tma,
-                EVEN_D=D % cfg.BK == 0, DOT_PRECISION=_config.dot_precision(img.dtype),
+                PERSISTENT=programs > 0, EVEN_D=D % cfg.BK == 0, DOT_PRECISION=_config.dot_precision(img.dtype),
                 DOT_UPCAST=_config.interpreter_active() and img.dtype == torch.bfloat16,
                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=8,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -468,7 +507,8 @@ def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: b
     d_img = torch.zeros((M, D) if need_grad else (0, D), device=dev, dtype=f32)
     d_txt = torch.zeros((K, D) if need_grad else (0, D), device=dev, dtype=f32)
     # The variant (config.SIGLIP_VARIANTS): the fused design needs gradients to differ from the
-    # sweep; a loss-only call runs the sweep (with TMA loads under "tma").
+    # sweep; a loss-only call runs the sweep (with TMA loads under "tma", on a persistent grid
+    # too under "tma_persistent").
     design = _config.siglip_design()
     fused = need_grad and design.fused_bwd
     cfg = tile_config(dev, img.dtype, design if fused else None)
@@ -479,8 +519,12 @@ def _siglip_block_impl(img, txt, scale, bias, ids_row, ids_col, diag_positive: b
         if M and K:
             _launch_fused(img, txt, scale, bias, ids_r, ids_c, labels, rows, d_img, d_txt, cfg)
     elif M and K:
+        tma = use_tma(design, img, txt)
+        # The persistent grid ("tma_persistent": programs per SM) runs with the descriptor loads
+        # only, the compiled and tested pairing (aot_variants); else one program per tile.
+        max_programs = design.persistent * _num_sms(dev) if tma else 0
         _launch_sweep(img, txt, scale, bias, ids_r, ids_c, labels, rows, d_img, d_txt, cfg,
-                      need_grad, use_tma(design, img, txt))
+                      need_grad, tma, max_programs)
     loss = rows[0].sum() + rows[1].sum() * 2.0 ** -TINY_SHIFT
     if need_grad:
         s = scale.to(f32)
@@ -605,25 +649,28 @@ def nested_siglip_block(img, txt, scale, bias, ids_row, ids_col, diag_positive: 
 
 def aot_variants(dtype: torch.dtype, arch: int):
     """The compile variants of ``_siglip_tile_kernel`` (``python -m clip_fast.kernels.aot_check``):
-    each label mode, with a bias, at the GPU tile of ``tile_config``; the "tma" variant's sweep
-    (sm_90) and the "fused_bwd" variant's two launches (``config.SIGLIP_VARIANTS``), diagonal labels."""
+    each label mode, with a bias, at the GPU tile of ``tile_config``; the "tma" and "tma_persistent"
+    variants' sweeps (sm_90) and the "fused_bwd" variant's two launches (``config.SIGLIP_VARIANTS``),
+    diagonal labels; the nested (Matryoshka) tile."""
     tile = dataclasses.replace(_config.table_configs(arch // 10, dtype).backward, BM=64, BN=128, num_warps=8)
     feat = _config.feature_ptr(dtype)
     ptrs = {n: "*fp64" for n in _siglip_tile_kernel.arg_names if n.endswith("_ptr")}
     ptrs.update(img_ptr=feat, txt_ptr=feat, ws_ptr=feat, scale_ptr="*fp32", bias_ptr="*fp32",
                 ids_row_ptr="*i64", ids_col_ptr="*i64")
-    ints = frozenset({"row0", "col0", "R", "C", "D", "stride_im", "stride_tk", "stride_wr"})
+    ints = frozenset({"row0", "col0", "R", "C", "D", "num_programs", "stride_im", "stride_tk", "stride_wr"})
+    div16 = ints - {"num_programs"}
     prec = "tf32" if dtype == torch.float32 else "ieee"
-    base = dict(HAS_BIAS=True, NEED_GRAD=True, USE_TMA=False, EVEN_D=True, DOT_UPCAST=False, GROUP_M=8,
-                DOT_PRECISION=prec, stride_id=1, stride_td=1, stride_wc=1)
+    base = dict(HAS_BIAS=True, NEED_GRAD=True, USE_TMA=False, PERSISTENT=False, EVEN_D=True, DOT_UPCAST=False,
+                GROUP_M=8, DOT_PRECISION=prec, stride_id=1, stride_td=1, stride_wc=1)
     for labels, name in ((0, "negatives"), (1, "diagonal"), (2, "group ids")):
         yield _config.AotVariant("siglip", f"tile {name}", _siglip_tile_kernel, tile,
-                                 dict(base, LABELS=labels), ints=ints, div16=ints,
+                                 dict(base, LABELS=labels), ints=ints, div16=div16,
                                  pointers=tuple(ptrs.items()))
-    if arch >= 90:   # the "tma" variant is Hopper's
-        yield _config.AotVariant("siglip", "tile diagonal tma", _siglip_tile_kernel, tile,
-                                 dict(base, LABELS=1, USE_TMA=True), ints=ints, div16=ints,
-                                 pointers=tuple(ptrs.items()))
+    if arch >= 90:   # the "tma" and "tma_persistent" variants are Hopper's
+        for name, extra in (("tile diagonal tma", {}), ("tile diagonal tma persistent", dict(PERSISTENT=True))):
+            yield _config.AotVariant("siglip", name, _siglip_tile_kernel, tile,
+                                     dict(base, LABELS=1, USE_TMA=True, **extra), ints=ints, div16=div16,
+                                     pointers=tuple(ptrs.items()))
     fused_tile = variant_tile("fused_bwd", dtype)
     fptrs = {n: "*fp64" for n in _siglip_fused_kernel.arg_names if n.endswith("_ptr")}
     fptrs.update(img_ptr=feat, txt_ptr=feat, out_ptr="*fp32", scale_ptr="*fp32", bias_ptr="*fp32",
@@ -640,7 +687,7 @@ def aot_variants(dtype: torch.dtype, arch: int):
     nptrs.update(img_ptr=feat, txt_ptr=feat, ids_row_ptr="*i64", ids_col_ptr="*i64", bounds_ptr="*i32",
                  sums_ptr="*fp64", u_col_ptr="*fp64")
     nints = frozenset({"row0", "col0", "R", "C", "M", "K", "stride_im", "stride_tk", "stride_ws", "stride_wr"})
-    nbase = {k: v for k, v in base.items() if k not in ("EVEN_D", "USE_TMA")}
+    nbase = {k: v for k, v in base.items() if k not in ("EVEN_D", "USE_TMA", "PERSISTENT")}
     for renorm in (True, False):
         yield _config.AotVariant("siglip", f"nested tile {'renorm' if renorm else 'raw'}", _nested_siglip_tile_kernel,
                                  tile, dict(nbase, LABELS=1, RENORM=renorm), ints=nints | {"NSIZES"}, div16=nints,

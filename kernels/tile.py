@@ -64,6 +64,23 @@ def grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def block_descriptors(img_ptr, txt_ptr, rows, cols, D, stride_im, stride_tk, USE_TMA: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(img_desc, txt_desc) for ``tile_dot_desc``: tensor descriptors (TMA loads on sm_90) over rows
+    [0, rows) of img and [0, cols) of txt, whose zero padding past those rows and past D gives the
+    masked loads' zeros; without USE_TMA the pointers themselves (the descriptors unused)."""
+    if USE_TMA:
+        img_desc = tl.make_tensor_descriptor(img_ptr, shape=[rows, D], strides=[stride_im, 1],
+                                             block_shape=[BM, BK])
+        txt_desc = tl.make_tensor_descriptor(txt_ptr, shape=[cols, D], strides=[stride_tk, 1],
+                                             block_shape=[BN, BK])
+    else:
+        img_desc = img_ptr
+        txt_desc = txt_ptr
+    return img_desc, txt_desc
+
+
+@triton.jit
 def tile_dot_desc(img_desc, txt_desc, off_m, off_n, D, DOT_PRECISION: tl.constexpr,
                   DOT_UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """``tile_dot`` through tensor descriptors (TMA loads on sm_90): the BM x BK and BN x BK

@@ -2,14 +2,16 @@
 
 The exactness tests of test_siglip.py run under a variant with CLIP_FAST_SIGLIP_VARIANT=<name>
 (CI's variants leg); their shapes mostly have rows that are not 16-byte aligned (D = 1, 33, 129
-in fp32), where "tma" keeps pointer loads.  These tests add what those cannot see: the variants
-on aligned rows (so the descriptor loads run) over padded and whole tiles, in fp32 and bf16,
-with diagonal and group-id labels, the confident and large-|S| cases, the fused design against
-the workspace one, and the selection rules.
+in fp32), where "tma" and "tma_persistent" keep pointer loads (and one program per tile).  These
+tests add what those cannot see: the variants on aligned rows (so the descriptor loads run) over
+padded and whole tiles, in fp32 and bf16, with diagonal and group-id labels, the confident and
+large-|S| cases, the persistent grid with 1-3 programs walking several tiles each, the fused
+design against the workspace one, and the selection rules.
 Runs in the Triton interpreter on CPU: bf16 through the kernels' DOT_UPCAST (the bf16 loads, the
 epilogue and G's rounding to bf16, not the bf16 MMA instruction); the descriptor loads run with
-their zero padding, NOT the TMA instructions and their shared-memory layout (aot_check compiles
-those for sm_90; benchmarks/gpu_check.sh runs them).
+their zero padding and the persistent loop over tiles, NOT the TMA instructions, their
+shared-memory layout, the software pipelining across tiles (``flatten``) or the programs'
+residency (aot_check compiles those for sm_90; benchmarks/gpu_check.sh runs them).
 """
 import json
 import os
@@ -28,6 +30,7 @@ import test_siglip as ts  # noqa: E402
 
 from clip_fast.kernels import config as kconfig  # noqa: E402
 from clip_fast.kernels import lse_forward as lf  # noqa: E402
+from clip_fast.kernels import siglip as ksig  # noqa: E402
 
 DEV = ts.DEV
 VARIANTS = [v for v in kconfig.SIGLIP_VARIANTS if v != "default"]
@@ -48,7 +51,7 @@ def test_variant_exact(variant, n, d, groups, dtype):
     x, t = ts._features(n, d, seed=n + d, noise=0.7)
     ids = torch.randint(0, 6, (n,), generator=torch.Generator().manual_seed(n)) if groups else None
     with kconfig.siglip_variant_override(variant):
-        assert _tma_taken(x, dtype) == (variant == "tma")
+        assert _tma_taken(x, dtype) == kconfig.SIGLIP_VARIANTS[variant]["use_tma"]
         ts._check_once(x, t, 30.0, 2.0, dtype, "triton", ids=ids)
 
 
@@ -67,6 +70,51 @@ def test_variant_scale_100_bf16(variant):
     x, t = ts._features(50, 48, seed=5, noise=0.5)
     with kconfig.siglip_variant_override(variant):
         ts._check_once(x, t, 100.0, -10.0, torch.bfloat16, "triton")
+
+
+def _record_programs(monkeypatch):
+    """The ``max_programs`` of every sweep launch (0: one program per tile)."""
+    seen = []
+    launch = ksig._launch_sweep
+
+    def spy(*args):
+        seen.append(args[-1])
+        return launch(*args)
+
+    monkeypatch.setattr(ksig, "_launch_sweep", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("programs", [1, 2, 3])
+def test_tma_persistent_programs(programs, dtype, monkeypatch):
+    """"tma_persistent" with 1-3 programs (the SM count forced): the workspace kept at 4096
+    elements, so 77 x 77 splits into blocks starting at rows and columns 64 (the descriptors end
+    at each block's last row and column), the first of 2 x 2 interpreter tiles, so a program
+    walks several of a block's tiles, non-adjacent ones with 2 or 3 programs; group ids, padded
+    tiles, against the float64 reference and the materialised loss."""
+    monkeypatch.setattr(ksig, "_num_sms", lambda device: programs)
+    monkeypatch.setenv("CLIP_FAST_WORKSPACE_MB", str(4096 * dtype.itemsize / 2**20))
+    seen = _record_programs(monkeypatch)
+    x, t = ts._features(77, 40, seed=programs, noise=0.7)
+    ids = torch.randint(0, 9, (77,), generator=torch.Generator().manual_seed(programs))
+    with kconfig.siglip_variant_override("tma_persistent"):
+        assert _tma_taken(x, dtype)
+        ts._check_once(x, t, 30.0, 2.0, dtype, "triton", ids=ids)
+    assert seen and all(p == programs for p in seen)
+
+
+@pytest.mark.parametrize("variant", ["tma", "tma_persistent"])
+def test_tma_falls_back_on_unaligned_rows(variant, monkeypatch):
+    """Rows of 33 fp32 features (132 bytes) are not 16-byte aligned: pointer loads, and one program
+    per tile for "tma_persistent" (its persistent grid runs with the descriptor loads only)."""
+    monkeypatch.setattr(ksig, "_num_sms", lambda device: 2)
+    seen = _record_programs(monkeypatch)
+    x, t = ts._features(37, 33, seed=4, noise=0.7)
+    with kconfig.siglip_variant_override(variant):
+        assert not _tma_taken(x, torch.float32)
+        ts._check_once(x, t, 30.0, 2.0, torch.float32, "triton")
+    assert seen == [0]
 
 
 def test_fused_equals_workspace():
@@ -94,6 +142,10 @@ def test_siglip_variant_selection(monkeypatch, tmp_path):
     file's "siglip" entry is read from a GPU run's file only, and checked (it is untrusted)."""
     monkeypatch.setenv("CLIP_FAST_SIGLIP_VARIANT", "fused_bwd")
     assert kconfig.siglip_design().fused_bwd and not kconfig.siglip_design().use_tma
+    monkeypatch.setenv("CLIP_FAST_SIGLIP_VARIANT", "tma_persistent")
+    design = kconfig.siglip_design()
+    assert design.use_tma and design.persistent == 1 and not design.fused_bwd
+    assert kconfig.SIGLIP_VARIANTS["tma"]["persistent"] == 0
     monkeypatch.setenv("CLIP_FAST_SIGLIP_VARIANT", "share_exp")   # a CLIP variant, not SigLIP's
     with pytest.raises(ValueError, match="share_exp"):
         kconfig.siglip_design()
