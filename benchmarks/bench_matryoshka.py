@@ -30,17 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import (RESULTS, environment, interleaved_times, paired_ratio, peak_rss_bytes,  # noqa: E402
-                        reset_peak_rss, rss_bytes, write_csv)
+from bench_loss import (RESULTS, environment, interleaved_times, peak_rss_bytes, reset_peak_rss,  # noqa: E402
+                        rss_bytes, write_csv)
+from ratio_report import ratio_rows, ratio_table  # noqa: E402
 
 CASES = ("st_loop", "fast_loop", "fast_sweep")
 LABELS = {"st_loop": "MatryoshkaLoss(MNRL)\n(sentence-transformers)", "fast_loop": "clip_loss per size\n(clip_fast)",
@@ -139,7 +139,8 @@ def memory(case, n, dims) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
 
 
-def run(args) -> List[Dict]:
+def run(args) -> Iterator[List[Dict]]:
+    """The rows of each N in turn (so a caller can write them before the next, larger N)."""
     try:
         import sentence_transformers
         st_version = sentence_transformers.__version__
@@ -151,39 +152,24 @@ def run(args) -> List[Dict]:
     if args.device == "cuda" or args.dtype != "float32":
         env["device"] = f"{env['device']} {args.dtype}"
     names = cases(args.backends.split(","))
-    rows = []
     for n in args.n:
         fns = {c: step_fn(c, make_inputs(n, max(args.dims), device=args.device, dtype=dtype), args.dims)
                for c in names}
         failed = {c: status for c in names if (status := _fails(fns[c]))}
         live = [c for c in names if c not in failed]
-        nan = float("nan")
-        rows += [dict(env, case=c, n=n, median_ms=nan, cpu_median_ms=nan, ratio=nan, cpu_ratio=nan, extra_mib=nan,
-                      mem_ratio=nan, status=failed[c]) for c in failed]
-        if not live:
-            continue
-        times = interleaved_times({c: fns[c] for c in live}, args.reps)
-        del fns
-        mems = {c: cuda_memory(c, n, args.dims, dtype) if args.device == "cuda" else memory(c, n, args.dims)
-                for c in live}
-        base = times[live[0]]
-        for c in live:
-            t = times[c]
-            rows.append(dict(env, case=c, n=n, median_ms=1e3 * statistics.median(t["wall"]),
-                             cpu_median_ms=1e3 * statistics.median(t["cpu"]),
-                             ratio=paired_ratio(t["wall"], base["wall"]),
-                             cpu_ratio=paired_ratio(t["cpu"], base["cpu"]),
-                             extra_mib=mems[c], mem_ratio=mems[c] / max(mems[live[0]], 1e-9), status="ok"))
-    return rows
+        rows = [dict(env, case=c, n=n, status=failed[c]) for c in failed]
+        if live:
+            times = interleaved_times({c: fns[c] for c in live}, args.reps)
+            del fns
+            mems = {c: cuda_memory(c, n, args.dims, dtype) if args.device == "cuda" else memory(c, n, args.dims)
+                    for c in live}
+            # Ratios to sentence-transformers' loop; none where it did not run (out of memory).
+            rows = ratio_rows(env, n, times, mems, "st_loop") + rows
+        yield rows
 
 
 def table(rows) -> str:
-    out = ["| N | case | median ms | CPU ms | x st_loop (wall) | x st_loop (CPU) | extra MiB | x st_loop (memory) |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['n']} | {r['case']} | {r['median_ms']:.0f} | {r['cpu_median_ms']:.0f} | {r['ratio']:.2f} | "
-                   f"{r['cpu_ratio']:.2f} | {r['extra_mib']:.0f} | {r['mem_ratio']:.3f} |")
-    return "\n".join(out)
+    return ratio_table(rows, "st_loop")
 
 
 def plot(rows, out: str) -> str:
@@ -233,13 +219,17 @@ def main(argv: Optional[List[str]] = None):
     if args.worker_memory:
         print(json.dumps(memory_worker(*json.loads(args.worker_memory))))
         return
-    rows = run(args)
-    out = args.out or os.path.join(RESULTS, f"matryoshka_{args.device}_{rows[0]['date']}.csv")
-    write_csv(rows, out, fields=FIELDS)
-    print(f"{rows[0]['device']}, torch {rows[0]['torch']}, sentence-transformers {rows[0]['sentence_transformers']}, "
-          f"{rows[0]['threads']} threads, {rows[0]['date']}; dims {args.dims}, {args.dtype}"
-          f"{', shared CPU' if args.device == 'cpu' else ''}\n")
-    print(table(rows))
+    out, rows = args.out, []
+    for n_rows in run(args):
+        out = out or os.path.join(RESULTS, f"matryoshka_{args.device}_{n_rows[0]['date']}.csv")
+        write_csv(n_rows, out, fields=FIELDS)
+        if not rows:
+            r = n_rows[0]
+            print(f"{r['device']}, torch {r['torch']}, sentence-transformers {r['sentence_transformers']}, "
+                  f"{r['threads']} threads, {r['date']}; dims {args.dims}, {args.dtype}"
+                  f"{', shared CPU' if args.device == 'cpu' else ''}\n", flush=True)
+        print(table(n_rows), flush=True)
+        rows += n_rows
     if args.plot:
         print(f"wrote {plot(rows, out[:-4] + '.png')}")
     print(f"\nwrote {out}")

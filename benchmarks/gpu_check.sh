@@ -21,8 +21,9 @@
 #                allow (priced as N^2 from its own 65,536 time); variants.md/.csv (loss x variant
 #                x N x time x GEMM-rate fraction) and winner_sm90.json (the file kernels/config.py
 #                reads, the SigLIP winner under "siglip": copy it to kernels/winner_sm90.json);
-# 4. matryoshka: benchmarks/bench_matryoshka.py --device cuda --backends torch,triton at N = 65,536,
-#                dims 64..768, bf16 (skipped when this checkout's script lacks those options);
+# 4. matryoshka: benchmarks/bench_matryoshka.py --device cuda --backends torch,triton at N = 16,384 then
+#                65,536, dims 64..768, bf16, each N's rows written as they finish (skipped when this
+#                checkout's script lacks those options);
 # 5. tests:      the GPU test subset (pytest -m gpu), stopped with SIGINT at its limit so
 #                pytest still prints its summary (FAILED/ERROR lines);
 # 6. bench:      benchmarks/bench_gpu.py -- the full table as CSV in $LOGDIR; sizes a backend
@@ -201,7 +202,7 @@ elif [ "$t" -lt 10 ]; then say "   skipped: ${t} s left for it (under 10 s)" | t
   if [ -n "$DRY" ]; then   # the rehearsal: the interpreter at a tiny size
     MATRYOSHKA_ARGS="--device cpu --n 64 --dims 16 32 --reps 1 --out $LOGDIR/matryoshka_dry_cpu.csv"
   else
-    MATRYOSHKA_ARGS="--device cuda --n 65536 --dims 64 128 256 512 768 --out $LOGDIR/matryoshka_gpu.csv"
+    MATRYOSHKA_ARGS="--device cuda --n 16384 65536 --dims 64 128 256 512 768 --out $LOGDIR/matryoshka_gpu.csv"
   fi
   timeout -s INT -k $KILL_S "$t" "$PY" benchmarks/bench_matryoshka.py --backends torch,triton --dtype bfloat16 \
     $MATRYOSHKA_ARGS > "$MATRYOSHKA_LOG" 2>&1
