@@ -65,7 +65,7 @@ import triton.language as tl
 from . import config as _config
 from ..core.numerics import LOG2E, combine_diag, compute_dtype, diag_grad, split_float
 from .lse_forward import COL_SLACK, COL_UNDERFLOW, LN2, headroom_log2, merge_log2_parts
-from .tile import grouped_tile, tile_dot_range
+from .tile import block_tile, tile_dot_range
 from .workspace import block_shape, mm_f32
 
 _LOG2E_K = tl.constexpr(1.4426950408889634)
@@ -180,14 +180,8 @@ def _nested_grad_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     acc_t = lse_row_ptr.dtype.element_ty
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
-    offs_r = pid_m * BM + tl.arange(0, BM)
-    offs_c = pid_n * BN + tl.arange(0, BN)
-    row_ok = offs_r < R
-    col_ok = offs_c < C
+    offs_r, offs_c, offs_m, offs_n, row_ok, col_ok = block_tile(tl.program_id(0), row0, col0, R, C, BM, BN, GROUP_M)
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    offs_m = row0 + offs_r
-    offs_n = col0 + offs_c
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     y_cols = y_ptr + offs_n.to(tl.int64)[None, :] * stride_ym
     eq = offs_m[:, None] == offs_n[None, :]

@@ -80,7 +80,7 @@ from . import config as _config
 from .workspace import block_shape, mm_f32
 from .fused_backward import dv_cap, feature_chunk
 from .lse_forward import _num_sms, use_tma
-from .tile import block_descriptors, grouped_tile, tile_dot, tile_dot_desc, tile_dot_range
+from .tile import block_descriptors, block_tile, grouped_tile, tile_dot, tile_dot_desc, tile_dot_range
 from ..core.matryoshka import NestedOptions, chains, scalings
 from ..core.numerics import TINY_SHIFT, siglip_block_meta
 
@@ -358,14 +358,8 @@ def _nested_siglip_tile_kernel(
     # else S = acc * scale + b.  Per size and row, float64 sums_ptr cells (4, NSIZES, M):
     # loss, tiny, sum_j G and p = sum_j G c_q acc (d_scale's and the chain's partial);
     # u_col (NSIZES, K): sum_i G c_q acc rs_q; ws[q] = H_q = r_q G c_q (unweighted, fp32).
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
-    offs_r = pid_m * BM + tl.arange(0, BM)
-    offs_c = pid_n * BN + tl.arange(0, BN)
-    row_ok = offs_r < R
-    col_ok = offs_c < C
+    offs_r, offs_c, offs_m, offs_n, row_ok, col_ok = block_tile(tl.program_id(0), row0, col0, R, C, BM, BN, GROUP_M)
     ok = row_ok[:, None] & col_ok[None, :]
-    offs_m = row0 + offs_r
-    offs_n = col0 + offs_c
     img_rows = img_ptr + offs_m.to(tl.int64)[:, None] * stride_im
     txt_cols = txt_ptr + offs_n.to(tl.int64)[None, :] * stride_tk
     scale = tl.load(scale_ptr).to(tl.float32)

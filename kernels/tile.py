@@ -81,6 +81,16 @@ def block_descriptors(img_ptr, txt_ptr, rows, cols, D, stride_im, stride_tk, USE
 
 
 @triton.jit
+def block_tile(tile_id, row0, col0, R, C, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile ``tile_id`` (grouped order) of the R x C block at (row0, col0) of S: its rows and
+    columns inside the block (offs_r, offs_c) and in S (offs_m, offs_n), and which exist."""
+    pid_m, pid_n = grouped_tile(tile_id, tl.cdiv(R, BM), tl.cdiv(C, BN), GROUP_M)
+    offs_r = pid_m * BM + tl.arange(0, BM)
+    offs_c = pid_n * BN + tl.arange(0, BN)
+    return offs_r, offs_c, row0 + offs_r, col0 + offs_c, offs_r < R, offs_c < C
+
+
+@triton.jit
 def tile_dot_desc(img_desc, txt_desc, off_m, off_n, D, DOT_PRECISION: tl.constexpr,
                   DOT_UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """``tile_dot`` through tensor descriptors (TMA loads on sm_90): the BM x BK and BN x BK
