@@ -141,9 +141,10 @@ def shared_exp_g(s2, r_hi, r_lo, c_hi, c_lo, row_ok, col_ok, coef_row, coef_col,
 @triton.jit
 def tile_dot_range(acc, img_rows, txt_cols, row_ok, col_ok, d0, d1, stride_id, stride_td,
                    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BK: tl.constexpr):
-    """acc + img_blk[:, d0:d1] @ txt_blk[:, d0:d1].T in fp32: ``tile_dot`` over the features
-    d0 <= d < d1 (loads masked at d1), the running partial sum of a nested (Matryoshka) sweep
-    whose size boundaries need not be multiples of BK."""
+    """acc + img_blk[:, d0:d1] @ txt_blk[:, d0:d1].T in acc's dtype (fp32; fp64 for float64
+    operands, which triton 3.6 accepts only with that out_dtype named): ``tile_dot`` over the
+    features d0 <= d < d1 (loads masked at d1), the running partial sum of a nested (Matryoshka)
+    sweep whose size boundaries need not be multiples of BK."""
     offs_k = tl.arange(0, BK)
     for start_d in range(d0, d1, BK):
         d = start_d + offs_k
@@ -152,5 +153,5 @@ def tile_dot_range(acc, img_rows, txt_cols, row_ok, col_ok, d0, d1, stride_id, s
         if DOT_UPCAST:  # interpreter only (``tile_dot``)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return acc
